@@ -1,0 +1,123 @@
+// The few libtorch entry points that tch does not expose: dtype-aware autocast and the
+// multi-tensor (foreach / fused) kernels used by the optimizer, gradient clipping and EMA.
+//
+// Tensors cross the boundary as `at::Tensor*` (what tch's C_tensor points to). Every function
+// returns nullptr on success or a malloc'd error message that the caller frees.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/headeronly/version.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+char *error_message(const char *what) { return strdup(what); }
+
+#define DDPM_TRY(body)                                                                             \
+  try {                                                                                            \
+    body;                                                                                          \
+    return nullptr;                                                                                \
+  } catch (const std::exception &e) {                                                              \
+    return error_message(e.what());                                                                \
+  }
+
+std::vector<at::Tensor> list(at::Tensor **tensors, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*tensors[i]);
+  return out;
+}
+
+at::DeviceType device_type(int cuda) { return cuda ? at::kCUDA : at::kCPU; }
+
+at::ScalarType scalar_type(int code) {
+  switch (code) {
+  case 1: return at::kBFloat16;
+  case 2: return at::kHalf;
+  default: return at::kFloat;
+  }
+}
+
+} // namespace
+
+extern "C" {
+
+void ddpm_free_error(char *message) { free(message); }
+
+const char *ddpm_torch_version() { return TORCH_VERSION; }
+
+// Lets f32 matmuls and convolutions use TF32 tensor cores (CUDA), or forbids it.
+char *ddpm_set_tf32(int allowed) {
+  DDPM_TRY({
+    at::globalContext().setAllowTF32CuBLAS(allowed != 0);
+    at::globalContext().setAllowTF32CuDNN(allowed != 0);
+  })
+}
+
+// Turns autocast on for one device type with the given dtype (1 = bf16, 2 = f16).
+char *ddpm_autocast_enter(int cuda, int dtype) {
+  DDPM_TRY({
+    at::autocast::set_autocast_dtype(device_type(cuda), scalar_type(dtype));
+    at::autocast::set_autocast_enabled(device_type(cuda), true);
+    at::autocast::increment_nesting();
+  })
+}
+
+// Leaves autocast; the cast-weight cache is dropped when the outermost region ends.
+char *ddpm_autocast_exit(int cuda) {
+  DDPM_TRY({
+    at::autocast::set_autocast_enabled(device_type(cuda), false);
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  })
+}
+
+// One AdamW step over all parameters (decoupled weight decay, bias-corrected moments).
+// Where the 0-dim `found_inf` is non-zero, the kernel leaves parameters and moments alone and
+// the step counts are restored, all on the device.
+char *ddpm_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_avgs,
+                       at::Tensor **exp_avg_sqs, at::Tensor **steps, size_t n, double lr,
+                       double beta1, double beta2, double weight_decay, double eps,
+                       at::Tensor *found_inf) {
+  DDPM_TRY({
+    auto step_list = list(steps, n);
+    at::_foreach_add_(step_list, 1.0);
+    at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n),
+                      {}, step_list, lr, beta1, beta2, weight_decay, eps, false, false,
+                      std::nullopt, *found_inf);
+    at::_foreach_sub_(step_list, std::vector<at::Tensor>(n, found_inf->reshape({})));
+  })
+}
+
+// The global L2 norm of all tensors, as a new 0-dim f32 tensor (no host synchronisation).
+char *ddpm_global_norm(at::Tensor **tensors, size_t n, at::Tensor **out) {
+  DDPM_TRY({
+    auto norms = at::_foreach_norm(list(tensors, n), 2, at::kFloat);
+    *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
+  })
+}
+
+// tensors[i] *= factor, with factor a 0-dim tensor on the tensors' device.
+char *ddpm_foreach_mul_(at::Tensor **tensors, size_t n, at::Tensor *factor) {
+  DDPM_TRY({ at::_foreach_mul_(list(tensors, n), *factor); })
+}
+
+// targets[i] += weight * (sources[i] - targets[i]); EMA with weight = 1 - decay.
+char *ddpm_foreach_lerp_(at::Tensor **targets, at::Tensor **sources, size_t n,
+                         double weight) {
+  DDPM_TRY({ at::_foreach_lerp_(list(targets, n), list(sources, n), at::Scalar(weight)); })
+}
+
+// tensors[i] = 0
+char *ddpm_foreach_zero_(at::Tensor **tensors, size_t n) {
+  DDPM_TRY({ at::_foreach_zero_(list(tensors, n)); })
+}
+
+// grads *= inv_scale; found_inf = 1 if any gradient holds inf or NaN.
+char *ddpm_amp_unscale_(at::Tensor **grads, size_t n, at::Tensor *found_inf,
+                        at::Tensor *inv_scale) {
+  DDPM_TRY({ at::_amp_foreach_non_finite_check_and_unscale_(list(grads, n), *found_inf, *inv_scale); })
+}
+
+} // extern "C"

@@ -1,0 +1,270 @@
+//! Checkpoints: one safetensors file (weights, EMA weights, optimizer and loss-scaler state) and
+//! a JSON sidecar (step, data position, config, versions, the weights file's SHA-256).
+//!
+//! Both files are written to a temporary name, synced and renamed, the sidecar last: a
+//! checkpoint exists only once its sidecar does, and a damaged weights file fails its checksum.
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::RunConfig;
+use crate::data::Position;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The sidecar: everything about a checkpoint that is not a tensor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sidecar {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Where the data order continues.
+    pub position: Position,
+    pub config: RunConfig,
+    pub ddpm_version: String,
+    pub torch_version: String,
+    /// Seconds since the Unix epoch when written.
+    pub written_at: u64,
+    /// File name of the weights file, beside the sidecar.
+    pub tensors_file: String,
+    pub tensors_sha256: String,
+}
+
+/// The sidecar path of the checkpoint at `step` in `dir`.
+pub fn sidecar_path(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("step-{step:08}.json"))
+}
+
+/// Serialises named tensors into safetensors bytes (any device, any supported dtype).
+pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(Device::Cpu).contiguous();
+        let dtype = match t.kind() {
+            Kind::Float => Dtype::F32,
+            Kind::Double => Dtype::F64,
+            Kind::Half => Dtype::F16,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Int64 => Dtype::I64,
+            Kind::Int => Dtype::I32,
+            Kind::Uint8 => Dtype::U8,
+            other => bail!("tensor {name}: dtype {other:?} is not saved in checkpoints"),
+        };
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        owned.push((name.clone(), dtype, t.size().iter().map(|&d| d as usize).collect(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned.iter().map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?))).collect::<Result<_>>()?;
+    Ok(safetensors::serialize(views, &None)?)
+}
+
+/// Parses safetensors bytes into CPU tensors by name; `origin` names the file in errors.
+pub fn from_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let st = SafeTensors::deserialize(bytes).with_context(|| format!("{} is not a valid safetensors file", origin.display()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::F64 => Kind::Double,
+            Dtype::F16 => Kind::Half,
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::I64 => Kind::Int64,
+            Dtype::I32 => Kind::Int,
+            Dtype::U8 => Kind::Uint8,
+            other => bail!("{}: tensor {name} has unsupported dtype {other:?}", origin.display()),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        out.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
+    }
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
+/// On any failure the previous file at `path` is untouched and the error names the path.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        bail!("cannot write {}: {e}", path.display());
+    }
+    Ok(())
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Saves a checkpoint into `dir` and removes all but the newest `keep`.
+pub fn save(dir: &Path, tensors: &[(String, Tensor)], step: u64, position: Position, config: &RunConfig, keep: usize) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
+    let bytes = to_safetensors(tensors)?;
+    let tensors_file = format!("step-{step:08}.safetensors");
+    write_atomic(&dir.join(&tensors_file), &bytes)?;
+    let sidecar = Sidecar {
+        format_version: FORMAT_VERSION,
+        step,
+        position,
+        config: config.clone(),
+        ddpm_version: env!("CARGO_PKG_VERSION").into(),
+        torch_version: crate::ops::torch_version(),
+        written_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        tensors_file,
+        tensors_sha256: sha256_hex(&bytes),
+    };
+    let path = sidecar_path(dir, step);
+    write_atomic(&path, serde_json::to_string_pretty(&sidecar)?.as_bytes())?;
+    prune(dir, keep)?;
+    Ok(path)
+}
+
+/// Sidecars in `dir`, oldest first.
+pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.extension().is_some_and(|e| e == "json")).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    found.sort();
+    Ok(found)
+}
+
+fn prune(dir: &Path, keep: usize) -> Result<()> {
+    let all = list(dir)?;
+    for old in &all[..all.len().saturating_sub(keep)] {
+        if let Ok(sidecar) = read_sidecar(old) {
+            let _ = fs::remove_file(dir.join(sidecar.tensors_file));
+        }
+        fs::remove_file(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+    }
+    Ok(())
+}
+
+pub fn read_sidecar(path: &Path) -> Result<Sidecar> {
+    let text = fs::read_to_string(path).with_context(|| format!("cannot read checkpoint sidecar {}", path.display()))?;
+    let sidecar: Sidecar = serde_json::from_str(&text).with_context(|| format!("{} is not a valid checkpoint sidecar", path.display()))?;
+    if sidecar.format_version != FORMAT_VERSION {
+        bail!("{}: checkpoint format {} is not supported (this ddpm reads format {FORMAT_VERSION})", path.display(), sidecar.format_version);
+    }
+    Ok(sidecar)
+}
+
+/// A loaded checkpoint: its sidecar and its tensors (on the CPU).
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub sidecar: Sidecar,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// Loads a checkpoint from its sidecar, a weights file, or a run/checkpoint folder (the newest
+    /// valid one there; damaged newer ones are named in a warning and passed over).
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let dir = if path.join("checkpoints").is_dir() { path.join("checkpoints") } else { path.to_path_buf() };
+            let candidates = list(&dir)?;
+            if candidates.is_empty() {
+                bail!("no checkpoint found in {}", dir.display());
+            }
+            for candidate in candidates.iter().rev() {
+                match Self::load_file(candidate) {
+                    Ok(c) => return Ok(c),
+                    Err(e) => eprintln!("warning: skipping damaged checkpoint {}: {e:#}", candidate.display()),
+                }
+            }
+            bail!("every checkpoint in {} is damaged", dir.display());
+        }
+        let sidecar = if path.extension().is_some_and(|e| e == "safetensors") { path.with_extension("json") } else { path.to_path_buf() };
+        Self::load_file(&sidecar)
+    }
+
+    fn load_file(sidecar_path: &Path) -> Result<Self> {
+        let sidecar = read_sidecar(sidecar_path)?;
+        let tensors_path = sidecar_path.parent().unwrap_or(Path::new(".")).join(&sidecar.tensors_file);
+        let bytes = fs::read(&tensors_path).with_context(|| format!("cannot read checkpoint weights {}", tensors_path.display()))?;
+        if sha256_hex(&bytes) != sidecar.tensors_sha256 {
+            bail!("{} is damaged: its SHA-256 does not match the one recorded in {}", tensors_path.display(), sidecar_path.display());
+        }
+        let tensors = from_safetensors(&bytes, &tensors_path)?;
+        Ok(Checkpoint { path: sidecar_path.to_path_buf(), sidecar, tensors })
+    }
+
+    /// The tensor `name`, or an error naming the checkpoint.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).with_context(|| format!("checkpoint {} lacks tensor {name}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_tensors() -> Vec<(String, Tensor)> {
+        vec![
+            ("a.weight".into(), Tensor::randn([3, 4], (Kind::Float, Device::Cpu))),
+            ("b".into(), Tensor::from_slice(&[1.5f64, -2.0])),
+            ("c".into(), Tensor::from_slice(&[7i64])),
+            ("d".into(), Tensor::randn([2], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16)),
+        ]
+    }
+
+    #[test]
+    fn round_trip_restores_identical_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RunConfig::preset("tiny").unwrap();
+        let tensors = sample_tensors();
+        let path = save(dir.path(), &tensors, 12, Position { epoch: 3, index: 40 }, &config, 3).unwrap();
+        let loaded = Checkpoint::load(&path).unwrap();
+        assert_eq!(loaded.sidecar.step, 12);
+        assert_eq!(loaded.sidecar.position, Position { epoch: 3, index: 40 });
+        assert_eq!(loaded.sidecar.config, config);
+        for (name, t) in &tensors {
+            let back = loaded.tensor(name).unwrap();
+            assert_eq!(back.kind(), t.kind());
+            assert!(back.equal(t), "{name}");
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_and_detects_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RunConfig::preset("tiny").unwrap();
+        for step in 1..=4 {
+            save(dir.path(), &sample_tensors(), step, Position::default(), &config, 2).unwrap();
+        }
+        let names: Vec<String> = list(dir.path()).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, vec!["step-00000003.json", "step-00000004.json"]);
+        assert!(!dir.path().join("step-00000001.safetensors").exists());
+        // Truncate the newest weights file: loading the folder falls back to the previous one.
+        let newest = dir.path().join("step-00000004.safetensors");
+        let bytes = fs::read(&newest).unwrap();
+        fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+        let err = Checkpoint::load(&sidecar_path(dir.path(), 4)).err().unwrap();
+        assert!(format!("{err:#}").contains("step-00000004.safetensors"), "{err:#}");
+        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 3);
+    }
+
+    #[test]
+    fn unwritable_folder_is_named_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-dir").join("x.bin");
+        let err = write_atomic(&missing, b"data").unwrap_err();
+        assert!(format!("{err:#}").contains("no-such-dir"), "{err:#}");
+    }
+}

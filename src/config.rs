@@ -1,0 +1,631 @@
+//! Run configuration: presets, the TOML file, command-line overrides, and validation that runs
+//! before any work starts and names the offending key.
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Height and width of the training images. Written `32` (square) or `[32, 64]` (height, width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ImageSize {
+    Square(i64),
+    Rect([i64; 2]),
+}
+
+impl ImageSize {
+    pub fn height(self) -> i64 {
+        match self {
+            ImageSize::Square(s) => s,
+            ImageSize::Rect([h, _]) => h,
+        }
+    }
+    pub fn width(self) -> i64 {
+        match self {
+            ImageSize::Square(s) => s,
+            ImageSize::Rect([_, w]) => w,
+        }
+    }
+}
+
+impl fmt::Display for ImageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageSize::Square(s) => write!(f, "{s}"),
+            ImageSize::Rect([h, w]) => write!(f, "{h}x{w}"),
+        }
+    }
+}
+
+impl FromStr for ImageSize {
+    type Err = String;
+    /// `32` or `HxW`, e.g. `32x64`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parse = |v: &str| v.trim().parse::<i64>().map_err(|_| format!("bad image size {s:?}: expected N or HxW"));
+        match s.split_once(['x', 'X']) {
+            Some((h, w)) => Ok(ImageSize::Rect([parse(h)?, parse(w)?])),
+            None => Ok(ImageSize::Square(parse(s)?)),
+        }
+    }
+}
+
+/// The UNet's shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Base channel count; level `i` has `channels * channel_mult[i]` channels.
+    pub channels: i64,
+    pub channel_mult: Vec<i64>,
+    /// Residual blocks per level on the way down (the way up has one more).
+    pub num_res_blocks: i64,
+    /// Feature-map sizes (the shorter side) at which self-attention follows each residual block.
+    pub attention_resolutions: Vec<i64>,
+    pub dropout: f64,
+    /// 1 (grayscale) or 3 (RGB).
+    pub in_channels: i64,
+    pub image_size: ImageSize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleKind {
+    Linear,
+    Cosine,
+    Sigmoid,
+}
+
+/// What the network predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prediction {
+    /// The noise ε (Ho et al. 2020).
+    Epsilon,
+    /// The clean image x₀.
+    X0,
+    /// v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022).
+    V,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossWeighting {
+    None,
+    /// w = 1 / (1 − ᾱ_t)
+    InvOneMinusAlphabar,
+    /// w = SNR(t) = ᾱ_t / (1 − ᾱ_t)
+    Snr,
+    /// Min-SNR-γ (Hang et al. 2023), written for the prediction target.
+    MinSnr,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionConfig {
+    /// Number of diffusion steps T.
+    pub timesteps: usize,
+    pub schedule: ScheduleKind,
+    /// β at t = 0 and t = T−1 for the linear and sigmoid schedules.
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// The cosine schedule's offset s.
+    pub cosine_s: f64,
+    pub prediction: Prediction,
+    pub loss_weighting: LossWeighting,
+    pub min_snr_gamma: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// Linear warm-up, then cosine annealing to `min_lr` at the last step.
+    Cosine,
+    /// Linear warm-up, then constant.
+    Constant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    F32,
+    /// f32 storage with TF32 tensor-core matmuls and convolutions (CUDA only).
+    Tf32,
+    /// bf16 autocast.
+    Bf16,
+    /// fp16 autocast with dynamic loss scaling.
+    Fp16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps in the run.
+    pub steps: u64,
+    /// Images per optimizer step (split into `grad_accum` micro-batches).
+    pub batch: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: u64,
+    pub min_lr: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub weight_decay: f64,
+    /// Maximum global gradient norm; 0 disables clipping.
+    pub grad_clip: f64,
+    pub ema_decay: f64,
+    /// decay_n = min(decay, (1 + n) / (10 + n)) when on.
+    pub ema_warmup: bool,
+    pub ema_every: u64,
+    pub precision: Precision,
+    pub seed: u64,
+    /// auto, cpu, cuda, cuda:N or mps.
+    pub device: String,
+    pub log_every: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// Detect from the path.
+    Auto,
+    /// The 5,000 MNIST digits compiled into the program.
+    Bundled,
+    Folder,
+    Cifar10,
+    Idx,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Empty: the bundled MNIST subset.
+    pub path: String,
+    pub format: DataFormat,
+    pub hflip: bool,
+    /// Strength of brightness/contrast/saturation jitter; 0 disables.
+    pub color_jitter: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SamplerKind {
+    /// Ancestral sampling over all T steps.
+    Ddpm,
+    /// Deterministic (η = 0) or stochastic DDIM over any number of steps.
+    Ddim,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DdpmVariance {
+    /// σ² = β_t
+    Beta,
+    /// σ² = β̃_t, the posterior variance.
+    Posterior,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleConfig {
+    /// Write a sample grid every this many steps; 0: only at the end.
+    pub every: u64,
+    pub num: usize,
+    pub sampler: SamplerKind,
+    /// DDIM steps.
+    pub steps: usize,
+    pub eta: f64,
+    pub ddpm_variance: DdpmVariance,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many steps; 0: only at the end.
+    pub every: u64,
+    /// Checkpoints kept (oldest removed first).
+    pub keep: usize,
+}
+
+/// Everything a run needs, with every key documented in the README.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub preset: String,
+    pub model: ModelConfig,
+    pub diffusion: DiffusionConfig,
+    pub train: TrainConfig,
+    pub data: DataConfig,
+    pub sample: SampleConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+pub const PRESETS: [&str; 3] = ["cifar10", "mnist", "tiny"];
+
+impl RunConfig {
+    /// The named preset's full configuration.
+    pub fn preset(name: &str) -> Result<Self> {
+        let base = Self::base();
+        let config = match name {
+            "cifar10" => RunConfig {
+                preset: name.into(),
+                model: ModelConfig {
+                    channels: 128,
+                    channel_mult: vec![1, 2, 2, 2],
+                    num_res_blocks: 2,
+                    attention_resolutions: vec![16],
+                    dropout: 0.1,
+                    in_channels: 3,
+                    image_size: ImageSize::Square(32),
+                },
+                train: TrainConfig { steps: 500_000, batch: 128, lr: 2e-4, warmup_steps: 5000, ..base.train },
+                data: DataConfig { hflip: true, ..base.data },
+                sample: SampleConfig { every: 10_000, ..base.sample },
+                checkpoint: CheckpointConfig { every: 10_000, ..base.checkpoint },
+                ..base
+            },
+            "mnist" => RunConfig {
+                preset: name.into(),
+                model: ModelConfig {
+                    channels: 64,
+                    channel_mult: vec![1, 2, 2],
+                    num_res_blocks: 2,
+                    attention_resolutions: vec![14],
+                    dropout: 0.1,
+                    in_channels: 1,
+                    image_size: ImageSize::Square(28),
+                },
+                train: TrainConfig { steps: 50_000, batch: 128, lr: 2e-4, ..base.train },
+                sample: SampleConfig { every: 5000, ..base.sample },
+                checkpoint: CheckpointConfig { every: 5000, ..base.checkpoint },
+                ..base
+            },
+            "tiny" => base,
+            other => bail!("unknown preset {other:?}: expected one of {}", PRESETS.join(", ")),
+        };
+        Ok(config)
+    }
+
+    /// The `tiny` preset: a 0.5M-parameter UNet for 28×28 digits, tuned so that the bundled
+    /// demo learns recognisable digits in minutes on a laptop CPU.
+    fn base() -> Self {
+        RunConfig {
+            preset: "tiny".into(),
+            model: ModelConfig {
+                channels: 32,
+                channel_mult: vec![1, 2, 2],
+                num_res_blocks: 1,
+                attention_resolutions: vec![],
+                dropout: 0.0,
+                in_channels: 1,
+                image_size: ImageSize::Square(28),
+            },
+            diffusion: DiffusionConfig {
+                timesteps: 1000,
+                schedule: ScheduleKind::Linear,
+                beta_start: 1e-4,
+                beta_end: 0.02,
+                cosine_s: 0.008,
+                prediction: Prediction::Epsilon,
+                loss_weighting: LossWeighting::None,
+                min_snr_gamma: 5.0,
+            },
+            train: TrainConfig {
+                steps: 3000,
+                batch: 64,
+                grad_accum: 1,
+                lr: 1e-3,
+                lr_schedule: LrSchedule::Cosine,
+                warmup_steps: 200,
+                min_lr: 0.0,
+                adam_beta1: 0.9,
+                adam_beta2: 0.999,
+                adam_eps: 1e-8,
+                weight_decay: 0.01,
+                grad_clip: 1.0,
+                ema_decay: 0.999,
+                ema_warmup: true,
+                ema_every: 1,
+                precision: Precision::F32,
+                seed: 0,
+                device: "auto".into(),
+                log_every: 50,
+            },
+            data: DataConfig { path: String::new(), format: DataFormat::Auto, hflip: false, color_jitter: 0.0 },
+            sample: SampleConfig {
+                every: 1000,
+                num: 64,
+                sampler: SamplerKind::Ddim,
+                steps: 50,
+                eta: 0.0,
+                ddpm_variance: DdpmVariance::Beta,
+            },
+            checkpoint: CheckpointConfig { every: 1000, keep: 3 },
+        }
+    }
+
+    /// Reads a TOML file. The base is `preset` if given, else the file's `preset` key, else
+    /// `tiny`; every other key in the file overrides the base. Unknown keys are errors.
+    pub fn from_toml_file(path: &Path, preset: Option<&str>) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml_str(&text, preset).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub fn from_toml_str(text: &str, preset: Option<&str>) -> Result<Self> {
+        let mut user: toml::Table = toml::from_str(text)?;
+        let preset = match (preset, user.remove("preset")) {
+            (Some(name), _) => name.to_string(),
+            (None, Some(toml::Value::String(name))) => name,
+            (None, Some(other)) => bail!("key `preset`: expected a string, got {other}"),
+            (None, None) => "tiny".to_string(),
+        };
+        let mut merged = toml::Table::try_from(Self::preset(&preset)?)?;
+        merge(&mut merged, user, "")?;
+        let config: RunConfig = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a RunConfig always serialises")
+    }
+
+    /// Checks every key against its allowed range; the error names key, value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        check(m.channels >= 1, "model.channels", m.channels, "≥ 1")?;
+        check(!m.channel_mult.is_empty() && m.channel_mult.iter().all(|&c| c >= 1), "model.channel_mult", format!("{:?}", m.channel_mult), "a non-empty list of integers ≥ 1")?;
+        check(m.num_res_blocks >= 1, "model.num_res_blocks", m.num_res_blocks, "≥ 1")?;
+        check((0.0..1.0).contains(&m.dropout), "model.dropout", m.dropout, "in [0, 1)")?;
+        check(m.in_channels == 1 || m.in_channels == 3, "model.in_channels", m.in_channels, "1 or 3")?;
+        let (h, w) = (m.image_size.height(), m.image_size.width());
+        let factor = 1i64 << (m.channel_mult.len() - 1);
+        check(h >= 1 && w >= 1 && h % factor == 0 && w % factor == 0, "model.image_size", m.image_size, &format!("sides divisible by 2^(levels-1) = {factor} for {} levels", m.channel_mult.len()))?;
+        let sizes: Vec<i64> = (0..m.channel_mult.len()).map(|l| h.min(w) >> l).collect();
+        for r in &m.attention_resolutions {
+            check(sizes.contains(r), "model.attention_resolutions", r, &format!("feature-map sizes of this model: {sizes:?}"))?;
+        }
+        let d = &self.diffusion;
+        check(d.timesteps >= 2, "diffusion.timesteps", d.timesteps, "≥ 2")?;
+        check(d.beta_start > 0.0 && d.beta_start < 1.0, "diffusion.beta_start", d.beta_start, "in (0, 1)")?;
+        check(d.beta_end > 0.0 && d.beta_end < 1.0, "diffusion.beta_end", d.beta_end, "in (0, 1)")?;
+        check(d.beta_start <= d.beta_end, "diffusion.beta_start", d.beta_start, "≤ diffusion.beta_end")?;
+        check(d.cosine_s > 0.0, "diffusion.cosine_s", d.cosine_s, "> 0")?;
+        check(d.min_snr_gamma > 0.0, "diffusion.min_snr_gamma", d.min_snr_gamma, "> 0")?;
+        let t = &self.train;
+        check(t.steps >= 1, "train.steps", t.steps, "≥ 1")?;
+        check(t.batch >= 1, "train.batch", t.batch, "≥ 1")?;
+        check(t.grad_accum >= 1 && t.batch % t.grad_accum == 0, "train.grad_accum", t.grad_accum, &format!("≥ 1 and a divisor of train.batch ({})", t.batch))?;
+        check(t.lr > 0.0 && t.lr < 1.0, "train.lr", t.lr, "in (0, 1)")?;
+        check(t.min_lr >= 0.0 && t.min_lr <= t.lr, "train.min_lr", t.min_lr, "in [0, train.lr]")?;
+        check((0.0..1.0).contains(&t.adam_beta1), "train.adam_beta1", t.adam_beta1, "in [0, 1)")?;
+        check((0.0..1.0).contains(&t.adam_beta2), "train.adam_beta2", t.adam_beta2, "in [0, 1)")?;
+        check(t.adam_eps > 0.0, "train.adam_eps", t.adam_eps, "> 0")?;
+        check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay, "≥ 0")?;
+        check(t.grad_clip >= 0.0, "train.grad_clip", t.grad_clip, "≥ 0 (0 disables)")?;
+        check(t.ema_decay > 0.0 && t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "in (0, 1)")?;
+        check(t.ema_every >= 1, "train.ema_every", t.ema_every, "≥ 1")?;
+        check(t.log_every >= 1, "train.log_every", t.log_every, "≥ 1")?;
+        crate::device::parse(&t.device).with_context(|| format!("train.device = {:?}", t.device))?;
+        let data = &self.data;
+        check((0.0..=0.5).contains(&data.color_jitter), "data.color_jitter", data.color_jitter, "in [0, 0.5]")?;
+        let s = &self.sample;
+        check(s.num >= 1, "sample.num", s.num, "≥ 1")?;
+        check(s.steps >= 1 && s.steps <= d.timesteps, "sample.steps", s.steps, &format!("in [1, diffusion.timesteps = {}]", d.timesteps))?;
+        check((0.0..=1.0).contains(&s.eta), "sample.eta", s.eta, "in [0, 1]")?;
+        check(self.checkpoint.keep >= 1, "checkpoint.keep", self.checkpoint.keep, "≥ 1")?;
+        Ok(())
+    }
+
+    /// Where the data comes from, as given.
+    pub fn data_path(&self) -> Option<PathBuf> {
+        (!self.data.path.is_empty()).then(|| PathBuf::from(&self.data.path))
+    }
+}
+
+/// Command-line overrides of configuration keys; each flag sets the key named in its help.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// Images: a folder, CIFAR-10 binaries folder or IDX file [data.path; default: the bundled MNIST subset]
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Force the data format instead of detecting it [data.format]
+    #[arg(long, value_enum)]
+    pub data_format: Option<DataFormat>,
+    /// Image channels, 1 or 3 [model.in_channels]
+    #[arg(long)]
+    pub channels: Option<i64>,
+    /// Training size, N or HxW [model.image_size]
+    #[arg(long)]
+    pub image_size: Option<ImageSize>,
+    /// Optimizer steps [train.steps]
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Run length in epochs over the data instead of --steps
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<u64>,
+    /// Images per optimizer step [train.batch]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches per optimizer step [train.grad_accum]
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate [train.lr]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// [train.lr_schedule]
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<LrSchedule>,
+    /// [train.warmup_steps]
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// [train.ema_decay]
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// [train.grad_clip]; 0 disables
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// [train.precision]
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// [train.seed]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// auto, cpu, cuda, cuda:N or mps [train.device]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// [train.log_every]
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// [diffusion.timesteps]
+    #[arg(long)]
+    pub timesteps: Option<usize>,
+    /// [diffusion.schedule]
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleKind>,
+    /// [diffusion.prediction]
+    #[arg(long, value_enum)]
+    pub prediction: Option<Prediction>,
+    /// [diffusion.loss_weighting]
+    #[arg(long, value_enum)]
+    pub loss_weighting: Option<LossWeighting>,
+    /// Random horizontal flips, true or false [data.hflip]
+    #[arg(long)]
+    pub hflip: Option<bool>,
+    /// Colour jitter strength, 0 disables [data.color_jitter]
+    #[arg(long)]
+    pub color_jitter: Option<f64>,
+    /// Sample grid interval in steps [sample.every]
+    #[arg(long)]
+    pub sample_every: Option<u64>,
+    /// Checkpoint interval in steps [checkpoint.every]
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept [checkpoint.keep]
+    #[arg(long)]
+    pub keep: Option<usize>,
+}
+
+impl Overrides {
+    /// Applies the flags that were given. `dataset_len` turns --epochs into steps.
+    pub fn apply(&self, c: &mut RunConfig) {
+        fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *slot = v.clone();
+            }
+        }
+        set(&mut c.data.path, &self.data);
+        set(&mut c.data.format, &self.data_format);
+        set(&mut c.model.in_channels, &self.channels);
+        set(&mut c.model.image_size, &self.image_size);
+        set(&mut c.train.steps, &self.steps);
+        set(&mut c.train.batch, &self.batch);
+        set(&mut c.train.grad_accum, &self.grad_accum);
+        set(&mut c.train.lr, &self.lr);
+        set(&mut c.train.lr_schedule, &self.lr_schedule);
+        set(&mut c.train.warmup_steps, &self.warmup_steps);
+        set(&mut c.train.ema_decay, &self.ema_decay);
+        set(&mut c.train.grad_clip, &self.grad_clip);
+        set(&mut c.train.precision, &self.precision);
+        set(&mut c.train.seed, &self.seed);
+        set(&mut c.train.device, &self.device);
+        set(&mut c.train.log_every, &self.log_every);
+        set(&mut c.diffusion.timesteps, &self.timesteps);
+        set(&mut c.diffusion.schedule, &self.schedule);
+        set(&mut c.diffusion.prediction, &self.prediction);
+        set(&mut c.diffusion.loss_weighting, &self.loss_weighting);
+        set(&mut c.data.hflip, &self.hflip);
+        set(&mut c.data.color_jitter, &self.color_jitter);
+        set(&mut c.sample.every, &self.sample_every);
+        set(&mut c.checkpoint.every, &self.checkpoint_every);
+        set(&mut c.checkpoint.keep, &self.keep);
+    }
+}
+
+fn check(ok: bool, key: &str, value: impl fmt::Display, allowed: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        bail!("invalid value for `{key}`: {value} (allowed: {allowed})")
+    }
+}
+
+/// Deep-merges `user` into `base`, refusing keys that `base` does not have.
+fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<()> {
+    for (key, value) in user {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u, &path)?,
+            (Some(toml::Value::Table(_)), other) => bail!("key `{path}` is a section; got the value {other}"),
+            (Some(slot), value) => *slot = value,
+            (None, _) => {
+                let known: Vec<&String> = base.keys().collect();
+                let known: Vec<&str> = known.iter().map(|k| k.as_str()).collect();
+                bail!("unknown key `{path}` (known keys here: {})", known.join(", "))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid() {
+        for name in PRESETS {
+            RunConfig::preset(name).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn toml_overrides_preset_and_round_trips() {
+        let c = RunConfig::from_toml_str("preset = \"cifar10\"\n[train]\nlr = 1e-4\n", None).unwrap();
+        assert_eq!(c.model.channels, 128);
+        assert_eq!(c.train.lr, 1e-4);
+        let again = RunConfig::from_toml_str(&c.to_toml(), None).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = RunConfig::from_toml_str("[train]\nlearning_rate = 1e-4\n", None).unwrap_err();
+        assert!(format!("{err:#}").contains("train.learning_rate"), "{err:#}");
+        let err = RunConfig::from_toml_str("[trian]\nlr = 1e-4\n", None).unwrap_err();
+        assert!(format!("{err:#}").contains("trian"), "{err:#}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = RunConfig::from_toml_str("[train]\nbatch = \"big\"\n", None).unwrap_err();
+        assert!(format!("{err:#}").contains("batch"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_range() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut RunConfig)>)> = vec![
+            ("train.ema_decay", Box::new(|c| c.train.ema_decay = 1.0)),
+            ("diffusion.timesteps", Box::new(|c| c.diffusion.timesteps = 1)),
+            ("train.batch", Box::new(|c| c.train.batch = 0)),
+            ("model.image_size", Box::new(|c| c.model.image_size = ImageSize::Square(30))),
+            ("model.attention_resolutions", Box::new(|c| c.model.attention_resolutions = vec![5])),
+            ("train.device", Box::new(|c| c.train.device = "tpu".into())),
+            ("train.grad_accum", Box::new(|c| c.train.grad_accum = 3)),
+        ];
+        for (key, mutate) in cases {
+            let mut c = RunConfig::preset("tiny").unwrap();
+            mutate(&mut c);
+            let err = format!("{:#}", c.validate().unwrap_err());
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn image_size_parses() {
+        assert_eq!("32".parse::<ImageSize>().unwrap(), ImageSize::Square(32));
+        assert_eq!("32x64".parse::<ImageSize>().unwrap(), ImageSize::Rect([32, 64]));
+        assert!("big".parse::<ImageSize>().is_err());
+    }
+}

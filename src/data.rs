@@ -1,0 +1,376 @@
+//! Datasets (the bundled MNIST subset, image folders, CIFAR-10/100 binaries, MNIST-style IDX
+//! files), decoded once into a u8 tensor [N, C, H, W] at the training size; the seeded,
+//! resumable batch order; and on-device augmentation.
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use image::imageops::FilterType;
+use image::DynamicImage;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{DataFormat, ImageSize};
+
+static BUNDLED_IMAGES: &[u8] = include_bytes!("../data/mnist5k-images-idx3-ubyte.gz");
+
+const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
+
+/// Decoded training images, u8 in [0, 255], NCHW, all at the training size.
+pub struct Dataset {
+    pub images: Tensor,
+    /// What was loaded, for logs.
+    pub description: String,
+    /// Unreadable files skipped while loading.
+    pub skipped: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.images.size()[0] as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the training loop needs from the data options.
+pub struct LoadOptions {
+    pub format: DataFormat,
+    pub channels: i64,
+    pub size: ImageSize,
+    /// Stop at the first unreadable image instead of skipping it.
+    pub strict: bool,
+}
+
+/// Loads `path` (None: the bundled set) into memory at the requested channels and size.
+pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
+    let format = match (path, options.format) {
+        (None, _) | (_, DataFormat::Bundled) => DataFormat::Bundled,
+        (Some(p), DataFormat::Auto) => detect_format(p)?,
+        (_, format) => format,
+    };
+    let (raw, description, skipped) = match format {
+        DataFormat::Bundled => {
+            let raw = parse_idx_images(&gunzip(BUNDLED_IMAGES, Path::new("bundled MNIST"))?, Path::new("bundled MNIST"))?;
+            (raw, "bundled MNIST subset (5,000 digits)".to_string(), 0)
+        }
+        DataFormat::Idx => {
+            let file = idx_file(path.unwrap())?;
+            let raw = parse_idx_images(&read_maybe_gz(&file)?, &file)?;
+            (raw, format!("IDX images {}", file.display()), 0)
+        }
+        DataFormat::Cifar10 => {
+            let dir = path.unwrap();
+            let mut raw = RawImages::default();
+            for file in cifar_files(dir)? {
+                raw.images.extend(parse_cifar(&fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?, &file)?.images);
+            }
+            (raw, format!("CIFAR-10 binaries in {}", dir.display()), 0)
+        }
+        DataFormat::Folder => {
+            let dir = path.unwrap();
+            let (raw, skipped) = load_folder(dir, options.strict)?;
+            (raw, format!("image folder {}", dir.display()), skipped)
+        }
+        DataFormat::Auto => unreachable!("resolved above"),
+    };
+    if raw.is_empty() {
+        bail!("the dataset {description} holds no images");
+    }
+    let images = raw.to_tensor(options.channels, options.size);
+    Ok(Dataset { images, description, skipped })
+}
+
+fn detect_format(path: &Path) -> Result<DataFormat> {
+    if !path.exists() {
+        bail!("data path {} does not exist", path.display());
+    }
+    if path.is_file() {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.contains("idx3-ubyte") {
+            return Ok(DataFormat::Idx);
+        }
+        bail!("data path {} is a file but not an IDX image file (*idx3-ubyte or *idx3-ubyte.gz); give a folder, CIFAR-10 folder or IDX file", path.display());
+    }
+    if path.join("data_batch_1.bin").exists() || path.join("test_batch.bin").exists() {
+        return Ok(DataFormat::Cifar10);
+    }
+    if fs::read_dir(path)?.flatten().any(|e| e.file_name().to_string_lossy().contains("idx3-ubyte")) {
+        return Ok(DataFormat::Idx);
+    }
+    Ok(DataFormat::Folder)
+}
+
+/// Decoded images of possibly different sizes and channel counts, before resizing.
+#[derive(Default)]
+pub struct RawImages {
+    images: Vec<DynamicImage>,
+}
+
+impl RawImages {
+    fn push(&mut self, image: DynamicImage) {
+        self.images.push(image);
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    /// Resizes each image on its shorter side and centre-crops it (Catmull-Rom filter), then
+    /// converts to the requested channel count, into one u8 tensor.
+    pub fn to_tensor(&self, channels: i64, size: ImageSize) -> Tensor {
+        let (h, w) = (size.height() as u32, size.width() as u32);
+        let per_image = (channels as u32 * h * w) as usize;
+        let mut out = vec![0u8; per_image * self.images.len()];
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = self.images.len().div_ceil(workers).max(1);
+        std::thread::scope(|scope| {
+            for (images, dst) in self.images.chunks(chunk).zip(out.chunks_mut(chunk * per_image)) {
+                scope.spawn(move || {
+                    for (image, dst) in images.iter().zip(dst.chunks_mut(per_image)) {
+                        fit(image, channels, h, w, dst);
+                    }
+                });
+            }
+        });
+        Tensor::from_slice(&out).view([self.images.len() as i64, channels, h as i64, w as i64])
+    }
+}
+
+/// Writes one image as CHW u8 at (h, w) with `channels` channels into `dst`.
+fn fit(image: &DynamicImage, channels: i64, h: u32, w: u32, dst: &mut [u8]) {
+    let resized;
+    let image = if image.width() == w && image.height() == h {
+        image
+    } else {
+        resized = image.resize_to_fill(w, h, FilterType::CatmullRom);
+        &resized
+    };
+    let plane = (h * w) as usize;
+    if channels == 1 {
+        dst.copy_from_slice(image.to_luma8().as_raw());
+    } else {
+        for (i, px) in image.to_rgb8().pixels().enumerate() {
+            for c in 0..3 {
+                dst[c * plane + i] = px[c];
+            }
+        }
+    }
+}
+
+fn gunzip(bytes: &[u8], name: &Path) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).with_context(|| format!("{} is not a valid gzip file", name.display()))?;
+    Ok(out)
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        gunzip(&bytes, path)
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// The IDX image file to read: `path` itself, or the one `*idx3-ubyte*` file in a folder
+/// (the training file when both MNIST splits are there).
+fn idx_file(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(path)?.flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap_or_default().to_string_lossy().contains("idx3-ubyte")).collect();
+    files.sort();
+    let train: Vec<&PathBuf> = files.iter().filter(|p| p.file_name().unwrap_or_default().to_string_lossy().starts_with("train")).collect();
+    match (train.as_slice(), files.as_slice()) {
+        ([one], _) => Ok((*one).clone()),
+        (_, [one]) => Ok(one.clone()),
+        _ => bail!("{} holds several IDX image files ({}); name one with --data", path.display(), files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// Parses an IDX3 unsigned-byte image file (magic 0x00000803, big-endian N, rows, cols).
+pub fn parse_idx_images(bytes: &[u8], name: &Path) -> Result<RawImages> {
+    if bytes.len() < 16 {
+        bail!("{}: IDX file too short ({} bytes; the header alone is 16)", name.display(), bytes.len());
+    }
+    let word = |i: usize| u32::from_be_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+    if word(0) != 0x0803 {
+        bail!("{}: IDX magic number is {:#010x}, expected 0x00000803 (unsigned-byte images with 3 dimensions)", name.display(), word(0));
+    }
+    let (n, rows, cols) = (word(1) as usize, word(2) as usize, word(3) as usize);
+    let expected = n.checked_mul(rows).and_then(|v| v.checked_mul(cols)).and_then(|v| v.checked_add(16));
+    if expected != Some(bytes.len()) || rows == 0 || cols == 0 {
+        bail!("{}: IDX header says {n} images of {rows}×{cols} ({} bytes expected), but the file has {} bytes", name.display(), expected.map_or("too many".into(), |e| e.to_string()), bytes.len());
+    }
+    let mut raw = RawImages::default();
+    for pixels in bytes[16..].chunks_exact(rows * cols) {
+        raw.push(DynamicImage::ImageLuma8(image::GrayImage::from_raw(cols as u32, rows as u32, pixels.to_vec()).unwrap()));
+    }
+    Ok(raw)
+}
+
+/// The CIFAR-10 training batches in `dir`, named and checked up front.
+fn cifar_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let files: Vec<PathBuf> = (1..=5).map(|i| dir.join(format!("data_batch_{i}.bin"))).collect();
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        bail!("CIFAR-10 folder {} lacks {} (expected data_batch_1.bin … data_batch_5.bin)", dir.display(), missing.display());
+    }
+    Ok(files)
+}
+
+/// Parses a CIFAR-10 binary batch: records of 1 label byte + 3072 bytes of 32×32 RGB planes.
+pub fn parse_cifar(bytes: &[u8], name: &Path) -> Result<RawImages> {
+    const RECORD: usize = 1 + 3 * 32 * 32;
+    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+        bail!("{}: {} bytes is not a whole number of CIFAR-10 records ({RECORD} bytes each: 1 label + 3×32×32 pixels)", name.display(), bytes.len());
+    }
+    let mut raw = RawImages::default();
+    for record in bytes.chunks_exact(RECORD) {
+        let planes = &record[1..];
+        let rgb: Vec<u8> = (0..1024).flat_map(|i| [planes[i], planes[1024 + i], planes[2048 + i]]).collect();
+        raw.push(DynamicImage::ImageRgb8(image::RgbImage::from_raw(32, 32, rgb).unwrap()));
+    }
+    Ok(raw)
+}
+
+/// Every image file under `dir`, recursively, in sorted order.
+fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())) {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Decodes every image under `dir` (first frame of a GIF); unreadable files are reported by
+/// path and skipped, or stop the load when `strict`.
+fn load_folder(dir: &Path, strict: bool) -> Result<(RawImages, usize)> {
+    let files = image_files(dir)?;
+    if files.is_empty() {
+        bail!("image folder {} holds no PNG, JPEG, WebP, BMP or GIF files", dir.display());
+    }
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = files.len().div_ceil(workers);
+    let decoded: Vec<Result<DynamicImage, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = files.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(|f| decode(f)).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().expect("decoder thread")).collect()
+    });
+    let mut raw = RawImages::default();
+    let mut skipped = 0;
+    for (file, result) in files.iter().zip(decoded) {
+        match result {
+            Ok(image) => raw.push(image),
+            Err(why) if strict => bail!("cannot decode {}: {why}", file.display()),
+            Err(why) => {
+                eprintln!("warning: skipping {}: {why}", file.display());
+                skipped += 1;
+            }
+        }
+    }
+    if skipped > 0 {
+        eprintln!("warning: skipped {skipped} unreadable file(s) of {} in {}", files.len(), dir.display());
+    }
+    Ok((raw, skipped))
+}
+
+fn decode(path: &Path) -> std::result::Result<DynamicImage, String> {
+    let reader = image::ImageReader::open(path).map_err(|e| e.to_string())?.with_guessed_format().map_err(|e| e.to_string())?;
+    reader.decode().map_err(|e| e.to_string())
+}
+
+/// The position in the seeded epoch order: which epoch, and how many of its images are used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub epoch: u64,
+    pub index: usize,
+}
+
+/// Draws batches in a shuffled order that depends only on the seed and the epoch, so a run
+/// resumed from a `Position` continues the same order.
+pub struct Sampler {
+    len: usize,
+    seed: u64,
+    position: Position,
+    order: Vec<usize>,
+}
+
+impl Sampler {
+    pub fn new(len: usize, seed: u64, position: Position) -> Self {
+        let order = epoch_order(len, seed, position.epoch);
+        Sampler { len, seed, position, order }
+    }
+
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// The next `batch` indices; a batch that runs past the epoch's end continues in the next.
+    pub fn next_indices(&mut self, batch: usize) -> Vec<i64> {
+        let mut out = Vec::with_capacity(batch);
+        while out.len() < batch {
+            if self.position.index == self.len {
+                self.position = Position { epoch: self.position.epoch + 1, index: 0 };
+                self.order = epoch_order(self.len, self.seed, self.position.epoch);
+            }
+            out.push(self.order[self.position.index] as i64);
+            self.position.index += 1;
+        }
+        out
+    }
+}
+
+fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::rng::mix(seed, &[0xDA7A, epoch])));
+    order
+}
+
+/// u8 images → f32 in [−1, 1] on `device`.
+pub fn to_model_space(images: &Tensor, device: Device) -> Tensor {
+    images.to_device(device).to_kind(Kind::Float) / 127.5 - 1.0
+}
+
+/// Random horizontal flips and (when `jitter` > 0) brightness, contrast and saturation jitter
+/// of up to ±`jitter`, drawn from libtorch's generator. x: [B, C, H, W] in [−1, 1].
+pub fn augment(x: &Tensor, hflip: bool, jitter: f64) -> Tensor {
+    let b = x.size()[0];
+    let opts = (Kind::Float, x.device());
+    let mut x = x.shallow_clone();
+    if hflip {
+        let flip = Tensor::rand([b, 1, 1, 1], opts).lt(0.5);
+        x = x.flip([3]).where_self(&flip, &x);
+    }
+    if jitter > 0.0 {
+        let factor = |t: Tensor| t * (2.0 * jitter) + (1.0 - jitter); // U(1 − j, 1 + j)
+        let brightness = Tensor::rand([b, 1, 1, 1], opts) * (2.0 * jitter) - jitter;
+        x = x + brightness;
+        let mean = x.mean_dim(&[1i64, 2, 3][..], true, Kind::Float);
+        x = (&x - &mean) * factor(Tensor::rand([b, 1, 1, 1], opts)) + &mean;
+        if x.size()[1] == 3 {
+            let gray = x.mean_dim(&[1i64][..], true, Kind::Float);
+            x = (&x - &gray) * factor(Tensor::rand([b, 1, 1, 1], opts)) + &gray;
+        }
+        x = x.clamp(-1.0, 1.0);
+    }
+    x
+}

@@ -1,0 +1,46 @@
+//! Device selection: `auto`, `cpu`, `cuda`, `cuda:N`, `mps`.
+use anyhow::{bail, Result};
+use tch::Device;
+
+/// Parses a device name; `auto` picks the first CUDA device when one is present.
+pub fn parse(name: &str) -> Result<Device> {
+    let device = match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "mps" => Device::Mps,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Device::Cuda(index),
+            _ => bail!("unknown device {other:?}: expected auto, cpu, cuda, cuda:N or mps"),
+        },
+    };
+    Ok(device)
+}
+
+/// Parses and checks that the device can be used here.
+pub fn resolve(name: &str) -> Result<Device> {
+    let device = parse(name)?;
+    if let Device::Cuda(index) = device {
+        let count = tch::Cuda::device_count() as usize;
+        if index >= count {
+            bail!("device {name:?} requested but this machine has {count} CUDA device(s) visible to libtorch");
+        }
+    }
+    if device == Device::Mps && !tch::utils::has_mps() {
+        bail!("device \"mps\" requested but MPS is not available in this libtorch build");
+    }
+    Ok(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names() {
+        assert_eq!(parse("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse("cuda:1").unwrap(), Device::Cuda(1));
+        assert!(parse("cuda:x").is_err());
+        assert!(parse("gpu").is_err());
+    }
+}

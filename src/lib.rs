@@ -1,0 +1,16 @@
+//! ddpm: train, sample and evaluate DDPM image diffusion models on libtorch.
+//!
+//! One module per concept; `train` sits on top and nothing below it knows about it.
+pub mod checkpoint;
+pub mod commands;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod model;
+pub mod monitor;
+pub mod objective;
+pub mod ops;
+pub mod rng;
+pub mod sampler;
+pub mod schedule;
+pub mod train;

@@ -1,0 +1,494 @@
+//! The training step and loop: forward/backward under the chosen precision, gradient
+//! accumulation and clipping, fused AdamW with warm-up + cosine LR, EMA, sample grids and
+//! checkpoints, with every random stream derived from (seed, step) so resuming is exact.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::{LrSchedule, Precision, RunConfig, TrainConfig};
+use crate::data::{self, Dataset, LoadOptions, Position};
+use crate::model::UNet;
+use crate::monitor::{MetricsRecord, Monitor};
+use crate::objective::Objective;
+use crate::ops::{self, AdamWStep, AutocastType};
+use crate::sampler::{self, Denoiser};
+use crate::schedule::NoiseSchedule;
+
+/// Learning rate before optimizer step `step` (0-based): linear warm-up from lr/warmup to lr,
+/// then constant or cosine-annealed to `min_lr` at the run's last step.
+pub fn learning_rate(config: &TrainConfig, step: u64) -> f64 {
+    if step < config.warmup_steps {
+        return config.lr * (step + 1) as f64 / config.warmup_steps as f64;
+    }
+    match config.lr_schedule {
+        LrSchedule::Constant => config.lr,
+        LrSchedule::Cosine => {
+            let span = config.steps.saturating_sub(config.warmup_steps).max(1) as f64;
+            let progress = ((step - config.warmup_steps) as f64 / span).min(1.0);
+            config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// EMA decay for the update after `updates` earlier ones: min(decay, (1 + n)/(10 + n)) with
+/// warm-up, else the constant decay.
+pub fn ema_decay(config: &TrainConfig, updates: u64) -> f64 {
+    if config.ema_warmup {
+        config.ema_decay.min((1.0 + updates as f64) / (10.0 + updates as f64))
+    } else {
+        config.ema_decay
+    }
+}
+
+/// PyTorch GradScaler's dynamic loss scale, kept on the device.
+struct LossScaler {
+    scale: Tensor,
+    growth_tracker: Tensor,
+}
+
+impl LossScaler {
+    const INITIAL: f64 = 65536.0;
+    const GROWTH_INTERVAL: i64 = 2000;
+
+    fn new(device: Device) -> Self {
+        LossScaler { scale: Tensor::full([1], Self::INITIAL, (Kind::Float, device)), growth_tracker: Tensor::zeros([1], (Kind::Int, device)) }
+    }
+
+    /// ×2 after GROWTH_INTERVAL clean steps in a row, ×0.5 on a step with inf/NaN gradients.
+    fn update(&mut self, found_inf: &Tensor) {
+        let _ = self.scale.internal_amp_update_scale_(&self.growth_tracker, found_inf, 2.0, 0.5, Self::GROWTH_INTERVAL);
+    }
+}
+
+/// Host-readable results of one optimizer step (tensors stay on the device until read).
+pub struct StepOutput {
+    pub loss: Tensor,
+    pub grad_norm: Tensor,
+    pub lr: f64,
+}
+
+/// The model, its EMA copy, the optimizer state and one `step` of training.
+pub struct Trainer {
+    pub config: RunConfig,
+    pub device: Device,
+    pub vs: VarStore,
+    pub model: UNet,
+    pub ema_vs: VarStore,
+    pub ema_model: UNet,
+    pub schedule: NoiseSchedule,
+    objective: Objective,
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    ema_params: Vec<Tensor>,
+    grads: Option<Vec<Tensor>>,
+    exp_avgs: Vec<Tensor>,
+    exp_avg_sqs: Vec<Tensor>,
+    adam_steps: Vec<Tensor>,
+    scaler: Option<LossScaler>,
+    /// Steps skipped for non-finite gradients, counted on the device.
+    skipped: Tensor,
+    /// Optimizer steps completed.
+    pub step: u64,
+}
+
+/// Variables of a store in name order, so that every list lines up across stores and runs.
+fn sorted_variables(vs: &VarStore) -> (Vec<String>, Vec<Tensor>) {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter().unzip()
+}
+
+impl Trainer {
+    pub fn new(config: &RunConfig, device: Device) -> Result<Self> {
+        config.validate()?;
+        tch::manual_seed(crate::rng::mix(config.train.seed, &[0x1417]) as i64);
+        let vs = VarStore::new(device);
+        let model = UNet::new(&vs.root(), &config.model);
+        let mut ema_vs = VarStore::new(device);
+        let ema_model = UNet::new(&ema_vs.root(), &config.model);
+        ema_vs.copy(&vs)?;
+        ema_vs.freeze();
+        let (names, params) = sorted_variables(&vs);
+        let (_, ema_params) = sorted_variables(&ema_vs);
+        let zeros = |p: &Tensor| p.zeros_like();
+        let exp_avgs = params.iter().map(zeros).collect();
+        let exp_avg_sqs = params.iter().map(zeros).collect();
+        let adam_steps = params.iter().map(|_| Tensor::zeros([], (Kind::Float, device))).collect();
+        let schedule = NoiseSchedule::from_config(&config.diffusion);
+        let objective = Objective::new(&config.diffusion, &schedule, device);
+        let scaler = (config.train.precision == Precision::Fp16).then(|| LossScaler::new(device));
+        if device.is_cuda() {
+            ops::set_tf32(config.train.precision == Precision::Tf32)?;
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        Ok(Trainer { config: config.clone(), device, vs, model, ema_vs, ema_model, schedule, objective, names, params, ema_params, grads: None, exp_avgs, exp_avg_sqs, adam_steps, scaler, skipped: Tensor::zeros([], (Kind::Int64, device)), step: 0 })
+    }
+
+    fn autocast_type(&self) -> Option<AutocastType> {
+        match self.config.train.precision {
+            Precision::Bf16 => Some(AutocastType::Bf16),
+            Precision::Fp16 => Some(AutocastType::Fp16),
+            Precision::F32 | Precision::Tf32 => None,
+        }
+    }
+
+    /// Accumulates the gradients of the batch x0 ([B, C, H, W] in [−1, 1]) over `grad_accum`
+    /// micro-batches and returns the batch's mean loss. t, ε and augmentation are drawn for the
+    /// whole batch from (seed, step), so the split does not change what is computed.
+    pub fn accumulate_gradients(&mut self, x0: &Tensor) -> Result<Tensor> {
+        if let Some(grads) = &self.grads {
+            ops::foreach_zero_(grads)?;
+        }
+        let c = &self.config;
+        tch::manual_seed(crate::rng::mix(c.train.seed, &[self.step]) as i64);
+        let x0 = data::augment(x0, c.data.hflip, c.data.color_jitter);
+        let b = x0.size()[0];
+        let t = Tensor::randint(c.diffusion.timesteps as i64, [b], (Kind::Int64, self.device));
+        let noise = x0.randn_like();
+        let k = c.train.grad_accum as i64;
+        let mut total = Tensor::zeros([], (Kind::Float, self.device));
+        for ((x0, t), noise) in x0.chunk(k, 0).iter().zip(t.chunk(k, 0)).zip(noise.chunk(k, 0)) {
+            let x_t = self.objective.q_sample(x0, &t, &noise);
+            let target = self.objective.target(x0, &noise, &t);
+            let forward = || self.model.forward(&x_t, &t, true);
+            let prediction = match self.autocast_type() {
+                Some(dtype) => ops::autocast(self.device, dtype, forward)?,
+                None => forward(),
+            };
+            let loss = self.objective.loss(&prediction, &target, &t) / k as f64;
+            match &self.scaler {
+                Some(s) => (&loss * &s.scale.squeeze()).backward(),
+                None => loss.backward(),
+            }
+            total += loss.detach().to_kind(Kind::Float);
+        }
+        if self.grads.is_none() {
+            let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
+            if let Some(i) = grads.iter().position(|g| !g.defined()) {
+                bail!("parameter {} received no gradient", self.names[i]);
+            }
+            self.grads = Some(grads);
+        }
+        Ok(total)
+    }
+
+    /// One optimizer step on the batch x0 ([B, C, H, W] in [−1, 1]).
+    pub fn step(&mut self, x0: &Tensor) -> Result<StepOutput> {
+        let loss = self.accumulate_gradients(x0)?;
+        let grads = self.grads.as_ref().expect("set by accumulate_gradients");
+        let found_inf = Tensor::zeros([1], (Kind::Float, self.device));
+        if let Some(s) = &self.scaler {
+            ops::amp_unscale_(grads, &found_inf, &s.scale.reciprocal())?;
+        }
+        let grad_norm = ops::global_norm(grads)?;
+        let found_inf = found_inf.maximum(&grad_norm.isfinite().logical_not().to_kind(Kind::Float).view([1]));
+        let clip = self.config.train.grad_clip;
+        if clip > 0.0 {
+            let factor = (clip / (&grad_norm + 1e-6)).clamp_max(1.0);
+            ops::foreach_mul_(grads, &factor)?;
+        }
+        let tc = &self.config.train;
+        let lr = learning_rate(tc, self.step);
+        let hp = AdamWStep { lr, beta1: tc.adam_beta1, beta2: tc.adam_beta2, weight_decay: tc.weight_decay, eps: tc.adam_eps };
+        tch::no_grad(|| ops::fused_adamw(&self.params, grads, &self.exp_avgs, &self.exp_avg_sqs, &self.adam_steps, hp, &found_inf))?;
+        if let Some(s) = &mut self.scaler {
+            s.update(&found_inf);
+        }
+        if (self.step + 1) % tc.ema_every == 0 {
+            let decay = ema_decay(tc, self.step / tc.ema_every);
+            tch::no_grad(|| ops::foreach_lerp_(&self.ema_params, &self.params, 1.0 - decay))?;
+        }
+        self.skipped += found_inf.to_kind(Kind::Int64).sum(Kind::Int64);
+        self.step += 1;
+        Ok(StepOutput { loss, grad_norm, lr })
+    }
+
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped.int64_value(&[]) as u64
+    }
+
+    pub fn loss_scale(&self) -> Option<f64> {
+        self.scaler.as_ref().map(|s| s.scale.double_value(&[0]))
+    }
+
+    /// Every tensor of the training state, named for the checkpoint.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, name) in self.names.iter().enumerate() {
+            out.push((format!("model.{name}"), self.params[i].shallow_clone()));
+            out.push((format!("ema.{name}"), self.ema_params[i].shallow_clone()));
+            out.push((format!("adam.exp_avg.{name}"), self.exp_avgs[i].shallow_clone()));
+            out.push((format!("adam.exp_avg_sq.{name}"), self.exp_avg_sqs[i].shallow_clone()));
+        }
+        out.push(("adam.step".into(), self.adam_steps[0].shallow_clone()));
+        out.push(("skipped_steps".into(), self.skipped.shallow_clone()));
+        if let Some(s) = &self.scaler {
+            out.push(("scaler.scale".into(), s.scale.shallow_clone()));
+            out.push(("scaler.growth_tracker".into(), s.growth_tracker.shallow_clone()));
+        }
+        out
+    }
+
+    /// Restores the state saved by `state_tensors`.
+    pub fn load_state(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for (i, name) in self.names.iter().enumerate() {
+                copy_checked(&mut self.params[i], checkpoint.tensor(&format!("model.{name}"))?, name)?;
+                copy_checked(&mut self.ema_params[i], checkpoint.tensor(&format!("ema.{name}"))?, name)?;
+                copy_checked(&mut self.exp_avgs[i], checkpoint.tensor(&format!("adam.exp_avg.{name}"))?, name)?;
+                copy_checked(&mut self.exp_avg_sqs[i], checkpoint.tensor(&format!("adam.exp_avg_sq.{name}"))?, name)?;
+            }
+            let step = checkpoint.tensor("adam.step")?;
+            for s in &mut self.adam_steps {
+                s.copy_(step);
+            }
+            self.skipped.copy_(checkpoint.tensor("skipped_steps")?);
+            if let Some(s) = &mut self.scaler {
+                if let (Ok(scale), Ok(tracker)) = (checkpoint.tensor("scaler.scale"), checkpoint.tensor("scaler.growth_tracker")) {
+                    s.scale.copy_(scale);
+                    s.growth_tracker.copy_(tracker);
+                }
+            }
+            Ok(())
+        })?;
+        self.step = checkpoint.sidecar.step;
+        Ok(())
+    }
+
+    /// Samples with the EMA (default) or raw weights.
+    pub fn sample(&self, ema: bool, n: usize, seed: u64) -> Tensor {
+        let model = if ema { &self.ema_model } else { &self.model };
+        let denoiser = Denoiser { model, schedule: &self.schedule, prediction: self.config.diffusion.prediction };
+        let m = &self.config.model;
+        sampler::sample(&denoiser, &self.config.sample, [n as i64, m.in_channels, m.image_size.height(), m.image_size.width()], seed, self.device, n.min(256), |_, _| {})
+    }
+}
+
+fn copy_checked(dst: &mut Tensor, src: &Tensor, name: &str) -> Result<()> {
+    if dst.size() != src.size() {
+        bail!("checkpoint tensor {name} has shape {:?}, the model expects {:?}", src.size(), dst.size());
+    }
+    dst.copy_(src);
+    Ok(())
+}
+
+/// Loads a model (EMA or raw weights) from a checkpoint for sampling.
+pub fn load_for_sampling(checkpoint: &Checkpoint, ema: bool, device: Device) -> Result<(VarStore, UNet)> {
+    let config = &checkpoint.sidecar.config;
+    let mut vs = VarStore::new(device);
+    let model = UNet::new(&vs.root(), &config.model);
+    let prefix = if ema { "ema." } else { "model." };
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut var) in vs.variables() {
+            copy_checked(&mut var, checkpoint.tensor(&format!("{prefix}{name}"))?, &name)?;
+        }
+        Ok(())
+    })?;
+    vs.freeze();
+    Ok((vs, model))
+}
+
+/// How a run is started.
+pub struct RunOptions {
+    pub config: RunConfig,
+    pub run_dir: PathBuf,
+    pub resume: Option<Checkpoint>,
+    pub strict_data: bool,
+    /// Run length in epochs over the loaded data, replacing `train.steps`.
+    pub epochs: Option<u64>,
+}
+
+/// What a finished run leaves behind.
+pub struct RunSummary {
+    pub final_checkpoint: PathBuf,
+    pub final_grid: PathBuf,
+    pub steps: u64,
+    pub seconds: f64,
+}
+
+fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()> {
+    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create run directory {}", dir.display()))?;
+    if !resuming && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
+        bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
+    }
+    checkpoint::write_atomic(&dir.join("config.toml"), config.to_toml().as_bytes())
+}
+
+/// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
+pub fn run(options: RunOptions) -> Result<RunSummary> {
+    let RunOptions { mut config, run_dir, resume, strict_data, epochs } = options;
+    config.validate()?;
+    let device = crate::device::resolve(&config.train.device)?;
+    let dataset = data::load(config.data_path().as_deref(), &LoadOptions { format: config.data.format, channels: config.model.in_channels, size: config.model.image_size, strict: strict_data })?;
+    if let Some(epochs) = epochs {
+        config.train.steps = (epochs * dataset.len() as u64).div_ceil(config.train.batch as u64).max(1);
+    }
+    prepare_run_dir(&run_dir, &config, resume.is_some())?;
+    let mut trainer = Trainer::new(&config, device)?;
+    let mut position = Position::default();
+    if let Some(checkpoint) = &resume {
+        trainer.load_state(checkpoint)?;
+        position = checkpoint.sidecar.position;
+        eprintln!("resumed from {} at step {}", checkpoint.path.display(), trainer.step);
+    }
+    eprintln!("training {} on {} ({} images) on {device:?}: {} parameters, {} steps of batch {}", config.preset, dataset.description, dataset.len(), crate::model::parameter_count(&trainer.vs), config.train.steps, config.train.batch);
+    run_loop(&mut trainer, &dataset, position, &run_dir)
+}
+
+fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_dir: &Path) -> Result<RunSummary> {
+    let config = trainer.config.clone();
+    let (tc, total) = (&config.train, config.train.steps);
+    let mut order = data::Sampler::new(dataset.len(), tc.seed, position);
+    let mut monitor = Monitor::new(run_dir, trainer.step, total)?;
+    let checkpoints = run_dir.join("checkpoints");
+    let mut last_checkpoint = None;
+    let mut window = (Instant::now(), 0usize);
+    let grid_seed = crate::rng::mix(tc.seed, &[0x6121D]);
+    while trainer.step < total {
+        let indices = order.next_indices(tc.batch);
+        let batch = dataset.images.index_select(0, &Tensor::from_slice(&indices));
+        let out = trainer.step(&data::to_model_space(&batch, trainer.device))?;
+        window.1 += tc.batch;
+        let step = trainer.step;
+        if step % tc.log_every == 0 || step == total {
+            let seconds = window.0.elapsed().as_secs_f64();
+            let loss = out.loss.double_value(&[]);
+            if !loss.is_finite() {
+                monitor.note(&format!("warning: non-finite loss at step {step}; the step was skipped"));
+            }
+            monitor.record(&MetricsRecord { step, epoch: order.position().epoch, loss, lr: out.lr, grad_norm: out.grad_norm.double_value(&[]), loss_scale: trainer.loss_scale(), skipped_steps: trainer.skipped_steps(), images_per_second: window.1 as f64 / seconds, wall_seconds: monitor.seconds() })?;
+            window = (Instant::now(), 0);
+        }
+        let sample_now = config.sample.every > 0 && step % config.sample.every == 0 && step < total;
+        if sample_now {
+            write_grid(trainer, run_dir, grid_seed)?;
+            window = (Instant::now(), 0);
+        }
+        if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < total {
+            last_checkpoint = Some(checkpoint::save(&checkpoints, &trainer.state_tensors(), step, order.position(), &config, config.checkpoint.keep)?);
+            window = (Instant::now(), 0);
+        }
+    }
+    monitor.finish();
+    let final_checkpoint = if last_checkpoint.is_some() && checkpoint::list(&checkpoints)?.last() == Some(&checkpoint::sidecar_path(&checkpoints, trainer.step)) { last_checkpoint.unwrap() } else { checkpoint::save(&checkpoints, &trainer.state_tensors(), trainer.step, order.position(), &config, config.checkpoint.keep)? };
+    let final_grid = write_grid(trainer, run_dir, grid_seed)?;
+    if trainer.skipped_steps() > 0 {
+        eprintln!("warning: {} step(s) were skipped for non-finite gradients", trainer.skipped_steps());
+    }
+    Ok(RunSummary { final_checkpoint, final_grid, steps: trainer.step, seconds: monitor.seconds() })
+}
+
+/// Writes `samples/step-N.png` (EMA weights, the run's fixed noise) and `samples/latest.png`.
+fn write_grid(trainer: &Trainer, run_dir: &Path, seed: u64) -> Result<PathBuf> {
+    let images = trainer.sample(true, trainer.config.sample.num, seed);
+    let path = run_dir.join("samples").join(format!("step-{:08}.png", trainer.step));
+    crate::monitor::save_grid(&images, &path)?;
+    std::fs::copy(&path, run_dir.join("samples").join("latest.png")).with_context(|| format!("cannot write {}", run_dir.join("samples/latest.png").display()))?;
+    Ok(path)
+}
+
+/// Tensors flattened into one vector, for comparisons in tests.
+#[cfg(test)]
+fn flat(tensors: &[Tensor]) -> Tensor {
+    Tensor::cat(&tensors.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ImageSize, LrSchedule};
+
+    fn tiny(channels: i64) -> RunConfig {
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.model.channels = channels;
+        c.model.image_size = ImageSize::Square(8);
+        c.model.channel_mult = vec![1, 2];
+        c.train.device = "cpu".into();
+        c
+    }
+
+    #[test]
+    fn learning_rate_follows_warmup_and_cosine() {
+        let mut t = RunConfig::preset("tiny").unwrap().train;
+        t.lr = 2e-4;
+        t.warmup_steps = 100;
+        t.steps = 1100;
+        t.min_lr = 1e-5;
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-15;
+        assert!(close(learning_rate(&t, 0), 2e-6));
+        assert!(close(learning_rate(&t, 49), 1e-4));
+        assert!(close(learning_rate(&t, 99), 2e-4));
+        assert!(close(learning_rate(&t, 100), 2e-4));
+        // Halfway through the cosine part: the midpoint of lr and min_lr.
+        assert!(close(learning_rate(&t, 600), (2e-4 + 1e-5) / 2.0));
+        assert!(close(learning_rate(&t, 1100), 1e-5));
+        let q = 1e-5 + (2e-4 - 1e-5) * 0.5 * (1.0 + (std::f64::consts::PI * 0.25).cos());
+        assert!(close(learning_rate(&t, 350), q));
+        t.lr_schedule = LrSchedule::Constant;
+        assert!(close(learning_rate(&t, 1000), 2e-4));
+    }
+
+    #[test]
+    fn ema_decay_warms_up() {
+        let mut t = RunConfig::preset("tiny").unwrap().train;
+        t.ema_decay = 0.9999;
+        assert_eq!(ema_decay(&t, 0), 0.1);
+        assert_eq!(ema_decay(&t, 90), 91.0 / 100.0);
+        assert_eq!(ema_decay(&t, 10_000_000), 0.9999);
+        t.ema_warmup = false;
+        assert_eq!(ema_decay(&t, 0), 0.9999);
+    }
+
+    #[test]
+    fn ema_after_n_updates_matches_closed_form() {
+        // With a constant decay d and parameters fixed at p (lr → 0 makes AdamW a no-op up to
+        // weight decay, which is disabled), the EMA after n updates is p + dⁿ (e₀ − p).
+        let mut c = tiny(8);
+        c.train.lr = 1e-12;
+        c.train.warmup_steps = 0;
+        c.train.weight_decay = 0.0;
+        c.train.ema_warmup = false;
+        c.train.ema_decay = 0.9;
+        let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            for e in &mut trainer.ema_params {
+                let _ = e.fill_(0.25);
+            }
+        });
+        let p0 = flat(&trainer.params).copy();
+        let n = 5;
+        let x = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        for _ in 0..n {
+            trainer.step(&x).unwrap();
+        }
+        let expected = &p0 + 0.9f64.powi(n) * (0.25 - &p0);
+        let got = flat(&trainer.ema_params);
+        assert!((got - expected).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn accumulated_micro_batches_equal_one_big_batch() {
+        // f64, no dropout, no augmentation: K micro-batches of B/K give the gradients of one B batch.
+        let x = Tensor::rand([8, 1, 8, 8], (Kind::Double, Device::Cpu)) * 2 - 1;
+        let grads_for = |k: usize| -> Tensor {
+            let mut c = tiny(8);
+            c.train.grad_accum = k;
+            c.train.batch = 8;
+            let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+            trainer.vs.double();
+            trainer.params = sorted_variables(&trainer.vs).1;
+            trainer.accumulate_gradients(&x).unwrap();
+            flat(trainer.grads.as_ref().unwrap())
+        };
+        let one = grads_for(1);
+        let four = grads_for(4);
+        assert_eq!(one.kind(), Kind::Double);
+        let rel = (&four - &one).norm().double_value(&[]) / one.norm().double_value(&[]);
+        assert!(rel < 1e-6, "relative difference {rel}");
+        assert!(one.norm().double_value(&[]) > 0.0);
+    }
+}
