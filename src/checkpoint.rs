@@ -90,7 +90,10 @@ pub fn from_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
 /// On any failure the previous file at `path` is untouched and the error names the path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
     let result = (|| -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;

@@ -31,6 +31,7 @@ pub struct TrainArgs {
     pub out: Option<PathBuf>,
     pub resume: Option<PathBuf>,
     pub strict_data: bool,
+    pub stop_at: Option<u64>,
     pub overrides: Overrides,
 }
 
@@ -42,7 +43,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         (None, Some(resumed)) => run_dir_of(resumed),
         (None, None) => PathBuf::from("runs").join(&config.preset),
     };
-    let summary = train::run(RunOptions { config, run_dir: run_dir.clone(), resume, strict_data: args.strict_data, epochs: args.overrides.epochs })?;
+    let summary = train::run(RunOptions { config, run_dir: run_dir.clone(), resume, strict_data: args.strict_data, epochs: args.overrides.epochs, stop_at: args.stop_at })?;
     eprintln!("done: {} steps in {:.0} s", summary.steps, summary.seconds);
     eprintln!("checkpoint: {}", summary.final_checkpoint.display());
     eprintln!("samples:    {}", summary.final_grid.display());

@@ -288,7 +288,7 @@ impl RunConfig {
         Ok(config)
     }
 
-    /// The `tiny` preset: a 0.5M-parameter UNet for 28×28 digits, tuned so that the bundled
+    /// The `tiny` preset: a 1.06M-parameter UNet for 28×28 digits, tuned so that the bundled
     /// demo learns recognisable digits in minutes on a laptop CPU.
     fn base() -> Self {
         RunConfig {
@@ -363,7 +363,8 @@ impl RunConfig {
         };
         let mut merged = toml::Table::try_from(Self::preset(&preset)?)?;
         merge(&mut merged, user, "")?;
-        let config: RunConfig = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+        // Parsing the merged text (not the value) keeps the offending key in type errors.
+        let config: RunConfig = toml::from_str(&toml::to_string(&merged)?)?;
         Ok(config)
     }
 
@@ -460,9 +461,30 @@ pub struct Overrides {
     /// [train.warmup_steps]
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// [train.min_lr]
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// [train.adam_beta1]
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    /// [train.adam_beta2]
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    /// [train.adam_eps]
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+    /// [train.weight_decay]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     /// [train.ema_decay]
     #[arg(long)]
     pub ema_decay: Option<f64>,
+    /// EMA decay warm-up, true or false [train.ema_warmup]
+    #[arg(long)]
+    pub ema_warmup: Option<bool>,
+    /// [train.ema_every]
+    #[arg(long)]
+    pub ema_every: Option<u64>,
     /// [train.grad_clip]; 0 disables
     #[arg(long)]
     pub grad_clip: Option<f64>,
@@ -490,6 +512,9 @@ pub struct Overrides {
     /// [diffusion.loss_weighting]
     #[arg(long, value_enum)]
     pub loss_weighting: Option<LossWeighting>,
+    /// [diffusion.min_snr_gamma]
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
     /// Random horizontal flips, true or false [data.hflip]
     #[arg(long)]
     pub hflip: Option<bool>,
@@ -508,7 +533,7 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// Applies the flags that were given. `dataset_len` turns --epochs into steps.
+    /// Applies the flags that were given (--epochs is resolved once the data is loaded).
     pub fn apply(&self, c: &mut RunConfig) {
         fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
             if let Some(v) = value {
@@ -525,7 +550,14 @@ impl Overrides {
         set(&mut c.train.lr, &self.lr);
         set(&mut c.train.lr_schedule, &self.lr_schedule);
         set(&mut c.train.warmup_steps, &self.warmup_steps);
+        set(&mut c.train.min_lr, &self.min_lr);
+        set(&mut c.train.adam_beta1, &self.adam_beta1);
+        set(&mut c.train.adam_beta2, &self.adam_beta2);
+        set(&mut c.train.adam_eps, &self.adam_eps);
+        set(&mut c.train.weight_decay, &self.weight_decay);
         set(&mut c.train.ema_decay, &self.ema_decay);
+        set(&mut c.train.ema_warmup, &self.ema_warmup);
+        set(&mut c.train.ema_every, &self.ema_every);
         set(&mut c.train.grad_clip, &self.grad_clip);
         set(&mut c.train.precision, &self.precision);
         set(&mut c.train.seed, &self.seed);
@@ -535,6 +567,7 @@ impl Overrides {
         set(&mut c.diffusion.schedule, &self.schedule);
         set(&mut c.diffusion.prediction, &self.prediction);
         set(&mut c.diffusion.loss_weighting, &self.loss_weighting);
+        set(&mut c.diffusion.min_snr_gamma, &self.min_snr_gamma);
         set(&mut c.data.hflip, &self.hflip);
         set(&mut c.data.color_jitter, &self.color_jitter);
         set(&mut c.sample.every, &self.sample_every);

@@ -307,6 +307,7 @@ pub struct Position {
 
 /// Draws batches in a shuffled order that depends only on the seed and the epoch, so a run
 /// resumed from a `Position` continues the same order.
+#[derive(Clone)]
 pub struct Sampler {
     len: usize,
     seed: u64,
@@ -373,4 +374,160 @@ pub fn augment(x: &Tensor, hflip: bool, jitter: f64) -> Tensor {
         x = x.clamp(-1.0, 1.0);
     }
     x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(channels: i64, size: i64) -> LoadOptions {
+        LoadOptions { format: DataFormat::Auto, channels, size: ImageSize::Square(size), strict: false }
+    }
+
+    fn idx_bytes(n: u32, rows: u32, cols: u32, pixels: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for w in [0x0803u32, n, rows, cols] {
+            b.extend_from_slice(&w.to_be_bytes());
+        }
+        b.extend_from_slice(pixels);
+        b
+    }
+
+    #[test]
+    fn idx_pixels_survive_raw_and_gzipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let pixels: Vec<u8> = (0..2 * 4 * 4).map(|i| (i * 7) as u8).collect();
+        let bytes = idx_bytes(2, 4, 4, &pixels);
+        std::fs::write(dir.path().join("train-images-idx3-ubyte"), &bytes).unwrap();
+        let gz = dir.path().join("gz");
+        std::fs::create_dir(&gz).unwrap();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut enc, &bytes).unwrap();
+        std::fs::write(gz.join("t10k-images-idx3-ubyte.gz"), enc.finish().unwrap()).unwrap();
+        for path in [dir.path().join("train-images-idx3-ubyte"), gz.clone(), dir.path().to_path_buf()] {
+            let d = load(Some(&path), &options(1, 4)).unwrap();
+            assert_eq!(d.images.size(), vec![2, 1, 4, 4]);
+            assert_eq!(Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(), pixels, "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn idx_errors_name_file_and_expectation() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad_magic = dir.path().join("a-idx3-ubyte");
+        let mut b = idx_bytes(1, 2, 2, &[0; 4]);
+        b[3] = 0x01;
+        std::fs::write(&bad_magic, &b).unwrap();
+        let e = format!("{:#}", load(Some(&bad_magic), &options(1, 2)).err().unwrap());
+        assert!(e.contains("a-idx3-ubyte") && e.contains("0x00000803"), "{e}");
+        let short = dir.path().join("b-idx3-ubyte");
+        std::fs::write(&short, &idx_bytes(3, 2, 2, &[0; 4])).unwrap();
+        let e = format!("{:#}", load(Some(&short), &options(1, 2)).err().unwrap());
+        assert!(e.contains("b-idx3-ubyte") && e.contains("28 bytes expected"), "{e}");
+        std::fs::write(&short, b"xx").unwrap();
+        assert!(format!("{:#}", load(Some(&short), &options(1, 2)).err().unwrap()).contains("too short"));
+    }
+
+    #[test]
+    fn cifar_records_decode_to_the_written_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut expected = Vec::new();
+        for i in 1..=5u8 {
+            let mut record = vec![i]; // label
+            let planes: Vec<u8> = (0..3072).map(|p| (p as u8).wrapping_mul(i)).collect();
+            record.extend_from_slice(&planes);
+            expected.extend_from_slice(&planes);
+            std::fs::write(dir.path().join(format!("data_batch_{i}.bin")), &record).unwrap();
+        }
+        let d = load(Some(dir.path()), &options(3, 32)).unwrap();
+        assert_eq!(d.images.size(), vec![5, 3, 32, 32]);
+        assert_eq!(Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(), expected);
+        std::fs::write(dir.path().join("data_batch_3.bin"), vec![0u8; 3000]).unwrap();
+        let e = format!("{:#}", load(Some(dir.path()), &options(3, 32)).err().unwrap());
+        assert!(e.contains("data_batch_3.bin") && e.contains("3073"), "{e}");
+    }
+
+    #[test]
+    fn folder_decodes_png_and_jpeg_and_skips_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("class_a");
+        std::fs::create_dir(&sub).unwrap();
+        let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30) as u8, (y * 30) as u8, 200]));
+        img.save(sub.join("a.png")).unwrap();
+        img.save(dir.path().join("b.jpg")).unwrap();
+        std::fs::write(dir.path().join("corrupt.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        std::fs::write(dir.path().join("empty.jpg"), b"").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
+        let d = load(Some(dir.path()), &options(3, 8)).unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d.skipped, 2);
+        // The PNG is lossless: its pixels come back exactly (files are read in sorted order).
+        let a = d.images.get(1);
+        assert_eq!(a.int64_value(&[0, 0, 3]), 90);
+        assert_eq!(a.int64_value(&[1, 5, 0]), 150);
+        assert_eq!(a.int64_value(&[2, 7, 7]), 200);
+        // Grayscale and resizing with a centre crop.
+        let g = load(Some(dir.path()), &options(1, 4)).unwrap();
+        assert_eq!(g.images.size(), vec![2, 1, 4, 4]);
+        // Strict mode stops at the first bad file and names it.
+        let strict = LoadOptions { strict: true, ..options(3, 8) };
+        let e = format!("{:#}", load(Some(dir.path()), &strict).err().unwrap());
+        assert!(e.contains("corrupt.png") || e.contains("empty.jpg"), "{e}");
+    }
+
+    #[test]
+    fn empty_folder_and_missing_path_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = format!("{:#}", load(Some(dir.path()), &options(3, 8)).err().unwrap());
+        assert!(e.contains("holds no"), "{e}");
+        let e = format!("{:#}", load(Some(&dir.path().join("nope")), &options(3, 8)).err().unwrap());
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn bundled_set_loads_and_resizes() {
+        let d = load(None, &options(1, 28)).unwrap();
+        assert_eq!(d.images.size(), vec![5000, 1, 28, 28]);
+        let rgb = load(None, &LoadOptions { format: DataFormat::Bundled, ..options(3, 32) }).unwrap();
+        assert_eq!(rgb.images.size(), vec![5000, 3, 32, 32]);
+    }
+
+    #[test]
+    fn order_is_seeded_and_resumes_mid_epoch() {
+        let mut a = Sampler::new(10, 42, Position::default());
+        let first: Vec<i64> = (0..5).flat_map(|_| a.next_indices(3)).collect();
+        let mut sorted = first[..10].to_vec();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<i64>>(), "an epoch visits every image once");
+        let mut b = Sampler::new(10, 42, Position::default());
+        b.next_indices(3);
+        b.next_indices(3);
+        let mut resumed = Sampler::new(10, 42, b.position());
+        assert_eq!(resumed.next_indices(9), first[6..15].to_vec());
+        assert_ne!(Sampler::new(10, 43, Position::default()).next_indices(10), first[..10].to_vec());
+    }
+
+    #[test]
+    fn augmentation_keeps_shape_and_range() {
+        tch::manual_seed(0);
+        let x = Tensor::rand([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let flipped = augment(&x, true, 0.0);
+        assert_eq!(flipped.size(), x.size());
+        // Each image is either itself or its mirror image, and some of each occur.
+        let mut flips = 0;
+        for i in 0..16 {
+            let (xi, yi) = (x.get(i), flipped.get(i));
+            if yi.equal(&xi.flip([2])) {
+                flips += 1;
+            } else {
+                assert!(yi.equal(&xi));
+            }
+        }
+        assert!(flips > 0 && flips < 16, "{flips}");
+        let jittered = augment(&x, false, 0.1);
+        assert_eq!(jittered.size(), x.size());
+        assert!(jittered.max().double_value(&[]) <= 1.0 && jittered.min().double_value(&[]) >= -1.0);
+        let change = (&jittered - &x).abs().mean(Kind::Float).double_value(&[]);
+        assert!(change > 0.0 && change < 0.2, "{change}");
+    }
 }

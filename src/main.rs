@@ -32,6 +32,9 @@ enum Command {
         /// Stop at the first unreadable image instead of skipping it
         #[arg(long)]
         strict_data: bool,
+        /// Stop with a checkpoint after this step, keeping the schedule of the full run
+        #[arg(long)]
+        stop_at: Option<u64>,
         #[command(flatten)]
         overrides: Overrides,
     },
@@ -81,7 +84,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Train { preset, config, out, resume, strict_data, overrides } => commands::train(TrainArgs { preset, config_file: config, out, resume, strict_data, overrides }),
+        Command::Train { preset, config, out, resume, strict_data, stop_at, overrides } => commands::train(TrainArgs { preset, config_file: config, out, resume, strict_data, stop_at, overrides }),
         Command::Sample { checkpoint, num, out, out_dir, sampler, steps, eta, seed, batch, weights, device } => commands::sample(SampleArgs { checkpoint, num, seed, batch, ema: weights == "ema", device, grid: out, folder: out_dir, settings: SampleSettings { sampler, steps, eta } }),
         Command::Model { preset, config } => commands::model_summary(preset.as_deref(), config.as_deref()).map(|s| print!("{s}")),
     };

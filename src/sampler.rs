@@ -141,6 +141,7 @@ mod tests {
 
     #[test]
     fn sampling_is_deterministic_for_a_seed() {
+        let _rng = crate::rng::exclusive();
         let (vs, config) = tiny_denoiser();
         let model = UNet::new(&vs.root(), &config.model);
         let schedule = NoiseSchedule::from_config(&config.diffusion);
@@ -165,7 +166,7 @@ mod tests {
         let d = Denoiser { model: &model, schedule: &schedule, prediction: config.diffusion.prediction };
         let settings = SampleConfig { sampler: SamplerKind::Ddim, steps: 4, ..config.sample.clone() };
         let mut seen = 0;
-        sample(&d, &settings, [1, 1, 28, 28], 0, Device::Cpu, 1, |_, _| seen += 1);
+        let _ = sample(&d, &settings, [1, 1, 28, 28], 0, Device::Cpu, 1, |_, _| seen += 1);
         assert_eq!(seen, 4);
     }
 }

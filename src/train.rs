@@ -300,6 +300,8 @@ pub struct RunOptions {
     pub strict_data: bool,
     /// Run length in epochs over the loaded data, replacing `train.steps`.
     pub epochs: Option<u64>,
+    /// Stop (with a checkpoint) after this step, keeping the LR schedule of the full run.
+    pub stop_at: Option<u64>,
 }
 
 /// What a finished run leaves behind.
@@ -320,7 +322,7 @@ fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()>
 
 /// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
 pub fn run(options: RunOptions) -> Result<RunSummary> {
-    let RunOptions { mut config, run_dir, resume, strict_data, epochs } = options;
+    let RunOptions { mut config, run_dir, resume, strict_data, epochs, stop_at } = options;
     config.validate()?;
     let device = crate::device::resolve(&config.train.device)?;
     let dataset = data::load(config.data_path().as_deref(), &LoadOptions { format: config.data.format, channels: config.model.in_channels, size: config.model.image_size, strict: strict_data })?;
@@ -336,16 +338,23 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         eprintln!("resumed from {} at step {}", checkpoint.path.display(), trainer.step);
     }
     eprintln!("training {} on {} ({} images) on {device:?}: {} parameters, {} steps of batch {}", config.preset, dataset.description, dataset.len(), crate::model::parameter_count(&trainer.vs), config.train.steps, config.train.batch);
-    run_loop(&mut trainer, &dataset, position, &run_dir)
+    let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
+    run_loop(&mut trainer, &dataset, position, &run_dir, stop)
 }
 
-fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_dir: &Path) -> Result<RunSummary> {
+fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_dir: &Path, stop: u64) -> Result<RunSummary> {
     let config = trainer.config.clone();
-    let (tc, total) = (&config.train, config.train.steps);
+    let (tc, total) = (&config.train, stop);
     let mut order = data::Sampler::new(dataset.len(), tc.seed, position);
     let mut monitor = Monitor::new(run_dir, trainer.step, total)?;
     let checkpoints = run_dir.join("checkpoints");
     let mut last_checkpoint = None;
+    if trainer.step == 0 {
+        // What the model learns from, next to what it makes.
+        let first = order.clone().next_indices(config.sample.num.min(dataset.len()));
+        let real = data::to_model_space(&dataset.images.index_select(0, &Tensor::from_slice(&first)), Device::Cpu);
+        crate::monitor::save_grid(&data::augment(&real, config.data.hflip, config.data.color_jitter), &run_dir.join("samples").join("data.png"))?;
+    }
     let mut window = (Instant::now(), 0usize);
     let grid_seed = crate::rng::mix(tc.seed, &[0x6121D]);
     while trainer.step < total {
@@ -465,13 +474,14 @@ mod tests {
         for _ in 0..n {
             trainer.step(&x).unwrap();
         }
-        let expected = &p0 + 0.9f64.powi(n) * (0.25 - &p0);
+        let expected: Tensor = &p0 + (0.25 - &p0) * 0.9f64.powi(n);
         let got = flat(&trainer.ema_params);
         assert!((got - expected).abs().max().double_value(&[]) < 1e-5);
     }
 
     #[test]
     fn accumulated_micro_batches_equal_one_big_batch() {
+        let _rng = crate::rng::exclusive();
         // f64, no dropout, no augmentation: K micro-batches of B/K give the gradients of one B batch.
         let x = Tensor::rand([8, 1, 8, 8], (Kind::Double, Device::Cpu)) * 2 - 1;
         let grads_for = |k: usize| -> Tensor {
@@ -481,7 +491,7 @@ mod tests {
             let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
             trainer.vs.double();
             trainer.params = sorted_variables(&trainer.vs).1;
-            trainer.accumulate_gradients(&x).unwrap();
+            let _ = trainer.accumulate_gradients(&x).unwrap();
             flat(trainer.grads.as_ref().unwrap())
         };
         let one = grads_for(1);
@@ -490,5 +500,97 @@ mod tests {
         let rel = (&four - &one).norm().double_value(&[]) / one.norm().double_value(&[]);
         assert!(rel < 1e-6, "relative difference {rel}");
         assert!(one.norm().double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn fp16_scaler_skips_a_step_with_inf_and_halves_the_scale() {
+        let mut c = tiny(8);
+        c.train.precision = Precision::Fp16;
+        let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+        assert_eq!(trainer.loss_scale(), Some(65536.0));
+        let before = flat(&trainer.params).copy();
+        let poisoned = Tensor::full([4, 1, 8, 8], f64::INFINITY, (Kind::Float, Device::Cpu));
+        trainer.step(&poisoned).unwrap();
+        assert_eq!(trainer.skipped_steps(), 1);
+        assert_eq!(trainer.loss_scale(), Some(32768.0));
+        assert!(flat(&trainer.params).equal(&before), "a skipped step must not move the weights");
+        assert_eq!(trainer.adam_steps[0].double_value(&[]), 0.0);
+        let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let out = trainer.step(&clean).unwrap();
+        assert!(out.loss.double_value(&[]).is_finite());
+        assert_eq!(trainer.skipped_steps(), 1);
+        assert_eq!(trainer.loss_scale(), Some(32768.0));
+        assert!(!flat(&trainer.params).equal(&before));
+        assert_eq!(trainer.adam_steps[0].double_value(&[]), 1.0);
+    }
+
+    #[test]
+    fn short_bf16_run_trains_without_nan() {
+        let mut c = tiny(16);
+        c.train.precision = Precision::Bf16;
+        let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+        let x = Tensor::rand([8, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        for _ in 0..10 {
+            let out = trainer.step(&x).unwrap();
+            assert!(out.loss.double_value(&[]).is_finite() && out.grad_norm.double_value(&[]).is_finite());
+        }
+        assert_eq!(trainer.skipped_steps(), 0);
+        assert!(trainer.params.iter().all(|p| p.kind() == Kind::Float), "master weights stay f32");
+        assert!(flat(&trainer.params).isfinite().all().int64_value(&[]) == 1);
+    }
+
+    #[test]
+    fn tiny_preset_overfits_a_fixed_batch() {
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.train.device = "cpu".into();
+        c.train.steps = 300;
+        let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+        let data = crate::data::load(None, &LoadOptions { format: crate::config::DataFormat::Bundled, channels: 1, size: c.model.image_size, strict: true }).unwrap();
+        let x = crate::data::to_model_space(&data.images.narrow(0, 0, 8), Device::Cpu);
+        let mut losses = Vec::new();
+        for _ in 0..300 {
+            losses.push(trainer.step(&x).unwrap().loss.double_value(&[]));
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (start, end) = (mean(&losses[..10]), mean(&losses[250..]));
+        assert!(start > 8.0 * end, "loss fell from {start:.4} to only {end:.4}");
+    }
+
+    /// Every tensor of a finished run's last checkpoint, by name.
+    fn final_state(dir: &Path) -> std::collections::BTreeMap<String, Tensor> {
+        Checkpoint::load(dir).unwrap().tensors
+    }
+
+    #[test]
+    fn resumed_run_is_bit_identical_to_a_straight_run() {
+        let _rng = crate::rng::exclusive();
+        let mut c = tiny(8);
+        c.train.steps = 6;
+        c.train.batch = 4;
+        c.train.warmup_steps = 2;
+        c.model.dropout = 0.1;
+        c.data.hflip = true;
+        c.data.color_jitter = 0.05;
+        c.sample.num = 2;
+        c.sample.steps = 2;
+        c.sample.every = 0;
+        c.checkpoint.every = 3;
+        c.checkpoint.keep = 5;
+        c.data.format = crate::config::DataFormat::Bundled;
+        let dir = tempfile::tempdir().unwrap();
+        let options = |name: &str, resume: Option<Checkpoint>, stop_at: Option<u64>| RunOptions { config: c.clone(), run_dir: dir.path().join(name), resume, strict_data: true, epochs: None, stop_at };
+        run(options("straight", None, None)).unwrap();
+        run(options("resumed", None, Some(4))).unwrap();
+        let checkpoint = Checkpoint::load(&dir.path().join("resumed")).unwrap();
+        assert_eq!(checkpoint.sidecar.step, 4);
+        run(options("resumed", Some(checkpoint), None)).unwrap();
+        let (a, b) = (final_state(&dir.path().join("straight")), final_state(&dir.path().join("resumed")));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (name, t) in &a {
+            assert!(t.equal(&b[name]), "{name} differs after resume");
+        }
+        let sa = Checkpoint::load(&dir.path().join("straight")).unwrap().sidecar;
+        let sb = Checkpoint::load(&dir.path().join("resumed")).unwrap().sidecar;
+        assert_eq!((sa.step, sa.position), (sb.step, sb.position));
     }
 }
