@@ -115,7 +115,13 @@ impl Monitor {
             _ => record.loss,
         };
         self.smoothed_loss = Some(smoothed);
-        let text = format!("loss {smoothed:.4}  lr {:.2e}  grad {:.3}  {:.0} img/s", record.lr, record.grad_norm, record.images_per_second);
+        let mut text = format!("loss {smoothed:.4}  lr {:.2e}  grad {:.3}  {:.0} img/s", record.lr, record.grad_norm, record.images_per_second);
+        if let Some(scale) = record.loss_scale {
+            text += &format!("  scale {scale:.0}");
+        }
+        if record.skipped_steps > 0 {
+            text += &format!("  skipped {}", record.skipped_steps);
+        }
         match &self.bar {
             Some(bar) => {
                 bar.set_position(record.step);

@@ -138,3 +138,89 @@ pub fn amp_unscale_(grads: &[Tensor], found_inf: &Tensor, inv_scale: &Tensor) ->
     let p = ptrs(grads);
     check(unsafe { ddpm_amp_unscale_(p.as_ptr(), p.len(), ptr(found_inf), ptr(inv_scale)) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn vec(t: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn autocast_runs_matmuls_in_the_chosen_dtype_and_only_inside() {
+        let a = Tensor::randn([4, 4], (Kind::Float, Device::Cpu));
+        assert_eq!(autocast(Device::Cpu, AutocastType::Bf16, || a.matmul(&a)).unwrap().kind(), Kind::BFloat16);
+        assert_eq!(autocast(Device::Cpu, AutocastType::Fp16, || a.matmul(&a)).unwrap().kind(), Kind::Half);
+        assert_eq!(a.matmul(&a).kind(), Kind::Float);
+    }
+
+    #[test]
+    fn fused_adamw_matches_the_update_rule() {
+        let (lr, b1, b2, wd, eps) = (1e-2, 0.9, 0.999, 0.1, 1e-8);
+        let p0 = [0.5f64, -1.0, 2.0];
+        let g = [0.1f64, -0.3, 0.0];
+        let params = [Tensor::from_slice(&p0).to_kind(Kind::Float)];
+        let grads = [Tensor::from_slice(&g).to_kind(Kind::Float)];
+        let m = [params[0].zeros_like()];
+        let v = [params[0].zeros_like()];
+        let steps = [Tensor::zeros([], (Kind::Float, Device::Cpu))];
+        let no_inf = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        let hp = AdamWStep { lr, beta1: b1, beta2: b2, weight_decay: wd, eps };
+        fused_adamw(&params, &grads, &m, &v, &steps, hp, &no_inf).unwrap();
+        fused_adamw(&params, &grads, &m, &v, &steps, hp, &no_inf).unwrap();
+        // Two steps of decoupled-weight-decay Adam in f64.
+        let mut p = p0;
+        let (mut mm, mut vv) = ([0.0; 3], [0.0; 3]);
+        for step in 1..=2 {
+            for i in 0..3 {
+                p[i] *= 1.0 - lr * wd;
+                mm[i] = b1 * mm[i] + (1.0 - b1) * g[i];
+                vv[i] = b2 * vv[i] + (1.0 - b2) * g[i] * g[i];
+                let (mh, vh) = (mm[i] / (1.0 - b1.powi(step)), vv[i] / (1.0 - b2.powi(step)));
+                p[i] -= lr * mh / (vh.sqrt() + eps);
+            }
+        }
+        for (got, want) in vec(&params[0]).iter().zip(p) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        assert_eq!(steps[0].double_value(&[]), 2.0);
+        // With found_inf set nothing moves and the step count stays.
+        let before = params[0].copy();
+        fused_adamw(&params, &grads, &m, &v, &steps, hp, &Tensor::ones([1], (Kind::Float, Device::Cpu))).unwrap();
+        assert!(params[0].equal(&before));
+        assert_eq!(steps[0].double_value(&[]), 2.0);
+    }
+
+    #[test]
+    fn norm_scale_lerp_and_zero_over_tensor_lists() {
+        let a = [Tensor::from_slice(&[3.0f32, 0.0]), Tensor::from_slice(&[4.0f32])];
+        assert!((global_norm(&a).unwrap().double_value(&[]) - 5.0).abs() < 1e-6);
+        foreach_mul_(&a, &Tensor::from(0.5f32)).unwrap();
+        assert_eq!(vec(&a[0]), vec![1.5, 0.0]);
+        let target = [Tensor::from_slice(&[1.0f32, 1.0]), Tensor::from_slice(&[0.0f32])];
+        foreach_lerp_(&target, &a, 0.25).unwrap();
+        assert_eq!(vec(&target[0]), vec![1.125, 0.75]);
+        assert_eq!(vec(&target[1]), vec![0.5]);
+        foreach_zero_(&target).unwrap();
+        assert_eq!(vec(&target[0]), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn unscale_divides_and_flags_non_finite_gradients() {
+        let grads = [Tensor::from_slice(&[2.0f32, 4.0])];
+        let found = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        amp_unscale_(&grads, &found, &Tensor::from_slice(&[0.5f32])).unwrap();
+        assert_eq!(vec(&grads[0]), vec![1.0, 2.0]);
+        assert_eq!(found.double_value(&[0]), 0.0);
+        let bad = [Tensor::from_slice(&[f32::NAN])];
+        amp_unscale_(&bad, &found, &Tensor::from_slice(&[0.5f32])).unwrap();
+        assert_eq!(found.double_value(&[0]), 1.0);
+    }
+
+    #[test]
+    fn reports_the_libtorch_version() {
+        assert!(torch_version().starts_with("2."), "{}", torch_version());
+    }
+}

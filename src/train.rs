@@ -348,7 +348,6 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
     let mut order = data::Sampler::new(dataset.len(), tc.seed, position);
     let mut monitor = Monitor::new(run_dir, trainer.step, total)?;
     let checkpoints = run_dir.join("checkpoints");
-    let mut last_checkpoint = None;
     if trainer.step == 0 {
         // What the model learns from, next to what it makes.
         let first = order.clone().next_indices(config.sample.num.min(dataset.len()));
@@ -374,17 +373,17 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
         }
         let sample_now = config.sample.every > 0 && step % config.sample.every == 0 && step < total;
         if sample_now {
-            write_grid(trainer, run_dir, grid_seed)?;
+            write_grid(trainer, run_dir, grid_seed, &monitor)?;
             window = (Instant::now(), 0);
         }
         if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < total {
-            last_checkpoint = Some(checkpoint::save(&checkpoints, &trainer.state_tensors(), step, order.position(), &config, config.checkpoint.keep)?);
+            checkpoint::save(&checkpoints, &trainer.state_tensors(), step, order.position(), &config, config.checkpoint.keep)?;
             window = (Instant::now(), 0);
         }
     }
+    let final_checkpoint = checkpoint::save(&checkpoints, &trainer.state_tensors(), trainer.step, order.position(), &config, config.checkpoint.keep)?;
+    let final_grid = write_grid(trainer, run_dir, grid_seed, &monitor)?;
     monitor.finish();
-    let final_checkpoint = if last_checkpoint.is_some() && checkpoint::list(&checkpoints)?.last() == Some(&checkpoint::sidecar_path(&checkpoints, trainer.step)) { last_checkpoint.unwrap() } else { checkpoint::save(&checkpoints, &trainer.state_tensors(), trainer.step, order.position(), &config, config.checkpoint.keep)? };
-    let final_grid = write_grid(trainer, run_dir, grid_seed)?;
     if trainer.skipped_steps() > 0 {
         eprintln!("warning: {} step(s) were skipped for non-finite gradients", trainer.skipped_steps());
     }
@@ -392,11 +391,16 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
 }
 
 /// Writes `samples/step-N.png` (EMA weights, the run's fixed noise) and `samples/latest.png`.
-fn write_grid(trainer: &Trainer, run_dir: &Path, seed: u64) -> Result<PathBuf> {
-    let images = trainer.sample(true, trainer.config.sample.num, seed);
+fn write_grid(trainer: &Trainer, run_dir: &Path, seed: u64, monitor: &Monitor) -> Result<PathBuf> {
+    let started = Instant::now();
+    let s = &trainer.config.sample;
+    monitor.note(&format!("sampling {} images ({:?}, {} steps) at step {}…", s.num, s.sampler, if s.sampler == crate::config::SamplerKind::Ddim { s.steps } else { trainer.config.diffusion.timesteps }, trainer.step));
+    let images = trainer.sample(true, s.num, seed);
     let path = run_dir.join("samples").join(format!("step-{:08}.png", trainer.step));
     crate::monitor::save_grid(&images, &path)?;
-    std::fs::copy(&path, run_dir.join("samples").join("latest.png")).with_context(|| format!("cannot write {}", run_dir.join("samples/latest.png").display()))?;
+    let latest = run_dir.join("samples").join("latest.png");
+    std::fs::copy(&path, &latest).with_context(|| format!("cannot write {}", latest.display()))?;
+    monitor.note(&format!("wrote {} in {:.1} s", path.display(), started.elapsed().as_secs_f64()));
     Ok(path)
 }
 
