@@ -5,6 +5,7 @@
 // returns nullptr on success or a malloc'd error message that the caller frees.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <torch/headeronly/version.h>
 
 #include <cstdlib>
@@ -118,6 +119,20 @@ char *ddpm_foreach_zero_(at::Tensor **tensors, size_t n) {
 char *ddpm_amp_unscale_(at::Tensor **grads, size_t n, at::Tensor *found_inf,
                         at::Tensor *inv_scale) {
   DDPM_TRY({ at::_amp_foreach_non_finite_check_and_unscale_(list(grads, n), *found_inf, *inv_scale); })
+}
+
+// Peak bytes allocated and reserved by the CUDA caching allocator since the last reset.
+char *ddpm_cuda_peak_memory(int device, int64_t *allocated, int64_t *reserved) {
+  DDPM_TRY({
+    auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(device);
+    auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[aggregate].peak;
+    *reserved = stats.reserved_bytes[aggregate].peak;
+  })
+}
+
+char *ddpm_cuda_reset_peak_memory(int device) {
+  DDPM_TRY({ c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(device); })
 }
 
 } // extern "C"

@@ -114,8 +114,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Saves a checkpoint into `dir` and removes all but the newest `keep`.
-pub fn save(dir: &Path, tensors: &[(String, Tensor)], step: u64, position: Position, config: &RunConfig, keep: usize) -> Result<PathBuf> {
+/// Saves a checkpoint into `dir` and removes all but the newest `checkpoint.keep` that are not
+/// pinned.
+pub fn save(dir: &Path, tensors: &[(String, Tensor)], step: u64, position: Position, config: &RunConfig) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
     let bytes = to_safetensors(tensors)?;
     let tensors_file = format!("step-{step:08}.safetensors");
@@ -133,7 +134,7 @@ pub fn save(dir: &Path, tensors: &[(String, Tensor)], step: u64, position: Posit
     };
     let path = sidecar_path(dir, step);
     write_atomic(&path, serde_json::to_string_pretty(&sidecar)?.as_bytes())?;
-    prune(dir, keep)?;
+    prune(dir, config.checkpoint.keep, config.checkpoint.pin_every)?;
     Ok(path)
 }
 
@@ -148,9 +149,16 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<()> {
-    let all = list(dir)?;
-    for old in &all[..all.len().saturating_sub(keep)] {
+/// A checkpoint is pinned by `pin_every` or by a `step-N.keep` file beside it.
+fn is_pinned(sidecar: &Path, pin_every: u64) -> bool {
+    let step = sidecar.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("step-")).and_then(|s| s.parse::<u64>().ok());
+    let by_interval = matches!(step, Some(s) if pin_every > 0 && s % pin_every == 0);
+    by_interval || sidecar.with_extension("keep").exists()
+}
+
+fn prune(dir: &Path, keep: usize, pin_every: u64) -> Result<()> {
+    let unpinned: Vec<PathBuf> = list(dir)?.into_iter().filter(|p| !is_pinned(p, pin_every)).collect();
+    for old in &unpinned[..unpinned.len().saturating_sub(keep)] {
         if let Ok(sidecar) = read_sidecar(old) {
             let _ = fs::remove_file(dir.join(sidecar.tensors_file));
         }
@@ -232,7 +240,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = RunConfig::preset("tiny").unwrap();
         let tensors = sample_tensors();
-        let path = save(dir.path(), &tensors, 12, Position { epoch: 3, index: 40 }, &config, 3).unwrap();
+        let path = save(dir.path(), &tensors, 12, Position { epoch: 3, index: 40 }, &config).unwrap();
         let loaded = Checkpoint::load(&path).unwrap();
         assert_eq!(loaded.sidecar.step, 12);
         assert_eq!(loaded.sidecar.position, Position { epoch: 3, index: 40 });
@@ -247,20 +255,28 @@ mod tests {
     #[test]
     fn keeps_the_newest_and_detects_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let config = RunConfig::preset("tiny").unwrap();
-        for step in 1..=4 {
-            save(dir.path(), &sample_tensors(), step, Position::default(), &config, 2).unwrap();
+        let mut config = RunConfig::preset("tiny").unwrap();
+        config.checkpoint.keep = 2;
+        config.checkpoint.pin_every = 5;
+        for step in 1..=7 {
+            if step == 2 {
+                fs::write(dir.path().join("step-00000002.keep"), b"").unwrap();
+            }
+            save(dir.path(), &sample_tensors(), step, Position::default(), &config).unwrap();
         }
         let names: Vec<String> = list(dir.path()).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(names, vec!["step-00000003.json", "step-00000004.json"]);
+        assert_eq!(names, vec!["step-00000002.json", "step-00000005.json", "step-00000006.json", "step-00000007.json"]);
         assert!(!dir.path().join("step-00000001.safetensors").exists());
         // Truncate the newest weights file: loading the folder falls back to the previous one.
-        let newest = dir.path().join("step-00000004.safetensors");
+        let newest = dir.path().join("step-00000007.safetensors");
         let bytes = fs::read(&newest).unwrap();
         fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
-        let err = Checkpoint::load(&sidecar_path(dir.path(), 4)).err().unwrap();
-        assert!(format!("{err:#}").contains("step-00000004.safetensors"), "{err:#}");
-        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 3);
+        let err = Checkpoint::load(&sidecar_path(dir.path(), 7)).err().unwrap();
+        assert!(format!("{err:#}").contains("step-00000007.safetensors"), "{err:#}");
+        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 6);
+        // A truncated sidecar is passed over the same way.
+        fs::write(sidecar_path(dir.path(), 6), b"{\"format_version\": 1, \"st").unwrap();
+        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 5);
     }
 
     #[test]
@@ -269,5 +285,42 @@ mod tests {
         let missing = dir.path().join("no-such-dir").join("x.bin");
         let err = write_atomic(&missing, b"data").unwrap_err();
         assert!(format!("{err:#}").contains("no-such-dir"), "{err:#}");
+    }
+
+    /// A tiny tmpfs (mounting needs root; elsewhere the test says so and passes).
+    struct TinyDisk(tempfile::TempDir);
+
+    impl TinyDisk {
+        fn mount(bytes: usize) -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"]).arg(dir.path()).status().is_ok_and(|s| s.success());
+            ok.then_some(TinyDisk(dir))
+        }
+    }
+
+    impl Drop for TinyDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_names_the_path_and_keeps_the_previous_checkpoint() {
+        let Some(disk) = TinyDisk::mount(256 * 1024) else {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return;
+        };
+        let config = RunConfig::preset("tiny").unwrap();
+        let small = vec![("w".to_string(), Tensor::ones([1000], (Kind::Float, Device::Cpu)))];
+        let first = save(disk.0.path(), &small, 1, Position::default(), &config).unwrap();
+        let big = vec![("w".to_string(), Tensor::ones([100_000], (Kind::Float, Device::Cpu)))];
+        let err = format!("{:#}", save(disk.0.path(), &big, 2, Position::default(), &config).unwrap_err());
+        assert!(err.contains("step-00000002.safetensors"), "{err}");
+        let back = Checkpoint::load(disk.0.path()).unwrap();
+        assert_eq!(back.path, first);
+        assert!(back.tensor("w").unwrap().equal(&small[0].1));
+        // The failed attempt left no temporary file behind.
+        let leftovers: Vec<_> = fs::read_dir(disk.0.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+        assert!(leftovers.is_empty());
     }
 }

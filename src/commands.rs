@@ -1,7 +1,9 @@
 //! The subcommands, as library functions: `main.rs` parses the command line and calls these.
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::nn::VarStore;
 use tch::Device;
 
@@ -35,19 +37,57 @@ pub struct TrainArgs {
     pub overrides: Overrides,
 }
 
-pub fn train(args: TrainArgs) -> Result<()> {
-    let resume = args.resume.as_deref().map(Checkpoint::load).transpose()?;
+/// Trains; returns true when a signal interrupted the run (after it wrote a checkpoint).
+pub fn train(args: TrainArgs) -> Result<bool> {
+    let resume = resolve_resume(&args)?;
     let config = resolve_config(args.preset.as_deref(), args.config_file.as_deref(), resume.as_ref(), &args.overrides)?;
-    let run_dir = match (&args.out, &args.resume) {
+    let run_dir = match (&args.out, &resume) {
         (Some(out), _) => out.clone(),
-        (None, Some(resumed)) => run_dir_of(resumed),
-        (None, None) => PathBuf::from("runs").join(&config.preset),
+        (None, Some(checkpoint)) => run_dir_of(&checkpoint.path),
+        (None, None) => default_run_dir(&config),
     };
-    let summary = train::run(RunOptions { config, run_dir: run_dir.clone(), resume, strict_data: args.strict_data, epochs: args.overrides.epochs, stop_at: args.stop_at })?;
-    eprintln!("done: {} steps in {:.0} s", summary.steps, summary.seconds);
-    eprintln!("checkpoint: {}", summary.final_checkpoint.display());
-    eprintln!("samples:    {}", summary.final_grid.display());
-    Ok(())
+    let interrupt = install_signal_handlers()?;
+    let summary = train::run(RunOptions { config, run_dir, resume, strict_data: args.strict_data, epochs: args.overrides.epochs, stop_at: args.stop_at, interrupt: Some(interrupt) })?;
+    if !summary.interrupted {
+        eprintln!("done: {} steps in {:.0} s", summary.steps, summary.seconds);
+        eprintln!("checkpoint: {}", summary.final_checkpoint.display());
+        if let Some(grid) = &summary.final_grid {
+            eprintln!("samples:    {}", grid.display());
+        }
+    }
+    Ok(summary.interrupted)
+}
+
+fn default_run_dir(config: &RunConfig) -> PathBuf {
+    PathBuf::from("runs").join(&config.preset)
+}
+
+/// `--resume PATH` loads that checkpoint; `--resume auto` the newest valid one of the run
+/// directory, if it has any.
+fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
+    match args.resume.as_deref() {
+        None => Ok(None),
+        Some(path) if path == Path::new("auto") => {
+            let dir = match &args.out {
+                Some(out) => out.clone(),
+                None => default_run_dir(&resolve_config(args.preset.as_deref(), args.config_file.as_deref(), None, &args.overrides)?),
+            };
+            let found = !crate::checkpoint::list(&dir.join("checkpoints"))?.is_empty();
+            found.then(|| Checkpoint::load(&dir)).transpose()
+        }
+        Some(path) => Checkpoint::load(path).map(Some),
+    }
+}
+
+/// SIGINT or SIGTERM sets the returned flag: the run finishes its step, writes a checkpoint and
+/// exits. A second SIGINT exits at once.
+fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag))?;
+    signal_hook::flag::register(SIGINT, Arc::clone(&flag))?;
+    signal_hook::flag::register(SIGTERM, Arc::clone(&flag))?;
+    Ok(flag)
 }
 
 /// The run directory a checkpoint path belongs to.
@@ -70,6 +110,8 @@ pub struct SampleArgs {
     /// A PNG grid, or a folder that receives one PNG per image.
     pub grid: Option<PathBuf>,
     pub folder: Option<PathBuf>,
+    /// An animated GIF of the denoising trajectory (x_T … x_0) of the first batch.
+    pub animation: Option<PathBuf>,
     pub settings: SampleSettings,
 }
 
@@ -82,11 +124,11 @@ pub struct SampleSettings {
 }
 
 pub fn sample(args: SampleArgs) -> Result<()> {
-    if args.grid.is_none() && args.folder.is_none() {
-        bail!("say where the samples go: --out grid.png or --out-dir FOLDER");
+    if args.grid.is_none() && args.folder.is_none() && args.animation.is_none() {
+        bail!("say where the samples go: --out grid.png, --out-dir FOLDER or --animate trajectory.gif");
     }
     let device = crate::device::resolve(&args.device)?;
-    let checkpoint = Checkpoint::load(&args.checkpoint)?;
+    let checkpoint = open_checkpoint(&args.checkpoint)?;
     let config = &checkpoint.sidecar.config;
     let mut settings: SampleConfig = config.sample.clone();
     if let Some(s) = args.settings.sampler {
@@ -103,7 +145,14 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let denoiser = Denoiser { model: &model, schedule: &schedule, prediction: config.diffusion.prediction };
     let m = &config.model;
     let started = std::time::Instant::now();
-    let images = sampler::sample(&denoiser, &settings, [args.num as i64, m.in_channels, m.image_size.height(), m.image_size.width()], args.seed, device, args.batch, |_, _| {});
+    let total_steps = if settings.sampler == crate::config::SamplerKind::Ddim { settings.steps } else { config.diffusion.timesteps };
+    let every = total_steps.div_ceil(60); // about 60 frames whatever the sampler
+    let mut frames = Vec::new();
+    let images = sampler::sample(&denoiser, &settings, [args.num as i64, m.in_channels, m.image_size.height(), m.image_size.width()], args.seed, device, args.batch, |i, x| {
+        if args.animation.is_some() && ((i + 1) % every == 0 || i + 1 == total_steps) {
+            frames.push(crate::monitor::grid_image(&x.clamp(-1.0, 1.0)));
+        }
+    });
     eprintln!("sampled {} images in {:.1} s ({:?}, {} weights, step {})", args.num, started.elapsed().as_secs_f64(), settings.sampler, if args.ema { "EMA" } else { "raw" }, checkpoint.sidecar.step);
     if let Some(grid) = &args.grid {
         crate::monitor::save_grid(&images, grid)?;
@@ -112,6 +161,10 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if let Some(folder) = &args.folder {
         crate::monitor::save_individual(&images, folder, 0)?;
         eprintln!("images: {}/000000.png …", folder.display());
+    }
+    if let Some(path) = &args.animation {
+        crate::monitor::save_animation(&frames, path, 80)?;
+        eprintln!("trajectory: {} ({} frames)", path.display(), frames.len());
     }
     Ok(())
 }
@@ -122,4 +175,197 @@ pub fn model_summary(preset: Option<&str>, config_file: Option<&Path>) -> Result
     let vs = VarStore::new(Device::Cpu);
     let _ = UNet::new(&vs.root(), &config.model);
     Ok(format!("preset: {}\n{}", config.preset, model::summary(&config.model, &vs)))
+}
+
+pub struct FidArgs {
+    /// An image folder, CIFAR-10 folder or IDX file; `bundled` for the bundled digits.
+    pub real: PathBuf,
+    /// A folder of images, or a checkpoint or run directory to sample from.
+    pub fake: PathBuf,
+    /// Images to generate (default 10,000) or to take from the folder (default: all).
+    pub num: Option<usize>,
+    pub batch: usize,
+    pub seed: u64,
+    pub device: String,
+    pub inception: Option<PathBuf>,
+}
+
+/// Scores generated images against real ones and prints `FID@N = score`.
+pub fn fid(args: FidArgs) -> Result<()> {
+    use crate::eval;
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if !args.fake.exists() {
+        bail!("--fake {} does not exist: give a folder of images, a checkpoint or a run directory", args.fake.display());
+    }
+    let device = crate::device::resolve(&args.device)?;
+    // Before any sampling: a missing network should cost the user nothing.
+    let inception_path = eval::locate_inception(args.inception.as_deref(), std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from), &eval::default_inception_path()?)?;
+    // Published FID numbers use full f32 convolutions; libtorch would let cuDNN use TF32.
+    crate::ops::set_tf32(false)?;
+    let inception = eval::Inception::load(&inception_path, device)?;
+    let fake = fid_fake_images(&args, device)?;
+    let (count, channels, height, width) = fake.size4()?;
+    // The real images are scored at the generated images' size and channels: what a model was
+    // trained on.
+    let real_path = (args.real != Path::new("bundled")).then_some(args.real.as_path());
+    let options = crate::data::LoadOptions { format: crate::config::DataFormat::Auto, channels, size: crate::config::ImageSize::Rect([height, width]), strict: false };
+    let real = crate::data::load(real_path, &options)?;
+    eprintln!("real: {} images, {}, at {height}×{width}", real.len(), real.description);
+    let real_statistics = eval::cached_statistics(&inception, &real.images, args.batch, &eval::statistics_cache_dir()?)?;
+    let fake_statistics = inception.statistics(&fake, args.batch, "fake")?;
+    let score = eval::frechet_distance(&real_statistics, &fake_statistics)?;
+    eprintln!("FID of {count} generated images against {} real ones: {score}", real.len());
+    println!("FID@{} = {score:.2}", eval::count_label(count as usize));
+    Ok(())
+}
+
+/// The generated images as u8 [N, C, H, W]: sampled from a checkpoint with its own sampler
+/// settings and EMA weights, or read from a folder.
+fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
+    let is_checkpoint = args.fake.is_file() || args.fake.join("checkpoints").is_dir() || !crate::checkpoint::list(&args.fake)?.is_empty();
+    if !is_checkpoint {
+        let images = crate::eval::load_image_folder(&args.fake, args.num)?;
+        eprintln!("fake: {} images from {}", images.size()[0], args.fake.display());
+        return Ok(images);
+    }
+    let checkpoint = Checkpoint::load(&args.fake)?;
+    let config = &checkpoint.sidecar.config;
+    let (_vs, model) = train::load_for_sampling(&checkpoint, true, device)?;
+    let schedule = NoiseSchedule::from_config(&config.diffusion);
+    let denoiser = Denoiser { model: &model, schedule: &schedule, prediction: config.diffusion.prediction };
+    let (m, num) = (&config.model, args.num.unwrap_or(10_000));
+    let started = std::time::Instant::now();
+    let images = sampler::sample(&denoiser, &config.sample, [num as i64, m.in_channels, m.image_size.height(), m.image_size.width()], args.seed, device, args.batch, |_, _| {});
+    eprintln!("fake: sampled {num} images in {:.1} s ({:?}, EMA weights, step {} of {})", started.elapsed().as_secs_f64(), config.sample.sampler, checkpoint.sidecar.step, checkpoint.path.display());
+    Ok(crate::eval::to_u8_images(&images))
+}
+
+/// One of our checkpoints (file, checkpoint folder or run directory), or a diffusers pipeline
+/// folder read as one.
+fn open_checkpoint(path: &Path) -> Result<Checkpoint> {
+    if crate::interop::is_diffusers_folder(path) {
+        Ok(crate::interop::DiffusersModel::read(path)?.into_checkpoint())
+    } else {
+        Checkpoint::load(path)
+    }
+}
+
+pub struct ExportArgs {
+    /// A checkpoint or run directory.
+    pub checkpoint: PathBuf,
+    pub format: crate::interop::ExportFormat,
+    pub out: PathBuf,
+    /// EMA (true) or raw weights.
+    pub ema: bool,
+}
+
+/// Writes a checkpoint's weights and noise schedule in another library's format.
+pub fn export(args: ExportArgs) -> Result<()> {
+    let checkpoint = Checkpoint::load(&args.checkpoint)?;
+    match args.format {
+        crate::interop::ExportFormat::Diffusers => crate::interop::export_diffusers(&checkpoint, args.ema, &args.out)?,
+    }
+    eprintln!("exported the {} weights of {} (step {}) to {}", if args.ema { "EMA" } else { "raw" }, checkpoint.path.display(), checkpoint.sidecar.step, args.out.display());
+    Ok(())
+}
+
+/// Starts a run directory from a diffusers pipeline folder: its configuration, and a step-0
+/// checkpoint that holds the weights as both raw and EMA weights with fresh optimizer state
+/// (made by a `Trainer`, so that it is exactly what `--resume` reads).
+pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
+    let imported = crate::interop::DiffusersModel::read(from)?;
+    let checkpoints = run_dir.join("checkpoints");
+    if !crate::checkpoint::list(&checkpoints)?.is_empty() {
+        bail!("run directory {} already holds checkpoints: choose another --out", run_dir.display());
+    }
+    let config = &imported.config;
+    let mut trainer = train::Trainer::new(config, Device::Cpu)?;
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut var) in trainer.vs.variables() {
+            var.copy_(imported.weights.get(&name).with_context(|| format!("{} lacks parameter {name}", from.display()))?);
+        }
+        Ok(())
+    })?;
+    trainer.ema_vs.copy(&trainer.vs)?;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    crate::checkpoint::write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
+    let saved = crate::checkpoint::save(&checkpoints, &trainer.state_tensors(), 0, Default::default(), config)?;
+    eprintln!("imported {} as {} ({} parameters; training settings of the {} preset)", from.display(), saved.display(), model::parameter_count(&trainer.vs), config.preset);
+    eprintln!("sample:    ddpm sample --checkpoint {} --out grid.png", run_dir.display());
+    eprintln!("fine-tune: ddpm train --resume {} --data PATH --steps N", run_dir.display());
+    Ok(())
+}
+
+/// What `ddpm bench` measures and on which network; unset fields keep the preset's values.
+pub struct BenchArgs {
+    /// `train` or `sample`.
+    pub what: String,
+    pub preset: String,
+    pub channels: Option<i64>,
+    pub channel_mult: Option<String>,
+    pub num_res_blocks: Option<i64>,
+    pub attention_resolutions: Option<String>,
+    pub dropout: Option<f64>,
+    pub size: Option<crate::config::ImageSize>,
+    pub in_channels: Option<i64>,
+    pub batch: Option<usize>,
+    pub precision: Option<crate::config::Precision>,
+    pub device: String,
+    pub warmup: usize,
+    pub steps: usize,
+    /// Images to sample and DDIM steps (sample bench).
+    pub num: usize,
+    pub sample_steps: usize,
+    pub threads: Option<i32>,
+}
+
+fn parse_list(flag: &str, text: &str) -> Result<Vec<i64>> {
+    text.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| v.parse::<i64>().map_err(|_| anyhow::anyhow!("{flag}: {v:?} is not an integer (expected e.g. 1,2,2,2)"))).collect()
+}
+
+/// Runs a benchmark and returns its `RESULT` line.
+pub fn bench(args: BenchArgs) -> Result<String> {
+    let mut config = RunConfig::preset(&args.preset)?;
+    let m = &mut config.model;
+    if let Some(v) = args.channels {
+        m.channels = v;
+    }
+    if let Some(v) = &args.channel_mult {
+        m.channel_mult = parse_list("--ch-mult", v)?;
+    }
+    if let Some(v) = args.num_res_blocks {
+        m.num_res_blocks = v;
+    }
+    if let Some(v) = &args.attention_resolutions {
+        m.attention_resolutions = parse_list("--attn-res", v)?;
+    }
+    if let Some(v) = args.dropout {
+        m.dropout = v;
+    }
+    if let Some(v) = args.size {
+        m.image_size = v;
+    }
+    if let Some(v) = args.in_channels {
+        m.in_channels = v;
+    }
+    if let Some(v) = args.batch {
+        config.train.batch = v;
+    }
+    if let Some(v) = args.precision {
+        config.train.precision = v;
+    }
+    config.train.device = args.device.clone();
+    config.validate()?;
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let device = crate::device::resolve(&args.device)?;
+    let result = match args.what.as_str() {
+        "train" => crate::bench::train_step(&config, device, args.warmup, args.steps)?,
+        "sample" => crate::bench::sampling(&config, device, args.num, config.train.batch, args.sample_steps)?,
+        other => bail!("unknown benchmark {other:?}: expected train or sample"),
+    };
+    Ok(crate::bench::result_line(&args.what, &config, device, &result))
 }

@@ -245,7 +245,7 @@ pub fn parse_cifar(bytes: &[u8], name: &Path) -> Result<RawImages> {
 }
 
 /// Every image file under `dir`, recursively, in sorted order.
-fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -3,8 +3,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ddpm::commands::{self, SampleArgs, SampleSettings, TrainArgs};
-use ddpm::config::{Overrides, SamplerKind, PRESETS};
+use ddpm::commands::{self, BenchArgs, SampleArgs, SampleSettings, TrainArgs};
+use ddpm::config::{ImageSize, Overrides, Precision, SamplerKind, PRESETS};
 
 #[derive(Parser)]
 #[command(name = "ddpm", version, about = "Train, sample and evaluate DDPM image diffusion models", long_about = "Train, sample and evaluate DDPM image diffusion models (Ho et al. 2020) on libtorch.\n\nRun `ddpm train` with no arguments to train the tiny preset on the bundled MNIST subset.")]
@@ -26,7 +26,8 @@ enum Command {
         /// Run directory [default: runs/<preset>, or the resumed run's]
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Continue a run: its directory or one of its checkpoints
+        /// Continue a run: its directory, one of its checkpoints, or `auto` (the --out directory's
+        /// newest valid checkpoint if it has one, else a fresh start)
         #[arg(long)]
         resume: Option<PathBuf>,
         /// Stop at the first unreadable image instead of skipping it
@@ -40,7 +41,8 @@ enum Command {
     },
     /// Generate images from a checkpoint (EMA weights by default)
     Sample {
-        /// A checkpoint (its .json or .safetensors) or a run directory (its newest checkpoint)
+        /// A checkpoint (its .json or .safetensors), a run directory (its newest checkpoint) or a
+        /// diffusers pipeline folder (with unet/config.json)
         #[arg(long)]
         checkpoint: PathBuf,
         /// Number of images
@@ -52,6 +54,9 @@ enum Command {
         /// Write one PNG per image into this folder (what FID tools read)
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// Write the denoising trajectory x_T → x_0 of the first batch as an animated GIF
+        #[arg(long)]
+        animate: Option<PathBuf>,
         /// ddpm (ancestral, all T steps) or ddim [default: the checkpoint's sample.sampler]
         #[arg(long, value_enum)]
         sampler: Option<SamplerKind>,
@@ -73,6 +78,79 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Measure training-step or sampling speed on synthetic data; prints one `RESULT … img_per_s=…` line
+    Bench {
+        /// train (forward, loss, backward, clip, AdamW, EMA, LR) or sample (DDIM)
+        #[arg(value_parser = ["train", "sample"])]
+        what: String,
+        #[arg(long, default_value = "cifar10", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+        preset: String,
+        /// Base channels
+        #[arg(long)]
+        ch: Option<i64>,
+        /// Channel multipliers, e.g. 1,2,2,2
+        #[arg(long)]
+        ch_mult: Option<String>,
+        #[arg(long)]
+        num_res_blocks: Option<i64>,
+        /// Attention resolutions, e.g. 16 (empty: none)
+        #[arg(long)]
+        attn_res: Option<String>,
+        #[arg(long)]
+        dropout: Option<f64>,
+        /// Image size, N or HxW
+        #[arg(long)]
+        size: Option<ImageSize>,
+        /// Image channels
+        #[arg(long)]
+        channels: Option<i64>,
+        /// Images per step (training) or per forward pass (sampling)
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long, value_enum)]
+        precision: Option<Precision>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Untimed steps first
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Timed training steps
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        /// Images to sample
+        #[arg(long, default_value_t = 1024)]
+        num: usize,
+        /// DDIM steps when sampling
+        #[arg(long, default_value_t = 50)]
+        sample_steps: usize,
+        /// CPU threads for libtorch [default: libtorch's choice]
+        #[arg(long)]
+        threads: Option<i32>,
+    },
+    /// Write a checkpoint as a Hugging Face diffusers pipeline folder (UNet2DModel + DDPMScheduler)
+    Export {
+        /// A checkpoint (its .json or .safetensors) or a run directory (its newest checkpoint)
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, value_enum, default_value = "diffusers")]
+        format: ddpm::interop::ExportFormat,
+        /// The folder to write (unet/, scheduler/, model_index.json)
+        #[arg(long)]
+        out: PathBuf,
+        /// ema or raw
+        #[arg(long, default_value = "ema", value_parser = ["ema", "raw"])]
+        weights: String,
+    },
+    /// Start a run directory from a diffusers pipeline folder (UNet2DModel + DDPMScheduler)
+    Import {
+        /// The diffusers folder: unet/config.json, unet/diffusion_pytorch_model.safetensors,
+        /// scheduler/scheduler_config.json
+        #[arg(long)]
+        from: PathBuf,
+        /// The run directory to create; sample from it or continue training it with --resume
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print a model's architecture summary and exact parameter count
     Model {
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
@@ -80,13 +158,49 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Fréchet Inception Distance of generated images (a folder, or samples of a checkpoint)
+    /// against real ones; prints `FID@N = score`
+    Fid {
+        /// Real images: an image folder, a CIFAR-10 folder, an IDX file, or `bundled`
+        #[arg(long)]
+        real: PathBuf,
+        /// Generated images: a folder of images, or a checkpoint or run directory to sample from
+        /// (with its sampler settings and EMA weights)
+        #[arg(long)]
+        fake: PathBuf,
+        /// Images to sample from a checkpoint [default: 10000] or to take from a folder [default: all]
+        #[arg(long)]
+        num: Option<usize>,
+        /// Images per forward pass (sampling and Inception)
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Sampling seed (checkpoints)
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// auto, cpu, cuda, cuda:N or mps
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// The Inception-v3 TorchScript file [default: $DDPM_INCEPTION, else
+        /// ~/.cache/ddpm/inception/default_1.pt, where tools/get_inception.sh puts it]
+        #[arg(long)]
+        inception: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Train { preset, config, out, resume, strict_data, stop_at, overrides } => commands::train(TrainArgs { preset, config_file: config, out, resume, strict_data, stop_at, overrides }),
-        Command::Sample { checkpoint, num, out, out_dir, sampler, steps, eta, seed, batch, weights, device } => commands::sample(SampleArgs { checkpoint, num, seed, batch, ema: weights == "ema", device, grid: out, folder: out_dir, settings: SampleSettings { sampler, steps, eta } }),
+        Command::Train { preset, config, out, resume, strict_data, stop_at, overrides } => {
+            match commands::train(TrainArgs { preset, config_file: config, out, resume, strict_data, stop_at, overrides }) {
+                Ok(true) => return ExitCode::from(130),
+                other => other.map(|_| ()),
+            }
+        }
+        Command::Sample { checkpoint, num, out, out_dir, animate, sampler, steps, eta, seed, batch, weights, device } => commands::sample(SampleArgs { checkpoint, num, seed, batch, ema: weights == "ema", device, grid: out, folder: out_dir, animation: animate, settings: SampleSettings { sampler, steps, eta } }),
+        Command::Bench { what, preset, ch, ch_mult, num_res_blocks, attn_res, dropout, size, channels, batch, precision, device, warmup, steps, num, sample_steps, threads } => commands::bench(BenchArgs { what, preset, channels: ch, channel_mult: ch_mult, num_res_blocks, attention_resolutions: attn_res, dropout, size, in_channels: channels, batch, precision, device, warmup, steps, num, sample_steps, threads }).map(|line| println!("{line}")),
+        Command::Export { checkpoint, format, out, weights } => commands::export(commands::ExportArgs { checkpoint, format, out, ema: weights == "ema" }),
+        Command::Import { from, out } => commands::import(&from, &out),
         Command::Model { preset, config } => commands::model_summary(preset.as_deref(), config.as_deref()).map(|s| print!("{s}")),
+        Command::Fid { real, fake, num, batch, seed, device, inception } => commands::fid(commands::FidArgs { real, fake, num, batch, seed, device, inception }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

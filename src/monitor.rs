@@ -5,7 +5,8 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -46,10 +47,12 @@ pub fn grid_image(images: &Tensor) -> image::RgbImage {
 
 /// Writes a grid PNG atomically (a viewer never sees half a file).
 pub fn save_grid(images: &Tensor, path: &Path) -> Result<()> {
-    let grid = grid_image(images);
-    let mut bytes = Vec::new();
-    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
-    crate::checkpoint::write_atomic(path, &bytes)
+    save_png(&grid_image(images), path)
+}
+
+/// Writes a PNG atomically.
+pub fn save_png(image: &image::RgbImage, path: &Path) -> Result<()> {
+    crate::checkpoint::write_atomic(path, &encode_png(image)?)
 }
 
 /// Writes each image as `{prefix}{index:06}.png` into `dir` (what FID tools read).
@@ -67,17 +70,167 @@ pub fn save_individual(images: &Tensor, dir: &Path, first_index: usize) -> Resul
     Ok(())
 }
 
+static FONT: &[u8] = include_bytes!("../data/fonts/DejaVuSans.ttf");
+
+/// Registers the bundled font (DejaVu Sans) for labels, once.
+fn ensure_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).unwrap_or_else(|_| panic!("the bundled font is valid"));
+    });
+}
+
+fn encode_png(image: &image::RgbImage) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    Ok(bytes)
+}
+
+/// The EMA and raw grids side by side under a label naming the step.
+pub fn labelled_pair(ema: &image::RgbImage, raw: &image::RgbImage, step: u64) -> Result<image::RgbImage> {
+    const LABEL: u32 = 22;
+    const GAP: u32 = 8;
+    let (w, h) = (ema.width() + GAP + raw.width(), LABEL + ema.height().max(raw.height()));
+    let mut buffer = vec![255u8; (w * h * 3) as usize];
+    {
+        ensure_font();
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        let style = ("sans-serif", 15).into_font().color(&BLACK);
+        root.draw(&Text::new(format!("step {step} · EMA"), (4, 3), style.clone())).map_err(|e| anyhow!("drawing a label: {e}"))?;
+        root.draw(&Text::new("raw".to_string(), ((ema.width() + GAP + 4) as i32, 3), style)).map_err(|e| anyhow!("drawing a label: {e}"))?;
+        root.present().map_err(|e| anyhow!("drawing a label: {e}"))?;
+    }
+    let mut out = image::RgbImage::from_raw(w, h, buffer).expect("buffer of the right size");
+    image::imageops::replace(&mut out, ema, 0, LABEL as i64);
+    image::imageops::replace(&mut out, raw, (ema.width() + GAP) as i64, LABEL as i64);
+    Ok(out)
+}
+
+/// Writes the loss curve (log scale) of (step, loss) points as a PNG.
+pub fn save_loss_plot(points: &[(u64, f64)], path: &Path) -> Result<()> {
+    let points: Vec<(u64, f64)> = points.iter().copied().filter(|(_, l)| l.is_finite() && *l > 0.0).collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    let (w, h) = (720u32, 400u32);
+    let mut buffer = vec![255u8; (w * h * 3) as usize];
+    {
+        ensure_font();
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        let last = points.last().unwrap().0.max(1);
+        let (lo, hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), (_, l)| (lo.min(*l), hi.max(*l)));
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
+            let mut chart = ChartBuilder::on(&root).caption("training loss", ("sans-serif", 18)).margin(10).x_label_area_size(30).y_label_area_size(60).build_cartesian_2d(0u64..last, (lo * 0.9..hi * 1.1).log_scale())?;
+            chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+            chart.draw_series(LineSeries::new(points.iter().copied(), &BLUE))?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| anyhow!("drawing the loss plot: {e}"))?;
+    }
+    let image = image::RgbImage::from_raw(w, h, buffer).expect("buffer of the right size");
+    crate::checkpoint::write_atomic(path, &encode_png(&image)?)
+}
+
+/// Reads (step, loss) from a `metrics.jsonl`; a step logged twice (a resumed run replaying it)
+/// keeps its last value. Lines cut short by a crash are ignored.
+pub fn read_loss_history(metrics: &Path) -> Vec<(u64, f64)> {
+    let text = fs::read_to_string(metrics).unwrap_or_default();
+    let mut by_step = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+                by_step.insert(step, loss);
+            }
+        }
+    }
+    by_step.into_iter().collect()
+}
+
+/// Writes frames (all the same size) as a looping animated GIF.
+pub fn save_animation(frames: &[image::RgbImage], path: &Path, frame_ms: u32) -> Result<()> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = GifEncoder::new_with_speed(&mut bytes, 10);
+        encoder.set_repeat(Repeat::Infinite)?;
+        for frame in frames {
+            let rgba = image::DynamicImage::ImageRgb8(frame.clone()).to_rgba8();
+            encoder.encode_frame(image::Frame::from_parts(rgba, 0, 0, image::Delay::from_numer_denom_ms(frame_ms, 1)))?;
+        }
+    }
+    crate::checkpoint::write_atomic(path, &bytes)
+}
+
+/// Rebuilds what a run directory shows from what it holds: the training animation
+/// (`samples/training.gif`, every `samples/step-N.png` in order), the loss plot (`loss.png`) and
+/// `report.html`.
+pub fn refresh_run_views(run_dir: &Path, config: &crate::config::RunConfig) -> Result<()> {
+    let samples = run_dir.join("samples");
+    let mut grids: Vec<std::path::PathBuf> = fs::read_dir(&samples).with_context(|| format!("cannot list {}", samples.display()))?.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.extension().is_some_and(|e| e == "png")).collect();
+    grids.sort();
+    let frames: Vec<image::RgbImage> = grids.iter().filter_map(|p| image::open(p).ok()).map(|i| i.to_rgb8()).collect();
+    if let Some(first) = frames.first() {
+        let size = first.dimensions();
+        let same: Vec<image::RgbImage> = frames.iter().filter(|f| f.dimensions() == size).cloned().collect();
+        save_animation(&same, &samples.join("training.gif"), 600)?;
+    }
+    save_loss_plot(&read_loss_history(&run_dir.join("metrics.jsonl")), &run_dir.join("loss.png"))?;
+    write_report(run_dir, config, grids.last())
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// A static page that opens from disk: configuration, loss curve, latest samples, the training
+/// animation and FID over time (from `metrics.jsonl` records that carry `fid`).
+pub fn write_report(run_dir: &Path, config: &crate::config::RunConfig, latest: Option<&std::path::PathBuf>) -> Result<()> {
+    let text = fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
+    let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let last = records.last();
+    let fid_rows: String = records.iter().filter(|r| r["fid"].is_number()).map(|r| format!("<tr><td>{}</td><td>{}</td><td>{:.3}</td></tr>", r["step"], r["fid_images"], r["fid"].as_f64().unwrap_or(f64::NAN))).collect();
+    let summary = last.map_or("no metrics yet".to_string(), |r| format!("step {} of {} · loss {:.4} · lr {:.2e} · {:.0} img/s · {:.0} s", r["step"], config.train.steps, r["loss"].as_f64().unwrap_or(f64::NAN), r["lr"].as_f64().unwrap_or(f64::NAN), r["images_per_second"].as_f64().unwrap_or(0.0), r["wall_seconds"].as_f64().unwrap_or(0.0)));
+    let latest = latest.and_then(|p| p.file_name()).map(|n| format!("samples/{}", n.to_string_lossy())).unwrap_or_default();
+    let fid = if fid_rows.is_empty() { "<p>No FID measured yet.</p>".to_string() } else { format!("<table><tr><th>step</th><th>images</th><th>FID</th></tr>{fid_rows}</table>") };
+    let page = format!(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>ddpm run: {preset}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}img{{max-width:100%;image-rendering:pixelated}}pre{{background:#f4f4f4;padding:1em;overflow:auto}}td,th{{padding:0 1em;text-align:right}}</style></head>
+<body><h1>ddpm run: {preset}</h1>
+<p>{summary}</p>
+<h2>Loss</h2><img src="loss.png" alt="loss curve">
+<h2>Latest samples (EMA | raw)</h2><img src="{latest}" alt="latest samples">
+<h2>Training so far</h2><img src="samples/training.gif" alt="sample grids over training">
+<h2>FID</h2>{fid}
+<h2>Configuration</h2><pre>{config}</pre>
+</body></html>
+"#,
+        preset = html_escape(&config.preset),
+        config = html_escape(&config.to_toml()),
+    );
+    crate::checkpoint::write_atomic(&run_dir.join("report.html"), page.as_bytes())
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize)]
 pub struct MetricsRecord {
     pub step: u64,
     pub epoch: u64,
+    /// The training loss (weighted as configured) of the last step.
     pub loss: f64,
+    /// Mean unweighted squared error over the interval, per quarter of the t range (low t first).
+    pub loss_by_quarter: [Option<f64>; 4],
     pub lr: f64,
+    /// Global gradient norm before clipping, last step.
     pub grad_norm: f64,
     pub loss_scale: Option<f64>,
     pub skipped_steps: u64,
     pub images_per_second: f64,
+    /// Seconds of the interval spent waiting for data.
+    pub data_wait_seconds: f64,
+    /// Peak memory allocated on the device since the last record, GiB (CUDA only).
+    pub device_memory_gib: Option<f64>,
     pub wall_seconds: f64,
 }
 
@@ -170,5 +323,31 @@ mod tests {
         save_individual(&images, dir.path(), 7).unwrap();
         let back = image::open(dir.path().join("000007.png")).unwrap().to_luma8();
         assert_eq!(back.as_raw(), &vec![0u8, 128, 255, 191]);
+    }
+
+    #[test]
+    fn loss_plot_pair_labels_and_animation_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = dir.path().join("metrics.jsonl");
+        fs::write(&metrics, "{\"step\":1,\"loss\":1.0}\n{\"step\":2,\"loss\":0.5}\n{\"step\":2,\"loss\":0.4}\n{\"step\":3,\"lo").unwrap();
+        let history = read_loss_history(&metrics);
+        assert_eq!(history, vec![(1, 1.0), (2, 0.4)]);
+        save_loss_plot(&history, &dir.path().join("loss.png")).unwrap();
+        let plot = image::open(dir.path().join("loss.png")).unwrap().to_rgb8();
+        assert_eq!((plot.width(), plot.height()), (720, 400));
+        assert!(plot.pixels().any(|p| p.0 == [0, 0, 255]), "the curve is drawn in blue");
+
+        let ema = grid_image(&Tensor::ones([4, 1, 5, 5], (Kind::Float, Device::Cpu)));
+        let raw = grid_image(&(Tensor::ones([4, 1, 5, 5], (Kind::Float, Device::Cpu)) * -1));
+        let pair = labelled_pair(&ema, &raw, 400).unwrap();
+        assert_eq!((pair.width(), pair.height()), (ema.width() * 2 + 8, ema.height() + 22));
+        assert!(pair.view(0, 0, 60, 22).pixels().any(|(_, _, p)| p.0[0] < 128), "the label is drawn");
+        assert_eq!(pair.get_pixel(2, 22 + 2).0, [255, 255, 255]);
+        assert_eq!(pair.get_pixel(ema.width() + 8 + 2, 22 + 2).0, [0, 0, 0]);
+
+        save_animation(&[ema.clone(), raw.clone()], &dir.path().join("a.gif"), 500).unwrap();
+        let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(fs::File::open(dir.path().join("a.gif")).unwrap())).unwrap();
+        use image::AnimationDecoder;
+        assert_eq!(decoder.into_frames().count(), 2);
     }
 }

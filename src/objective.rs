@@ -56,11 +56,17 @@ impl Objective {
     /// Per-sample squared error (mean over pixels), weighted by w(t), averaged over the batch.
     /// Reduced-precision predictions are compared in f32.
     pub fn loss(&self, prediction: &Tensor, target: &Tensor, t: &Tensor) -> Tensor {
+        self.loss_and_errors(prediction, target, t).0
+    }
+
+    /// The loss, and each sample's unweighted error (detached) for monitoring by timestep.
+    pub fn loss_and_errors(&self, prediction: &Tensor, target: &Tensor, t: &Tensor) -> (Tensor, Tensor) {
         let per_sample = per_sample_error(prediction, target);
-        match &self.weights {
-            Some(w) => (per_sample * w.index_select(0, t)).mean(None),
+        let loss = match &self.weights {
+            Some(w) => (&per_sample * w.index_select(0, t)).mean(None),
             None => per_sample.mean(None),
-        }
+        };
+        (loss, per_sample.detach())
     }
 }
 

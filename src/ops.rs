@@ -12,6 +12,8 @@ extern "C" {
     fn ddpm_free_error(message: *mut c_char);
     fn ddpm_torch_version() -> *const c_char;
     fn ddpm_set_tf32(allowed: c_int) -> *mut c_char;
+    fn ddpm_cuda_peak_memory(device: c_int, allocated: *mut i64, reserved: *mut i64) -> *mut c_char;
+    fn ddpm_cuda_reset_peak_memory(device: c_int) -> *mut c_char;
     fn ddpm_autocast_enter(cuda: c_int, dtype: c_int) -> *mut c_char;
     fn ddpm_autocast_exit(cuda: c_int) -> *mut c_char;
     fn ddpm_fused_adamw(
@@ -62,6 +64,18 @@ pub fn torch_version() -> String {
 /// Allows or forbids TF32 tensor-core math for f32 matmuls and convolutions.
 pub fn set_tf32(allowed: bool) -> Result<()> {
     check(unsafe { ddpm_set_tf32(c_int::from(allowed)) })
+}
+
+/// Peak (allocated, reserved) bytes of the CUDA caching allocator on `device` since the last
+/// `reset_cuda_peak_memory`.
+pub fn cuda_peak_memory(device: usize) -> Result<(i64, i64)> {
+    let (mut allocated, mut reserved) = (0i64, 0i64);
+    check(unsafe { ddpm_cuda_peak_memory(device as c_int, &mut allocated, &mut reserved) })?;
+    Ok((allocated, reserved))
+}
+
+pub fn reset_cuda_peak_memory(device: usize) -> Result<()> {
+    check(unsafe { ddpm_cuda_reset_peak_memory(device as c_int) })
 }
 
 /// The reduced-precision type of an autocast region.

@@ -2,6 +2,8 @@
 //! accumulation and clipping, fused AdamW with warm-up + cosine LR, EMA, sample grids and
 //! checkpoints, with every random stream derived from (seed, step) so resuming is exact.
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -64,6 +66,32 @@ impl LossScaler {
     }
 }
 
+/// Unweighted errors summed per quarter of the t range, on the device until read.
+struct QuarterErrors {
+    sums: Tensor,
+    counts: Tensor,
+}
+
+impl QuarterErrors {
+    fn new(device: Device) -> Self {
+        QuarterErrors { sums: Tensor::zeros([4], (Kind::Double, device)), counts: Tensor::zeros([4], (Kind::Double, device)) }
+    }
+
+    fn record(&mut self, errors: &Tensor, t: &Tensor, timesteps: usize) {
+        let quarter = (t * 4).divide_scalar_mode(timesteps as i64, "floor");
+        let _ = self.sums.index_add_(0, &quarter, &errors.to_kind(Kind::Double));
+        let _ = self.counts.index_add_(0, &quarter, &errors.ones_like().to_kind(Kind::Double));
+    }
+
+    /// Mean error per quarter since the last read (None where no sample fell), then resets.
+    fn take(&mut self) -> [Option<f64>; 4] {
+        let (sums, counts) = (Vec::<f64>::try_from(self.sums.to_device(Device::Cpu)).unwrap_or_default(), Vec::<f64>::try_from(self.counts.to_device(Device::Cpu)).unwrap_or_default());
+        let _ = self.sums.zero_();
+        let _ = self.counts.zero_();
+        std::array::from_fn(|i| (counts.get(i).copied().unwrap_or(0.0) > 0.0).then(|| sums[i] / counts[i]))
+    }
+}
+
 /// Host-readable results of one optimizer step (tensors stay on the device until read).
 pub struct StepOutput {
     pub loss: Tensor,
@@ -89,8 +117,12 @@ pub struct Trainer {
     exp_avg_sqs: Vec<Tensor>,
     adam_steps: Vec<Tensor>,
     scaler: Option<LossScaler>,
-    /// Steps skipped for non-finite gradients, counted on the device.
+    /// Steps skipped for non-finite gradients, in all and in a row, counted on the device.
     skipped: Tensor,
+    consecutive_skipped: Tensor,
+    /// Factor on the scheduled learning rate, lowered by each rollback.
+    pub lr_scale: f64,
+    error_by_quarter: QuarterErrors,
     /// Optimizer steps completed.
     pub step: u64,
 }
@@ -125,7 +157,7 @@ impl Trainer {
             ops::set_tf32(config.train.precision == Precision::Tf32)?;
             tch::Cuda::cudnn_set_benchmark(true);
         }
-        Ok(Trainer { config: config.clone(), device, vs, model, ema_vs, ema_model, schedule, objective, names, params, ema_params, grads: None, exp_avgs, exp_avg_sqs, adam_steps, scaler, skipped: Tensor::zeros([], (Kind::Int64, device)), step: 0 })
+        Ok(Trainer { config: config.clone(), device, vs, model, ema_vs, ema_model, schedule, objective, names, params, ema_params, grads: None, exp_avgs, exp_avg_sqs, adam_steps, scaler, skipped: Tensor::zeros([], (Kind::Int64, device)), consecutive_skipped: Tensor::zeros([], (Kind::Int64, device)), lr_scale: 1.0, error_by_quarter: QuarterErrors::new(device), step: 0 })
     }
 
     fn autocast_type(&self) -> Option<AutocastType> {
@@ -159,7 +191,9 @@ impl Trainer {
                 Some(dtype) => ops::autocast(self.device, dtype, forward)?,
                 None => forward(),
             };
-            let loss = self.objective.loss(&prediction, &target, &t) / k as f64;
+            let (loss, errors) = self.objective.loss_and_errors(&prediction, &target, &t);
+            self.error_by_quarter.record(&errors, &t, c.diffusion.timesteps);
+            let loss = loss / k as f64;
             match &self.scaler {
                 Some(s) => (&loss * &s.scale.squeeze()).backward(),
                 None => loss.backward(),
@@ -192,7 +226,7 @@ impl Trainer {
             ops::foreach_mul_(grads, &factor)?;
         }
         let tc = &self.config.train;
-        let lr = learning_rate(tc, self.step);
+        let lr = learning_rate(tc, self.step) * self.lr_scale;
         let hp = AdamWStep { lr, beta1: tc.adam_beta1, beta2: tc.adam_beta2, weight_decay: tc.weight_decay, eps: tc.adam_eps };
         tch::no_grad(|| ops::fused_adamw(&self.params, grads, &self.exp_avgs, &self.exp_avg_sqs, &self.adam_steps, hp, &found_inf))?;
         if let Some(s) = &mut self.scaler {
@@ -202,13 +236,25 @@ impl Trainer {
             let decay = ema_decay(tc, self.step / tc.ema_every);
             tch::no_grad(|| ops::foreach_lerp_(&self.ema_params, &self.params, 1.0 - decay))?;
         }
-        self.skipped += found_inf.to_kind(Kind::Int64).sum(Kind::Int64);
+        let bad = found_inf.to_kind(Kind::Int64).sum(Kind::Int64);
+        self.skipped += &bad;
+        self.consecutive_skipped = (&self.consecutive_skipped + &bad) * &bad;
         self.step += 1;
         Ok(StepOutput { loss, grad_norm, lr })
     }
 
     pub fn skipped_steps(&self) -> u64 {
         self.skipped.int64_value(&[]) as u64
+    }
+
+    /// Mean unweighted error per quarter of the t range since the last call.
+    pub fn take_error_by_quarter(&mut self) -> [Option<f64>; 4] {
+        self.error_by_quarter.take()
+    }
+
+    /// Steps skipped in a row, up to now.
+    pub fn consecutive_skipped_steps(&self) -> u64 {
+        self.consecutive_skipped.int64_value(&[]) as u64
     }
 
     pub fn loss_scale(&self) -> Option<f64> {
@@ -226,6 +272,8 @@ impl Trainer {
         }
         out.push(("adam.step".into(), self.adam_steps[0].shallow_clone()));
         out.push(("skipped_steps".into(), self.skipped.shallow_clone()));
+        out.push(("consecutive_skipped_steps".into(), self.consecutive_skipped.shallow_clone()));
+        out.push(("lr_scale".into(), Tensor::from(self.lr_scale)));
         if let Some(s) = &self.scaler {
             out.push(("scaler.scale".into(), s.scale.shallow_clone()));
             out.push(("scaler.growth_tracker".into(), s.growth_tracker.shallow_clone()));
@@ -247,6 +295,8 @@ impl Trainer {
                 s.copy_(step);
             }
             self.skipped.copy_(checkpoint.tensor("skipped_steps")?);
+            self.consecutive_skipped.copy_(checkpoint.tensor("consecutive_skipped_steps")?);
+            self.lr_scale = checkpoint.tensor("lr_scale")?.double_value(&[]);
             if let Some(s) = &mut self.scaler {
                 if let (Ok(scale), Ok(tracker)) = (checkpoint.tensor("scaler.scale"), checkpoint.tensor("scaler.growth_tracker")) {
                     s.scale.copy_(scale);
@@ -302,14 +352,18 @@ pub struct RunOptions {
     pub epochs: Option<u64>,
     /// Stop (with a checkpoint) after this step, keeping the LR schedule of the full run.
     pub stop_at: Option<u64>,
+    /// Set (e.g. by a signal handler) to end the run after the current step, with a checkpoint.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
-/// What a finished run leaves behind.
+/// What a finished (or interrupted) run leaves behind.
 pub struct RunSummary {
     pub final_checkpoint: PathBuf,
-    pub final_grid: PathBuf,
+    /// None when interrupted: sampling would delay the exit.
+    pub final_grid: Option<PathBuf>,
     pub steps: u64,
     pub seconds: f64,
+    pub interrupted: bool,
 }
 
 fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()> {
@@ -322,7 +376,7 @@ fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()>
 
 /// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
 pub fn run(options: RunOptions) -> Result<RunSummary> {
-    let RunOptions { mut config, run_dir, resume, strict_data, epochs, stop_at } = options;
+    let RunOptions { mut config, run_dir, resume, strict_data, epochs, stop_at, interrupt } = options;
     config.validate()?;
     let device = crate::device::resolve(&config.train.device)?;
     let dataset = data::load(config.data_path().as_deref(), &LoadOptions { format: config.data.format, channels: config.model.in_channels, size: config.model.image_size, strict: strict_data })?;
@@ -339,67 +393,138 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     }
     eprintln!("training {} on {} ({} images) on {device:?}: {} parameters, {} steps of batch {}", config.preset, dataset.description, dataset.len(), crate::model::parameter_count(&trainer.vs), config.train.steps, config.train.batch);
     let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
-    run_loop(&mut trainer, &dataset, position, &run_dir, stop)
+    run_loop(&mut trainer, &dataset, position, &run_dir, stop, interrupt.unwrap_or_default())
 }
 
-fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_dir: &Path, stop: u64) -> Result<RunSummary> {
+fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_dir: &Path, stop: u64, interrupt: Arc<AtomicBool>) -> Result<RunSummary> {
     let config = trainer.config.clone();
-    let (tc, total) = (&config.train, stop);
+    let tc = &config.train;
     let mut order = data::Sampler::new(dataset.len(), tc.seed, position);
-    let mut monitor = Monitor::new(run_dir, trainer.step, total)?;
+    let mut monitor = Monitor::new(run_dir, trainer.step, stop)?;
     let checkpoints = run_dir.join("checkpoints");
+    let save = |trainer: &Trainer, order: &data::Sampler| checkpoint::save(&checkpoints, &trainer.state_tensors(), trainer.step, order.position(), &config);
     if trainer.step == 0 {
         // What the model learns from, next to what it makes.
         let first = order.clone().next_indices(config.sample.num.min(dataset.len()));
         let real = data::to_model_space(&dataset.images.index_select(0, &Tensor::from_slice(&first)), Device::Cpu);
         crate::monitor::save_grid(&data::augment(&real, config.data.hflip, config.data.color_jitter), &run_dir.join("samples").join("data.png"))?;
     }
-    let mut window = (Instant::now(), 0usize);
+    let mut window = Window::new();
     let grid_seed = crate::rng::mix(tc.seed, &[0x6121D]);
-    while trainer.step < total {
+    let mut rollbacks = 0;
+    while trainer.step < stop {
+        let waiting = Instant::now();
         let indices = order.next_indices(tc.batch);
-        let batch = dataset.images.index_select(0, &Tensor::from_slice(&indices));
-        let out = trainer.step(&data::to_model_space(&batch, trainer.device))?;
-        window.1 += tc.batch;
+        let x0 = data::to_model_space(&dataset.images.index_select(0, &Tensor::from_slice(&indices)), trainer.device);
+        window.data_wait += waiting.elapsed().as_secs_f64();
+        let out = trainer.step(&x0)?;
+        window.images += tc.batch;
         let step = trainer.step;
-        if step % tc.log_every == 0 || step == total {
-            let seconds = window.0.elapsed().as_secs_f64();
-            let loss = out.loss.double_value(&[]);
-            if !loss.is_finite() {
-                monitor.note(&format!("warning: non-finite loss at step {step}; the step was skipped"));
+        if interrupt.load(Ordering::SeqCst) {
+            let path = save(trainer, &order)?;
+            monitor.finish();
+            eprintln!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
+            return Ok(RunSummary { final_checkpoint: path, final_grid: None, steps: step, seconds: monitor.seconds(), interrupted: true });
+        }
+        if step % tc.log_every == 0 || step == stop {
+            let record = MetricsRecord {
+                step,
+                epoch: order.position().epoch,
+                loss: out.loss.double_value(&[]),
+                loss_by_quarter: trainer.take_error_by_quarter(),
+                lr: out.lr,
+                grad_norm: out.grad_norm.double_value(&[]),
+                loss_scale: trainer.loss_scale(),
+                skipped_steps: trainer.skipped_steps(),
+                images_per_second: window.images as f64 / window.started.elapsed().as_secs_f64(),
+                data_wait_seconds: window.data_wait,
+                device_memory_gib: peak_memory_gib(trainer.device)?,
+                wall_seconds: monitor.seconds(),
+            };
+            monitor.record(&record)?;
+            window = Window::new();
+            let bad = trainer.consecutive_skipped_steps();
+            if tc.max_bad_steps > 0 && bad >= tc.max_bad_steps {
+                rollbacks += 1;
+                let position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
+                order = data::Sampler::new(dataset.len(), tc.seed, position);
+                continue;
             }
-            monitor.record(&MetricsRecord { step, epoch: order.position().epoch, loss, lr: out.lr, grad_norm: out.grad_norm.double_value(&[]), loss_scale: trainer.loss_scale(), skipped_steps: trainer.skipped_steps(), images_per_second: window.1 as f64 / seconds, wall_seconds: monitor.seconds() })?;
-            window = (Instant::now(), 0);
         }
-        let sample_now = config.sample.every > 0 && step % config.sample.every == 0 && step < total;
-        if sample_now {
-            write_grid(trainer, run_dir, grid_seed, &monitor)?;
-            window = (Instant::now(), 0);
+        if config.sample.every > 0 && step % config.sample.every == 0 && step < stop {
+            write_samples(trainer, run_dir, grid_seed, &monitor)?;
+            window = Window::new();
         }
-        if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < total {
-            checkpoint::save(&checkpoints, &trainer.state_tensors(), step, order.position(), &config, config.checkpoint.keep)?;
-            window = (Instant::now(), 0);
+        if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < stop {
+            save(trainer, &order)?;
+            window = Window::new();
         }
     }
-    let final_checkpoint = checkpoint::save(&checkpoints, &trainer.state_tensors(), trainer.step, order.position(), &config, config.checkpoint.keep)?;
-    let final_grid = write_grid(trainer, run_dir, grid_seed, &monitor)?;
+    let final_checkpoint = save(trainer, &order)?;
+    let final_grid = write_samples(trainer, run_dir, grid_seed, &monitor)?;
     monitor.finish();
     if trainer.skipped_steps() > 0 {
         eprintln!("warning: {} step(s) were skipped for non-finite gradients", trainer.skipped_steps());
     }
-    Ok(RunSummary { final_checkpoint, final_grid, steps: trainer.step, seconds: monitor.seconds() })
+    Ok(RunSummary { final_checkpoint, final_grid: Some(final_grid), steps: trainer.step, seconds: monitor.seconds(), interrupted: false })
 }
 
-/// Writes `samples/step-N.png` (EMA weights, the run's fixed noise) and `samples/latest.png`.
-fn write_grid(trainer: &Trainer, run_dir: &Path, seed: u64, monitor: &Monitor) -> Result<PathBuf> {
+const MAX_ROLLBACKS: u32 = 5;
+
+/// After `bad` non-finite steps in a row: reload the newest valid checkpoint, lower the learning
+/// rate by `rollback_lr_factor`, and return the data position to continue from.
+fn roll_back(trainer: &mut Trainer, checkpoints: &Path, bad: u64, rollbacks: u32, monitor: &Monitor) -> Result<Position> {
+    let step = trainer.step;
+    if rollbacks > MAX_ROLLBACKS {
+        bail!("gradients are still non-finite after {MAX_ROLLBACKS} rollbacks (step {step}); lower --lr or check the data");
+    }
+    let checkpoint = Checkpoint::load(checkpoints).with_context(|| format!("{bad} steps in a row had non-finite gradients (step {step}) and there is no checkpoint to roll back to; lower --lr"))?;
+    trainer.load_state(&checkpoint)?;
+    trainer.lr_scale *= trainer.config.train.rollback_lr_factor;
+    monitor.note(&format!("warning: {bad} steps in a row had non-finite gradients at step {step}; rolled back to step {} ({}) with the learning rate scaled by {}", trainer.step, checkpoint.path.display(), trainer.lr_scale));
+    Ok(checkpoint.sidecar.position)
+}
+
+/// Throughput bookkeeping between two metrics records.
+struct Window {
+    started: Instant,
+    images: usize,
+    data_wait: f64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window { started: Instant::now(), images: 0, data_wait: 0.0 }
+    }
+}
+
+/// Peak CUDA memory allocated since the last call, in GiB; None on other devices.
+fn peak_memory_gib(device: Device) -> Result<Option<f64>> {
+    match device {
+        Device::Cuda(index) => {
+            let (allocated, _) = ops::cuda_peak_memory(index)?;
+            ops::reset_cuda_peak_memory(index)?;
+            Ok(Some(allocated as f64 / (1u64 << 30) as f64))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Samples the run's fixed noise with the EMA and the raw weights and writes them side by side
+/// as `samples/step-N.png` and `samples/latest.png`; refreshes the training animation
+/// (`samples/training.gif`), the loss plot (`loss.png`) and `report.html`.
+fn write_samples(trainer: &Trainer, run_dir: &Path, seed: u64, monitor: &Monitor) -> Result<PathBuf> {
     let started = Instant::now();
     let s = &trainer.config.sample;
-    monitor.note(&format!("sampling {} images ({:?}, {} steps) at step {}…", s.num, s.sampler, if s.sampler == crate::config::SamplerKind::Ddim { s.steps } else { trainer.config.diffusion.timesteps }, trainer.step));
-    let images = trainer.sample(true, s.num, seed);
-    let path = run_dir.join("samples").join(format!("step-{:08}.png", trainer.step));
-    crate::monitor::save_grid(&images, &path)?;
-    let latest = run_dir.join("samples").join("latest.png");
-    std::fs::copy(&path, &latest).with_context(|| format!("cannot write {}", latest.display()))?;
+    let steps = if s.sampler == crate::config::SamplerKind::Ddim { s.steps } else { trainer.config.diffusion.timesteps };
+    monitor.note(&format!("sampling {} images ({:?}, {steps} steps) with EMA and raw weights at step {}…", s.num, s.sampler, trainer.step));
+    let ema = crate::monitor::grid_image(&trainer.sample(true, s.num, seed));
+    let raw = crate::monitor::grid_image(&trainer.sample(false, s.num, seed));
+    let samples = run_dir.join("samples");
+    let path = samples.join(format!("step-{:08}.png", trainer.step));
+    crate::monitor::save_png(&crate::monitor::labelled_pair(&ema, &raw, trainer.step)?, &path)?;
+    std::fs::copy(&path, samples.join("latest.png")).with_context(|| format!("cannot write {}", samples.join("latest.png").display()))?;
+    crate::monitor::refresh_run_views(run_dir, &trainer.config)?;
     monitor.note(&format!("wrote {} in {:.1} s", path.display(), started.elapsed().as_secs_f64()));
     Ok(path)
 }
@@ -582,7 +707,7 @@ mod tests {
         c.checkpoint.keep = 5;
         c.data.format = crate::config::DataFormat::Bundled;
         let dir = tempfile::tempdir().unwrap();
-        let options = |name: &str, resume: Option<Checkpoint>, stop_at: Option<u64>| RunOptions { config: c.clone(), run_dir: dir.path().join(name), resume, strict_data: true, epochs: None, stop_at };
+        let options = |name: &str, resume: Option<Checkpoint>, stop_at: Option<u64>| RunOptions { config: c.clone(), run_dir: dir.path().join(name), resume, strict_data: true, epochs: None, stop_at, interrupt: None };
         run(options("straight", None, None)).unwrap();
         run(options("resumed", None, Some(4))).unwrap();
         let checkpoint = Checkpoint::load(&dir.path().join("resumed")).unwrap();
@@ -596,5 +721,48 @@ mod tests {
         let sa = Checkpoint::load(&dir.path().join("straight")).unwrap().sidecar;
         let sb = Checkpoint::load(&dir.path().join("resumed")).unwrap().sidecar;
         assert_eq!((sa.step, sa.position), (sb.step, sb.position));
+    }
+
+    #[test]
+    fn persistent_non_finite_steps_roll_back_with_a_lower_learning_rate() {
+        let c = tiny(8);
+        let dir = tempfile::tempdir().unwrap();
+        let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+        let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        trainer.step(&clean).unwrap();
+        let position = Position { epoch: 0, index: 4 };
+        checkpoint::save(dir.path(), &trainer.state_tensors(), trainer.step, position, &c).unwrap();
+        let saved = flat(&trainer.params).copy();
+        let poisoned = Tensor::full([4, 1, 8, 8], f64::NAN, (Kind::Float, Device::Cpu));
+        for _ in 0..3 {
+            trainer.step(&poisoned).unwrap();
+        }
+        assert_eq!(trainer.consecutive_skipped_steps(), 3);
+        assert_eq!(trainer.skipped_steps(), 3);
+        let monitor = Monitor::new(dir.path(), 0, 10).unwrap();
+        assert_eq!(roll_back(&mut trainer, dir.path(), 3, 1, &monitor).unwrap(), position);
+        assert_eq!(trainer.step, 1);
+        assert_eq!(trainer.lr_scale, 0.5);
+        assert_eq!(trainer.consecutive_skipped_steps(), 0);
+        assert!(flat(&trainer.params).equal(&saved));
+        let out = trainer.step(&clean).unwrap();
+        assert!((out.lr - 0.5 * learning_rate(&c.train, 1)).abs() < 1e-15);
+        // Without a checkpoint there is nothing to return to: a clear error.
+        let empty = tempfile::tempdir().unwrap();
+        let err = format!("{:#}", roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err());
+        assert!(err.contains("no checkpoint to roll back to"), "{err}");
+    }
+
+    #[test]
+    fn an_interrupted_run_stops_after_one_step_with_a_checkpoint() {
+        let mut c = tiny(8);
+        c.train.steps = 50;
+        c.data.format = crate::config::DataFormat::Bundled;
+        let dir = tempfile::tempdir().unwrap();
+        let flag = Arc::new(AtomicBool::new(true));
+        let summary = run(RunOptions { config: c, run_dir: dir.path().to_path_buf(), resume: None, strict_data: true, epochs: None, stop_at: None, interrupt: Some(flag) }).unwrap();
+        assert!(summary.interrupted && summary.final_grid.is_none());
+        assert_eq!(summary.steps, 1);
+        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 1);
     }
 }

@@ -44,10 +44,17 @@ fn train_resume_and_sample_end_to_end() {
     let out = ddpm(&["train", "--config", "small.toml", "--steps", "3", "--out", "run"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let run = dir.path().join("run");
-    for file in ["config.toml", "metrics.jsonl", "samples/latest.png", "checkpoints/step-00000002.json", "checkpoints/step-00000003.safetensors"] {
+    for file in ["config.toml", "metrics.jsonl", "samples/latest.png", "samples/data.png", "samples/training.gif", "loss.png", "report.html", "checkpoints/step-00000002.json", "checkpoints/step-00000003.safetensors"] {
         assert!(run.join(file).exists(), "{file} missing");
     }
-    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 3);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    let record: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    for field in ["step", "epoch", "loss", "loss_by_quarter", "lr", "grad_norm", "loss_scale", "skipped_steps", "images_per_second", "data_wait_seconds", "device_memory_gib", "wall_seconds"] {
+        assert!(record.get(field).is_some(), "metrics lack {field}: {record}");
+    }
+    assert_eq!(record["loss_by_quarter"].as_array().unwrap().len(), 4);
+    assert!(std::fs::read_to_string(run.join("report.html")).unwrap().contains("loss.png"));
 
     // A second start into the same directory refuses instead of overwriting.
     let out = ddpm(&["train", "--config", "small.toml", "--steps", "3", "--out", "run"], dir.path());
@@ -59,12 +66,41 @@ fn train_resume_and_sample_end_to_end() {
     assert!(stderr(&out).contains("at step 3"), "{}", stderr(&out));
     assert!(run.join("checkpoints/step-00000005.json").exists());
 
-    let out = ddpm(&["sample", "--checkpoint", "run", "--num", "3", "--steps", "2", "--out", "grid.png", "--out-dir", "imgs", "--device", "cpu"], dir.path());
+    let out = ddpm(&["sample", "--checkpoint", "run", "--num", "3", "--steps", "2", "--out", "grid.png", "--out-dir", "imgs", "--animate", "t.gif", "--device", "cpu"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let grid = image::open(dir.path().join("grid.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (2 * 30 + 2, 2 * 30 + 2));
+    assert!(dir.path().join("t.gif").exists());
     for i in 0..3 {
         let img = image::open(dir.path().join(format!("imgs/{i:06}.png"))).unwrap();
         assert_eq!((img.width(), img.height()), (28, 28));
     }
+}
+
+#[test]
+fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("long.toml"), "[model]\nchannels = 16\n[train]\nsteps = 100000\nbatch = 4\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpm")).args(["train", "--config", "long.toml", "--out", "run"]).current_dir(dir.path()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Wait until training is under way, then interrupt.
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step ") {
+            break;
+        }
+    }
+    unsafe { libc_kill(child.id() as i32, 2) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let message = rest.iter().find(|l| l.starts_with("interrupted after step")).expect("an interruption message");
+    assert!(message.contains("--resume"), "{message}");
+    let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("run/checkpoints")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".json")).collect();
+    assert_eq!(checkpoints.len(), 1);
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
 }

@@ -1,0 +1,142 @@
+//! `ddpm bench`: images per second of the real training step (forward, loss, backward, clip,
+//! AdamW, EMA, LR schedule) and of DDIM sampling, on synthetic data, warm-up excluded and the
+//! device synchronised before the clock is read. Prints one machine-readable `RESULT` line.
+use std::time::Instant;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{RunConfig, SampleConfig, SamplerKind};
+use crate::model::parameter_count;
+use crate::sampler::{self, Denoiser};
+use crate::train::Trainer;
+
+/// One benchmark's figures.
+#[derive(Debug)]
+pub struct BenchResult {
+    pub images_per_second: f64,
+    pub ms_per_step: f64,
+    pub final_loss: Option<f64>,
+    /// Peak (allocated, reserved) GiB on CUDA.
+    pub peak_memory_gib: Option<(f64, f64)>,
+    pub parameters: i64,
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+fn reset_peak(device: Device) -> Result<()> {
+    if let Device::Cuda(index) = device {
+        crate::ops::reset_cuda_peak_memory(index)?;
+    }
+    Ok(())
+}
+
+fn peak_gib(device: Device) -> Result<Option<(f64, f64)>> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    match device {
+        Device::Cuda(index) => {
+            let (allocated, reserved) = crate::ops::cuda_peak_memory(index)?;
+            Ok(Some((allocated as f64 / GIB, reserved as f64 / GIB)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Times `steps` training steps on one fixed synthetic batch after `warmup` untimed ones.
+pub fn train_step(config: &RunConfig, device: Device, warmup: usize, steps: usize) -> Result<BenchResult> {
+    let mut trainer = Trainer::new(config, device)?;
+    let m = &config.model;
+    tch::manual_seed(0);
+    let x0 = Tensor::rand([config.train.batch as i64, m.in_channels, m.image_size.height(), m.image_size.width()], (Kind::Float, device)) * 2.0 - 1.0;
+    for _ in 0..warmup {
+        trainer.step(&x0)?.loss.double_value(&[]);
+    }
+    synchronize(device);
+    reset_peak(device)?;
+    let started = Instant::now();
+    let mut last = None;
+    for _ in 0..steps {
+        last = Some(trainer.step(&x0)?.loss);
+    }
+    let final_loss = last.map(|l| l.double_value(&[])); // waits for the queued work
+    synchronize(device);
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(BenchResult { images_per_second: (config.train.batch * steps) as f64 / seconds, ms_per_step: seconds * 1000.0 / steps as f64, final_loss, peak_memory_gib: peak_gib(device)?, parameters: parameter_count(&trainer.vs) })
+}
+
+/// Times DDIM sampling of `num` images in batches of `batch` with `ddim_steps` steps.
+pub fn sampling(config: &RunConfig, device: Device, num: usize, batch: usize, ddim_steps: usize) -> Result<BenchResult> {
+    let trainer = Trainer::new(config, device)?;
+    let denoiser = Denoiser { model: &trainer.ema_model, schedule: &trainer.schedule, prediction: config.diffusion.prediction };
+    let settings = SampleConfig { sampler: SamplerKind::Ddim, steps: ddim_steps, eta: 0.0, ..config.sample.clone() };
+    let m = &config.model;
+    let shape = |n: usize| [n as i64, m.in_channels, m.image_size.height(), m.image_size.width()];
+    let _ = sampler::sample(&denoiser, &SampleConfig { steps: 2, ..settings.clone() }, shape(batch.min(num)), 0, device, batch, |_, _| {});
+    synchronize(device);
+    reset_peak(device)?;
+    let started = Instant::now();
+    let images = sampler::sample(&denoiser, &settings, shape(num), 0, device, batch, |_, _| {});
+    let _ = images.sum(Kind::Float).double_value(&[]);
+    synchronize(device);
+    let seconds = started.elapsed().as_secs_f64();
+    let batches = num.div_ceil(batch);
+    Ok(BenchResult { images_per_second: num as f64 / seconds, ms_per_step: seconds * 1000.0 / (batches * ddim_steps) as f64, final_loss: None, peak_memory_gib: peak_gib(device)?, parameters: parameter_count(&trainer.vs) })
+}
+
+/// The `RESULT …` line, in the same key=value form as the PyTorch baseline script.
+pub fn result_line(what: &str, config: &RunConfig, device: Device, result: &BenchResult) -> String {
+    let m = &config.model;
+    let mut line = format!(
+        "RESULT framework=ddpm bench={what} device={} precision={} batch={} size={} ch={} params={:.1}M img_per_s={:.1} ms_per_step={:.2}",
+        device_name(device),
+        format!("{:?}", config.train.precision).to_lowercase(),
+        config.train.batch,
+        m.image_size,
+        m.channels,
+        result.parameters as f64 / 1e6,
+        result.images_per_second,
+        result.ms_per_step
+    );
+    if let Some(loss) = result.final_loss {
+        line += &format!(" final_loss={loss:.5}");
+    }
+    if let Some((allocated, reserved)) = result.peak_memory_gib {
+        line += &format!(" mem_peak_alloc_gib={allocated:.2} mem_peak_reserved_gib={reserved:.2}");
+    }
+    line += &format!(" threads={}", tch::get_num_threads());
+    line
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ImageSize;
+
+    #[test]
+    fn benchmarks_run_and_report_positive_rates() {
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.model.channels = 8;
+        c.model.image_size = ImageSize::Square(8);
+        c.model.channel_mult = vec![1, 2];
+        c.train.batch = 4;
+        let r = train_step(&c, Device::Cpu, 1, 2).unwrap();
+        assert!(r.images_per_second > 0.0 && r.final_loss.unwrap().is_finite());
+        let line = result_line("train", &c, Device::Cpu, &r);
+        assert!(line.starts_with("RESULT framework=ddpm bench=train device=cpu precision=f32 batch=4 size=8"), "{line}");
+        assert!(line.contains(" img_per_s="));
+        let s = sampling(&c, Device::Cpu, 3, 2, 2).unwrap();
+        assert!(s.images_per_second > 0.0);
+    }
+}

