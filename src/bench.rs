@@ -87,6 +87,20 @@ pub fn sampling(config: &RunConfig, device: Device, num: usize, batch: usize, dd
     Ok(BenchResult { images_per_second: num as f64 / seconds, ms_per_step: seconds * 1000.0 / (batches * ddim_steps) as f64, final_loss: None, peak_memory_gib: peak_gib(device)?, parameters: parameter_count(&trainer.vs) })
 }
 
+/// Times loading (reading, decoding, resizing) a dataset and augmenting it once, in images/s.
+pub fn data(path: Option<&std::path::Path>, options: &crate::data::LoadOptions, hflip: bool, jitter: f64) -> Result<(String, f64, f64)> {
+    let started = Instant::now();
+    let dataset = crate::data::load(path, options)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for batch in dataset.images.split(256, 0) {
+        let _ = crate::data::augment(&crate::data::to_model_space(&batch, Device::Cpu), hflip, jitter);
+    }
+    let augment_seconds = started.elapsed().as_secs_f64();
+    let n = dataset.len() as f64;
+    Ok((dataset.description, n / load_seconds, n / (load_seconds + augment_seconds)))
+}
+
 /// The `RESULT …` line, in the same key=value form as the PyTorch baseline script.
 pub fn result_line(what: &str, config: &RunConfig, device: Device, result: &BenchResult) -> String {
     let m = &config.model;

@@ -210,7 +210,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
     // The real images are scored at the generated images' size and channels: what a model was
     // trained on.
     let real_path = (args.real != Path::new("bundled")).then_some(args.real.as_path());
-    let options = crate::data::LoadOptions { format: crate::config::DataFormat::Auto, channels, size: crate::config::ImageSize::Rect([height, width]), strict: false };
+    let options = crate::data::LoadOptions { format: crate::config::DataFormat::Auto, channels, size: crate::config::ImageSize::Rect([height, width]), strict: false, split: crate::config::Split::Train };
     let real = crate::data::load(real_path, &options)?;
     eprintln!("real: {} images, {}, at {height}×{width}", real.len(), real.description);
     let real_statistics = eval::cached_statistics(&inception, &real.images, args.batch, &eval::statistics_cache_dir()?)?;
@@ -300,8 +300,10 @@ pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
 
 /// What `ddpm bench` measures and on which network; unset fields keep the preset's values.
 pub struct BenchArgs {
-    /// `train` or `sample`.
+    /// `train`, `sample` or `data`.
     pub what: String,
+    /// The dataset for `data` (None: the bundled set).
+    pub data: Option<PathBuf>,
     pub preset: String,
     pub channels: Option<i64>,
     pub channel_mult: Option<String>,
@@ -362,10 +364,16 @@ pub fn bench(args: BenchArgs) -> Result<String> {
         tch::set_num_threads(threads);
     }
     let device = crate::device::resolve(&args.device)?;
+    if args.what == "data" {
+        let m = &config.model;
+        let options = crate::data::LoadOptions { format: config.data.format, channels: m.in_channels, size: m.image_size, strict: false, split: config.data.split };
+        let (description, loaded, augmented) = crate::bench::data(args.data.as_deref(), &options, true, 0.1)?;
+        return Ok(format!("RESULT framework=ddpm bench=data size={} channels={} decoded_img_per_s={loaded:.0} decoded_augmented_img_per_s={augmented:.0} threads={} data=\"{description}\"", m.image_size, m.in_channels, std::thread::available_parallelism().map_or(1, |n| n.get())));
+    }
     let result = match args.what.as_str() {
         "train" => crate::bench::train_step(&config, device, args.warmup, args.steps)?,
         "sample" => crate::bench::sampling(&config, device, args.num, config.train.batch, args.sample_steps)?,
-        other => bail!("unknown benchmark {other:?}: expected train or sample"),
+        other => bail!("unknown benchmark {other:?}: expected train, sample or data"),
     };
     Ok(crate::bench::result_line(&args.what, &config, device, &result))
 }

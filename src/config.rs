@@ -66,6 +66,21 @@ pub struct ModelConfig {
     /// 1 (grayscale) or 3 (RGB).
     pub in_channels: i64,
     pub image_size: ImageSize,
+    /// How the stride-2 downsampling convs pad.
+    #[serde(default)]
+    pub downsample_padding: DownsamplePadding,
+}
+
+/// Padding of the stride-2 downsampling convs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DownsamplePadding {
+    /// One pixel on every side (PyTorch ports of DDPM; diffusers' `downsample_padding = 1`).
+    #[default]
+    Symmetric,
+    /// One pixel on the bottom and right only: TensorFlow's SAME padding, as in the original
+    /// DDPM code and `google/ddpm-*` (diffusers' `downsample_padding = 0`).
+    BottomRight,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -178,8 +193,20 @@ pub enum DataFormat {
     /// The 5,000 MNIST digits compiled into the program.
     Bundled,
     Folder,
+    /// data_batch_1.bin … data_batch_5.bin, test_batch.bin
     Cifar10,
+    /// train.bin, test.bin (CIFAR-100 binary version)
+    Cifar100,
     Idx,
+}
+
+/// Which part of a dataset with a fixed train/test split to use (CIFAR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Split {
+    Train,
+    Test,
+    All,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -188,6 +215,8 @@ pub struct DataConfig {
     /// Empty: the bundled MNIST subset.
     pub path: String,
     pub format: DataFormat,
+    /// train, test or all (CIFAR binaries).
+    pub split: Split,
     pub hflip: bool,
     /// Strength of brightness/contrast/saturation jitter; 0 disables.
     pub color_jitter: f64,
@@ -265,6 +294,7 @@ impl RunConfig {
                     dropout: 0.1,
                     in_channels: 3,
                     image_size: ImageSize::Square(32),
+                    downsample_padding: DownsamplePadding::Symmetric,
                 },
                 diffusion: DiffusionConfig { loss_weighting: LossWeighting::None, ..base.diffusion },
                 train: TrainConfig { steps: 500_000, batch: 128, lr: 2e-4, warmup_steps: 5000, ema_decay: 0.9999, ..base.train },
@@ -283,6 +313,7 @@ impl RunConfig {
                     dropout: 0.1,
                     in_channels: 1,
                     image_size: ImageSize::Square(28),
+                    downsample_padding: DownsamplePadding::Symmetric,
                 },
                 diffusion: DiffusionConfig { loss_weighting: LossWeighting::None, ..base.diffusion },
                 train: TrainConfig { steps: 50_000, batch: 128, lr: 2e-4, warmup_steps: 1000, ema_decay: 0.9999, ..base.train },
@@ -312,6 +343,7 @@ impl RunConfig {
                 dropout: 0.0,
                 in_channels: 1,
                 image_size: ImageSize::Square(28),
+                downsample_padding: DownsamplePadding::Symmetric,
             },
             diffusion: DiffusionConfig {
                 timesteps: 1000,
@@ -346,7 +378,7 @@ impl RunConfig {
                 max_bad_steps: 10,
                 rollback_lr_factor: 0.5,
             },
-            data: DataConfig { path: String::new(), format: DataFormat::Auto, hflip: false, color_jitter: 0.0 },
+            data: DataConfig { path: String::new(), format: DataFormat::Auto, split: Split::Train, hflip: false, color_jitter: 0.0 },
             sample: SampleConfig {
                 every: 400,
                 num: 64,
@@ -448,6 +480,9 @@ pub struct Overrides {
     /// Force the data format instead of detecting it [data.format]
     #[arg(long, value_enum)]
     pub data_format: Option<DataFormat>,
+    /// train, test or all, for CIFAR binaries [data.split]
+    #[arg(long, value_enum)]
+    pub split: Option<Split>,
     /// Image channels, 1 or 3 [model.in_channels]
     #[arg(long)]
     pub channels: Option<i64>,
@@ -562,6 +597,7 @@ impl Overrides {
         }
         set(&mut c.data.path, &self.data);
         set(&mut c.data.format, &self.data_format);
+        set(&mut c.data.split, &self.split);
         set(&mut c.model.in_channels, &self.channels);
         set(&mut c.model.image_size, &self.image_size);
         set(&mut c.train.steps, &self.steps);

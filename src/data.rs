@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{DataFormat, ImageSize};
+use crate::config::{DataFormat, ImageSize, Split};
 
 static BUNDLED_IMAGES: &[u8] = include_bytes!("../data/mnist5k-images-idx3-ubyte.gz");
 
@@ -46,6 +46,8 @@ pub struct LoadOptions {
     pub size: ImageSize,
     /// Stop at the first unreadable image instead of skipping it.
     pub strict: bool,
+    /// For CIFAR binaries.
+    pub split: Split,
 }
 
 /// Loads `path` (None: the bundled set) into memory at the requested channels and size.
@@ -65,13 +67,14 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             let raw = parse_idx_images(&read_maybe_gz(&file)?, &file)?;
             (raw, format!("IDX images {}", file.display()), 0)
         }
-        DataFormat::Cifar10 => {
+        DataFormat::Cifar10 | DataFormat::Cifar100 => {
             let dir = path.unwrap();
+            let variant = if format == DataFormat::Cifar10 { Cifar::Ten } else { Cifar::Hundred };
             let mut raw = RawImages::default();
-            for file in cifar_files(dir)? {
-                raw.images.extend(parse_cifar(&fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?, &file)?.images);
+            for file in cifar_files(dir, variant, options.split)? {
+                raw.images.extend(parse_cifar(&fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?, &file, variant)?.images);
             }
-            (raw, format!("CIFAR-10 binaries in {}", dir.display()), 0)
+            (raw, format!("{} binaries ({:?} split) in {}", variant.name(), options.split, dir.display()), 0)
         }
         DataFormat::Folder => {
             let dir = path.unwrap();
@@ -100,6 +103,9 @@ fn detect_format(path: &Path) -> Result<DataFormat> {
     }
     if path.join("data_batch_1.bin").exists() || path.join("test_batch.bin").exists() {
         return Ok(DataFormat::Cifar10);
+    }
+    if path.join("train.bin").exists() || path.join("test.bin").exists() {
+        return Ok(DataFormat::Cifar100);
     }
     if fs::read_dir(path)?.flatten().any(|e| e.file_name().to_string_lossy().contains("idx3-ubyte")) {
         return Ok(DataFormat::Idx);
@@ -220,24 +226,59 @@ pub fn parse_idx_images(bytes: &[u8], name: &Path) -> Result<RawImages> {
     Ok(raw)
 }
 
-/// The CIFAR-10 training batches in `dir`, named and checked up front.
-fn cifar_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let files: Vec<PathBuf> = (1..=5).map(|i| dir.join(format!("data_batch_{i}.bin"))).collect();
+/// CIFAR-10 or CIFAR-100 (binary versions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cifar {
+    /// Records of 1 label byte + 3×32×32 pixels.
+    Ten,
+    /// Records of 2 label bytes (coarse, fine) + 3×32×32 pixels.
+    Hundred,
+}
+
+impl Cifar {
+    fn name(self) -> &'static str {
+        match self {
+            Cifar::Ten => "CIFAR-10",
+            Cifar::Hundred => "CIFAR-100",
+        }
+    }
+
+    fn label_bytes(self) -> usize {
+        match self {
+            Cifar::Ten => 1,
+            Cifar::Hundred => 2,
+        }
+    }
+}
+
+/// The batch files of `split` in `dir`, named and checked up front.
+fn cifar_files(dir: &Path, variant: Cifar, split: Split) -> Result<Vec<PathBuf>> {
+    let (train, test): (Vec<String>, Vec<String>) = match variant {
+        Cifar::Ten => ((1..=5).map(|i| format!("data_batch_{i}.bin")).collect(), vec!["test_batch.bin".into()]),
+        Cifar::Hundred => (vec!["train.bin".into()], vec!["test.bin".into()]),
+    };
+    let names = match split {
+        Split::Train => train,
+        Split::Test => test,
+        Split::All => train.into_iter().chain(test).collect(),
+    };
+    let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
-        bail!("CIFAR-10 folder {} lacks {} (expected data_batch_1.bin … data_batch_5.bin)", dir.display(), missing.display());
+        bail!("CIFAR folder {} lacks {} (the {split:?} split needs {})", dir.display(), missing.display(), names.join(", "));
     }
     Ok(files)
 }
 
-/// Parses a CIFAR-10 binary batch: records of 1 label byte + 3072 bytes of 32×32 RGB planes.
-pub fn parse_cifar(bytes: &[u8], name: &Path) -> Result<RawImages> {
-    const RECORD: usize = 1 + 3 * 32 * 32;
-    if bytes.is_empty() || bytes.len() % RECORD != 0 {
-        bail!("{}: {} bytes is not a whole number of CIFAR-10 records ({RECORD} bytes each: 1 label + 3×32×32 pixels)", name.display(), bytes.len());
+/// Parses a CIFAR binary batch: records of label byte(s) + 3072 bytes of 32×32 RGB planes.
+pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar) -> Result<RawImages> {
+    let labels = variant.label_bytes();
+    let record = labels + 3 * 32 * 32;
+    if bytes.is_empty() || bytes.len() % record != 0 {
+        bail!("{}: {} bytes is not a whole number of {} records ({record} bytes each: {labels} label byte(s) + 3×32×32 pixels)", name.display(), bytes.len(), variant.name());
     }
     let mut raw = RawImages::default();
-    for record in bytes.chunks_exact(RECORD) {
-        let planes = &record[1..];
+    for chunk in bytes.chunks_exact(record) {
+        let planes = &chunk[labels..];
         let rgb: Vec<u8> = (0..1024).flat_map(|i| [planes[i], planes[1024 + i], planes[2048 + i]]).collect();
         raw.push(DynamicImage::ImageRgb8(image::RgbImage::from_raw(32, 32, rgb).unwrap()));
     }
@@ -381,7 +422,7 @@ mod tests {
     use super::*;
 
     fn options(channels: i64, size: i64) -> LoadOptions {
-        LoadOptions { format: DataFormat::Auto, channels, size: ImageSize::Square(size), strict: false }
+        LoadOptions { format: DataFormat::Auto, channels, size: ImageSize::Square(size), strict: false, split: Split::Train }
     }
 
     fn idx_bytes(n: u32, rows: u32, cols: u32, pixels: &[u8]) -> Vec<u8> {
@@ -442,9 +483,27 @@ mod tests {
         let d = load(Some(dir.path()), &options(3, 32)).unwrap();
         assert_eq!(d.images.size(), vec![5, 3, 32, 32]);
         assert_eq!(Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(), expected);
+        // The test split is missing: named.
+        let test = LoadOptions { split: Split::Test, ..options(3, 32) };
+        assert!(format!("{:#}", load(Some(dir.path()), &test).err().unwrap()).contains("test_batch.bin"));
+        std::fs::write(dir.path().join("test_batch.bin"), vec![9u8; 3073 * 2]).unwrap();
+        assert_eq!(load(Some(dir.path()), &test).unwrap().len(), 2);
+        assert_eq!(load(Some(dir.path()), &LoadOptions { split: Split::All, ..options(3, 32) }).unwrap().len(), 7);
         std::fs::write(dir.path().join("data_batch_3.bin"), vec![0u8; 3000]).unwrap();
         let e = format!("{:#}", load(Some(dir.path()), &options(3, 32)).err().unwrap());
         assert!(e.contains("data_batch_3.bin") && e.contains("3073"), "{e}");
+    }
+
+    #[test]
+    fn cifar100_records_skip_both_label_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = vec![3u8, 42];
+        let planes: Vec<u8> = (0..3072).map(|p| (p % 251) as u8).collect();
+        bytes.extend_from_slice(&planes);
+        std::fs::write(dir.path().join("train.bin"), &bytes).unwrap();
+        let d = load(Some(dir.path()), &options(3, 32)).unwrap();
+        assert!(d.description.contains("CIFAR-100"), "{}", d.description);
+        assert_eq!(Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(), planes);
     }
 
     #[test]

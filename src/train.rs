@@ -379,7 +379,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     let RunOptions { mut config, run_dir, resume, strict_data, epochs, stop_at, interrupt } = options;
     config.validate()?;
     let device = crate::device::resolve(&config.train.device)?;
-    let dataset = data::load(config.data_path().as_deref(), &LoadOptions { format: config.data.format, channels: config.model.in_channels, size: config.model.image_size, strict: strict_data })?;
+    let dataset = data::load(config.data_path().as_deref(), &LoadOptions { format: config.data.format, channels: config.model.in_channels, size: config.model.image_size, strict: strict_data, split: config.data.split })?;
     if let Some(epochs) = epochs {
         config.train.steps = (epochs * dataset.len() as u64).div_ceil(config.train.batch as u64).max(1);
     }
@@ -674,7 +674,7 @@ mod tests {
         c.train.device = "cpu".into();
         c.train.steps = 300;
         let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
-        let data = crate::data::load(None, &LoadOptions { format: crate::config::DataFormat::Bundled, channels: 1, size: c.model.image_size, strict: true }).unwrap();
+        let data = crate::data::load(None, &LoadOptions { format: crate::config::DataFormat::Bundled, channels: 1, size: c.model.image_size, strict: true, split: crate::config::Split::Train }).unwrap();
         let x = crate::data::to_model_space(&data.images.narrow(0, 0, 8), Device::Cpu);
         let mut losses = Vec::new();
         for _ in 0..300 {

@@ -47,7 +47,7 @@ proptest! {
 
     #[test]
     fn cifar_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..8000)) {
-        let parsed = parse_cifar(&bytes, Path::new("fuzz.bin"));
+        let parsed = parse_cifar(&bytes, Path::new("fuzz.bin"), ddpm::data::Cifar::Ten);
         prop_assert_eq!(parsed.is_ok(), !bytes.is_empty() && bytes.len() % 3073 == 0);
     }
 
@@ -102,7 +102,7 @@ proptest! {
         for ext in ["png", "jpg", "webp", "bmp", "gif"] {
             std::fs::write(dir.path().join(format!("garbage.{ext}")), &garbage).unwrap();
         }
-        let options = LoadOptions { format: DataFormat::Folder, channels: 3, size: ImageSize::Square(4), strict: false };
+        let options = LoadOptions { format: DataFormat::Folder, channels: 3, size: ImageSize::Square(4), strict: false, split: ddpm::config::Split::Train };
         let dataset = load(Some(dir.path()), &options).unwrap();
         prop_assert!(dataset.len() >= 1);
         prop_assert_eq!(dataset.len() + dataset.skipped, 7);

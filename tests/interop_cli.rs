@@ -64,7 +64,7 @@ fn a_folder_ddpm_cannot_compute_is_refused_by_key() {
         std::fs::create_dir_all(copy.join(file).parent().unwrap()).unwrap();
         std::fs::copy(fixture().join(file), copy.join(file)).unwrap();
     }
-    let config = std::fs::read_to_string(copy.join("unet/config.json")).unwrap().replace("\"downsample_padding\": 1", "\"downsample_padding\": 0");
+    let config = std::fs::read_to_string(copy.join("unet/config.json")).unwrap().replace("\"downsample_padding\": 1", "\"downsample_padding\": 2");
     std::fs::write(copy.join("unet/config.json"), config).unwrap();
     let out = ddpm(&["import", "--from", "pipeline", "--out", "run"], dir.path());
     assert!(!out.status.success());
