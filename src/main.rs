@@ -164,7 +164,7 @@ enum Command {
     /// Fréchet Inception Distance of generated images (a folder, or samples of a checkpoint)
     /// against real ones; prints `FID@N = score`
     Fid {
-        /// Real images: an image folder, a CIFAR-10 folder, an IDX file, or `bundled`
+        /// Real images: any dataset `train --data` takes (its training split), or `bundled`
         #[arg(long)]
         real: PathBuf,
         /// Generated images: a folder of images, or a checkpoint or run directory to sample from
