@@ -285,6 +285,14 @@ impl Monitor {
         Ok(())
     }
 
+    /// Appends an FID measurement to `metrics.jsonl` (the report's FID table reads it).
+    pub fn record_fid(&mut self, step: u64, fid: f64, images: usize, seconds: f64) -> Result<()> {
+        let line = serde_json::json!({ "step": step, "fid": fid, "fid_images": images, "fid_seconds": seconds, "wall_seconds": self.seconds() });
+        writeln!(self.metrics, "{line}").context("cannot append to metrics.jsonl")?;
+        self.note(&format!("FID@{} = {fid:.2} at step {step} ({seconds:.0} s)", crate::eval::count_label(images)));
+        Ok(())
+    }
+
     /// A message that does not disturb the bar.
     pub fn note(&self, message: &str) {
         match &self.bar {

@@ -409,8 +409,10 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
         let real = data::to_model_space(&dataset.images.index_select(0, &Tensor::from_slice(&first)), Device::Cpu);
         crate::monitor::save_grid(&data::augment(&real, config.data.hflip, config.data.color_jitter), &run_dir.join("samples").join("data.png"))?;
     }
+    let training_fid = TrainingFid::prepare(&config, dataset, trainer.device)?;
     let mut window = Window::new();
     let grid_seed = crate::rng::mix(tc.seed, &[0x6121D]);
+    let fid_seed = crate::rng::mix(tc.seed, &[0xF1D]);
     let mut rollbacks = 0;
     while trainer.step < stop {
         let waiting = Instant::now();
@@ -459,6 +461,10 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
             save(trainer, &order)?;
             window = Window::new();
         }
+        if let Some(fid) = training_fid.as_ref().filter(|_| step % config.fid.every == 0) {
+            fid.measure(trainer, fid_seed, &mut monitor)?;
+            window = Window::new();
+        }
     }
     let final_checkpoint = save(trainer, &order)?;
     let final_grid = write_samples(trainer, run_dir, grid_seed, &monitor)?;
@@ -483,6 +489,37 @@ fn roll_back(trainer: &mut Trainer, checkpoints: &Path, bad: u64, rollbacks: u32
     trainer.lr_scale *= trainer.config.train.rollback_lr_factor;
     monitor.note(&format!("warning: {bad} steps in a row had non-finite gradients at step {step}; rolled back to step {} ({}) with the learning rate scaled by {}", trainer.step, checkpoint.path.display(), trainer.lr_scale));
     Ok(checkpoint.sidecar.position)
+}
+
+/// FID during training: the Inception network and the real data's statistics, prepared before
+/// the first step so that a missing network fails the run at once.
+struct TrainingFid {
+    inception: crate::eval::Inception,
+    real: crate::eval::Statistics,
+}
+
+impl TrainingFid {
+    fn prepare(config: &RunConfig, dataset: &Dataset, device: Device) -> Result<Option<Self>> {
+        use crate::eval;
+        if config.fid.every == 0 {
+            return Ok(None);
+        }
+        let flag = (!config.fid.inception.is_empty()).then(|| PathBuf::from(&config.fid.inception));
+        let path = eval::locate_inception(flag.as_deref(), std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from), &eval::default_inception_path()?).context("fid.every is set")?;
+        let inception = eval::Inception::load(&path, device)?;
+        let real = eval::cached_statistics(&inception, &dataset.images, config.fid.batch, &eval::statistics_cache_dir()?)?;
+        Ok(Some(TrainingFid { inception, real }))
+    }
+
+    /// FID of `fid.num` EMA samples against the real data; recorded in the metrics.
+    fn measure(&self, trainer: &Trainer, seed: u64, monitor: &mut Monitor) -> Result<()> {
+        let started = Instant::now();
+        let fid = &trainer.config.fid;
+        let images = crate::eval::to_u8_images(&trainer.sample(true, fid.num, seed));
+        let statistics = self.inception.statistics(&images, fid.batch, "fake")?;
+        let score = crate::eval::frechet_distance(&self.real, &statistics)?;
+        monitor.record_fid(trainer.step, score, fid.num, started.elapsed().as_secs_f64())
+    }
 }
 
 /// Throughput bookkeeping between two metrics records.
@@ -764,5 +801,38 @@ mod tests {
         assert!(summary.interrupted && summary.final_grid.is_none());
         assert_eq!(summary.steps, 1);
         assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 1);
+    }
+
+    #[test]
+    fn fid_is_measured_during_training_when_the_network_is_present() {
+        let Ok(inception) = crate::eval::default_inception_path() else { return };
+        if !inception.is_file() {
+            eprintln!("skipped: no Inception file at {} (tools/get_inception.sh)", inception.display());
+            return;
+        }
+        // 40 real digits in an IDX file, so the real statistics take seconds.
+        let dir = tempfile::tempdir().unwrap();
+        let digits = crate::data::load(None, &LoadOptions { format: crate::config::DataFormat::Bundled, channels: 1, size: crate::config::ImageSize::Square(28), strict: true, split: crate::config::Split::Train }).unwrap();
+        let mut idx: Vec<u8> = [0x0803u32, 40, 28, 28].iter().flat_map(|w| w.to_be_bytes()).collect();
+        idx.extend(Vec::<u8>::try_from(digits.images.narrow(0, 0, 40).flatten(0, -1)).unwrap());
+        let data = dir.path().join("digits-idx3-ubyte");
+        std::fs::write(&data, idx).unwrap();
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.model.channels = 16;
+        c.train.device = "cpu".into();
+        c.train.steps = 2;
+        c.train.batch = 4;
+        c.sample.every = 0;
+        c.sample.num = 2;
+        c.sample.steps = 2;
+        c.data.path = data.display().to_string();
+        c.fid = crate::config::FidConfig { every: 1, num: 8, batch: 8, inception: inception.display().to_string() };
+        let run_dir = dir.path().join("run");
+        run(RunOptions { config: c, run_dir: run_dir.clone(), resume: None, strict_data: true, epochs: None, stop_at: None, interrupt: None }).unwrap();
+        let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+        let fids: Vec<serde_json::Value> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v["fid"].is_number()).collect();
+        assert_eq!(fids.len(), 2, "{metrics}");
+        assert!(fids.iter().all(|v| v["fid"].as_f64().unwrap() > 0.0 && v["fid_images"] == 8));
+        assert!(std::fs::read_to_string(run_dir.join("report.html")).unwrap().contains("<th>FID</th>"));
     }
 }

@@ -69,11 +69,11 @@ fn train_resume_and_sample_end_to_end() {
     let out = ddpm(&["sample", "--checkpoint", "run", "--num", "3", "--steps", "2", "--out", "grid.png", "--out-dir", "imgs", "--animate", "t.gif", "--device", "cpu"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let grid = image::open(dir.path().join("grid.png")).unwrap();
-    assert_eq!((grid.width(), grid.height()), (2 * 30 + 2, 2 * 30 + 2));
+    assert_eq!((grid.width(), grid.height()), (2 * 18 + 2, 2 * 18 + 2)); // 3 images of 16×16: 2×2 cells
     assert!(dir.path().join("t.gif").exists());
     for i in 0..3 {
         let img = image::open(dir.path().join(format!("imgs/{i:06}.png"))).unwrap();
-        assert_eq!((img.width(), img.height()), (28, 28));
+        assert_eq!((img.width(), img.height()), (16, 16));
     }
 }
 
