@@ -47,11 +47,25 @@ fn peak_gib(device: Device) -> Result<Option<(f64, f64)>> {
 }
 
 /// Times `steps` training steps on one fixed synthetic batch after `warmup` untimed ones.
-pub fn train_step(config: &RunConfig, device: Device, warmup: usize, steps: usize) -> Result<BenchResult> {
+pub fn train_step(
+    config: &RunConfig,
+    device: Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
     let mut trainer = Trainer::new(config, device)?;
     let m = &config.model;
     tch::manual_seed(0);
-    let x0 = Tensor::rand([config.train.batch as i64, m.in_channels, m.image_size.height(), m.image_size.width()], (Kind::Float, device)) * 2.0 - 1.0;
+    let x0 = Tensor::rand(
+        [
+            config.train.batch as i64,
+            m.in_channels,
+            m.image_size.height(),
+            m.image_size.width(),
+        ],
+        (Kind::Float, device),
+    ) * 2.0
+        - 1.0;
     for _ in 0..warmup {
         trainer.step(&x0)?.loss.double_value(&[]);
     }
@@ -65,40 +79,106 @@ pub fn train_step(config: &RunConfig, device: Device, warmup: usize, steps: usiz
     let final_loss = last.map(|l| l.double_value(&[])); // waits for the queued work
     synchronize(device);
     let seconds = started.elapsed().as_secs_f64();
-    Ok(BenchResult { images_per_second: (config.train.batch * steps) as f64 / seconds, ms_per_step: seconds * 1000.0 / steps as f64, final_loss, peak_memory_gib: peak_gib(device)?, parameters: parameter_count(&trainer.vs) })
+    Ok(BenchResult {
+        images_per_second: (config.train.batch * steps) as f64 / seconds,
+        ms_per_step: seconds * 1000.0 / steps as f64,
+        final_loss,
+        peak_memory_gib: peak_gib(device)?,
+        parameters: parameter_count(&trainer.vs),
+    })
 }
 
 /// Times DDIM sampling of `num` images in batches of `batch` with `ddim_steps` steps.
-pub fn sampling(config: &RunConfig, device: Device, num: usize, batch: usize, ddim_steps: usize) -> Result<BenchResult> {
+pub fn sampling(
+    config: &RunConfig,
+    device: Device,
+    num: usize,
+    batch: usize,
+    ddim_steps: usize,
+) -> Result<BenchResult> {
     let trainer = Trainer::new(config, device)?;
-    let denoiser = Denoiser { model: &trainer.ema_model, schedule: &trainer.schedule, prediction: config.diffusion.prediction };
-    let settings = SampleConfig { sampler: SamplerKind::Ddim, steps: ddim_steps, eta: 0.0, ..config.sample.clone() };
+    let denoiser = Denoiser {
+        model: &trainer.ema_model,
+        schedule: &trainer.schedule,
+        prediction: config.diffusion.prediction,
+    };
+    let settings = SampleConfig {
+        sampler: SamplerKind::Ddim,
+        steps: ddim_steps,
+        eta: 0.0,
+        ..config.sample.clone()
+    };
     let m = &config.model;
-    let shape = |n: usize| [n as i64, m.in_channels, m.image_size.height(), m.image_size.width()];
-    let _ = sampler::sample(&denoiser, &SampleConfig { steps: 2, ..settings.clone() }, shape(batch.min(num)), 0, device, batch, |_, _| {});
+    let shape = |n: usize| {
+        [
+            n as i64,
+            m.in_channels,
+            m.image_size.height(),
+            m.image_size.width(),
+        ]
+    };
+    let _ = sampler::sample(
+        &denoiser,
+        &SampleConfig {
+            steps: 2,
+            ..settings.clone()
+        },
+        shape(batch.min(num)),
+        0,
+        device,
+        batch,
+        |_, _| {},
+    );
     synchronize(device);
     reset_peak(device)?;
     let started = Instant::now();
-    let images = sampler::sample(&denoiser, &settings, shape(num), 0, device, batch, |_, _| {});
+    let images = sampler::sample(
+        &denoiser,
+        &settings,
+        shape(num),
+        0,
+        device,
+        batch,
+        |_, _| {},
+    );
     let _ = images.sum(Kind::Float).double_value(&[]);
     synchronize(device);
     let seconds = started.elapsed().as_secs_f64();
     let batches = num.div_ceil(batch);
-    Ok(BenchResult { images_per_second: num as f64 / seconds, ms_per_step: seconds * 1000.0 / (batches * ddim_steps) as f64, final_loss: None, peak_memory_gib: peak_gib(device)?, parameters: parameter_count(&trainer.vs) })
+    Ok(BenchResult {
+        images_per_second: num as f64 / seconds,
+        ms_per_step: seconds * 1000.0 / (batches * ddim_steps) as f64,
+        final_loss: None,
+        peak_memory_gib: peak_gib(device)?,
+        parameters: parameter_count(&trainer.vs),
+    })
 }
 
 /// Times loading (reading, decoding, resizing) a dataset and augmenting it once, in images/s.
-pub fn data(path: Option<&std::path::Path>, options: &crate::data::LoadOptions, hflip: bool, jitter: f64) -> Result<(String, f64, f64)> {
+pub fn data(
+    path: Option<&std::path::Path>,
+    options: &crate::data::LoadOptions,
+    hflip: bool,
+    jitter: f64,
+) -> Result<(String, f64, f64)> {
     let started = Instant::now();
     let dataset = crate::data::load(path, options)?;
     let load_seconds = started.elapsed().as_secs_f64();
     let started = Instant::now();
     for batch in dataset.images.split(256, 0) {
-        let _ = crate::data::augment(&crate::data::to_model_space(&batch, Device::Cpu), hflip, jitter);
+        let _ = crate::data::augment(
+            &crate::data::to_model_space(&batch, Device::Cpu),
+            hflip,
+            jitter,
+        );
     }
     let augment_seconds = started.elapsed().as_secs_f64();
     let n = dataset.len() as f64;
-    Ok((dataset.description, n / load_seconds, n / (load_seconds + augment_seconds)))
+    Ok((
+        dataset.description,
+        n / load_seconds,
+        n / (load_seconds + augment_seconds),
+    ))
 }
 
 /// The `RESULT …` line, in the same key=value form as the PyTorch baseline script.
@@ -148,7 +228,12 @@ mod tests {
         let r = train_step(&c, Device::Cpu, 1, 2).unwrap();
         assert!(r.images_per_second > 0.0 && r.final_loss.unwrap().is_finite());
         let line = result_line("train", &c, Device::Cpu, &r);
-        assert!(line.starts_with("RESULT framework=ddpm bench=train device=cpu precision=f32 batch=4 size=8"), "{line}");
+        assert!(
+            line.starts_with(
+                "RESULT framework=ddpm bench=train device=cpu precision=f32 batch=4 size=8"
+            ),
+            "{line}"
+        );
         assert!(line.contains(" img_per_s="));
         let s = sampling(&c, Device::Cpu, 3, 2, 2).unwrap();
         assert!(s.images_per_second > 0.0);

@@ -60,15 +60,29 @@ pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         let numel = t.numel();
         let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut bytes, numel)?;
-        owned.push((name.clone(), dtype, t.size().iter().map(|&d| d as usize).collect(), bytes));
+        owned.push((
+            name.clone(),
+            dtype,
+            t.size().iter().map(|&d| d as usize).collect(),
+            bytes,
+        ));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned.iter().map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?))).collect::<Result<_>>()?;
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
     Ok(safetensors::serialize(views, &None)?)
 }
 
 /// Parses safetensors bytes into CPU tensors by name; `origin` names the file in errors.
 pub fn from_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let st = SafeTensors::deserialize(bytes).with_context(|| format!("{} is not a valid safetensors file", origin.display()))?;
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", origin.display()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let kind = match view.dtype() {
@@ -79,7 +93,10 @@ pub fn from_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, 
             Dtype::I64 => Kind::Int64,
             Dtype::I32 => Kind::Int,
             Dtype::U8 => Kind::Uint8,
-            other => bail!("{}: tensor {name} has unsupported dtype {other:?}", origin.display()),
+            other => bail!(
+                "{}: tensor {name} has unsupported dtype {other:?}",
+                origin.display()
+            ),
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         out.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
@@ -94,7 +111,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
     let result = (|| -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -111,13 +131,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Saves a checkpoint into `dir` and removes all but the newest `checkpoint.keep` that are not
 /// pinned.
-pub fn save(dir: &Path, tensors: &[(String, Tensor)], step: u64, position: Position, config: &RunConfig) -> Result<PathBuf> {
-    fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
+pub fn save(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    step: u64,
+    position: Position,
+    config: &RunConfig,
+) -> Result<PathBuf> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
     let bytes = to_safetensors(tensors)?;
     let tensors_file = format!("step-{step:08}.safetensors");
     write_atomic(&dir.join(&tensors_file), &bytes)?;
@@ -128,7 +158,9 @@ pub fn save(dir: &Path, tensors: &[(String, Tensor)], step: u64, position: Posit
         config: config.clone(),
         ddpm_version: env!("CARGO_PKG_VERSION").into(),
         torch_version: crate::ops::torch_version(),
-        written_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        written_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         tensors_file,
         tensors_sha256: sha256_hex(&bytes),
     };
@@ -141,7 +173,15 @@ pub fn save(dir: &Path, tensors: &[(String, Tensor)], step: u64, position: Posit
 /// Sidecars in `dir`, oldest first.
 pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(entries) => entries.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.extension().is_some_and(|e| e == "json")).collect(),
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                    && p.extension().is_some_and(|e| e == "json")
+            })
+            .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
         Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
     };
@@ -151,27 +191,41 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// A checkpoint is pinned by `pin_every` or by a `step-N.keep` file beside it.
 fn is_pinned(sidecar: &Path, pin_every: u64) -> bool {
-    let step = sidecar.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("step-")).and_then(|s| s.parse::<u64>().ok());
+    let step = sidecar
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.strip_prefix("step-"))
+        .and_then(|s| s.parse::<u64>().ok());
     let by_interval = matches!(step, Some(s) if pin_every > 0 && s % pin_every == 0);
     by_interval || sidecar.with_extension("keep").exists()
 }
 
 fn prune(dir: &Path, keep: usize, pin_every: u64) -> Result<()> {
-    let unpinned: Vec<PathBuf> = list(dir)?.into_iter().filter(|p| !is_pinned(p, pin_every)).collect();
+    let unpinned: Vec<PathBuf> = list(dir)?
+        .into_iter()
+        .filter(|p| !is_pinned(p, pin_every))
+        .collect();
     for old in &unpinned[..unpinned.len().saturating_sub(keep)] {
         if let Ok(sidecar) = read_sidecar(old) {
             let _ = fs::remove_file(dir.join(sidecar.tensors_file));
         }
-        fs::remove_file(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        fs::remove_file(old)
+            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
     }
     Ok(())
 }
 
 pub fn read_sidecar(path: &Path) -> Result<Sidecar> {
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read checkpoint sidecar {}", path.display()))?;
-    let sidecar: Sidecar = serde_json::from_str(&text).with_context(|| format!("{} is not a valid checkpoint sidecar", path.display()))?;
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read checkpoint sidecar {}", path.display()))?;
+    let sidecar: Sidecar = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid checkpoint sidecar", path.display()))?;
     if sidecar.format_version != FORMAT_VERSION {
-        bail!("{}: checkpoint format {} is not supported (this ddpm reads format {FORMAT_VERSION})", path.display(), sidecar.format_version);
+        bail!(
+            "{}: checkpoint format {} is not supported (this ddpm reads format {FORMAT_VERSION})",
+            path.display(),
+            sidecar.format_version
+        );
     }
     Ok(sidecar)
 }
@@ -188,7 +242,11 @@ impl Checkpoint {
     /// valid one there; damaged newer ones are named in a warning and passed over).
     pub fn load(path: &Path) -> Result<Self> {
         if path.is_dir() {
-            let dir = if path.join("checkpoints").is_dir() { path.join("checkpoints") } else { path.to_path_buf() };
+            let dir = if path.join("checkpoints").is_dir() {
+                path.join("checkpoints")
+            } else {
+                path.to_path_buf()
+            };
             let candidates = list(&dir)?;
             if candidates.is_empty() {
                 bail!("no checkpoint found in {}", dir.display());
@@ -196,29 +254,51 @@ impl Checkpoint {
             for candidate in candidates.iter().rev() {
                 match Self::load_file(candidate) {
                     Ok(c) => return Ok(c),
-                    Err(e) => eprintln!("warning: skipping damaged checkpoint {}: {e:#}", candidate.display()),
+                    Err(e) => eprintln!(
+                        "warning: skipping damaged checkpoint {}: {e:#}",
+                        candidate.display()
+                    ),
                 }
             }
             bail!("every checkpoint in {} is damaged", dir.display());
         }
-        let sidecar = if path.extension().is_some_and(|e| e == "safetensors") { path.with_extension("json") } else { path.to_path_buf() };
+        let sidecar = if path.extension().is_some_and(|e| e == "safetensors") {
+            path.with_extension("json")
+        } else {
+            path.to_path_buf()
+        };
         Self::load_file(&sidecar)
     }
 
     fn load_file(sidecar_path: &Path) -> Result<Self> {
         let sidecar = read_sidecar(sidecar_path)?;
-        let tensors_path = sidecar_path.parent().unwrap_or(Path::new(".")).join(&sidecar.tensors_file);
-        let bytes = fs::read(&tensors_path).with_context(|| format!("cannot read checkpoint weights {}", tensors_path.display()))?;
+        let tensors_path = sidecar_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&sidecar.tensors_file);
+        let bytes = fs::read(&tensors_path).with_context(|| {
+            format!("cannot read checkpoint weights {}", tensors_path.display())
+        })?;
         if sha256_hex(&bytes) != sidecar.tensors_sha256 {
-            bail!("{} is damaged: its SHA-256 does not match the one recorded in {}", tensors_path.display(), sidecar_path.display());
+            bail!(
+                "{} is damaged: its SHA-256 does not match the one recorded in {}",
+                tensors_path.display(),
+                sidecar_path.display()
+            );
         }
         let tensors = from_safetensors(&bytes, &tensors_path)?;
-        Ok(Checkpoint { path: sidecar_path.to_path_buf(), sidecar, tensors })
+        Ok(Checkpoint {
+            path: sidecar_path.to_path_buf(),
+            sidecar,
+            tensors,
+        })
     }
 
     /// The tensor `name`, or an error naming the checkpoint.
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).with_context(|| format!("checkpoint {} lacks tensor {name}", self.path.display()))
+        self.tensors
+            .get(name)
+            .with_context(|| format!("checkpoint {} lacks tensor {name}", self.path.display()))
     }
 }
 
@@ -228,10 +308,16 @@ mod tests {
 
     fn sample_tensors() -> Vec<(String, Tensor)> {
         vec![
-            ("a.weight".into(), Tensor::randn([3, 4], (Kind::Float, Device::Cpu))),
+            (
+                "a.weight".into(),
+                Tensor::randn([3, 4], (Kind::Float, Device::Cpu)),
+            ),
             ("b".into(), Tensor::from_slice(&[1.5f64, -2.0])),
             ("c".into(), Tensor::from_slice(&[7i64])),
-            ("d".into(), Tensor::randn([2], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16)),
+            (
+                "d".into(),
+                Tensor::randn([2], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16),
+            ),
         ]
     }
 
@@ -240,10 +326,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = RunConfig::preset("tiny").unwrap();
         let tensors = sample_tensors();
-        let path = save(dir.path(), &tensors, 12, Position { epoch: 3, index: 40 }, &config).unwrap();
+        let path = save(
+            dir.path(),
+            &tensors,
+            12,
+            Position {
+                epoch: 3,
+                index: 40,
+            },
+            &config,
+        )
+        .unwrap();
         let loaded = Checkpoint::load(&path).unwrap();
         assert_eq!(loaded.sidecar.step, 12);
-        assert_eq!(loaded.sidecar.position, Position { epoch: 3, index: 40 });
+        assert_eq!(
+            loaded.sidecar.position,
+            Position {
+                epoch: 3,
+                index: 40
+            }
+        );
         assert_eq!(loaded.sidecar.config, config);
         for (name, t) in &tensors {
             let back = loaded.tensor(name).unwrap();
@@ -262,17 +364,41 @@ mod tests {
             if step == 2 {
                 fs::write(dir.path().join("step-00000002.keep"), b"").unwrap();
             }
-            save(dir.path(), &sample_tensors(), step, Position::default(), &config).unwrap();
+            save(
+                dir.path(),
+                &sample_tensors(),
+                step,
+                Position::default(),
+                &config,
+            )
+            .unwrap();
         }
-        let names: Vec<String> = list(dir.path()).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(names, vec!["step-00000002.json", "step-00000005.json", "step-00000006.json", "step-00000007.json"]);
+        let names: Vec<String> = list(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                "step-00000002.json",
+                "step-00000005.json",
+                "step-00000006.json",
+                "step-00000007.json"
+            ]
+        );
         assert!(!dir.path().join("step-00000001.safetensors").exists());
         // Truncate the newest weights file: loading the folder falls back to the previous one.
         let newest = dir.path().join("step-00000007.safetensors");
         let bytes = fs::read(&newest).unwrap();
         fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
-        let err = Checkpoint::load(&sidecar_path(dir.path(), 7)).err().unwrap();
-        assert!(format!("{err:#}").contains("step-00000007.safetensors"), "{err:#}");
+        let err = Checkpoint::load(&sidecar_path(dir.path(), 7))
+            .err()
+            .unwrap();
+        assert!(
+            format!("{err:#}").contains("step-00000007.safetensors"),
+            "{err:#}"
+        );
         assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 6);
         // A truncated sidecar is passed over the same way.
         fs::write(sidecar_path(dir.path(), 6), b"{\"format_version\": 1, \"st").unwrap();
@@ -293,14 +419,20 @@ mod tests {
     impl TinyDisk {
         fn mount(bytes: usize) -> Option<Self> {
             let dir = tempfile::tempdir().unwrap();
-            let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"]).arg(dir.path()).status().is_ok_and(|s| s.success());
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
             ok.then_some(TinyDisk(dir))
         }
     }
 
     impl Drop for TinyDisk {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+            let _ = std::process::Command::new("umount")
+                .arg(self.0.path())
+                .status();
         }
     }
 
@@ -311,16 +443,29 @@ mod tests {
             return;
         };
         let config = RunConfig::preset("tiny").unwrap();
-        let small = vec![("w".to_string(), Tensor::ones([1000], (Kind::Float, Device::Cpu)))];
+        let small = vec![(
+            "w".to_string(),
+            Tensor::ones([1000], (Kind::Float, Device::Cpu)),
+        )];
         let first = save(disk.0.path(), &small, 1, Position::default(), &config).unwrap();
-        let big = vec![("w".to_string(), Tensor::ones([100_000], (Kind::Float, Device::Cpu)))];
-        let err = format!("{:#}", save(disk.0.path(), &big, 2, Position::default(), &config).unwrap_err());
+        let big = vec![(
+            "w".to_string(),
+            Tensor::ones([100_000], (Kind::Float, Device::Cpu)),
+        )];
+        let err = format!(
+            "{:#}",
+            save(disk.0.path(), &big, 2, Position::default(), &config).unwrap_err()
+        );
         assert!(err.contains("step-00000002.safetensors"), "{err}");
         let back = Checkpoint::load(disk.0.path()).unwrap();
         assert_eq!(back.path, first);
         assert!(back.tensor("w").unwrap().equal(&small[0].1));
         // The failed attempt left no temporary file behind.
-        let leftovers: Vec<_> = fs::read_dir(disk.0.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+        let leftovers: Vec<_> = fs::read_dir(disk.0.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
         assert!(leftovers.is_empty());
     }
 }

@@ -16,7 +16,12 @@ use crate::train::{self, RunOptions};
 
 /// Builds a run's configuration: the resumed checkpoint's, else the TOML file's, else the
 /// preset's; then the command-line overrides; then validation.
-pub fn resolve_config(preset: Option<&str>, config_file: Option<&Path>, resume: Option<&Checkpoint>, overrides: &Overrides) -> Result<RunConfig> {
+pub fn resolve_config(
+    preset: Option<&str>,
+    config_file: Option<&Path>,
+    resume: Option<&Checkpoint>,
+    overrides: &Overrides,
+) -> Result<RunConfig> {
     let mut config = match (resume, config_file) {
         (Some(checkpoint), _) => checkpoint.sidecar.config.clone(),
         (None, Some(file)) => RunConfig::from_toml_file(file, preset)?,
@@ -40,14 +45,27 @@ pub struct TrainArgs {
 /// Trains; returns true when a signal interrupted the run (after it wrote a checkpoint).
 pub fn train(args: TrainArgs) -> Result<bool> {
     let resume = resolve_resume(&args)?;
-    let config = resolve_config(args.preset.as_deref(), args.config_file.as_deref(), resume.as_ref(), &args.overrides)?;
+    let config = resolve_config(
+        args.preset.as_deref(),
+        args.config_file.as_deref(),
+        resume.as_ref(),
+        &args.overrides,
+    )?;
     let run_dir = match (&args.out, &resume) {
         (Some(out), _) => out.clone(),
         (None, Some(checkpoint)) => run_dir_of(&checkpoint.path),
         (None, None) => default_run_dir(&config),
     };
     let interrupt = install_signal_handlers()?;
-    let summary = train::run(RunOptions { config, run_dir, resume, strict_data: args.strict_data, epochs: args.overrides.epochs, stop_at: args.stop_at, interrupt: Some(interrupt) })?;
+    let summary = train::run(RunOptions {
+        config,
+        run_dir,
+        resume,
+        strict_data: args.strict_data,
+        epochs: args.overrides.epochs,
+        stop_at: args.stop_at,
+        interrupt: Some(interrupt),
+    })?;
     if !summary.interrupted {
         eprintln!("done: {} steps in {:.0} s", summary.steps, summary.seconds);
         eprintln!("checkpoint: {}", summary.final_checkpoint.display());
@@ -70,7 +88,12 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
         Some(path) if path == Path::new("auto") => {
             let dir = match &args.out {
                 Some(out) => out.clone(),
-                None => default_run_dir(&resolve_config(args.preset.as_deref(), args.config_file.as_deref(), None, &args.overrides)?),
+                None => default_run_dir(&resolve_config(
+                    args.preset.as_deref(),
+                    args.config_file.as_deref(),
+                    None,
+                    &args.overrides,
+                )?),
             };
             let found = !crate::checkpoint::list(&dir.join("checkpoints"))?.is_empty();
             found.then(|| Checkpoint::load(&dir)).transpose()
@@ -92,7 +115,11 @@ fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
 
 /// The run directory a checkpoint path belongs to.
 fn run_dir_of(path: &Path) -> PathBuf {
-    let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
     if dir.file_name().is_some_and(|n| n == "checkpoints") {
         dir.parent().unwrap_or(Path::new(".")).to_path_buf()
     } else {
@@ -142,18 +169,46 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     }
     let (_vs, model) = train::load_for_sampling(&checkpoint, args.ema, device)?;
     let schedule = NoiseSchedule::from_config(&config.diffusion);
-    let denoiser = Denoiser { model: &model, schedule: &schedule, prediction: config.diffusion.prediction };
+    let denoiser = Denoiser {
+        model: &model,
+        schedule: &schedule,
+        prediction: config.diffusion.prediction,
+    };
     let m = &config.model;
     let started = std::time::Instant::now();
-    let total_steps = if settings.sampler == crate::config::SamplerKind::Ddim { settings.steps } else { config.diffusion.timesteps };
+    let total_steps = if settings.sampler == crate::config::SamplerKind::Ddim {
+        settings.steps
+    } else {
+        config.diffusion.timesteps
+    };
     let every = total_steps.div_ceil(60); // about 60 frames whatever the sampler
     let mut frames = Vec::new();
-    let images = sampler::sample(&denoiser, &settings, [args.num as i64, m.in_channels, m.image_size.height(), m.image_size.width()], args.seed, device, args.batch, |i, x| {
-        if args.animation.is_some() && ((i + 1) % every == 0 || i + 1 == total_steps) {
-            frames.push(crate::monitor::grid_image(&x.clamp(-1.0, 1.0)));
-        }
-    });
-    eprintln!("sampled {} images in {:.1} s ({:?}, {} weights, step {})", args.num, started.elapsed().as_secs_f64(), settings.sampler, if args.ema { "EMA" } else { "raw" }, checkpoint.sidecar.step);
+    let images = sampler::sample(
+        &denoiser,
+        &settings,
+        [
+            args.num as i64,
+            m.in_channels,
+            m.image_size.height(),
+            m.image_size.width(),
+        ],
+        args.seed,
+        device,
+        args.batch,
+        |i, x| {
+            if args.animation.is_some() && ((i + 1) % every == 0 || i + 1 == total_steps) {
+                frames.push(crate::monitor::grid_image(&x.clamp(-1.0, 1.0)));
+            }
+        },
+    );
+    eprintln!(
+        "sampled {} images in {:.1} s ({:?}, {} weights, step {})",
+        args.num,
+        started.elapsed().as_secs_f64(),
+        settings.sampler,
+        if args.ema { "EMA" } else { "raw" },
+        checkpoint.sidecar.step
+    );
     if let Some(grid) = &args.grid {
         crate::monitor::save_grid(&images, grid)?;
         eprintln!("grid: {}", grid.display());
@@ -174,7 +229,11 @@ pub fn model_summary(preset: Option<&str>, config_file: Option<&Path>) -> Result
     let config = resolve_config(preset, config_file, None, &Overrides::default())?;
     let vs = VarStore::new(Device::Cpu);
     let _ = UNet::new(&vs.root(), &config.model);
-    Ok(format!("preset: {}\n{}", config.preset, model::summary(&config.model, &vs)))
+    Ok(format!(
+        "preset: {}\n{}",
+        config.preset,
+        model::summary(&config.model, &vs)
+    ))
 }
 
 pub struct FidArgs {
@@ -197,11 +256,18 @@ pub fn fid(args: FidArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     if !args.fake.exists() {
-        bail!("--fake {} does not exist: give a folder of images, a checkpoint or a run directory", args.fake.display());
+        bail!(
+            "--fake {} does not exist: give a folder of images, a checkpoint or a run directory",
+            args.fake.display()
+        );
     }
     let device = crate::device::resolve(&args.device)?;
     // Before any sampling: a missing network should cost the user nothing.
-    let inception_path = eval::locate_inception(args.inception.as_deref(), std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from), &eval::default_inception_path()?)?;
+    let inception_path = eval::locate_inception(
+        args.inception.as_deref(),
+        std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
+        &eval::default_inception_path()?,
+    )?;
     // Published FID numbers use full f32 convolutions; libtorch would let cuDNN use TF32.
     crate::ops::set_tf32(false)?;
     let inception = eval::Inception::load(&inception_path, device)?;
@@ -210,13 +276,31 @@ pub fn fid(args: FidArgs) -> Result<()> {
     // The real images are scored at the generated images' size and channels: what a model was
     // trained on.
     let real_path = (args.real != Path::new("bundled")).then_some(args.real.as_path());
-    let options = crate::data::LoadOptions { format: crate::config::DataFormat::Auto, channels, size: crate::config::ImageSize::Rect([height, width]), strict: false, split: crate::config::Split::Train };
+    let options = crate::data::LoadOptions {
+        format: crate::config::DataFormat::Auto,
+        channels,
+        size: crate::config::ImageSize::Rect([height, width]),
+        strict: false,
+        split: crate::config::Split::Train,
+    };
     let real = crate::data::load(real_path, &options)?;
-    eprintln!("real: {} images, {}, at {height}×{width}", real.len(), real.description);
-    let real_statistics = eval::cached_statistics(&inception, &real.images, args.batch, &eval::statistics_cache_dir()?)?;
+    eprintln!(
+        "real: {} images, {}, at {height}×{width}",
+        real.len(),
+        real.description
+    );
+    let real_statistics = eval::cached_statistics(
+        &inception,
+        &real.images,
+        args.batch,
+        &eval::statistics_cache_dir()?,
+    )?;
     let fake_statistics = inception.statistics(&fake, args.batch, "fake")?;
     let score = eval::frechet_distance(&real_statistics, &fake_statistics)?;
-    eprintln!("FID of {count} generated images against {} real ones: {score}", real.len());
+    eprintln!(
+        "FID of {count} generated images against {} real ones: {score}",
+        real.len()
+    );
     println!("FID@{} = {score:.2}", eval::count_label(count as usize));
     Ok(())
 }
@@ -224,21 +308,50 @@ pub fn fid(args: FidArgs) -> Result<()> {
 /// The generated images as u8 [N, C, H, W]: sampled from a checkpoint with its own sampler
 /// settings and EMA weights, or read from a folder.
 fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
-    let is_checkpoint = args.fake.is_file() || args.fake.join("checkpoints").is_dir() || !crate::checkpoint::list(&args.fake)?.is_empty();
+    let is_checkpoint = args.fake.is_file()
+        || args.fake.join("checkpoints").is_dir()
+        || !crate::checkpoint::list(&args.fake)?.is_empty();
     if !is_checkpoint {
         let images = crate::eval::load_image_folder(&args.fake, args.num)?;
-        eprintln!("fake: {} images from {}", images.size()[0], args.fake.display());
+        eprintln!(
+            "fake: {} images from {}",
+            images.size()[0],
+            args.fake.display()
+        );
         return Ok(images);
     }
     let checkpoint = Checkpoint::load(&args.fake)?;
     let config = &checkpoint.sidecar.config;
     let (_vs, model) = train::load_for_sampling(&checkpoint, true, device)?;
     let schedule = NoiseSchedule::from_config(&config.diffusion);
-    let denoiser = Denoiser { model: &model, schedule: &schedule, prediction: config.diffusion.prediction };
+    let denoiser = Denoiser {
+        model: &model,
+        schedule: &schedule,
+        prediction: config.diffusion.prediction,
+    };
     let (m, num) = (&config.model, args.num.unwrap_or(10_000));
     let started = std::time::Instant::now();
-    let images = sampler::sample(&denoiser, &config.sample, [num as i64, m.in_channels, m.image_size.height(), m.image_size.width()], args.seed, device, args.batch, |_, _| {});
-    eprintln!("fake: sampled {num} images in {:.1} s ({:?}, EMA weights, step {} of {})", started.elapsed().as_secs_f64(), config.sample.sampler, checkpoint.sidecar.step, checkpoint.path.display());
+    let images = sampler::sample(
+        &denoiser,
+        &config.sample,
+        [
+            num as i64,
+            m.in_channels,
+            m.image_size.height(),
+            m.image_size.width(),
+        ],
+        args.seed,
+        device,
+        args.batch,
+        |_, _| {},
+    );
+    eprintln!(
+        "fake: sampled {num} images in {:.1} s ({:?}, EMA weights, step {} of {})",
+        started.elapsed().as_secs_f64(),
+        config.sample.sampler,
+        checkpoint.sidecar.step,
+        checkpoint.path.display()
+    );
     Ok(crate::eval::to_u8_images(&images))
 }
 
@@ -265,9 +378,17 @@ pub struct ExportArgs {
 pub fn export(args: ExportArgs) -> Result<()> {
     let checkpoint = Checkpoint::load(&args.checkpoint)?;
     match args.format {
-        crate::interop::ExportFormat::Diffusers => crate::interop::export_diffusers(&checkpoint, args.ema, &args.out)?,
+        crate::interop::ExportFormat::Diffusers => {
+            crate::interop::export_diffusers(&checkpoint, args.ema, &args.out)?
+        }
     }
-    eprintln!("exported the {} weights of {} (step {}) to {}", if args.ema { "EMA" } else { "raw" }, checkpoint.path.display(), checkpoint.sidecar.step, args.out.display());
+    eprintln!(
+        "exported the {} weights of {} (step {}) to {}",
+        if args.ema { "EMA" } else { "raw" },
+        checkpoint.path.display(),
+        checkpoint.sidecar.step,
+        args.out.display()
+    );
     Ok(())
 }
 
@@ -278,23 +399,50 @@ pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
     let imported = crate::interop::DiffusersModel::read(from)?;
     let checkpoints = run_dir.join("checkpoints");
     if !crate::checkpoint::list(&checkpoints)?.is_empty() {
-        bail!("run directory {} already holds checkpoints: choose another --out", run_dir.display());
+        bail!(
+            "run directory {} already holds checkpoints: choose another --out",
+            run_dir.display()
+        );
     }
     let config = &imported.config;
     let mut trainer = train::Trainer::new(config, Device::Cpu)?;
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in trainer.vs.variables() {
-            var.copy_(imported.weights.get(&name).with_context(|| format!("{} lacks parameter {name}", from.display()))?);
+            var.copy_(
+                imported
+                    .weights
+                    .get(&name)
+                    .with_context(|| format!("{} lacks parameter {name}", from.display()))?,
+            );
         }
         Ok(())
     })?;
     trainer.ema_vs.copy(&trainer.vs)?;
-    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
     crate::checkpoint::write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
-    let saved = crate::checkpoint::save(&checkpoints, &trainer.state_tensors(), 0, Default::default(), config)?;
-    eprintln!("imported {} as {} ({} parameters; training settings of the {} preset)", from.display(), saved.display(), model::parameter_count(&trainer.vs), config.preset);
-    eprintln!("sample:    ddpm sample --checkpoint {} --out grid.png", run_dir.display());
-    eprintln!("fine-tune: ddpm train --resume {} --data PATH --steps N", run_dir.display());
+    let saved = crate::checkpoint::save(
+        &checkpoints,
+        &trainer.state_tensors(),
+        0,
+        Default::default(),
+        config,
+    )?;
+    eprintln!(
+        "imported {} as {} ({} parameters; training settings of the {} preset)",
+        from.display(),
+        saved.display(),
+        model::parameter_count(&trainer.vs),
+        config.preset
+    );
+    eprintln!(
+        "sample:    ddpm sample --checkpoint {} --out grid.png",
+        run_dir.display()
+    );
+    eprintln!(
+        "fine-tune: ddpm train --resume {} --data PATH --steps N",
+        run_dir.display()
+    );
     Ok(())
 }
 
@@ -324,7 +472,15 @@ pub struct BenchArgs {
 }
 
 fn parse_list(flag: &str, text: &str) -> Result<Vec<i64>> {
-    text.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| v.parse::<i64>().map_err(|_| anyhow::anyhow!("{flag}: {v:?} is not an integer (expected e.g. 1,2,2,2)"))).collect()
+    text.split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<i64>().map_err(|_| {
+                anyhow::anyhow!("{flag}: {v:?} is not an integer (expected e.g. 1,2,2,2)")
+            })
+        })
+        .collect()
 }
 
 /// Runs a benchmark and returns its `RESULT` line.
@@ -366,14 +522,29 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     let device = crate::device::resolve(&args.device)?;
     if args.what == "data" {
         let m = &config.model;
-        let options = crate::data::LoadOptions { format: config.data.format, channels: m.in_channels, size: m.image_size, strict: false, split: config.data.split };
-        let (description, loaded, augmented) = crate::bench::data(args.data.as_deref(), &options, true, 0.1)?;
+        let options = crate::data::LoadOptions {
+            format: config.data.format,
+            channels: m.in_channels,
+            size: m.image_size,
+            strict: false,
+            split: config.data.split,
+        };
+        let (description, loaded, augmented) =
+            crate::bench::data(args.data.as_deref(), &options, true, 0.1)?;
         return Ok(format!("RESULT framework=ddpm bench=data size={} channels={} decoded_img_per_s={loaded:.0} decoded_augmented_img_per_s={augmented:.0} threads={} data=\"{description}\"", m.image_size, m.in_channels, std::thread::available_parallelism().map_or(1, |n| n.get())));
     }
     let result = match args.what.as_str() {
         "train" => crate::bench::train_step(&config, device, args.warmup, args.steps)?,
-        "sample" => crate::bench::sampling(&config, device, args.num, config.train.batch, args.sample_steps)?,
+        "sample" => crate::bench::sampling(
+            &config,
+            device,
+            args.num,
+            config.train.batch,
+            args.sample_steps,
+        )?,
         other => bail!("unknown benchmark {other:?}: expected train, sample or data"),
     };
-    Ok(crate::bench::result_line(&args.what, &config, device, &result))
+    Ok(crate::bench::result_line(
+        &args.what, &config, device, &result,
+    ))
 }

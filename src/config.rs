@@ -43,7 +43,11 @@ impl FromStr for ImageSize {
     type Err = String;
     /// `32` or `HxW`, e.g. `32x64`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let parse = |v: &str| v.trim().parse::<i64>().map_err(|_| format!("bad image size {s:?}: expected N or HxW"));
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| format!("bad image size {s:?}: expected N or HxW"))
+        };
         match s.split_once(['x', 'X']) {
             Some((h, w)) => Ok(ImageSize::Rect([parse(h)?, parse(w)?])),
             None => Ok(ImageSize::Square(parse(s)?)),
@@ -280,7 +284,12 @@ pub struct FidConfig {
 
 impl Default for FidConfig {
     fn default() -> Self {
-        FidConfig { every: 0, num: 10_000, batch: 50, inception: String::new() }
+        FidConfig {
+            every: 0,
+            num: 10_000,
+            batch: 50,
+            inception: String::new(),
+        }
     }
 }
 
@@ -318,11 +327,32 @@ impl RunConfig {
                     image_size: ImageSize::Square(32),
                     downsample_padding: DownsamplePadding::Symmetric,
                 },
-                diffusion: DiffusionConfig { loss_weighting: LossWeighting::None, ..base.diffusion },
-                train: TrainConfig { steps: 500_000, batch: 128, lr: 2e-4, warmup_steps: 5000, ema_decay: 0.9999, ..base.train },
-                data: DataConfig { hflip: true, ..base.data },
-                sample: SampleConfig { every: 10_000, steps: 50, eta: 0.0, ..base.sample },
-                checkpoint: CheckpointConfig { every: 10_000, ..base.checkpoint },
+                diffusion: DiffusionConfig {
+                    loss_weighting: LossWeighting::None,
+                    ..base.diffusion
+                },
+                train: TrainConfig {
+                    steps: 500_000,
+                    batch: 128,
+                    lr: 2e-4,
+                    warmup_steps: 5000,
+                    ema_decay: 0.9999,
+                    ..base.train
+                },
+                data: DataConfig {
+                    hflip: true,
+                    ..base.data
+                },
+                sample: SampleConfig {
+                    every: 10_000,
+                    steps: 50,
+                    eta: 0.0,
+                    ..base.sample
+                },
+                checkpoint: CheckpointConfig {
+                    every: 10_000,
+                    ..base.checkpoint
+                },
                 ..base
             },
             "mnist" => RunConfig {
@@ -337,14 +367,35 @@ impl RunConfig {
                     image_size: ImageSize::Square(28),
                     downsample_padding: DownsamplePadding::Symmetric,
                 },
-                diffusion: DiffusionConfig { loss_weighting: LossWeighting::None, ..base.diffusion },
-                train: TrainConfig { steps: 50_000, batch: 128, lr: 2e-4, warmup_steps: 1000, ema_decay: 0.9999, ..base.train },
-                sample: SampleConfig { every: 5000, steps: 50, eta: 0.0, ..base.sample },
-                checkpoint: CheckpointConfig { every: 5000, ..base.checkpoint },
+                diffusion: DiffusionConfig {
+                    loss_weighting: LossWeighting::None,
+                    ..base.diffusion
+                },
+                train: TrainConfig {
+                    steps: 50_000,
+                    batch: 128,
+                    lr: 2e-4,
+                    warmup_steps: 1000,
+                    ema_decay: 0.9999,
+                    ..base.train
+                },
+                sample: SampleConfig {
+                    every: 5000,
+                    steps: 50,
+                    eta: 0.0,
+                    ..base.sample
+                },
+                checkpoint: CheckpointConfig {
+                    every: 5000,
+                    ..base.checkpoint
+                },
                 ..base
             },
             "tiny" => base,
-            other => bail!("unknown preset {other:?}: expected one of {}", PRESETS.join(", ")),
+            other => bail!(
+                "unknown preset {other:?}: expected one of {}",
+                PRESETS.join(", ")
+            ),
         };
         Ok(config)
     }
@@ -401,7 +452,13 @@ impl RunConfig {
                 max_bad_steps: 10,
                 rollback_lr_factor: 0.5,
             },
-            data: DataConfig { path: String::new(), format: DataFormat::Auto, split: Split::Train, hflip: false, color_jitter: 0.0 },
+            data: DataConfig {
+                path: String::new(),
+                format: DataFormat::Auto,
+                split: Split::Train,
+                hflip: false,
+                color_jitter: 0.0,
+            },
             sample: SampleConfig {
                 every: 1000,
                 num: 64,
@@ -410,7 +467,11 @@ impl RunConfig {
                 eta: 1.0,
                 ddpm_variance: DdpmVariance::Beta,
             },
-            checkpoint: CheckpointConfig { every: 1000, keep: 3, pin_every: 0 },
+            checkpoint: CheckpointConfig {
+                every: 1000,
+                keep: 3,
+                pin_every: 0,
+            },
             fid: FidConfig::default(),
         }
     }
@@ -418,8 +479,10 @@ impl RunConfig {
     /// Reads a TOML file. The base is `preset` if given, else the file's `preset` key, else
     /// `tiny`; every other key in the file overrides the base. Unknown keys are errors.
     pub fn from_toml_file(path: &Path, preset: Option<&str>) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-        Self::from_toml_str(&text, preset).with_context(|| format!("in config file {}", path.display()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml_str(&text, preset)
+            .with_context(|| format!("in config file {}", path.display()))
     }
 
     pub fn from_toml_str(text: &str, preset: Option<&str>) -> Result<Self> {
@@ -445,49 +508,163 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         let m = &self.model;
         check(m.channels >= 1, "model.channels", m.channels, "≥ 1")?;
-        check(!m.channel_mult.is_empty() && m.channel_mult.iter().all(|&c| c >= 1), "model.channel_mult", format!("{:?}", m.channel_mult), "a non-empty list of integers ≥ 1")?;
-        check(m.num_res_blocks >= 1, "model.num_res_blocks", m.num_res_blocks, "≥ 1")?;
-        check((0.0..1.0).contains(&m.dropout), "model.dropout", m.dropout, "in [0, 1)")?;
-        check(m.in_channels == 1 || m.in_channels == 3, "model.in_channels", m.in_channels, "1 or 3")?;
+        check(
+            !m.channel_mult.is_empty() && m.channel_mult.iter().all(|&c| c >= 1),
+            "model.channel_mult",
+            format!("{:?}", m.channel_mult),
+            "a non-empty list of integers ≥ 1",
+        )?;
+        check(
+            m.num_res_blocks >= 1,
+            "model.num_res_blocks",
+            m.num_res_blocks,
+            "≥ 1",
+        )?;
+        check(
+            (0.0..1.0).contains(&m.dropout),
+            "model.dropout",
+            m.dropout,
+            "in [0, 1)",
+        )?;
+        check(
+            m.in_channels == 1 || m.in_channels == 3,
+            "model.in_channels",
+            m.in_channels,
+            "1 or 3",
+        )?;
         let (h, w) = (m.image_size.height(), m.image_size.width());
         let factor = 1i64 << (m.channel_mult.len() - 1);
-        check(h >= 1 && w >= 1 && h % factor == 0 && w % factor == 0, "model.image_size", m.image_size, &format!("sides divisible by 2^(levels-1) = {factor} for {} levels", m.channel_mult.len()))?;
+        check(
+            h >= 1 && w >= 1 && h % factor == 0 && w % factor == 0,
+            "model.image_size",
+            m.image_size,
+            &format!(
+                "sides divisible by 2^(levels-1) = {factor} for {} levels",
+                m.channel_mult.len()
+            ),
+        )?;
         let sizes: Vec<i64> = (0..m.channel_mult.len()).map(|l| h.min(w) >> l).collect();
         for r in &m.attention_resolutions {
-            check(sizes.contains(r), "model.attention_resolutions", r, &format!("feature-map sizes of this model: {sizes:?}"))?;
+            check(
+                sizes.contains(r),
+                "model.attention_resolutions",
+                r,
+                &format!("feature-map sizes of this model: {sizes:?}"),
+            )?;
         }
         let d = &self.diffusion;
         check(d.timesteps >= 2, "diffusion.timesteps", d.timesteps, "≥ 2")?;
-        check(d.beta_start > 0.0 && d.beta_start < 1.0, "diffusion.beta_start", d.beta_start, "in (0, 1)")?;
-        check(d.beta_end > 0.0 && d.beta_end < 1.0, "diffusion.beta_end", d.beta_end, "in (0, 1)")?;
-        check(d.beta_start <= d.beta_end, "diffusion.beta_start", d.beta_start, "≤ diffusion.beta_end")?;
+        check(
+            d.beta_start > 0.0 && d.beta_start < 1.0,
+            "diffusion.beta_start",
+            d.beta_start,
+            "in (0, 1)",
+        )?;
+        check(
+            d.beta_end > 0.0 && d.beta_end < 1.0,
+            "diffusion.beta_end",
+            d.beta_end,
+            "in (0, 1)",
+        )?;
+        check(
+            d.beta_start <= d.beta_end,
+            "diffusion.beta_start",
+            d.beta_start,
+            "≤ diffusion.beta_end",
+        )?;
         check(d.cosine_s > 0.0, "diffusion.cosine_s", d.cosine_s, "> 0")?;
-        check(d.min_snr_gamma > 0.0, "diffusion.min_snr_gamma", d.min_snr_gamma, "> 0")?;
+        check(
+            d.min_snr_gamma > 0.0,
+            "diffusion.min_snr_gamma",
+            d.min_snr_gamma,
+            "> 0",
+        )?;
         let t = &self.train;
         check(t.steps >= 1, "train.steps", t.steps, "≥ 1")?;
         check(t.batch >= 1, "train.batch", t.batch, "≥ 1")?;
-        check(t.grad_accum >= 1 && t.batch % t.grad_accum == 0, "train.grad_accum", t.grad_accum, &format!("≥ 1 and a divisor of train.batch ({})", t.batch))?;
+        check(
+            t.grad_accum >= 1 && t.batch % t.grad_accum == 0,
+            "train.grad_accum",
+            t.grad_accum,
+            &format!("≥ 1 and a divisor of train.batch ({})", t.batch),
+        )?;
         check(t.lr > 0.0 && t.lr < 1.0, "train.lr", t.lr, "in (0, 1)")?;
-        check(t.min_lr >= 0.0 && t.min_lr <= t.lr, "train.min_lr", t.min_lr, "in [0, train.lr]")?;
-        check((0.0..1.0).contains(&t.adam_beta1), "train.adam_beta1", t.adam_beta1, "in [0, 1)")?;
-        check((0.0..1.0).contains(&t.adam_beta2), "train.adam_beta2", t.adam_beta2, "in [0, 1)")?;
+        check(
+            t.min_lr >= 0.0 && t.min_lr <= t.lr,
+            "train.min_lr",
+            t.min_lr,
+            "in [0, train.lr]",
+        )?;
+        check(
+            (0.0..1.0).contains(&t.adam_beta1),
+            "train.adam_beta1",
+            t.adam_beta1,
+            "in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&t.adam_beta2),
+            "train.adam_beta2",
+            t.adam_beta2,
+            "in [0, 1)",
+        )?;
         check(t.adam_eps > 0.0, "train.adam_eps", t.adam_eps, "> 0")?;
-        check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay, "≥ 0")?;
-        check(t.grad_clip >= 0.0, "train.grad_clip", t.grad_clip, "≥ 0 (0 disables)")?;
-        check(t.ema_decay > 0.0 && t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "in (0, 1)")?;
+        check(
+            t.weight_decay >= 0.0,
+            "train.weight_decay",
+            t.weight_decay,
+            "≥ 0",
+        )?;
+        check(
+            t.grad_clip >= 0.0,
+            "train.grad_clip",
+            t.grad_clip,
+            "≥ 0 (0 disables)",
+        )?;
+        check(
+            t.ema_decay > 0.0 && t.ema_decay < 1.0,
+            "train.ema_decay",
+            t.ema_decay,
+            "in (0, 1)",
+        )?;
         check(t.ema_every >= 1, "train.ema_every", t.ema_every, "≥ 1")?;
         check(t.log_every >= 1, "train.log_every", t.log_every, "≥ 1")?;
-        crate::device::parse(&t.device).with_context(|| format!("train.device = {:?}", t.device))?;
+        crate::device::parse(&t.device)
+            .with_context(|| format!("train.device = {:?}", t.device))?;
         let data = &self.data;
-        check((0.0..=0.5).contains(&data.color_jitter), "data.color_jitter", data.color_jitter, "in [0, 0.5]")?;
+        check(
+            (0.0..=0.5).contains(&data.color_jitter),
+            "data.color_jitter",
+            data.color_jitter,
+            "in [0, 0.5]",
+        )?;
         let s = &self.sample;
         check(s.num >= 1, "sample.num", s.num, "≥ 1")?;
-        check(s.steps >= 1 && s.steps <= d.timesteps, "sample.steps", s.steps, &format!("in [1, diffusion.timesteps = {}]", d.timesteps))?;
-        check((0.0..=1.0).contains(&s.eta), "sample.eta", s.eta, "in [0, 1]")?;
-        check(self.checkpoint.keep >= 1, "checkpoint.keep", self.checkpoint.keep, "≥ 1")?;
+        check(
+            s.steps >= 1 && s.steps <= d.timesteps,
+            "sample.steps",
+            s.steps,
+            &format!("in [1, diffusion.timesteps = {}]", d.timesteps),
+        )?;
+        check(
+            (0.0..=1.0).contains(&s.eta),
+            "sample.eta",
+            s.eta,
+            "in [0, 1]",
+        )?;
+        check(
+            self.checkpoint.keep >= 1,
+            "checkpoint.keep",
+            self.checkpoint.keep,
+            "≥ 1",
+        )?;
         check(self.fid.num >= 2, "fid.num", self.fid.num, "≥ 2")?;
         check(self.fid.batch >= 1, "fid.batch", self.fid.batch, "≥ 1")?;
-        check(t.rollback_lr_factor > 0.0 && t.rollback_lr_factor <= 1.0, "train.rollback_lr_factor", t.rollback_lr_factor, "in (0, 1]")?;
+        check(
+            t.rollback_lr_factor > 0.0 && t.rollback_lr_factor <= 1.0,
+            "train.rollback_lr_factor",
+            t.rollback_lr_factor,
+            "in (0, 1]",
+        )?;
         Ok(())
     }
 
@@ -679,15 +856,24 @@ fn check(ok: bool, key: &str, value: impl fmt::Display, allowed: &str) -> Result
 /// Deep-merges `user` into `base`, refusing keys that `base` does not have.
 fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<()> {
     for (key, value) in user {
-        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
         match (base.get_mut(&key), value) {
             (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u, &path)?,
-            (Some(toml::Value::Table(_)), other) => bail!("key `{path}` is a section; got the value {other}"),
+            (Some(toml::Value::Table(_)), other) => {
+                bail!("key `{path}` is a section; got the value {other}")
+            }
             (Some(slot), value) => *slot = value,
             (None, _) => {
                 let known: Vec<&String> = base.keys().collect();
                 let known: Vec<&str> = known.iter().map(|k| k.as_str()).collect();
-                bail!("unknown key `{path}` (known keys here: {})", known.join(", "))
+                bail!(
+                    "unknown key `{path}` (known keys here: {})",
+                    known.join(", ")
+                )
             }
         }
     }
@@ -707,7 +893,8 @@ mod tests {
 
     #[test]
     fn toml_overrides_preset_and_round_trips() {
-        let c = RunConfig::from_toml_str("preset = \"cifar10\"\n[train]\nlr = 1e-4\n", None).unwrap();
+        let c =
+            RunConfig::from_toml_str("preset = \"cifar10\"\n[train]\nlr = 1e-4\n", None).unwrap();
         assert_eq!(c.model.channels, 128);
         assert_eq!(c.train.lr, 1e-4);
         let again = RunConfig::from_toml_str(&c.to_toml(), None).unwrap();
@@ -717,7 +904,10 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let err = RunConfig::from_toml_str("[train]\nlearning_rate = 1e-4\n", None).unwrap_err();
-        assert!(format!("{err:#}").contains("train.learning_rate"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("train.learning_rate"),
+            "{err:#}"
+        );
         let err = RunConfig::from_toml_str("[trian]\nlr = 1e-4\n", None).unwrap_err();
         assert!(format!("{err:#}").contains("trian"), "{err:#}");
     }
@@ -732,10 +922,19 @@ mod tests {
     fn bad_values_name_key_value_and_range() {
         let cases: Vec<(&str, Box<dyn Fn(&mut RunConfig)>)> = vec![
             ("train.ema_decay", Box::new(|c| c.train.ema_decay = 1.0)),
-            ("diffusion.timesteps", Box::new(|c| c.diffusion.timesteps = 1)),
+            (
+                "diffusion.timesteps",
+                Box::new(|c| c.diffusion.timesteps = 1),
+            ),
             ("train.batch", Box::new(|c| c.train.batch = 0)),
-            ("model.image_size", Box::new(|c| c.model.image_size = ImageSize::Square(30))),
-            ("model.attention_resolutions", Box::new(|c| c.model.attention_resolutions = vec![5])),
+            (
+                "model.image_size",
+                Box::new(|c| c.model.image_size = ImageSize::Square(30)),
+            ),
+            (
+                "model.attention_resolutions",
+                Box::new(|c| c.model.attention_resolutions = vec![5]),
+            ),
             ("train.device", Box::new(|c| c.train.device = "tpu".into())),
             ("train.grad_accum", Box::new(|c| c.train.grad_accum = 3)),
         ];
@@ -750,7 +949,10 @@ mod tests {
     #[test]
     fn image_size_parses() {
         assert_eq!("32".parse::<ImageSize>().unwrap(), ImageSize::Square(32));
-        assert_eq!("32x64".parse::<ImageSize>().unwrap(), ImageSize::Rect([32, 64]));
+        assert_eq!(
+            "32x64".parse::<ImageSize>().unwrap(),
+            ImageSize::Rect([32, 64])
+        );
         assert!("big".parse::<ImageSize>().is_err());
     }
 }

@@ -59,7 +59,10 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
     };
     let (raw, description, skipped) = match format {
         DataFormat::Bundled => {
-            let raw = parse_idx_images(&gunzip(BUNDLED_IMAGES, Path::new("bundled MNIST"))?, Path::new("bundled MNIST"))?;
+            let raw = parse_idx_images(
+                &gunzip(BUNDLED_IMAGES, Path::new("bundled MNIST"))?,
+                Path::new("bundled MNIST"),
+            )?;
             (raw, "bundled MNIST subset (5,000 digits)".to_string(), 0)
         }
         DataFormat::Idx => {
@@ -69,12 +72,33 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
         }
         DataFormat::Cifar10 | DataFormat::Cifar100 => {
             let dir = path.unwrap();
-            let variant = if format == DataFormat::Cifar10 { Cifar::Ten } else { Cifar::Hundred };
+            let variant = if format == DataFormat::Cifar10 {
+                Cifar::Ten
+            } else {
+                Cifar::Hundred
+            };
             let mut raw = RawImages::default();
             for file in cifar_files(dir, variant, options.split)? {
-                raw.images.extend(parse_cifar(&fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?, &file, variant)?.images);
+                raw.images.extend(
+                    parse_cifar(
+                        &fs::read(&file)
+                            .with_context(|| format!("cannot read {}", file.display()))?,
+                        &file,
+                        variant,
+                    )?
+                    .images,
+                );
             }
-            (raw, format!("{} binaries ({:?} split) in {}", variant.name(), options.split, dir.display()), 0)
+            (
+                raw,
+                format!(
+                    "{} binaries ({:?} split) in {}",
+                    variant.name(),
+                    options.split,
+                    dir.display()
+                ),
+                0,
+            )
         }
         DataFormat::Folder => {
             let dir = path.unwrap();
@@ -87,7 +111,11 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
         bail!("the dataset {description} holds no images");
     }
     let images = raw.to_tensor(options.channels, options.size);
-    Ok(Dataset { images, description, skipped })
+    Ok(Dataset {
+        images,
+        description,
+        skipped,
+    })
 }
 
 fn detect_format(path: &Path) -> Result<DataFormat> {
@@ -107,7 +135,10 @@ fn detect_format(path: &Path) -> Result<DataFormat> {
     if path.join("train.bin").exists() || path.join("test.bin").exists() {
         return Ok(DataFormat::Cifar100);
     }
-    if fs::read_dir(path)?.flatten().any(|e| e.file_name().to_string_lossy().contains("idx3-ubyte")) {
+    if fs::read_dir(path)?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("idx3-ubyte"))
+    {
         return Ok(DataFormat::Idx);
     }
     Ok(DataFormat::Folder)
@@ -141,7 +172,11 @@ impl RawImages {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = self.images.len().div_ceil(workers).max(1);
         std::thread::scope(|scope| {
-            for (images, dst) in self.images.chunks(chunk).zip(out.chunks_mut(chunk * per_image)) {
+            for (images, dst) in self
+                .images
+                .chunks(chunk)
+                .zip(out.chunks_mut(chunk * per_image))
+            {
                 scope.spawn(move || {
                     for (image, dst) in images.iter().zip(dst.chunks_mut(per_image)) {
                         fit(image, channels, h, w, dst);
@@ -176,7 +211,9 @@ fn fit(image: &DynamicImage, channels: i64, h: u32, w: u32, dst: &mut [u8]) {
 
 fn gunzip(bytes: &[u8], name: &Path) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).with_context(|| format!("{} is not a valid gzip file", name.display()))?;
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .with_context(|| format!("{} is not a valid gzip file", name.display()))?;
     Ok(out)
 }
 
@@ -195,33 +232,67 @@ fn idx_file(path: &Path) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
-    let mut files: Vec<PathBuf> = fs::read_dir(path)?.flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap_or_default().to_string_lossy().contains("idx3-ubyte")).collect();
+    let mut files: Vec<PathBuf> = fs::read_dir(path)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .contains("idx3-ubyte")
+        })
+        .collect();
     files.sort();
-    let train: Vec<&PathBuf> = files.iter().filter(|p| p.file_name().unwrap_or_default().to_string_lossy().starts_with("train")).collect();
+    let train: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .starts_with("train")
+        })
+        .collect();
     match (train.as_slice(), files.as_slice()) {
         ([one], _) => Ok((*one).clone()),
         (_, [one]) => Ok(one.clone()),
-        _ => bail!("{} holds several IDX image files ({}); name one with --data", path.display(), files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")),
+        _ => bail!(
+            "{} holds several IDX image files ({}); name one with --data",
+            path.display(),
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
 /// Parses an IDX3 unsigned-byte image file (magic 0x00000803, big-endian N, rows, cols).
 pub fn parse_idx_images(bytes: &[u8], name: &Path) -> Result<RawImages> {
     if bytes.len() < 16 {
-        bail!("{}: IDX file too short ({} bytes; the header alone is 16)", name.display(), bytes.len());
+        bail!(
+            "{}: IDX file too short ({} bytes; the header alone is 16)",
+            name.display(),
+            bytes.len()
+        );
     }
     let word = |i: usize| u32::from_be_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
     if word(0) != 0x0803 {
         bail!("{}: IDX magic number is {:#010x}, expected 0x00000803 (unsigned-byte images with 3 dimensions)", name.display(), word(0));
     }
     let (n, rows, cols) = (word(1) as usize, word(2) as usize, word(3) as usize);
-    let expected = n.checked_mul(rows).and_then(|v| v.checked_mul(cols)).and_then(|v| v.checked_add(16));
+    let expected = n
+        .checked_mul(rows)
+        .and_then(|v| v.checked_mul(cols))
+        .and_then(|v| v.checked_add(16));
     if expected != Some(bytes.len()) || rows == 0 || cols == 0 {
         bail!("{}: IDX header says {n} images of {rows}×{cols} ({} bytes expected), but the file has {} bytes", name.display(), expected.map_or("too many".into(), |e| e.to_string()), bytes.len());
     }
     let mut raw = RawImages::default();
     for pixels in bytes[16..].chunks_exact(rows * cols) {
-        raw.push(DynamicImage::ImageLuma8(image::GrayImage::from_raw(cols as u32, rows as u32, pixels.to_vec()).unwrap()));
+        raw.push(DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(cols as u32, rows as u32, pixels.to_vec()).unwrap(),
+        ));
     }
     Ok(raw)
 }
@@ -254,7 +325,10 @@ impl Cifar {
 /// The batch files of `split` in `dir`, named and checked up front.
 fn cifar_files(dir: &Path, variant: Cifar, split: Split) -> Result<Vec<PathBuf>> {
     let (train, test): (Vec<String>, Vec<String>) = match variant {
-        Cifar::Ten => ((1..=5).map(|i| format!("data_batch_{i}.bin")).collect(), vec!["test_batch.bin".into()]),
+        Cifar::Ten => (
+            (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
+            vec!["test_batch.bin".into()],
+        ),
         Cifar::Hundred => (vec!["train.bin".into()], vec!["test.bin".into()]),
     };
     let names = match split {
@@ -264,7 +338,12 @@ fn cifar_files(dir: &Path, variant: Cifar, split: Split) -> Result<Vec<PathBuf>>
     };
     let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
-        bail!("CIFAR folder {} lacks {} (the {split:?} split needs {})", dir.display(), missing.display(), names.join(", "));
+        bail!(
+            "CIFAR folder {} lacks {} (the {split:?} split needs {})",
+            dir.display(),
+            missing.display(),
+            names.join(", ")
+        );
     }
     Ok(files)
 }
@@ -279,8 +358,12 @@ pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar) -> Result<RawImage
     let mut raw = RawImages::default();
     for chunk in bytes.chunks_exact(record) {
         let planes = &chunk[labels..];
-        let rgb: Vec<u8> = (0..1024).flat_map(|i| [planes[i], planes[1024 + i], planes[2048 + i]]).collect();
-        raw.push(DynamicImage::ImageRgb8(image::RgbImage::from_raw(32, 32, rgb).unwrap()));
+        let rgb: Vec<u8> = (0..1024)
+            .flat_map(|i| [planes[i], planes[1024 + i], planes[2048 + i]])
+            .collect();
+        raw.push(DynamicImage::ImageRgb8(
+            image::RgbImage::from_raw(32, 32, rgb).unwrap(),
+        ));
     }
     Ok(raw)
 }
@@ -294,7 +377,9 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
             let path = entry?.path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())) {
+            } else if path.extension().is_some_and(|e| {
+                IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())
+            }) {
                 files.push(path);
             }
         }
@@ -308,13 +393,22 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 fn load_folder(dir: &Path, strict: bool) -> Result<(RawImages, usize)> {
     let files = image_files(dir)?;
     if files.is_empty() {
-        bail!("image folder {} holds no PNG, JPEG, WebP, BMP or GIF files", dir.display());
+        bail!(
+            "image folder {} holds no PNG, JPEG, WebP, BMP or GIF files",
+            dir.display()
+        );
     }
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = files.len().div_ceil(workers);
     let decoded: Vec<Result<DynamicImage, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = files.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(|f| decode(f)).collect::<Vec<_>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().expect("decoder thread")).collect()
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|f| decode(f)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("decoder thread"))
+            .collect()
     });
     let mut raw = RawImages::default();
     let mut skipped = 0;
@@ -329,13 +423,20 @@ fn load_folder(dir: &Path, strict: bool) -> Result<(RawImages, usize)> {
         }
     }
     if skipped > 0 {
-        eprintln!("warning: skipped {skipped} unreadable file(s) of {} in {}", files.len(), dir.display());
+        eprintln!(
+            "warning: skipped {skipped} unreadable file(s) of {} in {}",
+            files.len(),
+            dir.display()
+        );
     }
     Ok((raw, skipped))
 }
 
 fn decode(path: &Path) -> std::result::Result<DynamicImage, String> {
-    let reader = image::ImageReader::open(path).map_err(|e| e.to_string())?.with_guessed_format().map_err(|e| e.to_string())?;
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
     reader.decode().map_err(|e| e.to_string())
 }
 
@@ -359,7 +460,12 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(len: usize, seed: u64, position: Position) -> Self {
         let order = epoch_order(len, seed, position.epoch);
-        Sampler { len, seed, position, order }
+        Sampler {
+            len,
+            seed,
+            position,
+            order,
+        }
     }
 
     pub fn position(&self) -> Position {
@@ -371,7 +477,10 @@ impl Sampler {
         let mut out = Vec::with_capacity(batch);
         while out.len() < batch {
             if self.position.index == self.len {
-                self.position = Position { epoch: self.position.epoch + 1, index: 0 };
+                self.position = Position {
+                    epoch: self.position.epoch + 1,
+                    index: 0,
+                };
                 self.order = epoch_order(self.len, self.seed, self.position.epoch);
             }
             out.push(self.order[self.position.index] as i64);
@@ -383,7 +492,10 @@ impl Sampler {
 
 fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::rng::mix(seed, &[0xDA7A, epoch])));
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::rng::mix(
+        seed,
+        &[0xDA7A, epoch],
+    )));
     order
 }
 
@@ -422,7 +534,13 @@ mod tests {
     use super::*;
 
     fn options(channels: i64, size: i64) -> LoadOptions {
-        LoadOptions { format: DataFormat::Auto, channels, size: ImageSize::Square(size), strict: false, split: Split::Train }
+        LoadOptions {
+            format: DataFormat::Auto,
+            channels,
+            size: ImageSize::Square(size),
+            strict: false,
+            split: Split::Train,
+        }
     }
 
     fn idx_bytes(n: u32, rows: u32, cols: u32, pixels: &[u8]) -> Vec<u8> {
@@ -445,10 +563,19 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut enc, &bytes).unwrap();
         std::fs::write(gz.join("t10k-images-idx3-ubyte.gz"), enc.finish().unwrap()).unwrap();
-        for path in [dir.path().join("train-images-idx3-ubyte"), gz.clone(), dir.path().to_path_buf()] {
+        for path in [
+            dir.path().join("train-images-idx3-ubyte"),
+            gz.clone(),
+            dir.path().to_path_buf(),
+        ] {
             let d = load(Some(&path), &options(1, 4)).unwrap();
             assert_eq!(d.images.size(), vec![2, 1, 4, 4]);
-            assert_eq!(Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(), pixels, "{}", path.display());
+            assert_eq!(
+                Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(),
+                pixels,
+                "{}",
+                path.display()
+            );
         }
     }
 
@@ -459,14 +586,26 @@ mod tests {
         let mut b = idx_bytes(1, 2, 2, &[0; 4]);
         b[3] = 0x01;
         std::fs::write(&bad_magic, &b).unwrap();
-        let e = format!("{:#}", load(Some(&bad_magic), &options(1, 2)).err().unwrap());
-        assert!(e.contains("a-idx3-ubyte") && e.contains("0x00000803"), "{e}");
+        let e = format!(
+            "{:#}",
+            load(Some(&bad_magic), &options(1, 2)).err().unwrap()
+        );
+        assert!(
+            e.contains("a-idx3-ubyte") && e.contains("0x00000803"),
+            "{e}"
+        );
         let short = dir.path().join("b-idx3-ubyte");
         std::fs::write(&short, &idx_bytes(3, 2, 2, &[0; 4])).unwrap();
         let e = format!("{:#}", load(Some(&short), &options(1, 2)).err().unwrap());
-        assert!(e.contains("b-idx3-ubyte") && e.contains("28 bytes expected"), "{e}");
+        assert!(
+            e.contains("b-idx3-ubyte") && e.contains("28 bytes expected"),
+            "{e}"
+        );
         std::fs::write(&short, b"xx").unwrap();
-        assert!(format!("{:#}", load(Some(&short), &options(1, 2)).err().unwrap()).contains("too short"));
+        assert!(
+            format!("{:#}", load(Some(&short), &options(1, 2)).err().unwrap())
+                .contains("too short")
+        );
     }
 
     #[test]
@@ -482,15 +621,38 @@ mod tests {
         }
         let d = load(Some(dir.path()), &options(3, 32)).unwrap();
         assert_eq!(d.images.size(), vec![5, 3, 32, 32]);
-        assert_eq!(Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(), expected);
+        assert_eq!(
+            Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(),
+            expected
+        );
         // The test split is missing: named.
-        let test = LoadOptions { split: Split::Test, ..options(3, 32) };
-        assert!(format!("{:#}", load(Some(dir.path()), &test).err().unwrap()).contains("test_batch.bin"));
+        let test = LoadOptions {
+            split: Split::Test,
+            ..options(3, 32)
+        };
+        assert!(
+            format!("{:#}", load(Some(dir.path()), &test).err().unwrap())
+                .contains("test_batch.bin")
+        );
         std::fs::write(dir.path().join("test_batch.bin"), vec![9u8; 3073 * 2]).unwrap();
         assert_eq!(load(Some(dir.path()), &test).unwrap().len(), 2);
-        assert_eq!(load(Some(dir.path()), &LoadOptions { split: Split::All, ..options(3, 32) }).unwrap().len(), 7);
+        assert_eq!(
+            load(
+                Some(dir.path()),
+                &LoadOptions {
+                    split: Split::All,
+                    ..options(3, 32)
+                }
+            )
+            .unwrap()
+            .len(),
+            7
+        );
         std::fs::write(dir.path().join("data_batch_3.bin"), vec![0u8; 3000]).unwrap();
-        let e = format!("{:#}", load(Some(dir.path()), &options(3, 32)).err().unwrap());
+        let e = format!(
+            "{:#}",
+            load(Some(dir.path()), &options(3, 32)).err().unwrap()
+        );
         assert!(e.contains("data_batch_3.bin") && e.contains("3073"), "{e}");
     }
 
@@ -503,7 +665,10 @@ mod tests {
         std::fs::write(dir.path().join("train.bin"), &bytes).unwrap();
         let d = load(Some(dir.path()), &options(3, 32)).unwrap();
         assert!(d.description.contains("CIFAR-100"), "{}", d.description);
-        assert_eq!(Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(), planes);
+        assert_eq!(
+            Vec::<u8>::try_from(d.images.flatten(0, -1)).unwrap(),
+            planes
+        );
     }
 
     #[test]
@@ -511,10 +676,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("class_a");
         std::fs::create_dir(&sub).unwrap();
-        let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30) as u8, (y * 30) as u8, 200]));
+        let img = image::RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb([(x * 30) as u8, (y * 30) as u8, 200])
+        });
         img.save(sub.join("a.png")).unwrap();
         img.save(dir.path().join("b.jpg")).unwrap();
-        std::fs::write(dir.path().join("corrupt.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        std::fs::write(
+            dir.path().join("corrupt.png"),
+            b"\x89PNG\r\n\x1a\nnot really",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("empty.jpg"), b"").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
         let d = load(Some(dir.path()), &options(3, 8)).unwrap();
@@ -529,7 +700,10 @@ mod tests {
         let g = load(Some(dir.path()), &options(1, 4)).unwrap();
         assert_eq!(g.images.size(), vec![2, 1, 4, 4]);
         // Strict mode stops at the first bad file and names it.
-        let strict = LoadOptions { strict: true, ..options(3, 8) };
+        let strict = LoadOptions {
+            strict: true,
+            ..options(3, 8)
+        };
         let e = format!("{:#}", load(Some(dir.path()), &strict).err().unwrap());
         assert!(e.contains("corrupt.png") || e.contains("empty.jpg"), "{e}");
     }
@@ -537,9 +711,17 @@ mod tests {
     #[test]
     fn empty_folder_and_missing_path_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let e = format!("{:#}", load(Some(dir.path()), &options(3, 8)).err().unwrap());
+        let e = format!(
+            "{:#}",
+            load(Some(dir.path()), &options(3, 8)).err().unwrap()
+        );
         assert!(e.contains("holds no"), "{e}");
-        let e = format!("{:#}", load(Some(&dir.path().join("nope")), &options(3, 8)).err().unwrap());
+        let e = format!(
+            "{:#}",
+            load(Some(&dir.path().join("nope")), &options(3, 8))
+                .err()
+                .unwrap()
+        );
         assert!(e.contains("does not exist"), "{e}");
     }
 
@@ -547,7 +729,14 @@ mod tests {
     fn bundled_set_loads_and_resizes() {
         let d = load(None, &options(1, 28)).unwrap();
         assert_eq!(d.images.size(), vec![5000, 1, 28, 28]);
-        let rgb = load(None, &LoadOptions { format: DataFormat::Bundled, ..options(3, 32) }).unwrap();
+        let rgb = load(
+            None,
+            &LoadOptions {
+                format: DataFormat::Bundled,
+                ..options(3, 32)
+            },
+        )
+        .unwrap();
         assert_eq!(rgb.images.size(), vec![5000, 3, 32, 32]);
     }
 
@@ -557,13 +746,20 @@ mod tests {
         let first: Vec<i64> = (0..5).flat_map(|_| a.next_indices(3)).collect();
         let mut sorted = first[..10].to_vec();
         sorted.sort();
-        assert_eq!(sorted, (0..10).collect::<Vec<i64>>(), "an epoch visits every image once");
+        assert_eq!(
+            sorted,
+            (0..10).collect::<Vec<i64>>(),
+            "an epoch visits every image once"
+        );
         let mut b = Sampler::new(10, 42, Position::default());
         b.next_indices(3);
         b.next_indices(3);
         let mut resumed = Sampler::new(10, 42, b.position());
         assert_eq!(resumed.next_indices(9), first[6..15].to_vec());
-        assert_ne!(Sampler::new(10, 43, Position::default()).next_indices(10), first[..10].to_vec());
+        assert_ne!(
+            Sampler::new(10, 43, Position::default()).next_indices(10),
+            first[..10].to_vec()
+        );
     }
 
     #[test]
@@ -585,7 +781,9 @@ mod tests {
         assert!(flips > 0 && flips < 16, "{flips}");
         let jittered = augment(&x, false, 0.1);
         assert_eq!(jittered.size(), x.size());
-        assert!(jittered.max().double_value(&[]) <= 1.0 && jittered.min().double_value(&[]) >= -1.0);
+        assert!(
+            jittered.max().double_value(&[]) <= 1.0 && jittered.min().double_value(&[]) >= -1.0
+        );
         let change = (&jittered - &x).abs().mean(Kind::Float).double_value(&[]);
         assert!(change > 0.0 && change < 0.2, "{change}");
     }

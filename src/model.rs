@@ -14,13 +14,30 @@ use crate::config::{DownsamplePadding, ModelConfig};
 /// GroupNorm with 32 groups, or the largest divisor of 32 that divides `channels` (so that
 /// narrow models, e.g. 16 base channels with 48-channel skip concatenations, work too).
 fn group_norm(vs: nn::Path, channels: i64) -> nn::GroupNorm {
-    let groups = (0..=5).rev().map(|p| 1i64 << p).find(|g| channels % g == 0).unwrap_or(1);
-    let config = nn::GroupNormConfig { eps: 1e-6, ..Default::default() };
+    let groups = (0..=5)
+        .rev()
+        .map(|p| 1i64 << p)
+        .find(|g| channels % g == 0)
+        .unwrap_or(1);
+    let config = nn::GroupNormConfig {
+        eps: 1e-6,
+        ..Default::default()
+    };
     nn::group_norm(vs, groups, channels, config)
 }
 
 fn conv(vs: nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64) -> nn::Conv2D {
-    nn::conv2d(vs, cin, cout, kernel, nn::ConvConfig { stride, padding: kernel / 2, ..Default::default() })
+    nn::conv2d(
+        vs,
+        cin,
+        cout,
+        kernel,
+        nn::ConvConfig {
+            stride,
+            padding: kernel / 2,
+            ..Default::default()
+        },
+    )
 }
 
 /// Sinusoidal embedding of (possibly fractional) timesteps: [sin(t·f_i), cos(t·f_i)],
@@ -81,7 +98,13 @@ struct AttnBlock {
 
 impl AttnBlock {
     fn new(vs: nn::Path, ch: i64) -> Self {
-        AttnBlock { norm: group_norm(&vs / "norm", ch), q: conv(&vs / "q", ch, ch, 1, 1), k: conv(&vs / "k", ch, ch, 1, 1), v: conv(&vs / "v", ch, ch, 1, 1), proj_out: conv(&vs / "proj_out", ch, ch, 1, 1) }
+        AttnBlock {
+            norm: group_norm(&vs / "norm", ch),
+            q: conv(&vs / "q", ch, ch, 1, 1),
+            k: conv(&vs / "k", ch, ch, 1, 1),
+            v: conv(&vs / "v", ch, ch, 1, 1),
+            proj_out: conv(&vs / "proj_out", ch, ch, 1, 1),
+        }
     }
 
     /// Single-head self-attention over all positions, through libtorch's fused SDPA kernels.
@@ -89,8 +112,21 @@ impl AttnBlock {
         let (b, c, h, w) = x.size4().expect("NCHW input");
         let hn = self.norm.forward(x);
         let tokens = |t: Tensor| t.view([b, 1, c, h * w]).transpose(2, 3); // [B, 1, HW, C]
-        let (q, k, v) = (tokens(self.q.forward(&hn)), tokens(self.k.forward(&hn)), tokens(self.v.forward(&hn)));
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let (q, k, v) = (
+            tokens(self.q.forward(&hn)),
+            tokens(self.k.forward(&hn)),
+            tokens(self.v.forward(&hn)),
+        );
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         let out = out.transpose(2, 3).reshape([b, c, h, w]);
         x + self.proj_out.forward(&out)
     }
@@ -127,7 +163,10 @@ impl UNet {
         let dropout = config.dropout;
 
         let temb = vs / "temb" / "dense";
-        let temb_dense = [nn::linear(&temb / 0, ch, temb_ch, Default::default()), nn::linear(&temb / 1, temb_ch, temb_ch, Default::default())];
+        let temb_dense = [
+            nn::linear(&temb / 0, ch, temb_ch, Default::default()),
+            nn::linear(&temb / 1, temb_ch, temb_ch, Default::default()),
+        ];
         let conv_in = conv(vs / "conv_in", config.in_channels, ch, 3, 1);
 
         // Channel counts of the skip connections, in the order the down path produces them.
@@ -140,7 +179,13 @@ impl UNet {
             let mut blocks = Vec::new();
             let mut attns = Vec::new();
             for i in 0..config.num_res_blocks {
-                blocks.push(ResBlock::new(&p / "block" / i, block_in, block_out, temb_ch, dropout));
+                blocks.push(ResBlock::new(
+                    &p / "block" / i,
+                    block_in,
+                    block_out,
+                    temb_ch,
+                    dropout,
+                ));
                 block_in = block_out;
                 if attends(level) {
                     attns.push(AttnBlock::new(&p / "attn" / i, block_in));
@@ -153,13 +198,31 @@ impl UNet {
                     DownsamplePadding::Symmetric => 1,
                     DownsamplePadding::BottomRight => 0, // padded in `forward`
                 };
-                nn::conv2d(&p / "downsample" / "conv", block_in, block_in, 3, nn::ConvConfig { stride: 2, padding, ..Default::default() })
+                nn::conv2d(
+                    &p / "downsample" / "conv",
+                    block_in,
+                    block_in,
+                    3,
+                    nn::ConvConfig {
+                        stride: 2,
+                        padding,
+                        ..Default::default()
+                    },
+                )
             });
-            down.push(Level { blocks, attns, resample });
+            down.push(Level {
+                blocks,
+                attns,
+                resample,
+            });
         }
 
         let m = vs / "mid";
-        let mid = (ResBlock::new(&m / "block_1", block_in, block_in, temb_ch, dropout), AttnBlock::new(&m / "attn_1", block_in), ResBlock::new(&m / "block_2", block_in, block_in, temb_ch, dropout));
+        let mid = (
+            ResBlock::new(&m / "block_1", block_in, block_in, temb_ch, dropout),
+            AttnBlock::new(&m / "attn_1", block_in),
+            ResBlock::new(&m / "block_2", block_in, block_in, temb_ch, dropout),
+        );
 
         let mut up: Vec<Level> = Vec::new();
         for (level, &mult) in config.channel_mult.iter().enumerate().rev() {
@@ -169,19 +232,39 @@ impl UNet {
             let mut attns = Vec::new();
             for i in 0..=config.num_res_blocks {
                 let skip = skips.pop().expect("one skip per up block");
-                blocks.push(ResBlock::new(&p / "block" / i, block_in + skip, block_out, temb_ch, dropout));
+                blocks.push(ResBlock::new(
+                    &p / "block" / i,
+                    block_in + skip,
+                    block_out,
+                    temb_ch,
+                    dropout,
+                ));
                 block_in = block_out;
                 if attends(level) {
                     attns.push(AttnBlock::new(&p / "attn" / i, block_in));
                 }
             }
-            let resample = (level > 0).then(|| conv(&p / "upsample" / "conv", block_in, block_in, 3, 1));
-            up.push(Level { blocks, attns, resample });
+            let resample =
+                (level > 0).then(|| conv(&p / "upsample" / "conv", block_in, block_in, 3, 1));
+            up.push(Level {
+                blocks,
+                attns,
+                resample,
+            });
         }
 
         let norm_out = group_norm(vs / "norm_out", block_in);
         let conv_out = conv(vs / "conv_out", block_in, config.in_channels, 3, 1);
-        UNet { config: config.clone(), temb_dense, conv_in, down, mid, up, norm_out, conv_out }
+        UNet {
+            config: config.clone(),
+            temb_dense,
+            conv_in,
+            down,
+            mid,
+            up,
+            norm_out,
+            conv_out,
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -207,14 +290,20 @@ impl UNet {
                 let x = hs.last().unwrap();
                 let h = match self.config.downsample_padding {
                     DownsamplePadding::Symmetric => downsample.forward(x),
-                    DownsamplePadding::BottomRight => downsample.forward(&x.constant_pad_nd([0, 1, 0, 1])),
+                    DownsamplePadding::BottomRight => {
+                        downsample.forward(&x.constant_pad_nd([0, 1, 0, 1]))
+                    }
                 };
                 hs.push(h);
             }
         }
 
         let (block_1, attn, block_2) = &self.mid;
-        let mut h = block_2.forward(&attn.forward(&block_1.forward(hs.last().unwrap(), &temb_act, train)), &temb_act, train);
+        let mut h = block_2.forward(
+            &attn.forward(&block_1.forward(hs.last().unwrap(), &temb_act, train)),
+            &temb_act,
+            train,
+        );
 
         for level in &self.up {
             for (i, block) in level.blocks.iter().enumerate() {
@@ -235,7 +324,10 @@ impl UNet {
 
 /// Number of scalar parameters in a var store.
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
-    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    vs.trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum()
 }
 
 /// A human-readable summary: the configuration, the tensors per module and the exact total.
@@ -250,7 +342,9 @@ pub fn summary(config: &ModelConfig, vs: &nn::VarStore) -> String {
             "mid" | "temb" => 2,
             _ => 1,
         };
-        *groups.entry(parts[..depth.min(parts.len() - 1)].join(".")).or_default() += tensor.numel() as i64;
+        *groups
+            .entry(parts[..depth.min(parts.len() - 1)].join("."))
+            .or_default() += tensor.numel() as i64;
     }
     for (group, count) in &groups {
         let _ = writeln!(out, "  {group:<24} {count:>12}");
@@ -273,14 +367,23 @@ mod tests {
 
     #[test]
     fn cifar10_preset_has_the_published_parameter_count() {
-        assert_eq!(count(&RunConfig::preset("cifar10").unwrap().model), 35_746_307);
+        assert_eq!(
+            count(&RunConfig::preset("cifar10").unwrap().model),
+            35_746_307
+        );
     }
 
     #[test]
     fn every_preset_has_a_stable_parameter_count() {
         // Pinned so that an accidental architecture change is caught.
-        assert_eq!(count(&RunConfig::preset("mnist").unwrap().model), MNIST_PARAMS);
-        assert_eq!(count(&RunConfig::preset("tiny").unwrap().model), TINY_PARAMS);
+        assert_eq!(
+            count(&RunConfig::preset("mnist").unwrap().model),
+            MNIST_PARAMS
+        );
+        assert_eq!(
+            count(&RunConfig::preset("tiny").unwrap().model),
+            TINY_PARAMS
+        );
     }
     const MNIST_PARAMS: i64 = 6_469_889;
     const TINY_PARAMS: i64 = 1_062_497;
@@ -291,14 +394,24 @@ mod tests {
         let mut config = RunConfig::preset("tiny").unwrap().model;
         config.channels = 16;
         config.attention_resolutions = vec![];
-        for (size, mult, channels) in [(ImageSize::Square(28), vec![1, 2, 2], 1), (ImageSize::Square(32), vec![1, 2, 2, 2], 3), (ImageSize::Square(64), vec![1, 2, 2, 2], 3), (ImageSize::Square(128), vec![1, 1, 2, 2, 2], 3), (ImageSize::Square(256), vec![1, 1, 2, 2, 2, 2], 1), (ImageSize::Rect([32, 64]), vec![1, 2, 2], 3)] {
+        for (size, mult, channels) in [
+            (ImageSize::Square(28), vec![1, 2, 2], 1),
+            (ImageSize::Square(32), vec![1, 2, 2, 2], 3),
+            (ImageSize::Square(64), vec![1, 2, 2, 2], 3),
+            (ImageSize::Square(128), vec![1, 1, 2, 2, 2], 3),
+            (ImageSize::Square(256), vec![1, 1, 2, 2, 2, 2], 1),
+            (ImageSize::Rect([32, 64]), vec![1, 2, 2], 3),
+        ] {
             config.image_size = size;
             config.channel_mult = mult;
             config.in_channels = channels;
             config.attention_resolutions = vec![size.height().min(size.width()) >> 2];
             let vs = nn::VarStore::new(Device::Cpu);
             let net = UNet::new(&vs.root(), &config);
-            let x = Tensor::randn([2, channels, size.height(), size.width()], (Kind::Float, Device::Cpu));
+            let x = Tensor::randn(
+                [2, channels, size.height(), size.width()],
+                (Kind::Float, Device::Cpu),
+            );
             let y = net.forward(&x, &Tensor::from_slice(&[0i64, 999]), false);
             assert_eq!(y.size(), x.size(), "size {size}");
         }
@@ -308,20 +421,45 @@ mod tests {
     fn bottom_right_downsampling_pads_like_tensorflow_same() {
         let _guard = tch::no_grad_guard();
         let vs = nn::VarStore::new(Device::Cpu);
-        let mut conv = nn::conv2d(vs.root(), 1, 1, 3, nn::ConvConfig { stride: 2, padding: 0, bias: false, ..Default::default() });
-        tch::no_grad(|| conv.ws.copy_(&Tensor::ones([1, 1, 3, 3], (Kind::Float, Device::Cpu))));
+        let mut conv = nn::conv2d(
+            vs.root(),
+            1,
+            1,
+            3,
+            nn::ConvConfig {
+                stride: 2,
+                padding: 0,
+                bias: false,
+                ..Default::default()
+            },
+        );
+        tch::no_grad(|| {
+            conv.ws
+                .copy_(&Tensor::ones([1, 1, 3, 3], (Kind::Float, Device::Cpu)))
+        });
         let x = Tensor::arange(16, (Kind::Float, Device::Cpu)).view([1, 1, 4, 4]);
         let y = conv.forward(&x.constant_pad_nd([0, 1, 0, 1]));
         // Output (0,0) sums rows 0..3 × cols 0..3; (1,1) sums rows 2..4 × cols 2..4 with zeros beyond.
         assert_eq!(y.size(), vec![1, 1, 2, 2]);
-        assert_eq!(y.double_value(&[0, 0, 0, 0]), (0..3).flat_map(|r| (0..3).map(move |c| (4 * r + c) as f64)).sum::<f64>());
-        assert_eq!(y.double_value(&[0, 0, 1, 1]), [10.0, 11.0, 14.0, 15.0].iter().sum::<f64>());
+        assert_eq!(
+            y.double_value(&[0, 0, 0, 0]),
+            (0..3)
+                .flat_map(|r| (0..3).map(move |c| (4 * r + c) as f64))
+                .sum::<f64>()
+        );
+        assert_eq!(
+            y.double_value(&[0, 0, 1, 1]),
+            [10.0, 11.0, 14.0, 15.0].iter().sum::<f64>()
+        );
         let mut config = RunConfig::preset("tiny").unwrap().model;
         config.downsample_padding = DownsamplePadding::BottomRight;
         let vs = nn::VarStore::new(Device::Cpu);
         let net = UNet::new(&vs.root(), &config);
         let x = Tensor::randn([1, 1, 28, 28], (Kind::Float, Device::Cpu));
-        assert_eq!(net.forward(&x, &Tensor::from_slice(&[5i64]), false).size(), x.size());
+        assert_eq!(
+            net.forward(&x, &Tensor::from_slice(&[5i64]), false).size(),
+            x.size()
+        );
     }
 
     #[test]

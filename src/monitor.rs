@@ -6,14 +6,19 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
-use plotters::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
+use plotters::prelude::*;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 /// Images [N, C, H, W] in [−1, 1] → u8 [N, H, W, C] on the CPU.
 fn to_u8_nhwc(images: &Tensor) -> Tensor {
-    ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous()
+    ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous()
 }
 
 /// Grid geometry: `cols` images per row, `pad` pixels of border between and around them.
@@ -37,7 +42,11 @@ pub fn grid_image(images: &Tensor) -> image::RgbImage {
         for y in 0..h {
             for x in 0..w {
                 let base = ((i * h + y) * w + x) * c as usize;
-                let rgb = if c == 1 { [pixels[base]; 3] } else { [pixels[base], pixels[base + 1], pixels[base + 2]] };
+                let rgb = if c == 1 {
+                    [pixels[base]; 3]
+                } else {
+                    [pixels[base], pixels[base + 1], pixels[base + 2]]
+                };
                 grid.put_pixel((ox + x) as u32, (oy + y) as u32, image::Rgb(rgb));
             }
         }
@@ -64,7 +73,15 @@ pub fn save_individual(images: &Tensor, dir: &Path, first_index: usize) -> Resul
     for i in 0..n as usize {
         let data = pixels[i * per..(i + 1) * per].to_vec();
         let path = dir.join(format!("{:06}.png", first_index + i));
-        let result = if c == 1 { image::GrayImage::from_raw(w as u32, h as u32, data).unwrap().save(&path) } else { image::RgbImage::from_raw(w as u32, h as u32, data).unwrap().save(&path) };
+        let result = if c == 1 {
+            image::GrayImage::from_raw(w as u32, h as u32, data)
+                .unwrap()
+                .save(&path)
+        } else {
+            image::RgbImage::from_raw(w as u32, h as u32, data)
+                .unwrap()
+                .save(&path)
+        };
         result.with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
@@ -76,29 +93,51 @@ static FONT: &[u8] = include_bytes!("../data/fonts/DejaVuSans.ttf");
 fn ensure_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).unwrap_or_else(|_| panic!("the bundled font is valid"));
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+            .unwrap_or_else(|_| panic!("the bundled font is valid"));
     });
 }
 
 fn encode_png(image: &image::RgbImage) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    image.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
     Ok(bytes)
 }
 
 /// The EMA and raw grids side by side under a label naming the step.
-pub fn labelled_pair(ema: &image::RgbImage, raw: &image::RgbImage, step: u64) -> Result<image::RgbImage> {
+pub fn labelled_pair(
+    ema: &image::RgbImage,
+    raw: &image::RgbImage,
+    step: u64,
+) -> Result<image::RgbImage> {
     const LABEL: u32 = 22;
     const GAP: u32 = 8;
-    let (w, h) = (ema.width() + GAP + raw.width(), LABEL + ema.height().max(raw.height()));
+    let (w, h) = (
+        ema.width() + GAP + raw.width(),
+        LABEL + ema.height().max(raw.height()),
+    );
     let mut buffer = vec![255u8; (w * h * 3) as usize];
     {
         ensure_font();
         let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
         let style = ("sans-serif", 15).into_font().color(&BLACK);
-        root.draw(&Text::new(format!("step {step} · EMA"), (4, 3), style.clone())).map_err(|e| anyhow!("drawing a label: {e}"))?;
-        root.draw(&Text::new("raw".to_string(), ((ema.width() + GAP + 4) as i32, 3), style)).map_err(|e| anyhow!("drawing a label: {e}"))?;
-        root.present().map_err(|e| anyhow!("drawing a label: {e}"))?;
+        root.draw(&Text::new(
+            format!("step {step} · EMA"),
+            (4, 3),
+            style.clone(),
+        ))
+        .map_err(|e| anyhow!("drawing a label: {e}"))?;
+        root.draw(&Text::new(
+            "raw".to_string(),
+            ((ema.width() + GAP + 4) as i32, 3),
+            style,
+        ))
+        .map_err(|e| anyhow!("drawing a label: {e}"))?;
+        root.present()
+            .map_err(|e| anyhow!("drawing a label: {e}"))?;
     }
     let mut out = image::RgbImage::from_raw(w, h, buffer).expect("buffer of the right size");
     image::imageops::replace(&mut out, ema, 0, LABEL as i64);
@@ -108,7 +147,11 @@ pub fn labelled_pair(ema: &image::RgbImage, raw: &image::RgbImage, step: u64) ->
 
 /// Writes the loss curve (log scale) of (step, loss) points as a PNG.
 pub fn save_loss_plot(points: &[(u64, f64)], path: &Path) -> Result<()> {
-    let points: Vec<(u64, f64)> = points.iter().copied().filter(|(_, l)| l.is_finite() && *l > 0.0).collect();
+    let points: Vec<(u64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(_, l)| l.is_finite() && *l > 0.0)
+        .collect();
     if points.is_empty() {
         return Ok(());
     }
@@ -118,10 +161,23 @@ pub fn save_loss_plot(points: &[(u64, f64)], path: &Path) -> Result<()> {
         ensure_font();
         let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
         let last = points.last().unwrap().0.max(1);
-        let (lo, hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), (_, l)| (lo.min(*l), hi.max(*l)));
+        let (lo, hi) = points
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), (_, l)| {
+                (lo.min(*l), hi.max(*l))
+            });
         let draw = || -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
-            let mut chart = ChartBuilder::on(&root).caption("training loss", ("sans-serif", 18)).margin(10).x_label_area_size(30).y_label_area_size(60).build_cartesian_2d(0u64..last, (lo * 0.9..hi * 1.1).log_scale())?;
-            chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption("training loss", ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0u64..last, (lo * 0.9..hi * 1.1).log_scale())?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc("loss")
+                .draw()?;
             chart.draw_series(LineSeries::new(points.iter().copied(), &BLUE))?;
             root.present()?;
             Ok(())
@@ -156,7 +212,12 @@ pub fn save_animation(frames: &[image::RgbImage], path: &Path, frame_ms: u32) ->
         encoder.set_repeat(Repeat::Infinite)?;
         for frame in frames {
             let rgba = image::DynamicImage::ImageRgb8(frame.clone()).to_rgba8();
-            encoder.encode_frame(image::Frame::from_parts(rgba, 0, 0, image::Delay::from_numer_denom_ms(frame_ms, 1)))?;
+            encoder.encode_frame(image::Frame::from_parts(
+                rgba,
+                0,
+                0,
+                image::Delay::from_numer_denom_ms(frame_ms, 1),
+            ))?;
         }
     }
     crate::checkpoint::write_atomic(path, &bytes)
@@ -167,32 +228,89 @@ pub fn save_animation(frames: &[image::RgbImage], path: &Path, frame_ms: u32) ->
 /// `report.html`.
 pub fn refresh_run_views(run_dir: &Path, config: &crate::config::RunConfig) -> Result<()> {
     let samples = run_dir.join("samples");
-    let mut grids: Vec<std::path::PathBuf> = fs::read_dir(&samples).with_context(|| format!("cannot list {}", samples.display()))?.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.extension().is_some_and(|e| e == "png")).collect();
+    let mut grids: Vec<std::path::PathBuf> = fs::read_dir(&samples)
+        .with_context(|| format!("cannot list {}", samples.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                && p.extension().is_some_and(|e| e == "png")
+        })
+        .collect();
     grids.sort();
-    let frames: Vec<image::RgbImage> = grids.iter().filter_map(|p| image::open(p).ok()).map(|i| i.to_rgb8()).collect();
+    let frames: Vec<image::RgbImage> = grids
+        .iter()
+        .filter_map(|p| image::open(p).ok())
+        .map(|i| i.to_rgb8())
+        .collect();
     if let Some(first) = frames.first() {
         let size = first.dimensions();
-        let same: Vec<image::RgbImage> = frames.iter().filter(|f| f.dimensions() == size).cloned().collect();
+        let same: Vec<image::RgbImage> = frames
+            .iter()
+            .filter(|f| f.dimensions() == size)
+            .cloned()
+            .collect();
         save_animation(&same, &samples.join("training.gif"), 600)?;
     }
-    save_loss_plot(&read_loss_history(&run_dir.join("metrics.jsonl")), &run_dir.join("loss.png"))?;
+    save_loss_plot(
+        &read_loss_history(&run_dir.join("metrics.jsonl")),
+        &run_dir.join("loss.png"),
+    )?;
     write_report(run_dir, config, grids.last())
 }
 
 fn html_escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// A static page that opens from disk: configuration, loss curve, latest samples, the training
 /// animation and FID over time (from `metrics.jsonl` records that carry `fid`).
-pub fn write_report(run_dir: &Path, config: &crate::config::RunConfig, latest: Option<&std::path::PathBuf>) -> Result<()> {
+pub fn write_report(
+    run_dir: &Path,
+    config: &crate::config::RunConfig,
+    latest: Option<&std::path::PathBuf>,
+) -> Result<()> {
     let text = fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
-    let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     let last = records.last();
-    let fid_rows: String = records.iter().filter(|r| r["fid"].is_number()).map(|r| format!("<tr><td>{}</td><td>{}</td><td>{:.3}</td></tr>", r["step"], r["fid_images"], r["fid"].as_f64().unwrap_or(f64::NAN))).collect();
-    let summary = last.map_or("no metrics yet".to_string(), |r| format!("step {} of {} · loss {:.4} · lr {:.2e} · {:.0} img/s · {:.0} s", r["step"], config.train.steps, r["loss"].as_f64().unwrap_or(f64::NAN), r["lr"].as_f64().unwrap_or(f64::NAN), r["images_per_second"].as_f64().unwrap_or(0.0), r["wall_seconds"].as_f64().unwrap_or(0.0)));
-    let latest = latest.and_then(|p| p.file_name()).map(|n| format!("samples/{}", n.to_string_lossy())).unwrap_or_default();
-    let fid = if fid_rows.is_empty() { "<p>No FID measured yet.</p>".to_string() } else { format!("<table><tr><th>step</th><th>images</th><th>FID</th></tr>{fid_rows}</table>") };
+    let fid_rows: String = records
+        .iter()
+        .filter(|r| r["fid"].is_number())
+        .map(|r| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{:.3}</td></tr>",
+                r["step"],
+                r["fid_images"],
+                r["fid"].as_f64().unwrap_or(f64::NAN)
+            )
+        })
+        .collect();
+    let summary = last.map_or("no metrics yet".to_string(), |r| {
+        format!(
+            "step {} of {} · loss {:.4} · lr {:.2e} · {:.0} img/s · {:.0} s",
+            r["step"],
+            config.train.steps,
+            r["loss"].as_f64().unwrap_or(f64::NAN),
+            r["lr"].as_f64().unwrap_or(f64::NAN),
+            r["images_per_second"].as_f64().unwrap_or(0.0),
+            r["wall_seconds"].as_f64().unwrap_or(0.0)
+        )
+    });
+    let latest = latest
+        .and_then(|p| p.file_name())
+        .map(|n| format!("samples/{}", n.to_string_lossy()))
+        .unwrap_or_default();
+    let fid = if fid_rows.is_empty() {
+        "<p>No FID measured yet.</p>".to_string()
+    } else {
+        format!("<table><tr><th>step</th><th>images</th><th>FID</th></tr>{fid_rows}</table>")
+    };
     let page = format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>ddpm run: {preset}</title>
@@ -246,15 +364,27 @@ pub struct Monitor {
 impl Monitor {
     pub fn new(run_dir: &Path, start_step: u64, total_steps: u64) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
-        let metrics = fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let metrics = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps);
-            bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}").expect("valid template"));
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+                    .expect("valid template"),
+            );
             bar.set_position(start_step);
             bar.reset_eta();
             bar
         });
-        Ok(Monitor { metrics, bar, started: Instant::now(), smoothed_loss: None })
+        Ok(Monitor {
+            metrics,
+            bar,
+            started: Instant::now(),
+            smoothed_loss: None,
+        })
     }
 
     pub fn seconds(&self) -> f64 {
@@ -262,13 +392,17 @@ impl Monitor {
     }
 
     pub fn record(&mut self, record: &MetricsRecord) -> Result<()> {
-        writeln!(self.metrics, "{}", serde_json::to_string(record)?).context("cannot append to metrics.jsonl")?;
+        writeln!(self.metrics, "{}", serde_json::to_string(record)?)
+            .context("cannot append to metrics.jsonl")?;
         let smoothed = match self.smoothed_loss {
             Some(s) if record.loss.is_finite() => 0.7 * s + 0.3 * record.loss,
             _ => record.loss,
         };
         self.smoothed_loss = Some(smoothed);
-        let mut text = format!("loss {smoothed:.4}  lr {:.2e}  grad {:.3}  {:.0} img/s", record.lr, record.grad_norm, record.images_per_second);
+        let mut text = format!(
+            "loss {smoothed:.4}  lr {:.2e}  grad {:.3}  {:.0} img/s",
+            record.lr, record.grad_norm, record.images_per_second
+        );
         if let Some(scale) = record.loss_scale {
             text += &format!("  scale {scale:.0}");
         }
@@ -289,7 +423,10 @@ impl Monitor {
     pub fn record_fid(&mut self, step: u64, fid: f64, images: usize, seconds: f64) -> Result<()> {
         let line = serde_json::json!({ "step": step, "fid": fid, "fid_images": images, "fid_seconds": seconds, "wall_seconds": self.seconds() });
         writeln!(self.metrics, "{line}").context("cannot append to metrics.jsonl")?;
-        self.note(&format!("FID@{} = {fid:.2} at step {step} ({seconds:.0} s)", crate::eval::count_label(images)));
+        self.note(&format!(
+            "FID@{} = {fid:.2} at step {step} ({seconds:.0} s)",
+            crate::eval::count_label(images)
+        ));
         Ok(())
     }
 
@@ -329,7 +466,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let images = Tensor::from_slice(&[-1.0f32, 0.0, 1.0, 0.5]).view([1, 1, 2, 2]);
         save_individual(&images, dir.path(), 7).unwrap();
-        let back = image::open(dir.path().join("000007.png")).unwrap().to_luma8();
+        let back = image::open(dir.path().join("000007.png"))
+            .unwrap()
+            .to_luma8();
         assert_eq!(back.as_raw(), &vec![0u8, 128, 255, 191]);
     }
 
@@ -343,18 +482,32 @@ mod tests {
         save_loss_plot(&history, &dir.path().join("loss.png")).unwrap();
         let plot = image::open(dir.path().join("loss.png")).unwrap().to_rgb8();
         assert_eq!((plot.width(), plot.height()), (720, 400));
-        assert!(plot.pixels().any(|p| p.0 == [0, 0, 255]), "the curve is drawn in blue");
+        assert!(
+            plot.pixels().any(|p| p.0 == [0, 0, 255]),
+            "the curve is drawn in blue"
+        );
 
         let ema = grid_image(&Tensor::ones([4, 1, 5, 5], (Kind::Float, Device::Cpu)));
         let raw = grid_image(&(Tensor::ones([4, 1, 5, 5], (Kind::Float, Device::Cpu)) * -1));
         let pair = labelled_pair(&ema, &raw, 400).unwrap();
-        assert_eq!((pair.width(), pair.height()), (ema.width() * 2 + 8, ema.height() + 22));
-        assert!((0..60).flat_map(|x| (0..22).map(move |y| (x, y))).any(|(x, y)| pair.get_pixel(x, y).0[0] < 128), "the label is drawn");
+        assert_eq!(
+            (pair.width(), pair.height()),
+            (ema.width() * 2 + 8, ema.height() + 22)
+        );
+        assert!(
+            (0..60)
+                .flat_map(|x| (0..22).map(move |y| (x, y)))
+                .any(|(x, y)| pair.get_pixel(x, y).0[0] < 128),
+            "the label is drawn"
+        );
         assert_eq!(pair.get_pixel(2, 22 + 2).0, [255, 255, 255]);
         assert_eq!(pair.get_pixel(ema.width() + 8 + 2, 22 + 2).0, [0, 0, 0]);
 
         save_animation(&[ema.clone(), raw.clone()], &dir.path().join("a.gif"), 500).unwrap();
-        let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(fs::File::open(dir.path().join("a.gif")).unwrap())).unwrap();
+        let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+            fs::File::open(dir.path().join("a.gif")).unwrap(),
+        ))
+        .unwrap();
         use image::AnimationDecoder;
         assert_eq!(decoder.into_frames().count(), 2);
     }

@@ -12,7 +12,8 @@ extern "C" {
     fn ddpm_free_error(message: *mut c_char);
     fn ddpm_torch_version() -> *const c_char;
     fn ddpm_set_tf32(allowed: c_int) -> *mut c_char;
-    fn ddpm_cuda_peak_memory(device: c_int, allocated: *mut i64, reserved: *mut i64) -> *mut c_char;
+    fn ddpm_cuda_peak_memory(device: c_int, allocated: *mut i64, reserved: *mut i64)
+        -> *mut c_char;
     fn ddpm_cuda_reset_peak_memory(device: c_int) -> *mut c_char;
     fn ddpm_autocast_enter(cuda: c_int, dtype: c_int) -> *mut c_char;
     fn ddpm_autocast_exit(cuda: c_int) -> *mut c_char;
@@ -32,9 +33,19 @@ extern "C" {
     ) -> *mut c_char;
     fn ddpm_global_norm(tensors: *const CTensor, n: usize, out: *mut CTensor) -> *mut c_char;
     fn ddpm_foreach_mul_(tensors: *const CTensor, n: usize, factor: CTensor) -> *mut c_char;
-    fn ddpm_foreach_lerp_(targets: *const CTensor, sources: *const CTensor, n: usize, weight: f64) -> *mut c_char;
+    fn ddpm_foreach_lerp_(
+        targets: *const CTensor,
+        sources: *const CTensor,
+        n: usize,
+        weight: f64,
+    ) -> *mut c_char;
     fn ddpm_foreach_zero_(tensors: *const CTensor, n: usize) -> *mut c_char;
-    fn ddpm_amp_unscale_(grads: *const CTensor, n: usize, found_inf: CTensor, inv_scale: CTensor) -> *mut c_char;
+    fn ddpm_amp_unscale_(
+        grads: *const CTensor,
+        n: usize,
+        found_inf: CTensor,
+        inv_scale: CTensor,
+    ) -> *mut c_char;
 }
 
 fn check(message: *mut c_char) -> Result<()> {
@@ -42,7 +53,9 @@ fn check(message: *mut c_char) -> Result<()> {
         return Ok(());
     }
     // SAFETY: a non-null return is a NUL-terminated string allocated by the binding.
-    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
+    let text = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { ddpm_free_error(message) };
     Err(anyhow!("libtorch: {text}"))
 }
@@ -58,7 +71,9 @@ fn ptr(tensor: &Tensor) -> CTensor {
 /// The libtorch version this program runs on, e.g. "2.11.0".
 pub fn torch_version() -> String {
     // SAFETY: a static NUL-terminated string in the binding.
-    unsafe { CStr::from_ptr(ddpm_torch_version()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(ddpm_torch_version()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Allows or forbids TF32 tensor-core math for f32 matmuls and convolutions.
@@ -112,11 +127,40 @@ pub struct AdamWStep {
 
 /// One fused AdamW update of `params`; `steps` (one f32 scalar per parameter) count updates.
 /// Where `found_inf` is non-zero the update, and the step count, are skipped on the device.
-pub fn fused_adamw(params: &[Tensor], grads: &[Tensor], exp_avgs: &[Tensor], exp_avg_sqs: &[Tensor], steps: &[Tensor], hp: AdamWStep, found_inf: &Tensor) -> Result<()> {
+pub fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    steps: &[Tensor],
+    hp: AdamWStep,
+    found_inf: &Tensor,
+) -> Result<()> {
     let n = params.len();
     assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n && steps.len() == n);
-    let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
-    check(unsafe { ddpm_fused_adamw(p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n, hp.lr, hp.beta1, hp.beta2, hp.weight_decay, hp.eps, ptr(found_inf)) })
+    let (p, g, m, v, s) = (
+        ptrs(params),
+        ptrs(grads),
+        ptrs(exp_avgs),
+        ptrs(exp_avg_sqs),
+        ptrs(steps),
+    );
+    check(unsafe {
+        ddpm_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            n,
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.weight_decay,
+            hp.eps,
+            ptr(found_inf),
+        )
+    })
 }
 
 /// √(Σ‖tᵢ‖²) over all tensors, as a 0-dim f32 tensor on their device.
@@ -165,8 +209,18 @@ mod tests {
     #[test]
     fn autocast_runs_matmuls_in_the_chosen_dtype_and_only_inside() {
         let a = Tensor::randn([4, 4], (Kind::Float, Device::Cpu));
-        assert_eq!(autocast(Device::Cpu, AutocastType::Bf16, || a.matmul(&a)).unwrap().kind(), Kind::BFloat16);
-        assert_eq!(autocast(Device::Cpu, AutocastType::Fp16, || a.matmul(&a)).unwrap().kind(), Kind::Half);
+        assert_eq!(
+            autocast(Device::Cpu, AutocastType::Bf16, || a.matmul(&a))
+                .unwrap()
+                .kind(),
+            Kind::BFloat16
+        );
+        assert_eq!(
+            autocast(Device::Cpu, AutocastType::Fp16, || a.matmul(&a))
+                .unwrap()
+                .kind(),
+            Kind::Half
+        );
         assert_eq!(a.matmul(&a).kind(), Kind::Float);
     }
 
@@ -181,7 +235,13 @@ mod tests {
         let v = [params[0].zeros_like()];
         let steps = [Tensor::zeros([], (Kind::Float, Device::Cpu))];
         let no_inf = Tensor::zeros([1], (Kind::Float, Device::Cpu));
-        let hp = AdamWStep { lr, beta1: b1, beta2: b2, weight_decay: wd, eps };
+        let hp = AdamWStep {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            weight_decay: wd,
+            eps,
+        };
         fused_adamw(&params, &grads, &m, &v, &steps, hp, &no_inf).unwrap();
         fused_adamw(&params, &grads, &m, &v, &steps, hp, &no_inf).unwrap();
         // Two steps of decoupled-weight-decay Adam in f64.
@@ -202,18 +262,33 @@ mod tests {
         assert_eq!(steps[0].double_value(&[]), 2.0);
         // With found_inf set nothing moves and the step count stays.
         let before = params[0].copy();
-        fused_adamw(&params, &grads, &m, &v, &steps, hp, &Tensor::ones([1], (Kind::Float, Device::Cpu))).unwrap();
+        fused_adamw(
+            &params,
+            &grads,
+            &m,
+            &v,
+            &steps,
+            hp,
+            &Tensor::ones([1], (Kind::Float, Device::Cpu)),
+        )
+        .unwrap();
         assert!(params[0].equal(&before));
         assert_eq!(steps[0].double_value(&[]), 2.0);
     }
 
     #[test]
     fn norm_scale_lerp_and_zero_over_tensor_lists() {
-        let a = [Tensor::from_slice(&[3.0f32, 0.0]), Tensor::from_slice(&[4.0f32])];
+        let a = [
+            Tensor::from_slice(&[3.0f32, 0.0]),
+            Tensor::from_slice(&[4.0f32]),
+        ];
         assert!((global_norm(&a).unwrap().double_value(&[]) - 5.0).abs() < 1e-6);
         foreach_mul_(&a, &Tensor::from(0.5f32)).unwrap();
         assert_eq!(vec(&a[0]), vec![1.5, 0.0]);
-        let target = [Tensor::from_slice(&[1.0f32, 1.0]), Tensor::from_slice(&[0.0f32])];
+        let target = [
+            Tensor::from_slice(&[1.0f32, 1.0]),
+            Tensor::from_slice(&[0.0f32]),
+        ];
         foreach_lerp_(&target, &a, 0.25).unwrap();
         assert_eq!(vec(&target[0]), vec![1.125, 0.75]);
         assert_eq!(vec(&target[1]), vec![0.5]);

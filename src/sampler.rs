@@ -35,7 +35,14 @@ pub fn ddim_timesteps(timesteps: usize, steps: usize) -> Vec<usize> {
 
 /// One DDIM update from x_t to x_{t_prev} (t_prev = None: to x₀), η scaling the noise.
 /// σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev); x_prev = √ᾱ_prev x̂₀ + √(1−ᾱ_prev−σ²) ε̂ + σ z.
-pub fn ddim_step(schedule: &NoiseSchedule, eps: &Tensor, x0: &Tensor, t: usize, t_prev: Option<usize>, eta: f64) -> (Tensor, f64) {
+pub fn ddim_step(
+    schedule: &NoiseSchedule,
+    eps: &Tensor,
+    x0: &Tensor,
+    t: usize,
+    t_prev: Option<usize>,
+    eta: f64,
+) -> (Tensor, f64) {
     let ab = schedule.alphas_cumprod[t];
     let ab_prev = t_prev.map_or(1.0, |p| schedule.alphas_cumprod[p]);
     let sigma = eta * ((1.0 - ab_prev) / (1.0 - ab)).sqrt() * (1.0 - ab / ab_prev).sqrt();
@@ -45,7 +52,15 @@ pub fn ddim_step(schedule: &NoiseSchedule, eps: &Tensor, x0: &Tensor, t: usize, 
 
 /// Generates images [n, C, H, W] in [−1, 1]. `on_step` sees x after each denoising step
 /// (for trajectories); the result is the same for the same seed, batch and settings.
-pub fn sample(denoiser: &Denoiser, settings: &SampleConfig, shape: [i64; 4], seed: u64, device: Device, batch: usize, mut on_step: impl FnMut(usize, &Tensor)) -> Tensor {
+pub fn sample(
+    denoiser: &Denoiser,
+    settings: &SampleConfig,
+    shape: [i64; 4],
+    seed: u64,
+    device: Device,
+    batch: usize,
+    mut on_step: impl FnMut(usize, &Tensor),
+) -> Tensor {
     let _guard = tch::no_grad_guard();
     let [n, c, h, w] = shape;
     let mut outputs = Vec::new();
@@ -86,8 +101,19 @@ pub fn sample(denoiser: &Denoiser, settings: &SampleConfig, shape: [i64; 4], see
                 let ts = ddim_timesteps(denoiser.schedule.timesteps(), settings.steps);
                 for (i, &t) in ts.iter().enumerate() {
                     let (eps, x0) = denoiser.predict(&x, t);
-                    let (next, sigma) = ddim_step(denoiser.schedule, &eps, &x0, t, ts.get(i + 1).copied(), settings.eta);
-                    x = if sigma > 0.0 { next + sigma * x.randn_like() } else { next };
+                    let (next, sigma) = ddim_step(
+                        denoiser.schedule,
+                        &eps,
+                        &x0,
+                        t,
+                        ts.get(i + 1).copied(),
+                        settings.eta,
+                    );
+                    x = if sigma > 0.0 {
+                        next + sigma * x.randn_like()
+                    } else {
+                        next
+                    };
                     report(&x);
                 }
             }
@@ -145,15 +171,31 @@ mod tests {
         let (vs, config) = tiny_denoiser();
         let model = UNet::new(&vs.root(), &config.model);
         let schedule = NoiseSchedule::from_config(&config.diffusion);
-        let d = Denoiser { model: &model, schedule: &schedule, prediction: config.diffusion.prediction };
-        for (sampler, eta) in [(SamplerKind::Ddim, 0.0), (SamplerKind::Ddim, 1.0), (SamplerKind::Ddpm, 0.0)] {
-            let settings = SampleConfig { sampler, eta, steps: 5, ..config.sample.clone() };
+        let d = Denoiser {
+            model: &model,
+            schedule: &schedule,
+            prediction: config.diffusion.prediction,
+        };
+        for (sampler, eta) in [
+            (SamplerKind::Ddim, 0.0),
+            (SamplerKind::Ddim, 1.0),
+            (SamplerKind::Ddpm, 0.0),
+        ] {
+            let settings = SampleConfig {
+                sampler,
+                eta,
+                steps: 5,
+                ..config.sample.clone()
+            };
             let a = sample(&d, &settings, [3, 1, 28, 28], 7, Device::Cpu, 2, |_, _| {});
             let b = sample(&d, &settings, [3, 1, 28, 28], 7, Device::Cpu, 2, |_, _| {});
             let c = sample(&d, &settings, [3, 1, 28, 28], 8, Device::Cpu, 2, |_, _| {});
             assert_eq!(a.size(), vec![3, 1, 28, 28]);
             assert!(a.equal(&b), "{sampler:?} eta={eta} not deterministic");
-            assert!(!a.equal(&c), "{sampler:?}: different seeds gave the same images");
+            assert!(
+                !a.equal(&c),
+                "{sampler:?}: different seeds gave the same images"
+            );
             assert!(a.max().double_value(&[]) <= 1.0 && a.min().double_value(&[]) >= -1.0);
         }
     }
@@ -163,10 +205,20 @@ mod tests {
         let (vs, config) = tiny_denoiser();
         let model = UNet::new(&vs.root(), &config.model);
         let schedule = NoiseSchedule::from_config(&config.diffusion);
-        let d = Denoiser { model: &model, schedule: &schedule, prediction: config.diffusion.prediction };
-        let settings = SampleConfig { sampler: SamplerKind::Ddim, steps: 4, ..config.sample.clone() };
+        let d = Denoiser {
+            model: &model,
+            schedule: &schedule,
+            prediction: config.diffusion.prediction,
+        };
+        let settings = SampleConfig {
+            sampler: SamplerKind::Ddim,
+            steps: 4,
+            ..config.sample.clone()
+        };
         let mut seen = 0;
-        let _ = sample(&d, &settings, [1, 1, 28, 28], 0, Device::Cpu, 1, |_, _| seen += 1);
+        let _ = sample(&d, &settings, [1, 1, 28, 28], 0, Device::Cpu, 1, |_, _| {
+            seen += 1
+        });
         assert_eq!(seen, 4);
     }
 }

@@ -36,7 +36,9 @@ impl NoiseSchedule {
             product *= 1.0 - beta;
             alphas_cumprod.push(product);
         }
-        let alphas_cumprod_prev: Vec<f64> = std::iter::once(1.0).chain(alphas_cumprod[..betas.len() - 1].iter().copied()).collect();
+        let alphas_cumprod_prev: Vec<f64> = std::iter::once(1.0)
+            .chain(alphas_cumprod[..betas.len() - 1].iter().copied())
+            .collect();
         let n = betas.len();
         let (mut var, mut coef_x0, mut coef_xt) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
         for t in 0..n {
@@ -45,7 +47,14 @@ impl NoiseSchedule {
             coef_x0[t] = beta * ab_prev.sqrt() / (1.0 - ab);
             coef_xt[t] = (1.0 - ab_prev) * (1.0 - beta).sqrt() / (1.0 - ab);
         }
-        NoiseSchedule { betas, alphas_cumprod, alphas_cumprod_prev, posterior_variance: var, posterior_mean_coef_x0: coef_x0, posterior_mean_coef_xt: coef_xt }
+        NoiseSchedule {
+            betas,
+            alphas_cumprod,
+            alphas_cumprod_prev,
+            posterior_variance: var,
+            posterior_mean_coef_x0: coef_x0,
+            posterior_mean_coef_xt: coef_xt,
+        }
     }
 
     pub fn timesteps(&self) -> usize {
@@ -60,18 +69,26 @@ impl NoiseSchedule {
 
     /// A host table as an f32 tensor on `device`.
     pub fn to_device(table: &[f64], device: Device) -> Tensor {
-        Tensor::from_slice(table).to_kind(Kind::Float).to_device(device)
+        Tensor::from_slice(table)
+            .to_kind(Kind::Float)
+            .to_device(device)
     }
 }
 
 /// β rising linearly from `start` to `end` (Ho et al. 2020: 1e-4 → 0.02).
 pub fn linear_betas(t: usize, start: f64, end: f64) -> Vec<f64> {
-    (0..t).map(|i| start + (end - start) * i as f64 / (t - 1) as f64).collect()
+    (0..t)
+        .map(|i| start + (end - start) * i as f64 / (t - 1) as f64)
+        .collect()
 }
 
 /// Nichol & Dhariwal 2021: ᾱ(t) = f(t)/f(0), f(t) = cos²(π/2 · (t/T + s)/(1 + s)), β clipped at 0.999.
 pub fn cosine_betas(t: usize, s: f64) -> Vec<f64> {
-    let f = |i: usize| (((i as f64 / t as f64) + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+    let f = |i: usize| {
+        (((i as f64 / t as f64) + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2)
+            .cos()
+            .powi(2)
+    };
     (0..t).map(|i| (1.0 - f(i + 1) / f(i)).min(0.999)).collect()
 }
 
@@ -94,14 +111,26 @@ pub struct DeviceSchedule {
 impl DeviceSchedule {
     pub fn new(schedule: &NoiseSchedule, device: Device) -> Self {
         let sqrt_ab: Vec<f64> = schedule.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
-        let sqrt_1m_ab: Vec<f64> = schedule.alphas_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect();
-        DeviceSchedule { sqrt_alphas_cumprod: NoiseSchedule::to_device(&sqrt_ab, device), sqrt_one_minus_alphas_cumprod: NoiseSchedule::to_device(&sqrt_1m_ab, device) }
+        let sqrt_1m_ab: Vec<f64> = schedule
+            .alphas_cumprod
+            .iter()
+            .map(|a| (1.0 - a).sqrt())
+            .collect();
+        DeviceSchedule {
+            sqrt_alphas_cumprod: NoiseSchedule::to_device(&sqrt_ab, device),
+            sqrt_one_minus_alphas_cumprod: NoiseSchedule::to_device(&sqrt_1m_ab, device),
+        }
     }
 
     /// √ᾱ_t and √(1 − ᾱ_t) for each sample's t, shaped [B, 1, 1, 1] to broadcast over images.
     pub fn coefficients(&self, t: &Tensor) -> (Tensor, Tensor) {
         let shape = [-1, 1, 1, 1];
-        (self.sqrt_alphas_cumprod.index_select(0, t).view(shape), self.sqrt_one_minus_alphas_cumprod.index_select(0, t).view(shape))
+        (
+            self.sqrt_alphas_cumprod.index_select(0, t).view(shape),
+            self.sqrt_one_minus_alphas_cumprod
+                .index_select(0, t)
+                .view(shape),
+        )
     }
 
     /// x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε
@@ -122,7 +151,9 @@ mod tests {
 
     /// ᾱ_t of the linear schedule as a closed-form product, independently of the table code.
     fn linear_alphabar(t: usize) -> f64 {
-        (0..=t).map(|i| 1.0 - (1e-4 + (0.02 - 1e-4) * i as f64 / 999.0)).product()
+        (0..=t)
+            .map(|i| 1.0 - (1e-4 + (0.02 - 1e-4) * i as f64 / 999.0))
+            .product()
     }
 
     #[test]
@@ -131,10 +162,17 @@ mod tests {
         assert_eq!(s.betas[0], 1e-4);
         assert!(close(s.betas[999], 0.02, 1e-15));
         for t in [0, 499, 999] {
-            assert!(close(s.alphas_cumprod[t], linear_alphabar(t), 1e-12), "t={t}");
+            assert!(
+                close(s.alphas_cumprod[t], linear_alphabar(t), 1e-12),
+                "t={t}"
+            );
         }
         // Published values for this schedule (e.g. the DDPM reference code): ᾱ_999 ≈ 4.036e-5.
-        assert!(close(s.alphas_cumprod[999], 4.0358e-5, 1e-3), "{}", s.alphas_cumprod[999]);
+        assert!(
+            close(s.alphas_cumprod[999], 4.0358e-5, 1e-3),
+            "{}",
+            s.alphas_cumprod[999]
+        );
         assert!(close(s.alphas_cumprod[0], 0.9999, 1e-15));
     }
 
@@ -142,10 +180,17 @@ mod tests {
     fn cosine_alphabar_follows_the_formula() {
         let (t, s) = (1000, 0.008);
         let sched = NoiseSchedule::from_betas(cosine_betas(t, s));
-        let f = |i: f64| (((i / t as f64) + s) / (1.0 + s) * std::f64::consts::PI / 2.0).cos().powi(2);
+        let f = |i: f64| {
+            (((i / t as f64) + s) / (1.0 + s) * std::f64::consts::PI / 2.0)
+                .cos()
+                .powi(2)
+        };
         // Without clipping, ᾱ_t = f(t+1)/f(0) exactly; clipping only bites at the very end.
         for i in [0usize, 100, 500, 900] {
-            assert!(close(sched.alphas_cumprod[i], f(i as f64 + 1.0) / f(0.0), 1e-10), "t={i}");
+            assert!(
+                close(sched.alphas_cumprod[i], f(i as f64 + 1.0) / f(0.0), 1e-10),
+                "t={i}"
+            );
         }
         assert!(sched.betas.iter().all(|&b| b > 0.0 && b <= 0.999));
         assert_eq!(sched.betas[t - 1], 0.999);
@@ -174,7 +219,11 @@ mod tests {
             assert!(close(s.posterior_mean_coef_x0[t], coef_x0, 1e-10));
         }
         assert_eq!(s.posterior_variance[0], 0.0);
-        assert!(close(s.snr(10), s.alphas_cumprod[10] / (1.0 - s.alphas_cumprod[10]), 1e-15));
+        assert!(close(
+            s.snr(10),
+            s.alphas_cumprod[10] / (1.0 - s.alphas_cumprod[10]),
+            1e-15
+        ));
     }
 
     #[test]
@@ -186,7 +235,11 @@ mod tests {
         let n = 200_000;
         let x0 = Tensor::full([n, 1, 1, 1], 0.5, (Kind::Float, Device::Cpu));
         let t = Tensor::full([n], 300, (Kind::Int64, Device::Cpu));
-        let xt = dev.q_sample(&x0, &t, &Tensor::randn([n, 1, 1, 1], (Kind::Float, Device::Cpu)));
+        let xt = dev.q_sample(
+            &x0,
+            &t,
+            &Tensor::randn([n, 1, 1, 1], (Kind::Float, Device::Cpu)),
+        );
         let ab = sched.alphas_cumprod[300];
         let mean = xt.mean(Kind::Double).double_value(&[]);
         let var = xt.var(true).double_value(&[]);

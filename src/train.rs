@@ -31,7 +31,10 @@ pub fn learning_rate(config: &TrainConfig, step: u64) -> f64 {
         LrSchedule::Cosine => {
             let span = config.steps.saturating_sub(config.warmup_steps).max(1) as f64;
             let progress = ((step - config.warmup_steps) as f64 / span).min(1.0);
-            config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            config.min_lr
+                + (config.lr - config.min_lr)
+                    * 0.5
+                    * (1.0 + (std::f64::consts::PI * progress).cos())
         }
     }
 }
@@ -40,7 +43,9 @@ pub fn learning_rate(config: &TrainConfig, step: u64) -> f64 {
 /// warm-up, else the constant decay.
 pub fn ema_decay(config: &TrainConfig, updates: u64) -> f64 {
     if config.ema_warmup {
-        config.ema_decay.min((1.0 + updates as f64) / (10.0 + updates as f64))
+        config
+            .ema_decay
+            .min((1.0 + updates as f64) / (10.0 + updates as f64))
     } else {
         config.ema_decay
     }
@@ -57,12 +62,21 @@ impl LossScaler {
     const GROWTH_INTERVAL: i64 = 2000;
 
     fn new(device: Device) -> Self {
-        LossScaler { scale: Tensor::full([1], Self::INITIAL, (Kind::Float, device)), growth_tracker: Tensor::zeros([1], (Kind::Int, device)) }
+        LossScaler {
+            scale: Tensor::full([1], Self::INITIAL, (Kind::Float, device)),
+            growth_tracker: Tensor::zeros([1], (Kind::Int, device)),
+        }
     }
 
     /// ×2 after GROWTH_INTERVAL clean steps in a row, ×0.5 on a step with inf/NaN gradients.
     fn update(&mut self, found_inf: &Tensor) {
-        let _ = self.scale.internal_amp_update_scale_(&self.growth_tracker, found_inf, 2.0, 0.5, Self::GROWTH_INTERVAL);
+        let _ = self.scale.internal_amp_update_scale_(
+            &self.growth_tracker,
+            found_inf,
+            2.0,
+            0.5,
+            Self::GROWTH_INTERVAL,
+        );
     }
 }
 
@@ -74,21 +88,33 @@ struct QuarterErrors {
 
 impl QuarterErrors {
     fn new(device: Device) -> Self {
-        QuarterErrors { sums: Tensor::zeros([4], (Kind::Double, device)), counts: Tensor::zeros([4], (Kind::Double, device)) }
+        QuarterErrors {
+            sums: Tensor::zeros([4], (Kind::Double, device)),
+            counts: Tensor::zeros([4], (Kind::Double, device)),
+        }
     }
 
     fn record(&mut self, errors: &Tensor, t: &Tensor, timesteps: usize) {
         let quarter = (t * 4).divide_scalar_mode(timesteps as i64, "floor");
-        let _ = self.sums.index_add_(0, &quarter, &errors.to_kind(Kind::Double));
-        let _ = self.counts.index_add_(0, &quarter, &errors.ones_like().to_kind(Kind::Double));
+        let _ = self
+            .sums
+            .index_add_(0, &quarter, &errors.to_kind(Kind::Double));
+        let _ = self
+            .counts
+            .index_add_(0, &quarter, &errors.ones_like().to_kind(Kind::Double));
     }
 
     /// Mean error per quarter since the last read (None where no sample fell), then resets.
     fn take(&mut self) -> [Option<f64>; 4] {
-        let (sums, counts) = (Vec::<f64>::try_from(self.sums.to_device(Device::Cpu)).unwrap_or_default(), Vec::<f64>::try_from(self.counts.to_device(Device::Cpu)).unwrap_or_default());
+        let (sums, counts) = (
+            Vec::<f64>::try_from(self.sums.to_device(Device::Cpu)).unwrap_or_default(),
+            Vec::<f64>::try_from(self.counts.to_device(Device::Cpu)).unwrap_or_default(),
+        );
         let _ = self.sums.zero_();
         let _ = self.counts.zero_();
-        std::array::from_fn(|i| (counts.get(i).copied().unwrap_or(0.0) > 0.0).then(|| sums[i] / counts[i]))
+        std::array::from_fn(|i| {
+            (counts.get(i).copied().unwrap_or(0.0) > 0.0).then(|| sums[i] / counts[i])
+        })
     }
 }
 
@@ -149,7 +175,10 @@ impl Trainer {
         let zeros = |p: &Tensor| p.zeros_like();
         let exp_avgs = params.iter().map(zeros).collect();
         let exp_avg_sqs = params.iter().map(zeros).collect();
-        let adam_steps = params.iter().map(|_| Tensor::zeros([], (Kind::Float, device))).collect();
+        let adam_steps = params
+            .iter()
+            .map(|_| Tensor::zeros([], (Kind::Float, device)))
+            .collect();
         let schedule = NoiseSchedule::from_config(&config.diffusion);
         let objective = Objective::new(&config.diffusion, &schedule, device);
         let scaler = (config.train.precision == Precision::Fp16).then(|| LossScaler::new(device));
@@ -157,7 +186,29 @@ impl Trainer {
             ops::set_tf32(config.train.precision == Precision::Tf32)?;
             tch::Cuda::cudnn_set_benchmark(true);
         }
-        Ok(Trainer { config: config.clone(), device, vs, model, ema_vs, ema_model, schedule, objective, names, params, ema_params, grads: None, exp_avgs, exp_avg_sqs, adam_steps, scaler, skipped: Tensor::zeros([], (Kind::Int64, device)), consecutive_skipped: Tensor::zeros([], (Kind::Int64, device)), lr_scale: 1.0, error_by_quarter: QuarterErrors::new(device), step: 0 })
+        Ok(Trainer {
+            config: config.clone(),
+            device,
+            vs,
+            model,
+            ema_vs,
+            ema_model,
+            schedule,
+            objective,
+            names,
+            params,
+            ema_params,
+            grads: None,
+            exp_avgs,
+            exp_avg_sqs,
+            adam_steps,
+            scaler,
+            skipped: Tensor::zeros([], (Kind::Int64, device)),
+            consecutive_skipped: Tensor::zeros([], (Kind::Int64, device)),
+            lr_scale: 1.0,
+            error_by_quarter: QuarterErrors::new(device),
+            step: 0,
+        })
     }
 
     fn autocast_type(&self) -> Option<AutocastType> {
@@ -179,11 +230,20 @@ impl Trainer {
         tch::manual_seed(crate::rng::mix(c.train.seed, &[self.step]) as i64);
         let x0 = data::augment(x0, c.data.hflip, c.data.color_jitter);
         let b = x0.size()[0];
-        let t = Tensor::randint(c.diffusion.timesteps as i64, [b], (Kind::Int64, self.device));
+        let t = Tensor::randint(
+            c.diffusion.timesteps as i64,
+            [b],
+            (Kind::Int64, self.device),
+        );
         let noise = x0.randn_like();
         let k = c.train.grad_accum as i64;
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
-        for ((x0, t), noise) in x0.chunk(k, 0).iter().zip(t.chunk(k, 0)).zip(noise.chunk(k, 0)) {
+        for ((x0, t), noise) in x0
+            .chunk(k, 0)
+            .iter()
+            .zip(t.chunk(k, 0))
+            .zip(noise.chunk(k, 0))
+        {
             let x_t = self.objective.q_sample(x0, &t, &noise);
             let target = self.objective.target(x0, &noise, &t);
             let forward = || self.model.forward(&x_t, &t, true);
@@ -192,7 +252,8 @@ impl Trainer {
                 None => forward(),
             };
             let (loss, errors) = self.objective.loss_and_errors(&prediction, &target, &t);
-            self.error_by_quarter.record(&errors, &t, c.diffusion.timesteps);
+            self.error_by_quarter
+                .record(&errors, &t, c.diffusion.timesteps);
             let loss = loss / k as f64;
             match &self.scaler {
                 Some(s) => (&loss * &s.scale.squeeze()).backward(),
@@ -219,7 +280,13 @@ impl Trainer {
             ops::amp_unscale_(grads, &found_inf, &s.scale.reciprocal())?;
         }
         let grad_norm = ops::global_norm(grads)?;
-        let found_inf = found_inf.maximum(&grad_norm.isfinite().logical_not().to_kind(Kind::Float).view([1]));
+        let found_inf = found_inf.maximum(
+            &grad_norm
+                .isfinite()
+                .logical_not()
+                .to_kind(Kind::Float)
+                .view([1]),
+        );
         let clip = self.config.train.grad_clip;
         if clip > 0.0 {
             let factor = (clip / (&grad_norm + 1e-6)).clamp_max(1.0);
@@ -227,8 +294,24 @@ impl Trainer {
         }
         let tc = &self.config.train;
         let lr = learning_rate(tc, self.step) * self.lr_scale;
-        let hp = AdamWStep { lr, beta1: tc.adam_beta1, beta2: tc.adam_beta2, weight_decay: tc.weight_decay, eps: tc.adam_eps };
-        tch::no_grad(|| ops::fused_adamw(&self.params, grads, &self.exp_avgs, &self.exp_avg_sqs, &self.adam_steps, hp, &found_inf))?;
+        let hp = AdamWStep {
+            lr,
+            beta1: tc.adam_beta1,
+            beta2: tc.adam_beta2,
+            weight_decay: tc.weight_decay,
+            eps: tc.adam_eps,
+        };
+        tch::no_grad(|| {
+            ops::fused_adamw(
+                &self.params,
+                grads,
+                &self.exp_avgs,
+                &self.exp_avg_sqs,
+                &self.adam_steps,
+                hp,
+                &found_inf,
+            )
+        })?;
         if let Some(s) = &mut self.scaler {
             s.update(&found_inf);
         }
@@ -240,7 +323,11 @@ impl Trainer {
         self.skipped += &bad;
         self.consecutive_skipped = (&self.consecutive_skipped + &bad) * &bad;
         self.step += 1;
-        Ok(StepOutput { loss, grad_norm, lr })
+        Ok(StepOutput {
+            loss,
+            grad_norm,
+            lr,
+        })
     }
 
     pub fn skipped_steps(&self) -> u64 {
@@ -267,16 +354,28 @@ impl Trainer {
         for (i, name) in self.names.iter().enumerate() {
             out.push((format!("model.{name}"), self.params[i].shallow_clone()));
             out.push((format!("ema.{name}"), self.ema_params[i].shallow_clone()));
-            out.push((format!("adam.exp_avg.{name}"), self.exp_avgs[i].shallow_clone()));
-            out.push((format!("adam.exp_avg_sq.{name}"), self.exp_avg_sqs[i].shallow_clone()));
+            out.push((
+                format!("adam.exp_avg.{name}"),
+                self.exp_avgs[i].shallow_clone(),
+            ));
+            out.push((
+                format!("adam.exp_avg_sq.{name}"),
+                self.exp_avg_sqs[i].shallow_clone(),
+            ));
         }
         out.push(("adam.step".into(), self.adam_steps[0].shallow_clone()));
         out.push(("skipped_steps".into(), self.skipped.shallow_clone()));
-        out.push(("consecutive_skipped_steps".into(), self.consecutive_skipped.shallow_clone()));
+        out.push((
+            "consecutive_skipped_steps".into(),
+            self.consecutive_skipped.shallow_clone(),
+        ));
         out.push(("lr_scale".into(), Tensor::from(self.lr_scale)));
         if let Some(s) = &self.scaler {
             out.push(("scaler.scale".into(), s.scale.shallow_clone()));
-            out.push(("scaler.growth_tracker".into(), s.growth_tracker.shallow_clone()));
+            out.push((
+                "scaler.growth_tracker".into(),
+                s.growth_tracker.shallow_clone(),
+            ));
         }
         out
     }
@@ -285,20 +384,40 @@ impl Trainer {
     pub fn load_state(&mut self, checkpoint: &Checkpoint) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             for (i, name) in self.names.iter().enumerate() {
-                copy_checked(&mut self.params[i], checkpoint.tensor(&format!("model.{name}"))?, name)?;
-                copy_checked(&mut self.ema_params[i], checkpoint.tensor(&format!("ema.{name}"))?, name)?;
-                copy_checked(&mut self.exp_avgs[i], checkpoint.tensor(&format!("adam.exp_avg.{name}"))?, name)?;
-                copy_checked(&mut self.exp_avg_sqs[i], checkpoint.tensor(&format!("adam.exp_avg_sq.{name}"))?, name)?;
+                copy_checked(
+                    &mut self.params[i],
+                    checkpoint.tensor(&format!("model.{name}"))?,
+                    name,
+                )?;
+                copy_checked(
+                    &mut self.ema_params[i],
+                    checkpoint.tensor(&format!("ema.{name}"))?,
+                    name,
+                )?;
+                copy_checked(
+                    &mut self.exp_avgs[i],
+                    checkpoint.tensor(&format!("adam.exp_avg.{name}"))?,
+                    name,
+                )?;
+                copy_checked(
+                    &mut self.exp_avg_sqs[i],
+                    checkpoint.tensor(&format!("adam.exp_avg_sq.{name}"))?,
+                    name,
+                )?;
             }
             let step = checkpoint.tensor("adam.step")?;
             for s in &mut self.adam_steps {
                 s.copy_(step);
             }
             self.skipped.copy_(checkpoint.tensor("skipped_steps")?);
-            self.consecutive_skipped.copy_(checkpoint.tensor("consecutive_skipped_steps")?);
+            self.consecutive_skipped
+                .copy_(checkpoint.tensor("consecutive_skipped_steps")?);
             self.lr_scale = checkpoint.tensor("lr_scale")?.double_value(&[]);
             if let Some(s) = &mut self.scaler {
-                if let (Ok(scale), Ok(tracker)) = (checkpoint.tensor("scaler.scale"), checkpoint.tensor("scaler.growth_tracker")) {
+                if let (Ok(scale), Ok(tracker)) = (
+                    checkpoint.tensor("scaler.scale"),
+                    checkpoint.tensor("scaler.growth_tracker"),
+                ) {
                     s.scale.copy_(scale);
                     s.growth_tracker.copy_(tracker);
                 }
@@ -312,29 +431,58 @@ impl Trainer {
     /// Samples with the EMA (default) or raw weights.
     pub fn sample(&self, ema: bool, n: usize, seed: u64) -> Tensor {
         let model = if ema { &self.ema_model } else { &self.model };
-        let denoiser = Denoiser { model, schedule: &self.schedule, prediction: self.config.diffusion.prediction };
+        let denoiser = Denoiser {
+            model,
+            schedule: &self.schedule,
+            prediction: self.config.diffusion.prediction,
+        };
         let m = &self.config.model;
-        sampler::sample(&denoiser, &self.config.sample, [n as i64, m.in_channels, m.image_size.height(), m.image_size.width()], seed, self.device, n.min(256), |_, _| {})
+        sampler::sample(
+            &denoiser,
+            &self.config.sample,
+            [
+                n as i64,
+                m.in_channels,
+                m.image_size.height(),
+                m.image_size.width(),
+            ],
+            seed,
+            self.device,
+            n.min(256),
+            |_, _| {},
+        )
     }
 }
 
 fn copy_checked(dst: &mut Tensor, src: &Tensor, name: &str) -> Result<()> {
     if dst.size() != src.size() {
-        bail!("checkpoint tensor {name} has shape {:?}, the model expects {:?}", src.size(), dst.size());
+        bail!(
+            "checkpoint tensor {name} has shape {:?}, the model expects {:?}",
+            src.size(),
+            dst.size()
+        );
     }
     dst.copy_(src);
     Ok(())
 }
 
 /// Loads a model (EMA or raw weights) from a checkpoint for sampling.
-pub fn load_for_sampling(checkpoint: &Checkpoint, ema: bool, device: Device) -> Result<(VarStore, UNet)> {
+pub fn load_for_sampling(
+    checkpoint: &Checkpoint,
+    ema: bool,
+    device: Device,
+) -> Result<(VarStore, UNet)> {
     let config = &checkpoint.sidecar.config;
     let mut vs = VarStore::new(device);
     let model = UNet::new(&vs.root(), &config.model);
     let prefix = if ema { "ema." } else { "model." };
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in vs.variables() {
-            copy_checked(&mut var, checkpoint.tensor(&format!("{prefix}{name}"))?, &name)?;
+            copy_checked(
+                &mut var,
+                checkpoint.tensor(&format!("{prefix}{name}"))?,
+                &name,
+            )?;
         }
         Ok(())
     })?;
@@ -367,7 +515,8 @@ pub struct RunSummary {
 }
 
 fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()> {
-    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create run directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("samples"))
+        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
     if !resuming && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
         bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
     }
@@ -376,12 +525,31 @@ fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()>
 
 /// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
 pub fn run(options: RunOptions) -> Result<RunSummary> {
-    let RunOptions { mut config, run_dir, resume, strict_data, epochs, stop_at, interrupt } = options;
+    let RunOptions {
+        mut config,
+        run_dir,
+        resume,
+        strict_data,
+        epochs,
+        stop_at,
+        interrupt,
+    } = options;
     config.validate()?;
     let device = crate::device::resolve(&config.train.device)?;
-    let dataset = data::load(config.data_path().as_deref(), &LoadOptions { format: config.data.format, channels: config.model.in_channels, size: config.model.image_size, strict: strict_data, split: config.data.split })?;
+    let dataset = data::load(
+        config.data_path().as_deref(),
+        &LoadOptions {
+            format: config.data.format,
+            channels: config.model.in_channels,
+            size: config.model.image_size,
+            strict: strict_data,
+            split: config.data.split,
+        },
+    )?;
     if let Some(epochs) = epochs {
-        config.train.steps = (epochs * dataset.len() as u64).div_ceil(config.train.batch as u64).max(1);
+        config.train.steps = (epochs * dataset.len() as u64)
+            .div_ceil(config.train.batch as u64)
+            .max(1);
     }
     prepare_run_dir(&run_dir, &config, resume.is_some())?;
     let mut trainer = Trainer::new(&config, device)?;
@@ -389,25 +557,67 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     if let Some(checkpoint) = &resume {
         trainer.load_state(checkpoint)?;
         position = checkpoint.sidecar.position;
-        eprintln!("resumed from {} at step {}", checkpoint.path.display(), trainer.step);
+        eprintln!(
+            "resumed from {} at step {}",
+            checkpoint.path.display(),
+            trainer.step
+        );
     }
-    eprintln!("training {} on {} ({} images) on {device:?}: {} parameters, {} steps of batch {}", config.preset, dataset.description, dataset.len(), crate::model::parameter_count(&trainer.vs), config.train.steps, config.train.batch);
+    eprintln!(
+        "training {} on {} ({} images) on {device:?}: {} parameters, {} steps of batch {}",
+        config.preset,
+        dataset.description,
+        dataset.len(),
+        crate::model::parameter_count(&trainer.vs),
+        config.train.steps,
+        config.train.batch
+    );
     let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
-    run_loop(&mut trainer, &dataset, position, &run_dir, stop, interrupt.unwrap_or_default())
+    run_loop(
+        &mut trainer,
+        &dataset,
+        position,
+        &run_dir,
+        stop,
+        interrupt.unwrap_or_default(),
+    )
 }
 
-fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_dir: &Path, stop: u64, interrupt: Arc<AtomicBool>) -> Result<RunSummary> {
+fn run_loop(
+    trainer: &mut Trainer,
+    dataset: &Dataset,
+    position: Position,
+    run_dir: &Path,
+    stop: u64,
+    interrupt: Arc<AtomicBool>,
+) -> Result<RunSummary> {
     let config = trainer.config.clone();
     let tc = &config.train;
     let mut order = data::Sampler::new(dataset.len(), tc.seed, position);
     let mut monitor = Monitor::new(run_dir, trainer.step, stop)?;
     let checkpoints = run_dir.join("checkpoints");
-    let save = |trainer: &Trainer, order: &data::Sampler| checkpoint::save(&checkpoints, &trainer.state_tensors(), trainer.step, order.position(), &config);
+    let save = |trainer: &Trainer, order: &data::Sampler| {
+        checkpoint::save(
+            &checkpoints,
+            &trainer.state_tensors(),
+            trainer.step,
+            order.position(),
+            &config,
+        )
+    };
     if trainer.step == 0 {
         // What the model learns from, next to what it makes.
-        let first = order.clone().next_indices(config.sample.num.min(dataset.len()));
-        let real = data::to_model_space(&dataset.images.index_select(0, &Tensor::from_slice(&first)), Device::Cpu);
-        crate::monitor::save_grid(&data::augment(&real, config.data.hflip, config.data.color_jitter), &run_dir.join("samples").join("data.png"))?;
+        let first = order
+            .clone()
+            .next_indices(config.sample.num.min(dataset.len()));
+        let real = data::to_model_space(
+            &dataset.images.index_select(0, &Tensor::from_slice(&first)),
+            Device::Cpu,
+        );
+        crate::monitor::save_grid(
+            &data::augment(&real, config.data.hflip, config.data.color_jitter),
+            &run_dir.join("samples").join("data.png"),
+        )?;
     }
     let training_fid = TrainingFid::prepare(&config, dataset, trainer.device)?;
     let mut window = Window::new();
@@ -417,7 +627,12 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
     while trainer.step < stop {
         let waiting = Instant::now();
         let indices = order.next_indices(tc.batch);
-        let x0 = data::to_model_space(&dataset.images.index_select(0, &Tensor::from_slice(&indices)), trainer.device);
+        let x0 = data::to_model_space(
+            &dataset
+                .images
+                .index_select(0, &Tensor::from_slice(&indices)),
+            trainer.device,
+        );
         window.data_wait += waiting.elapsed().as_secs_f64();
         let out = trainer.step(&x0)?;
         window.images += tc.batch;
@@ -426,7 +641,13 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
             let path = save(trainer, &order)?;
             monitor.finish();
             eprintln!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
-            return Ok(RunSummary { final_checkpoint: path, final_grid: None, steps: step, seconds: monitor.seconds(), interrupted: true });
+            return Ok(RunSummary {
+                final_checkpoint: path,
+                final_grid: None,
+                steps: step,
+                seconds: monitor.seconds(),
+                interrupted: true,
+            });
         }
         if step % tc.log_every == 0 || step == stop {
             let record = MetricsRecord {
@@ -461,7 +682,10 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
             save(trainer, &order)?;
             window = Window::new();
         }
-        if let Some(fid) = training_fid.as_ref().filter(|_| step % config.fid.every == 0) {
+        if let Some(fid) = training_fid
+            .as_ref()
+            .filter(|_| step % config.fid.every == 0)
+        {
             fid.measure(trainer, fid_seed, &mut monitor)?;
             window = Window::new();
         }
@@ -470,16 +694,31 @@ fn run_loop(trainer: &mut Trainer, dataset: &Dataset, position: Position, run_di
     let final_grid = write_samples(trainer, run_dir, grid_seed, &monitor)?;
     monitor.finish();
     if trainer.skipped_steps() > 0 {
-        eprintln!("warning: {} step(s) were skipped for non-finite gradients", trainer.skipped_steps());
+        eprintln!(
+            "warning: {} step(s) were skipped for non-finite gradients",
+            trainer.skipped_steps()
+        );
     }
-    Ok(RunSummary { final_checkpoint, final_grid: Some(final_grid), steps: trainer.step, seconds: monitor.seconds(), interrupted: false })
+    Ok(RunSummary {
+        final_checkpoint,
+        final_grid: Some(final_grid),
+        steps: trainer.step,
+        seconds: monitor.seconds(),
+        interrupted: false,
+    })
 }
 
 const MAX_ROLLBACKS: u32 = 5;
 
 /// After `bad` non-finite steps in a row: reload the newest valid checkpoint, lower the learning
 /// rate by `rollback_lr_factor`, and return the data position to continue from.
-fn roll_back(trainer: &mut Trainer, checkpoints: &Path, bad: u64, rollbacks: u32, monitor: &Monitor) -> Result<Position> {
+fn roll_back(
+    trainer: &mut Trainer,
+    checkpoints: &Path,
+    bad: u64,
+    rollbacks: u32,
+    monitor: &Monitor,
+) -> Result<Position> {
     let step = trainer.step;
     if rollbacks > MAX_ROLLBACKS {
         bail!("gradients are still non-finite after {MAX_ROLLBACKS} rollbacks (step {step}); lower --lr or check the data");
@@ -505,9 +744,19 @@ impl TrainingFid {
             return Ok(None);
         }
         let flag = (!config.fid.inception.is_empty()).then(|| PathBuf::from(&config.fid.inception));
-        let path = eval::locate_inception(flag.as_deref(), std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from), &eval::default_inception_path()?).context("fid.every is set")?;
+        let path = eval::locate_inception(
+            flag.as_deref(),
+            std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
+            &eval::default_inception_path()?,
+        )
+        .context("fid.every is set")?;
         let inception = eval::Inception::load(&path, device)?;
-        let real = eval::cached_statistics(&inception, &dataset.images, config.fid.batch, &eval::statistics_cache_dir()?)?;
+        let real = eval::cached_statistics(
+            &inception,
+            &dataset.images,
+            config.fid.batch,
+            &eval::statistics_cache_dir()?,
+        )?;
         Ok(Some(TrainingFid { inception, real }))
     }
 
@@ -518,7 +767,12 @@ impl TrainingFid {
         let images = crate::eval::to_u8_images(&trainer.sample(true, fid.num, seed));
         let statistics = self.inception.statistics(&images, fid.batch, "fake")?;
         let score = crate::eval::frechet_distance(&self.real, &statistics)?;
-        monitor.record_fid(trainer.step, score, fid.num, started.elapsed().as_secs_f64())
+        monitor.record_fid(
+            trainer.step,
+            score,
+            fid.num,
+            started.elapsed().as_secs_f64(),
+        )
     }
 }
 
@@ -531,7 +785,11 @@ struct Window {
 
 impl Window {
     fn new() -> Self {
-        Window { started: Instant::now(), images: 0, data_wait: 0.0 }
+        Window {
+            started: Instant::now(),
+            images: 0,
+            data_wait: 0.0,
+        }
     }
 }
 
@@ -550,26 +808,49 @@ fn peak_memory_gib(device: Device) -> Result<Option<f64>> {
 /// Samples the run's fixed noise with the EMA and the raw weights and writes them side by side
 /// as `samples/step-N.png` and `samples/latest.png`; refreshes the training animation
 /// (`samples/training.gif`), the loss plot (`loss.png`) and `report.html`.
-fn write_samples(trainer: &Trainer, run_dir: &Path, seed: u64, monitor: &Monitor) -> Result<PathBuf> {
+fn write_samples(
+    trainer: &Trainer,
+    run_dir: &Path,
+    seed: u64,
+    monitor: &Monitor,
+) -> Result<PathBuf> {
     let started = Instant::now();
     let s = &trainer.config.sample;
-    let steps = if s.sampler == crate::config::SamplerKind::Ddim { s.steps } else { trainer.config.diffusion.timesteps };
-    monitor.note(&format!("sampling {} images ({:?}, {steps} steps) with EMA and raw weights at step {}…", s.num, s.sampler, trainer.step));
+    let steps = if s.sampler == crate::config::SamplerKind::Ddim {
+        s.steps
+    } else {
+        trainer.config.diffusion.timesteps
+    };
+    monitor.note(&format!(
+        "sampling {} images ({:?}, {steps} steps) with EMA and raw weights at step {}…",
+        s.num, s.sampler, trainer.step
+    ));
     let ema = crate::monitor::grid_image(&trainer.sample(true, s.num, seed));
     let raw = crate::monitor::grid_image(&trainer.sample(false, s.num, seed));
     let samples = run_dir.join("samples");
     let path = samples.join(format!("step-{:08}.png", trainer.step));
-    crate::monitor::save_png(&crate::monitor::labelled_pair(&ema, &raw, trainer.step)?, &path)?;
-    std::fs::copy(&path, samples.join("latest.png")).with_context(|| format!("cannot write {}", samples.join("latest.png").display()))?;
+    crate::monitor::save_png(
+        &crate::monitor::labelled_pair(&ema, &raw, trainer.step)?,
+        &path,
+    )?;
+    std::fs::copy(&path, samples.join("latest.png"))
+        .with_context(|| format!("cannot write {}", samples.join("latest.png").display()))?;
     crate::monitor::refresh_run_views(run_dir, &trainer.config)?;
-    monitor.note(&format!("wrote {} in {:.1} s", path.display(), started.elapsed().as_secs_f64()));
+    monitor.note(&format!(
+        "wrote {} in {:.1} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    ));
     Ok(path)
 }
 
 /// Tensors flattened into one vector, for comparisons in tests.
 #[cfg(test)]
 fn flat(tensors: &[Tensor]) -> Tensor {
-    Tensor::cat(&tensors.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0)
+    Tensor::cat(
+        &tensors.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(),
+        0,
+    )
 }
 
 #[cfg(test)]
@@ -679,7 +960,10 @@ mod tests {
         trainer.step(&poisoned).unwrap();
         assert_eq!(trainer.skipped_steps(), 1);
         assert_eq!(trainer.loss_scale(), Some(32768.0));
-        assert!(flat(&trainer.params).equal(&before), "a skipped step must not move the weights");
+        assert!(
+            flat(&trainer.params).equal(&before),
+            "a skipped step must not move the weights"
+        );
         assert_eq!(trainer.adam_steps[0].double_value(&[]), 0.0);
         let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         let out = trainer.step(&clean).unwrap();
@@ -698,10 +982,16 @@ mod tests {
         let x = Tensor::rand([8, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         for _ in 0..10 {
             let out = trainer.step(&x).unwrap();
-            assert!(out.loss.double_value(&[]).is_finite() && out.grad_norm.double_value(&[]).is_finite());
+            assert!(
+                out.loss.double_value(&[]).is_finite()
+                    && out.grad_norm.double_value(&[]).is_finite()
+            );
         }
         assert_eq!(trainer.skipped_steps(), 0);
-        assert!(trainer.params.iter().all(|p| p.kind() == Kind::Float), "master weights stay f32");
+        assert!(
+            trainer.params.iter().all(|p| p.kind() == Kind::Float),
+            "master weights stay f32"
+        );
         assert!(flat(&trainer.params).isfinite().all().int64_value(&[]) == 1);
     }
 
@@ -711,7 +1001,17 @@ mod tests {
         c.train.device = "cpu".into();
         c.train.steps = 300;
         let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
-        let data = crate::data::load(None, &LoadOptions { format: crate::config::DataFormat::Bundled, channels: 1, size: c.model.image_size, strict: true, split: crate::config::Split::Train }).unwrap();
+        let data = crate::data::load(
+            None,
+            &LoadOptions {
+                format: crate::config::DataFormat::Bundled,
+                channels: 1,
+                size: c.model.image_size,
+                strict: true,
+                split: crate::config::Split::Train,
+            },
+        )
+        .unwrap();
         let x = crate::data::to_model_space(&data.images.narrow(0, 0, 8), Device::Cpu);
         let mut losses = Vec::new();
         for _ in 0..300 {
@@ -719,7 +1019,10 @@ mod tests {
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let (start, end) = (mean(&losses[..10]), mean(&losses[250..]));
-        assert!(start > 8.0 * end, "loss fell from {start:.4} to only {end:.4}");
+        assert!(
+            start > 8.0 * end,
+            "loss fell from {start:.4} to only {end:.4}"
+        );
     }
 
     /// Every tensor of a finished run's last checkpoint, by name.
@@ -744,19 +1047,34 @@ mod tests {
         c.checkpoint.keep = 5;
         c.data.format = crate::config::DataFormat::Bundled;
         let dir = tempfile::tempdir().unwrap();
-        let options = |name: &str, resume: Option<Checkpoint>, stop_at: Option<u64>| RunOptions { config: c.clone(), run_dir: dir.path().join(name), resume, strict_data: true, epochs: None, stop_at, interrupt: None };
+        let options = |name: &str, resume: Option<Checkpoint>, stop_at: Option<u64>| RunOptions {
+            config: c.clone(),
+            run_dir: dir.path().join(name),
+            resume,
+            strict_data: true,
+            epochs: None,
+            stop_at,
+            interrupt: None,
+        };
         run(options("straight", None, None)).unwrap();
         run(options("resumed", None, Some(4))).unwrap();
         let checkpoint = Checkpoint::load(&dir.path().join("resumed")).unwrap();
         assert_eq!(checkpoint.sidecar.step, 4);
         run(options("resumed", Some(checkpoint), None)).unwrap();
-        let (a, b) = (final_state(&dir.path().join("straight")), final_state(&dir.path().join("resumed")));
+        let (a, b) = (
+            final_state(&dir.path().join("straight")),
+            final_state(&dir.path().join("resumed")),
+        );
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         for (name, t) in &a {
             assert!(t.equal(&b[name]), "{name} differs after resume");
         }
-        let sa = Checkpoint::load(&dir.path().join("straight")).unwrap().sidecar;
-        let sb = Checkpoint::load(&dir.path().join("resumed")).unwrap().sidecar;
+        let sa = Checkpoint::load(&dir.path().join("straight"))
+            .unwrap()
+            .sidecar;
+        let sb = Checkpoint::load(&dir.path().join("resumed"))
+            .unwrap()
+            .sidecar;
         assert_eq!((sa.step, sa.position), (sb.step, sb.position));
     }
 
@@ -768,7 +1086,14 @@ mod tests {
         let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         trainer.step(&clean).unwrap();
         let position = Position { epoch: 0, index: 4 };
-        checkpoint::save(dir.path(), &trainer.state_tensors(), trainer.step, position, &c).unwrap();
+        checkpoint::save(
+            dir.path(),
+            &trainer.state_tensors(),
+            trainer.step,
+            position,
+            &c,
+        )
+        .unwrap();
         let saved = flat(&trainer.params).copy();
         let poisoned = Tensor::full([4, 1, 8, 8], f64::NAN, (Kind::Float, Device::Cpu));
         for _ in 0..3 {
@@ -777,7 +1102,10 @@ mod tests {
         assert_eq!(trainer.consecutive_skipped_steps(), 3);
         assert_eq!(trainer.skipped_steps(), 3);
         let monitor = Monitor::new(dir.path(), 0, 10).unwrap();
-        assert_eq!(roll_back(&mut trainer, dir.path(), 3, 1, &monitor).unwrap(), position);
+        assert_eq!(
+            roll_back(&mut trainer, dir.path(), 3, 1, &monitor).unwrap(),
+            position
+        );
         assert_eq!(trainer.step, 1);
         assert_eq!(trainer.lr_scale, 0.5);
         assert_eq!(trainer.consecutive_skipped_steps(), 0);
@@ -786,7 +1114,10 @@ mod tests {
         assert!((out.lr - 0.5 * learning_rate(&c.train, 1)).abs() < 1e-15);
         // Without a checkpoint there is nothing to return to: a clear error.
         let empty = tempfile::tempdir().unwrap();
-        let err = format!("{:#}", roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err());
+        let err = format!(
+            "{:#}",
+            roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err()
+        );
         assert!(err.contains("no checkpoint to roll back to"), "{err}");
     }
 
@@ -797,7 +1128,16 @@ mod tests {
         c.data.format = crate::config::DataFormat::Bundled;
         let dir = tempfile::tempdir().unwrap();
         let flag = Arc::new(AtomicBool::new(true));
-        let summary = run(RunOptions { config: c, run_dir: dir.path().to_path_buf(), resume: None, strict_data: true, epochs: None, stop_at: None, interrupt: Some(flag) }).unwrap();
+        let summary = run(RunOptions {
+            config: c,
+            run_dir: dir.path().to_path_buf(),
+            resume: None,
+            strict_data: true,
+            epochs: None,
+            stop_at: None,
+            interrupt: Some(flag),
+        })
+        .unwrap();
         assert!(summary.interrupted && summary.final_grid.is_none());
         assert_eq!(summary.steps, 1);
         assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 1);
@@ -805,15 +1145,33 @@ mod tests {
 
     #[test]
     fn fid_is_measured_during_training_when_the_network_is_present() {
-        let Ok(inception) = crate::eval::default_inception_path() else { return };
+        let Ok(inception) = crate::eval::default_inception_path() else {
+            return;
+        };
         if !inception.is_file() {
-            eprintln!("skipped: no Inception file at {} (tools/get_inception.sh)", inception.display());
+            eprintln!(
+                "skipped: no Inception file at {} (tools/get_inception.sh)",
+                inception.display()
+            );
             return;
         }
         // 40 real digits in an IDX file, so the real statistics take seconds.
         let dir = tempfile::tempdir().unwrap();
-        let digits = crate::data::load(None, &LoadOptions { format: crate::config::DataFormat::Bundled, channels: 1, size: crate::config::ImageSize::Square(28), strict: true, split: crate::config::Split::Train }).unwrap();
-        let mut idx: Vec<u8> = [0x0803u32, 40, 28, 28].iter().flat_map(|w| w.to_be_bytes()).collect();
+        let digits = crate::data::load(
+            None,
+            &LoadOptions {
+                format: crate::config::DataFormat::Bundled,
+                channels: 1,
+                size: crate::config::ImageSize::Square(28),
+                strict: true,
+                split: crate::config::Split::Train,
+            },
+        )
+        .unwrap();
+        let mut idx: Vec<u8> = [0x0803u32, 40, 28, 28]
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect();
         idx.extend(Vec::<u8>::try_from(digits.images.narrow(0, 0, 40).flatten(0, -1)).unwrap());
         let data = dir.path().join("digits-idx3-ubyte");
         std::fs::write(&data, idx).unwrap();
@@ -826,13 +1184,35 @@ mod tests {
         c.sample.num = 2;
         c.sample.steps = 2;
         c.data.path = data.display().to_string();
-        c.fid = crate::config::FidConfig { every: 1, num: 8, batch: 8, inception: inception.display().to_string() };
+        c.fid = crate::config::FidConfig {
+            every: 1,
+            num: 8,
+            batch: 8,
+            inception: inception.display().to_string(),
+        };
         let run_dir = dir.path().join("run");
-        run(RunOptions { config: c, run_dir: run_dir.clone(), resume: None, strict_data: true, epochs: None, stop_at: None, interrupt: None }).unwrap();
+        run(RunOptions {
+            config: c,
+            run_dir: run_dir.clone(),
+            resume: None,
+            strict_data: true,
+            epochs: None,
+            stop_at: None,
+            interrupt: None,
+        })
+        .unwrap();
         let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-        let fids: Vec<serde_json::Value> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v["fid"].is_number()).collect();
+        let fids: Vec<serde_json::Value> = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fid"].is_number())
+            .collect();
         assert_eq!(fids.len(), 2, "{metrics}");
-        assert!(fids.iter().all(|v| v["fid"].as_f64().unwrap() > 0.0 && v["fid_images"] == 8));
-        assert!(std::fs::read_to_string(run_dir.join("report.html")).unwrap().contains("<th>FID</th>"));
+        assert!(fids
+            .iter()
+            .all(|v| v["fid"].as_f64().unwrap() > 0.0 && v["fid_images"] == 8));
+        assert!(std::fs::read_to_string(run_dir.join("report.html"))
+            .unwrap()
+            .contains("<th>FID</th>"));
     }
 }

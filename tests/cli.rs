@@ -3,7 +3,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn ddpm(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpm")).args(args).current_dir(cwd).output().expect("ddpm runs")
+    Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("ddpm runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -21,17 +25,38 @@ fn model_prints_the_exact_cifar10_parameter_count() {
 #[test]
 fn config_errors_name_the_key_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bad.toml"), "[train]\nlearning_rate = 0.1\n").unwrap();
-    let out = ddpm(&["train", "--config", "bad.toml", "--out", "run"], dir.path());
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[train]\nlearning_rate = 0.1\n",
+    )
+    .unwrap();
+    let out = ddpm(
+        &["train", "--config", "bad.toml", "--out", "run"],
+        dir.path(),
+    );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("train.learning_rate"), "{}", stderr(&out));
-    assert!(!dir.path().join("run").exists(), "no run directory before the config is valid");
+    assert!(
+        stderr(&out).contains("train.learning_rate"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !dir.path().join("run").exists(),
+        "no run directory before the config is valid"
+    );
 
     let out = ddpm(&["train", "--ema-decay", "1.5", "--out", "run"], dir.path());
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("train.ema_decay") && stderr(&out).contains("1.5"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("train.ema_decay") && stderr(&out).contains("1.5"),
+        "{}",
+        stderr(&out)
+    );
 
-    let out = ddpm(&["train", "--data", "no/such/folder", "--out", "run"], dir.path());
+    let out = ddpm(
+        &["train", "--data", "no/such/folder", "--out", "run"],
+        dir.path(),
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no/such/folder"), "{}", stderr(&out));
 }
@@ -41,24 +66,78 @@ fn train_resume_and_sample_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let config = "[model]\nchannels = 16\n[train]\nbatch = 8\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 3\n[checkpoint]\nevery = 2\n";
     std::fs::write(dir.path().join("small.toml"), config).unwrap();
-    let out = ddpm(&["train", "--config", "small.toml", "--steps", "3", "--out", "run"], dir.path());
+    let out = ddpm(
+        &[
+            "train",
+            "--config",
+            "small.toml",
+            "--steps",
+            "3",
+            "--out",
+            "run",
+        ],
+        dir.path(),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let run = dir.path().join("run");
-    for file in ["config.toml", "metrics.jsonl", "samples/latest.png", "samples/data.png", "samples/training.gif", "loss.png", "report.html", "checkpoints/step-00000002.json", "checkpoints/step-00000003.safetensors"] {
+    for file in [
+        "config.toml",
+        "metrics.jsonl",
+        "samples/latest.png",
+        "samples/data.png",
+        "samples/training.gif",
+        "loss.png",
+        "report.html",
+        "checkpoints/step-00000002.json",
+        "checkpoints/step-00000003.safetensors",
+    ] {
         assert!(run.join(file).exists(), "{file} missing");
     }
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 3);
     let record: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-    for field in ["step", "epoch", "loss", "loss_by_quarter", "lr", "grad_norm", "loss_scale", "skipped_steps", "images_per_second", "data_wait_seconds", "device_memory_gib", "wall_seconds"] {
-        assert!(record.get(field).is_some(), "metrics lack {field}: {record}");
+    for field in [
+        "step",
+        "epoch",
+        "loss",
+        "loss_by_quarter",
+        "lr",
+        "grad_norm",
+        "loss_scale",
+        "skipped_steps",
+        "images_per_second",
+        "data_wait_seconds",
+        "device_memory_gib",
+        "wall_seconds",
+    ] {
+        assert!(
+            record.get(field).is_some(),
+            "metrics lack {field}: {record}"
+        );
     }
     assert_eq!(record["loss_by_quarter"].as_array().unwrap().len(), 4);
-    assert!(std::fs::read_to_string(run.join("report.html")).unwrap().contains("loss.png"));
+    assert!(std::fs::read_to_string(run.join("report.html"))
+        .unwrap()
+        .contains("loss.png"));
 
     // A second start into the same directory refuses instead of overwriting.
-    let out = ddpm(&["train", "--config", "small.toml", "--steps", "3", "--out", "run"], dir.path());
-    assert!(!out.status.success() && stderr(&out).contains("--resume"), "{}", stderr(&out));
+    let out = ddpm(
+        &[
+            "train",
+            "--config",
+            "small.toml",
+            "--steps",
+            "3",
+            "--out",
+            "run",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("--resume"),
+        "{}",
+        stderr(&out)
+    );
 
     // Resume extends the run to 5 steps.
     let out = ddpm(&["train", "--resume", "run", "--steps", "5"], dir.path());
@@ -66,7 +145,26 @@ fn train_resume_and_sample_end_to_end() {
     assert!(stderr(&out).contains("at step 3"), "{}", stderr(&out));
     assert!(run.join("checkpoints/step-00000005.json").exists());
 
-    let out = ddpm(&["sample", "--checkpoint", "run", "--num", "3", "--steps", "2", "--out", "grid.png", "--out-dir", "imgs", "--animate", "t.gif", "--device", "cpu"], dir.path());
+    let out = ddpm(
+        &[
+            "sample",
+            "--checkpoint",
+            "run",
+            "--num",
+            "3",
+            "--steps",
+            "2",
+            "--out",
+            "grid.png",
+            "--out-dir",
+            "imgs",
+            "--animate",
+            "t.gif",
+            "--device",
+            "cpu",
+        ],
+        dir.path(),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let grid = image::open(dir.path().join("grid.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (2 * 18 + 2, 2 * 18 + 2)); // 3 images of 16×16: 2×2 cells
@@ -82,7 +180,12 @@ fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("long.toml"), "[model]\nchannels = 16\n[train]\nsteps = 100000\nbatch = 4\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpm")).args(["train", "--config", "long.toml", "--out", "run"]).current_dir(dir.path()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(["train", "--config", "long.toml", "--out", "run"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     // Wait until training is under way, then interrupt.
     for line in lines.by_ref() {
@@ -94,9 +197,16 @@ fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    let message = rest.iter().find(|l| l.starts_with("interrupted after step")).expect("an interruption message");
+    let message = rest
+        .iter()
+        .find(|l| l.starts_with("interrupted after step"))
+        .expect("an interruption message");
     assert!(message.contains("--resume"), "{message}");
-    let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("run/checkpoints")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".json")).collect();
+    let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("run/checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .collect();
     assert_eq!(checkpoints.len(), 1);
 }
 

@@ -10,11 +10,17 @@ use proptest::prelude::*;
 
 /// PROPTEST_CASES if set, else `default`.
 fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn idx_header(n: u32, rows: u32, cols: u32) -> Vec<u8> {
-    [0x0803u32, n, rows, cols].iter().flat_map(|w| w.to_be_bytes()).collect()
+    [0x0803u32, n, rows, cols]
+        .iter()
+        .flat_map(|w| w.to_be_bytes())
+        .collect()
 }
 
 proptest! {
