@@ -56,16 +56,7 @@ pub fn train_step(
     let mut trainer = Trainer::new(config, device)?;
     let m = &config.model;
     tch::manual_seed(0);
-    let x0 = Tensor::rand(
-        [
-            config.train.batch as i64,
-            m.in_channels,
-            m.image_size.height(),
-            m.image_size.width(),
-        ],
-        (Kind::Float, device),
-    ) * 2.0
-        - 1.0;
+    let x0 = Tensor::rand(m.batch_shape(config.train.batch), (Kind::Float, device)) * 2.0 - 1.0;
     for _ in 0..warmup {
         trainer.step(&x0)?.loss.double_value(&[]);
     }
@@ -109,21 +100,13 @@ pub fn sampling(
         ..config.sample.clone()
     };
     let m = &config.model;
-    let shape = |n: usize| {
-        [
-            n as i64,
-            m.in_channels,
-            m.image_size.height(),
-            m.image_size.width(),
-        ]
-    };
     let _ = sampler::sample(
         &denoiser,
         &SampleConfig {
             steps: 2,
             ..settings.clone()
         },
-        shape(batch.min(num)),
+        m.batch_shape(batch.min(num)),
         0,
         device,
         batch,
@@ -135,7 +118,7 @@ pub fn sampling(
     let images = sampler::sample(
         &denoiser,
         &settings,
-        shape(num),
+        m.batch_shape(num),
         0,
         device,
         batch,

@@ -186,12 +186,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let images = sampler::sample(
         &denoiser,
         &settings,
-        [
-            args.num as i64,
-            m.in_channels,
-            m.image_size.height(),
-            m.image_size.width(),
-        ],
+        m.batch_shape(args.num),
         args.seed,
         device,
         args.batch,
@@ -334,12 +329,7 @@ fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
     let images = sampler::sample(
         &denoiser,
         &config.sample,
-        [
-            num as i64,
-            m.in_channels,
-            m.image_size.height(),
-            m.image_size.width(),
-        ],
+        m.batch_shape(num),
         args.seed,
         device,
         args.batch,

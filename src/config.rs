@@ -75,6 +75,18 @@ pub struct ModelConfig {
     pub downsample_padding: DownsamplePadding,
 }
 
+impl ModelConfig {
+    /// The shape [n, C, H, W] of n images for this model.
+    pub fn batch_shape(&self, n: usize) -> [i64; 4] {
+        [
+            n as i64,
+            self.in_channels,
+            self.image_size.height(),
+            self.image_size.width(),
+        ]
+    }
+}
+
 /// Padding of the stride-2 downsampling convs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -440,12 +440,7 @@ impl Trainer {
         sampler::sample(
             &denoiser,
             &self.config.sample,
-            [
-                n as i64,
-                m.in_channels,
-                m.image_size.height(),
-                m.image_size.width(),
-            ],
+            m.batch_shape(n),
             seed,
             self.device,
             n.min(256),
