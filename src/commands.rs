@@ -437,27 +437,56 @@ pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
 }
 
 /// What `ddpm bench` measures and on which network; unset fields keep the preset's values.
+#[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
-    /// `train`, `sample` or `data`.
+    /// train (forward, loss, backward, clip, AdamW, EMA, LR), sample (DDIM) or data (decode, resize and augment a dataset)
+    #[arg(value_parser = ["train", "sample", "data"])]
     pub what: String,
-    /// The dataset for `data` (None: the bundled set).
+    /// The dataset for `bench data` [default: the bundled set]
+    #[arg(long)]
     pub data: Option<PathBuf>,
+    #[arg(long, default_value = "cifar10", value_parser = clap::builder::PossibleValuesParser::new(crate::config::PRESETS))]
     pub preset: String,
+    /// Base channels
+    #[arg(long = "ch")]
     pub channels: Option<i64>,
+    /// Channel multipliers, e.g. 1,2,2,2
+    #[arg(long = "ch-mult")]
     pub channel_mult: Option<String>,
+    #[arg(long)]
     pub num_res_blocks: Option<i64>,
+    /// Attention resolutions, e.g. 16 (empty: none)
+    #[arg(long = "attn-res")]
     pub attention_resolutions: Option<String>,
+    #[arg(long)]
     pub dropout: Option<f64>,
+    /// Image size, N or HxW
+    #[arg(long)]
     pub size: Option<crate::config::ImageSize>,
+    /// Image channels
+    #[arg(long = "channels")]
     pub in_channels: Option<i64>,
+    /// Images per step (training) or per forward pass (sampling)
+    #[arg(long)]
     pub batch: Option<usize>,
+    #[arg(long, value_enum)]
     pub precision: Option<crate::config::Precision>,
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Untimed steps first
+    #[arg(long, default_value_t = 5)]
     pub warmup: usize,
+    /// Timed training steps
+    #[arg(long, default_value_t = 30)]
     pub steps: usize,
-    /// Images to sample and DDIM steps (sample bench).
+    /// Images to sample
+    #[arg(long, default_value_t = 1024)]
     pub num: usize,
+    /// DDIM steps when sampling
+    #[arg(long, default_value_t = 50)]
     pub sample_steps: usize,
+    /// CPU threads for libtorch [default: libtorch's choice]
+    #[arg(long)]
     pub threads: Option<i32>,
 }
 

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ddpm::commands::{self, BenchArgs, SampleArgs, SampleSettings, TrainArgs};
-use ddpm::config::{ImageSize, Overrides, Precision, SamplerKind, PRESETS};
+use ddpm::config::{Overrides, SamplerKind, PRESETS};
 
 #[derive(Parser)]
 #[command(
@@ -84,57 +84,7 @@ enum Command {
         device: String,
     },
     /// Measure training-step or sampling speed on synthetic data; prints one `RESULT … img_per_s=…` line
-    Bench {
-        /// train (forward, loss, backward, clip, AdamW, EMA, LR), sample (DDIM) or data (decode, resize and augment a dataset)
-        #[arg(value_parser = ["train", "sample", "data"])]
-        what: String,
-        /// The dataset for `bench data` [default: the bundled set]
-        #[arg(long)]
-        data: Option<PathBuf>,
-        #[arg(long, default_value = "cifar10", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
-        preset: String,
-        /// Base channels
-        #[arg(long)]
-        ch: Option<i64>,
-        /// Channel multipliers, e.g. 1,2,2,2
-        #[arg(long)]
-        ch_mult: Option<String>,
-        #[arg(long)]
-        num_res_blocks: Option<i64>,
-        /// Attention resolutions, e.g. 16 (empty: none)
-        #[arg(long)]
-        attn_res: Option<String>,
-        #[arg(long)]
-        dropout: Option<f64>,
-        /// Image size, N or HxW
-        #[arg(long)]
-        size: Option<ImageSize>,
-        /// Image channels
-        #[arg(long)]
-        channels: Option<i64>,
-        /// Images per step (training) or per forward pass (sampling)
-        #[arg(long)]
-        batch: Option<usize>,
-        #[arg(long, value_enum)]
-        precision: Option<Precision>,
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Untimed steps first
-        #[arg(long, default_value_t = 5)]
-        warmup: usize,
-        /// Timed training steps
-        #[arg(long, default_value_t = 30)]
-        steps: usize,
-        /// Images to sample
-        #[arg(long, default_value_t = 1024)]
-        num: usize,
-        /// DDIM steps when sampling
-        #[arg(long, default_value_t = 50)]
-        sample_steps: usize,
-        /// CPU threads for libtorch [default: libtorch's choice]
-        #[arg(long)]
-        threads: Option<i32>,
-    },
+    Bench(BenchArgs),
     /// Write a checkpoint as a Hugging Face diffusers pipeline folder (UNet2DModel + DDPMScheduler)
     Export {
         /// A checkpoint (its .json or .safetensors) or a run directory (its newest checkpoint)
@@ -248,46 +198,7 @@ fn main() -> ExitCode {
                 eta,
             },
         }),
-        Command::Bench {
-            what,
-            data,
-            preset,
-            ch,
-            ch_mult,
-            num_res_blocks,
-            attn_res,
-            dropout,
-            size,
-            channels,
-            batch,
-            precision,
-            device,
-            warmup,
-            steps,
-            num,
-            sample_steps,
-            threads,
-        } => commands::bench(BenchArgs {
-            what,
-            data,
-            preset,
-            channels: ch,
-            channel_mult: ch_mult,
-            num_res_blocks,
-            attention_resolutions: attn_res,
-            dropout,
-            size,
-            in_channels: channels,
-            batch,
-            precision,
-            device,
-            warmup,
-            steps,
-            num,
-            sample_steps,
-            threads,
-        })
-        .map(|line| println!("{line}")),
+        Command::Bench(args) => commands::bench(args).map(|line| println!("{line}")),
         Command::Export {
             checkpoint,
             format,
