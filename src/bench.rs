@@ -137,31 +137,57 @@ pub fn sampling(
     })
 }
 
-/// Times loading (reading, decoding, resizing) a dataset and augmenting it once, in images/s.
+/// What `bench data` measured over one epoch.
+pub struct DataResult {
+    pub description: String,
+    pub images: usize,
+    /// Listing, parsing and (when cached) decoding before the first batch.
+    pub load_seconds: f64,
+    /// Images/s from the start of loading to the end of the epoch, augmentation included.
+    pub images_per_second: f64,
+    /// The time the consumer spent waiting for batches, in all and after the first batch.
+    pub wait_seconds: f64,
+    pub wait_after_first_seconds: f64,
+}
+
+/// Times one epoch of what training does with its data: load the set, read batches through
+/// the loader's workers, convert them to [−1, 1] and augment them; then, when `step_seconds`
+/// > 0, holds each batch that long as a device step would, which shows whether such a step
+/// ever waits for data.
 pub fn data(
     path: Option<&std::path::Path>,
     options: &crate::data::LoadOptions,
+    loader: crate::data::LoaderOptions,
     hflip: bool,
     jitter: f64,
-) -> Result<(String, f64, f64)> {
+    step_seconds: f64,
+) -> Result<DataResult> {
     let started = Instant::now();
-    let dataset = crate::data::load(path, options)?;
+    let dataset = std::sync::Arc::new(crate::data::load(path, options)?);
     let load_seconds = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    for batch in dataset.images.split(256, 0) {
+    let batches = dataset.len().div_ceil(loader.batch);
+    let mut batches_of = crate::data::Loader::new(dataset.clone(), Default::default(), loader);
+    let mut waits = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let waiting = Instant::now();
+        let images = batches_of.next_batch()?;
+        waits.push(waiting.elapsed().as_secs_f64());
         let _ = crate::data::augment(
-            &crate::data::to_model_space(&batch, Device::Cpu),
+            &crate::data::to_model_space(&images, Device::Cpu),
             hflip,
             jitter,
         );
+        std::thread::sleep(std::time::Duration::from_secs_f64(step_seconds));
     }
-    let augment_seconds = started.elapsed().as_secs_f64();
-    let n = dataset.len() as f64;
-    Ok((
-        dataset.description,
-        n / load_seconds,
-        n / (load_seconds + augment_seconds),
-    ))
+    let images = batches * loader.batch;
+    Ok(DataResult {
+        description: dataset.description.clone(),
+        images,
+        load_seconds,
+        images_per_second: images as f64 / started.elapsed().as_secs_f64(),
+        wait_seconds: waits.iter().sum(),
+        wait_after_first_seconds: waits.iter().skip(1).sum(),
+    })
 }
 
 /// The `RESULT …` line, in the same key=value form as the PyTorch baseline script.

@@ -277,6 +277,8 @@ pub fn fid(args: FidArgs) -> Result<()> {
         size: crate::config::ImageSize::Rect([height, width]),
         strict: false,
         split: crate::config::Split::Train,
+        cache: crate::config::DataCache::On,
+        workers: 0,
     };
     let real = crate::data::load(real_path, &options)?;
     eprintln!(
@@ -286,7 +288,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
     );
     let real_statistics = eval::cached_statistics(
         &inception,
-        &real.images,
+        &real.all()?,
         args.batch,
         &eval::statistics_cache_dir()?,
     )?;
@@ -488,6 +490,16 @@ pub struct BenchArgs {
     /// CPU threads for libtorch [default: libtorch's choice]
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Data loading threads for `bench data` [default: one per core]
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Keep decoded images in memory for `bench data`: auto, on or off
+    #[arg(long, value_enum)]
+    pub data_cache: Option<crate::config::DataCache>,
+    /// For `bench data`: hold each batch this long, as a device step would, and report how
+    /// long the steps waited for data
+    #[arg(long, default_value_t = 0.0)]
+    pub step_ms: f64,
 }
 
 fn parse_list(flag: &str, text: &str) -> Result<Vec<i64>> {
@@ -540,17 +552,31 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     }
     let device = crate::device::resolve(&args.device)?;
     if args.what == "data" {
-        let m = &config.model;
-        let options = crate::data::LoadOptions {
-            format: config.data.format,
-            channels: m.in_channels,
-            size: m.image_size,
-            strict: false,
-            split: config.data.split,
+        let mut options = crate::data::LoadOptions::of(&config, false);
+        if let Some(cache) = args.data_cache {
+            options.cache = cache;
+        }
+        let workers = crate::data::worker_count(args.workers.unwrap_or(0));
+        options.workers = workers;
+        let loader = crate::data::LoaderOptions {
+            batch: config.train.batch,
+            seed: config.train.seed,
+            workers,
+            prefetch: config.data.prefetch,
+            shard: crate::data::Shard::WHOLE,
         };
-        let (description, loaded, augmented) =
-            crate::bench::data(args.data.as_deref(), &options, true, 0.1)?;
-        return Ok(format!("RESULT framework=ddpm bench=data size={} channels={} decoded_img_per_s={loaded:.0} decoded_augmented_img_per_s={augmented:.0} threads={} data=\"{description}\"", m.image_size, m.in_channels, std::thread::available_parallelism().map_or(1, |n| n.get())));
+        let step_seconds = args.step_ms / 1000.0;
+        let r = crate::bench::data(
+            args.data.as_deref(),
+            &options,
+            loader,
+            true,
+            0.1,
+            step_seconds,
+        )?;
+        let m = &config.model;
+        let batches = r.images / config.train.batch;
+        return Ok(format!("RESULT framework=ddpm bench=data size={} channels={} batch={} workers={workers} cache={} images={} load_s={:.2} img_per_s={:.0} step_ms={} wait_s={:.3} wait_ms_per_step_after_first={:.3} data=\"{}\"", m.image_size, m.in_channels, config.train.batch, format!("{:?}", options.cache).to_lowercase(), r.images, r.load_seconds, r.images_per_second, args.step_ms, r.wait_seconds, r.wait_after_first_seconds * 1000.0 / (batches.max(2) - 1) as f64, r.description));
     }
     let result = match args.what.as_str() {
         "train" => crate::bench::train_step(&config, device, args.warmup, args.steps)?,

@@ -236,6 +236,30 @@ pub struct DataConfig {
     pub hflip: bool,
     /// Strength of brightness/contrast/saturation jitter; 0 disables.
     pub color_jitter: f64,
+    /// Threads that read and decode batches ahead of the training step; 0: one per core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Batches read ahead of the training step.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// Keep decoded images in memory: on, off (decode every epoch), or auto (when they fit).
+    #[serde(default)]
+    pub cache: DataCache,
+}
+
+fn default_prefetch() -> usize {
+    4
+}
+
+/// Whether decoded images are kept in memory between epochs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataCache {
+    /// Cache when the decoded set takes at most half of the available memory.
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -470,6 +494,9 @@ impl RunConfig {
                 split: Split::Train,
                 hflip: false,
                 color_jitter: 0.0,
+                workers: 0,
+                prefetch: default_prefetch(),
+                cache: DataCache::Auto,
             },
             sample: SampleConfig {
                 every: 1000,
@@ -649,6 +676,7 @@ impl RunConfig {
             data.color_jitter,
             "in [0, 0.5]",
         )?;
+        check(data.prefetch >= 1, "data.prefetch", data.prefetch, "≥ 1")?;
         let s = &self.sample;
         check(s.num >= 1, "sample.num", s.num, "≥ 1")?;
         check(
@@ -785,6 +813,15 @@ pub struct Overrides {
     /// Colour jitter strength, 0 disables [data.color_jitter]
     #[arg(long)]
     pub color_jitter: Option<f64>,
+    /// Data loading threads, 0: one per core [data.workers]
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Batches read ahead [data.prefetch]
+    #[arg(long)]
+    pub prefetch: Option<usize>,
+    /// Keep decoded images in memory: auto, on or off [data.cache]
+    #[arg(long, value_enum)]
+    pub data_cache: Option<DataCache>,
     /// Sample grid interval in steps [sample.every]
     #[arg(long)]
     pub sample_every: Option<u64>,
@@ -847,6 +884,9 @@ impl Overrides {
         set(&mut c.diffusion.min_snr_gamma, &self.min_snr_gamma);
         set(&mut c.data.hflip, &self.hflip);
         set(&mut c.data.color_jitter, &self.color_jitter);
+        set(&mut c.data.workers, &self.workers);
+        set(&mut c.data.prefetch, &self.prefetch);
+        set(&mut c.data.cache, &self.data_cache);
         set(&mut c.sample.every, &self.sample_every);
         set(&mut c.checkpoint.every, &self.checkpoint_every);
         set(&mut c.checkpoint.keep, &self.keep);

@@ -437,11 +437,13 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
             size,
             strict: false,
             split: crate::config::Split::Train,
+            cache: crate::config::DataCache::On,
+            workers: 0,
         },
     )?;
     match num {
-        None => Ok(set.images),
-        Some(n) if n <= set.len() => Ok(set.images.narrow(0, 0, n as i64)),
+        None => set.all(),
+        Some(n) if n <= set.len() => set.batch(&(0..n as i64).collect::<Vec<_>>()),
         Some(n) => bail!(
             "{n} images requested but the folder {} holds {} readable ones",
             dir.display(),
@@ -803,10 +805,12 @@ mod tests {
                 size: ImageSize::Square(28),
                 strict: false,
                 split: crate::config::Split::Train,
+                cache: crate::config::DataCache::On,
+                workers: 0,
             },
         )
         .unwrap();
-        let batches = [digits.images.narrow(0, 0, 2), synthetic_rgb_image()];
+        let batches = [digits.batch(&[0, 1]).unwrap(), synthetic_rgb_image()];
         let ours = Tensor::cat(
             &batches
                 .iter()

@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LrSchedule, Precision, RunConfig, TrainConfig};
-use crate::data::{self, Dataset, LoadOptions, Position};
+use crate::data::{self, Dataset, LoadOptions, Loader, LoaderOptions, Position, Shard};
 use crate::model::UNet;
 use crate::monitor::{MetricsRecord, Monitor};
 use crate::objective::Objective;
@@ -531,16 +531,10 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     } = options;
     config.validate()?;
     let device = crate::device::resolve(&config.train.device)?;
-    let dataset = data::load(
+    let dataset = Arc::new(data::load(
         config.data_path().as_deref(),
-        &LoadOptions {
-            format: config.data.format,
-            channels: config.model.in_channels,
-            size: config.model.image_size,
-            strict: strict_data,
-            split: config.data.split,
-        },
-    )?;
+        &LoadOptions::of(&config, strict_data),
+    )?);
     if let Some(epochs) = epochs {
         config.train.steps = (epochs * dataset.len() as u64)
             .div_ceil(config.train.batch as u64)
@@ -559,10 +553,15 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         );
     }
     eprintln!(
-        "training {} on {} ({} images) on {device:?}: {} parameters, {} steps of batch {}",
+        "training {} on {} ({} images{}) on {device:?}: {} parameters, {} steps of batch {}",
         config.preset,
         dataset.description,
         dataset.len(),
+        if dataset.is_cached() {
+            ""
+        } else {
+            ", decoded as read"
+        },
         crate::model::parameter_count(&trainer.vs),
         config.train.steps,
         config.train.batch
@@ -570,7 +569,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
     run_loop(
         &mut trainer,
-        &dataset,
+        dataset,
         position,
         &run_dir,
         stop,
@@ -580,7 +579,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
 
 fn run_loop(
     trainer: &mut Trainer,
-    dataset: &Dataset,
+    dataset: Arc<Dataset>,
     position: Position,
     run_dir: &Path,
     stop: u64,
@@ -588,52 +587,61 @@ fn run_loop(
 ) -> Result<RunSummary> {
     let config = trainer.config.clone();
     let tc = &config.train;
-    let mut order = data::Sampler::new(dataset.len(), tc.seed, position);
+    let loader_options = LoaderOptions {
+        batch: tc.batch,
+        seed: tc.seed,
+        workers: data::worker_count(config.data.workers),
+        prefetch: config.data.prefetch,
+        shard: Shard::WHOLE,
+    };
+    let mut loader = Loader::new(dataset.clone(), position, loader_options);
     let mut monitor = Monitor::new(run_dir, trainer.step, stop)?;
     let checkpoints = run_dir.join("checkpoints");
-    let save = |trainer: &Trainer, order: &data::Sampler| {
+    let save = |trainer: &Trainer, loader: &Loader| {
         checkpoint::save(
             &checkpoints,
             &trainer.state_tensors(),
             trainer.step,
-            order.position(),
+            loader.position(),
             &config,
         )
     };
     if trainer.step == 0 {
         // What the model learns from, next to what it makes.
-        let first = order
-            .clone()
+        let first = data::Sampler::new(dataset.len(), tc.seed, position)
             .next_indices(config.sample.num.min(dataset.len()));
-        let real = data::to_model_space(
-            &dataset.images.index_select(0, &Tensor::from_slice(&first)),
-            Device::Cpu,
-        );
+        let real = data::to_model_space(&dataset.batch(&first)?, Device::Cpu);
         crate::monitor::save_grid(
             &data::augment(&real, config.data.hflip, config.data.color_jitter),
             &run_dir.join("samples").join("data.png"),
         )?;
     }
-    let training_fid = TrainingFid::prepare(&config, dataset, trainer.device)?;
+    let training_fid = TrainingFid::prepare(&config, &dataset, trainer.device)?;
     let mut window = Window::new();
     let grid_seed = crate::rng::mix(tc.seed, &[0x6121D]);
     let fid_seed = crate::rng::mix(tc.seed, &[0xF1D]);
     let mut rollbacks = 0;
     while trainer.step < stop {
         let waiting = Instant::now();
-        let indices = order.next_indices(tc.batch);
-        let x0 = data::to_model_space(
-            &dataset
-                .images
-                .index_select(0, &Tensor::from_slice(&indices)),
-            trainer.device,
-        );
+        let images = match loader.next_batch() {
+            Ok(images) => images,
+            Err(e) if trainer.step > 0 => {
+                let path = save(trainer, &loader)?;
+                return Err(e.context(format!(
+                    "training stopped at step {}; checkpoint {} written",
+                    trainer.step,
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let x0 = data::to_model_space(&images, trainer.device);
         window.data_wait += waiting.elapsed().as_secs_f64();
         let out = trainer.step(&x0)?;
         window.images += tc.batch;
         let step = trainer.step;
         if interrupt.load(Ordering::SeqCst) {
-            let path = save(trainer, &order)?;
+            let path = save(trainer, &loader)?;
             monitor.finish();
             eprintln!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
             return Ok(RunSummary {
@@ -647,7 +655,7 @@ fn run_loop(
         if step % tc.log_every == 0 || step == stop {
             let record = MetricsRecord {
                 step,
-                epoch: order.position().epoch,
+                epoch: loader.position().epoch,
                 loss: out.loss.double_value(&[]),
                 loss_by_quarter: trainer.take_error_by_quarter(),
                 lr: out.lr,
@@ -665,7 +673,7 @@ fn run_loop(
             if tc.max_bad_steps > 0 && bad >= tc.max_bad_steps {
                 rollbacks += 1;
                 let position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
-                order = data::Sampler::new(dataset.len(), tc.seed, position);
+                loader = Loader::new(dataset.clone(), position, loader_options);
                 continue;
             }
         }
@@ -674,7 +682,7 @@ fn run_loop(
             window = Window::new();
         }
         if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < stop {
-            save(trainer, &order)?;
+            save(trainer, &loader)?;
             window = Window::new();
         }
         if let Some(fid) = training_fid
@@ -685,9 +693,15 @@ fn run_loop(
             window = Window::new();
         }
     }
-    let final_checkpoint = save(trainer, &order)?;
+    let final_checkpoint = save(trainer, &loader)?;
     let final_grid = write_samples(trainer, run_dir, grid_seed, &monitor)?;
     monitor.finish();
+    if dataset.skipped() > 0 {
+        monitor.note(&format!(
+            "warning: {} unreadable image file(s) were skipped",
+            dataset.skipped()
+        ));
+    }
     if trainer.skipped_steps() > 0 {
         eprintln!(
             "warning: {} step(s) were skipped for non-finite gradients",
@@ -748,7 +762,7 @@ impl TrainingFid {
         let inception = eval::Inception::load(&path, device)?;
         let real = eval::cached_statistics(
             &inception,
-            &dataset.images,
+            &dataset.all()?,
             config.fid.batch,
             &eval::statistics_cache_dir()?,
         )?;
@@ -1004,10 +1018,15 @@ mod tests {
                 size: c.model.image_size,
                 strict: true,
                 split: crate::config::Split::Train,
+                cache: crate::config::DataCache::On,
+                workers: 0,
             },
         )
         .unwrap();
-        let x = crate::data::to_model_space(&data.images.narrow(0, 0, 8), Device::Cpu);
+        let x = crate::data::to_model_space(
+            &data.batch(&[0, 1, 2, 3, 4, 5, 6, 7]).unwrap(),
+            Device::Cpu,
+        );
         let mut losses = Vec::new();
         for _ in 0..300 {
             losses.push(trainer.step(&x).unwrap().loss.double_value(&[]));
@@ -1160,6 +1179,8 @@ mod tests {
                 size: crate::config::ImageSize::Square(28),
                 strict: true,
                 split: crate::config::Split::Train,
+                cache: crate::config::DataCache::On,
+                workers: 0,
             },
         )
         .unwrap();
@@ -1167,7 +1188,9 @@ mod tests {
             .iter()
             .flat_map(|w| w.to_be_bytes())
             .collect();
-        idx.extend(Vec::<u8>::try_from(digits.images.narrow(0, 0, 40).flatten(0, -1)).unwrap());
+        idx.extend(
+            Vec::<u8>::try_from(digits.all().unwrap().narrow(0, 0, 40).flatten(0, -1)).unwrap(),
+        );
         let data = dir.path().join("digits-idx3-ubyte");
         std::fs::write(&data, idx).unwrap();
         let mut c = RunConfig::preset("tiny").unwrap();

@@ -214,3 +214,58 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
+
+#[test]
+fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for i in 0..10u32 {
+        image::RgbImage::from_fn(12, 10, |x, y| {
+            image::Rgb([(x * 20 + i) as u8, (y * 25) as u8, 90])
+        })
+        .save(images.join(format!("{i}.png")))
+        .unwrap();
+    }
+    std::fs::write(images.join("5-corrupt.png"), b"\x89PNG\r\n\x1a\n").unwrap();
+    let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\n";
+    std::fs::write(dir.path().join("small.toml"), config).unwrap();
+    let train = |extra: &[&str], out: &str| {
+        let mut args = vec![
+            "train",
+            "--config",
+            "small.toml",
+            "--data",
+            "images",
+            "--data-cache",
+            "off",
+            "--workers",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        ddpm(&args, dir.path())
+    };
+    let out = train(&[], "run");
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("decoded as read"), "{log}");
+    assert!(
+        log.contains("skipping") && log.contains("5-corrupt.png"),
+        "{log}"
+    );
+    assert!(
+        log.contains("1 unreadable image file(s) were skipped"),
+        "{log}"
+    );
+    let out = train(&["--strict-data"], "strict");
+    let log = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        log.contains("5-corrupt.png") && log.contains("--strict-data"),
+        "{log}"
+    );
+}

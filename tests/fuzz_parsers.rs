@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use ddpm::checkpoint::{from_safetensors, read_sidecar};
-use ddpm::config::{DataFormat, ImageSize, RunConfig};
+use ddpm::config::{DataCache, DataFormat, ImageSize, RunConfig};
 use ddpm::data::{load, parse_cifar, parse_idx_images, LoadOptions};
 use proptest::prelude::*;
 
@@ -28,7 +28,7 @@ proptest! {
 
     #[test]
     fn idx_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
-        let _ = parse_idx_images(&bytes, Path::new("fuzz.idx"));
+        let _ = parse_idx_images(bytes, Path::new("fuzz.idx"));
     }
 
     #[test]
@@ -37,7 +37,7 @@ proptest! {
         let expected = (n * rows * cols) as i64;
         let body = (expected + extra).max(0);
         bytes.extend(std::iter::repeat_n(7u8, body as usize));
-        let parsed = parse_idx_images(&bytes, Path::new("fuzz.idx"));
+        let parsed = parse_idx_images(bytes, Path::new("fuzz.idx"));
         prop_assert_eq!(parsed.is_ok(), body == expected && rows > 0 && cols > 0);
         if let Ok(images) = parsed {
             prop_assert_eq!(images.len(), n as usize);
@@ -47,14 +47,16 @@ proptest! {
     #[test]
     fn idx_header_with_huge_dimensions_is_an_error(n in any::<u32>(), rows in any::<u32>(), cols in any::<u32>()) {
         let bytes = idx_header(n, rows, cols);
-        let parsed = parse_idx_images(&bytes, Path::new("fuzz.idx"));
+        let parsed = parse_idx_images(bytes, Path::new("fuzz.idx"));
         prop_assert!(parsed.is_err() || n == 0 || rows == 0 || cols == 0);
     }
 
     #[test]
     fn cifar_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..8000)) {
-        let parsed = parse_cifar(&bytes, Path::new("fuzz.bin"), ddpm::data::Cifar::Ten);
+        let mut pixels = Vec::new();
+        let parsed = parse_cifar(&bytes, Path::new("fuzz.bin"), ddpm::data::Cifar::Ten, &mut pixels);
         prop_assert_eq!(parsed.is_ok(), !bytes.is_empty() && bytes.len() % 3073 == 0);
+        prop_assert_eq!(pixels.len(), if parsed.is_ok() { bytes.len() / 3073 * 3072 } else { 0 });
     }
 
     #[test]
@@ -108,9 +110,13 @@ proptest! {
         for ext in ["png", "jpg", "webp", "bmp", "gif"] {
             std::fs::write(dir.path().join(format!("garbage.{ext}")), &garbage).unwrap();
         }
-        let options = LoadOptions { format: DataFormat::Folder, channels: 3, size: ImageSize::Square(4), strict: false, split: ddpm::config::Split::Train };
+        let options = LoadOptions { format: DataFormat::Folder, channels: 3, size: ImageSize::Square(4), strict: false, split: ddpm::config::Split::Train, cache: DataCache::On, workers: 2 };
         let dataset = load(Some(dir.path()), &options).unwrap();
         prop_assert!(dataset.len() >= 1);
-        prop_assert_eq!(dataset.len() + dataset.skipped, 7);
+        prop_assert_eq!(dataset.len() + dataset.skipped(), 7);
+        // Decoded on demand instead: the same files are skipped, none fatal.
+        let streamed = load(Some(dir.path()), &LoadOptions { cache: DataCache::Off, ..options }).unwrap();
+        prop_assert_eq!(streamed.all().unwrap().size()[0], 7);
+        prop_assert_eq!(streamed.skipped(), dataset.skipped());
     }
 }

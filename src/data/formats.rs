@@ -1,0 +1,307 @@
+//! The file formats: MNIST-style IDX, CIFAR-10/100 binaries, image files; and fitting one image
+//! to the training size.
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use image::imageops::FilterType;
+use image::DynamicImage;
+
+use crate::config::{DataFormat, Split};
+
+pub(super) static BUNDLED_IMAGES: &[u8] = include_bytes!("../../data/mnist5k-images-idx3-ubyte.gz");
+
+const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
+
+/// Channels and size of one image, stored CHW as u8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Shape {
+    pub fn bytes(self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+/// Same-sized planar (CHW) u8 images back to back, as IDX and CIFAR files hold them.
+pub struct Records {
+    pub pixels: Vec<u8>,
+    pub shape: Shape,
+}
+
+impl Records {
+    pub fn len(&self) -> usize {
+        self.pixels.len() / self.shape.bytes()
+    }
+
+    /// Writes record `index` at `shape` into `dst`.
+    pub fn fit_into(&self, index: usize, shape: Shape, dst: &mut [u8]) {
+        let n = self.shape.bytes();
+        let planes = &self.pixels[index * n..(index + 1) * n];
+        if shape == self.shape {
+            dst.copy_from_slice(planes);
+            return;
+        }
+        let (w, h) = (self.shape.width as u32, self.shape.height as u32);
+        let image = if self.shape.channels == 1 {
+            DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, planes.to_vec()).unwrap())
+        } else {
+            let plane = n / 3;
+            let rgb = (0..plane)
+                .flat_map(|i| [planes[i], planes[plane + i], planes[2 * plane + i]])
+                .collect();
+            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, rgb).unwrap())
+        };
+        fit(&image, shape, dst);
+    }
+}
+
+pub fn detect_format(path: &Path) -> Result<DataFormat> {
+    if !path.exists() {
+        bail!("data path {} does not exist", path.display());
+    }
+    if path.is_file() {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.contains("idx3-ubyte") {
+            return Ok(DataFormat::Idx);
+        }
+        bail!("data path {} is a file but not an IDX image file (*idx3-ubyte or *idx3-ubyte.gz); give a folder, CIFAR-10 folder or IDX file", path.display());
+    }
+    if path.join("data_batch_1.bin").exists() || path.join("test_batch.bin").exists() {
+        return Ok(DataFormat::Cifar10);
+    }
+    if path.join("train.bin").exists() || path.join("test.bin").exists() {
+        return Ok(DataFormat::Cifar100);
+    }
+    if fs::read_dir(path)
+        .with_context(|| format!("cannot list {}", path.display()))?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("idx3-ubyte"))
+    {
+        return Ok(DataFormat::Idx);
+    }
+    Ok(DataFormat::Folder)
+}
+
+/// Resizes on the shorter side and centre-crops (Catmull-Rom filter) to `shape`, converts to
+/// its channel count, and writes CHW u8 into `dst`.
+pub fn fit(image: &DynamicImage, shape: Shape, dst: &mut [u8]) {
+    let (w, h) = (shape.width as u32, shape.height as u32);
+    let resized;
+    let image = if image.width() == w && image.height() == h {
+        image
+    } else {
+        resized = image.resize_to_fill(w, h, FilterType::CatmullRom);
+        &resized
+    };
+    let plane = shape.height * shape.width;
+    if shape.channels == 1 {
+        dst.copy_from_slice(image.to_luma8().as_raw());
+    } else {
+        for (i, px) in image.to_rgb8().pixels().enumerate() {
+            for c in 0..3 {
+                dst[c * plane + i] = px[c];
+            }
+        }
+    }
+}
+
+pub fn gunzip(bytes: &[u8], name: &Path) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .with_context(|| format!("{} is not a valid gzip file", name.display()))?;
+    Ok(out)
+}
+
+pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        gunzip(&bytes, path)
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// The IDX image file to read: `path` itself, or the one `*idx3-ubyte*` file in a folder
+/// (the training file when both MNIST splits are there).
+pub fn idx_file(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let name_of = |p: &PathBuf| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut files: Vec<PathBuf> = fs::read_dir(path)
+        .with_context(|| format!("cannot list {}", path.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| name_of(p).contains("idx3-ubyte"))
+        .collect();
+    files.sort();
+    let train: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| name_of(p).starts_with("train"))
+        .collect();
+    match (train.as_slice(), files.as_slice()) {
+        ([one], _) => Ok((*one).clone()),
+        (_, [one]) => Ok(one.clone()),
+        _ => bail!(
+            "{} holds several IDX image files ({}); name one with --data",
+            path.display(),
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Parses an IDX3 unsigned-byte image file (magic 0x00000803, big-endian N, rows, cols).
+pub fn parse_idx_images(mut bytes: Vec<u8>, name: &Path) -> Result<Records> {
+    if bytes.len() < 16 {
+        bail!(
+            "{}: IDX file too short ({} bytes; the header alone is 16)",
+            name.display(),
+            bytes.len()
+        );
+    }
+    let word = |i: usize| u32::from_be_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+    if word(0) != 0x0803 {
+        bail!("{}: IDX magic number is {:#010x}, expected 0x00000803 (unsigned-byte images with 3 dimensions)", name.display(), word(0));
+    }
+    let (n, rows, cols) = (word(1) as usize, word(2) as usize, word(3) as usize);
+    let expected = n
+        .checked_mul(rows)
+        .and_then(|v| v.checked_mul(cols))
+        .and_then(|v| v.checked_add(16));
+    if expected != Some(bytes.len()) || rows == 0 || cols == 0 {
+        bail!("{}: IDX header says {n} images of {rows}×{cols} ({} bytes expected), but the file has {} bytes", name.display(), expected.map_or("too many".into(), |e| e.to_string()), bytes.len());
+    }
+    bytes.drain(..16);
+    Ok(Records {
+        pixels: bytes,
+        shape: Shape {
+            channels: 1,
+            height: rows,
+            width: cols,
+        },
+    })
+}
+
+/// CIFAR-10 or CIFAR-100 (binary versions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cifar {
+    /// Records of 1 label byte + 3×32×32 pixels.
+    Ten,
+    /// Records of 2 label bytes (coarse, fine) + 3×32×32 pixels.
+    Hundred,
+}
+
+pub const CIFAR_SHAPE: Shape = Shape {
+    channels: 3,
+    height: 32,
+    width: 32,
+};
+
+impl Cifar {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cifar::Ten => "CIFAR-10",
+            Cifar::Hundred => "CIFAR-100",
+        }
+    }
+
+    fn label_bytes(self) -> usize {
+        match self {
+            Cifar::Ten => 1,
+            Cifar::Hundred => 2,
+        }
+    }
+}
+
+/// The batch files of `split` in `dir`, named and checked up front.
+pub fn cifar_files(dir: &Path, variant: Cifar, split: Split) -> Result<Vec<PathBuf>> {
+    let (train, test): (Vec<String>, Vec<String>) = match variant {
+        Cifar::Ten => (
+            (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
+            vec!["test_batch.bin".into()],
+        ),
+        Cifar::Hundred => (vec!["train.bin".into()], vec!["test.bin".into()]),
+    };
+    let names = match split {
+        Split::Train => train,
+        Split::Test => test,
+        Split::All => train.into_iter().chain(test).collect(),
+    };
+    let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        bail!(
+            "CIFAR folder {} lacks {} (the {split:?} split needs {})",
+            dir.display(),
+            missing.display(),
+            names.join(", ")
+        );
+    }
+    Ok(files)
+}
+
+/// Appends the pixels of a CIFAR binary batch (records of label byte(s) + 3×32×32 planes) to
+/// `pixels`.
+pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar, pixels: &mut Vec<u8>) -> Result<()> {
+    let labels = variant.label_bytes();
+    let record = labels + CIFAR_SHAPE.bytes();
+    if bytes.is_empty() || bytes.len() % record != 0 {
+        bail!("{}: {} bytes is not a whole number of {} records ({record} bytes each: {labels} label byte(s) + 3×32×32 pixels)", name.display(), bytes.len(), variant.name());
+    }
+    pixels.reserve(bytes.len() / record * CIFAR_SHAPE.bytes());
+    for chunk in bytes.chunks_exact(record) {
+        pixels.extend_from_slice(&chunk[labels..]);
+    }
+    Ok(())
+}
+
+/// Every image file under `dir`, recursively, in sorted order.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| {
+                IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())
+            }) {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "image folder {} holds no PNG, JPEG, WebP, BMP or GIF files",
+            dir.display()
+        );
+    }
+    Ok(files)
+}
+
+/// Decodes an image file (the first frame of a GIF) and fits it to `shape` into `dst`.
+pub fn decode_into(path: &Path, shape: Shape, dst: &mut [u8]) -> std::result::Result<(), String> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    fit(&reader.decode().map_err(|e| e.to_string())?, shape, dst);
+    Ok(())
+}

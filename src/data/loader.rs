@@ -1,0 +1,166 @@
+//! Batches read ahead of the training step by worker threads, handed out in the seeded order
+//! whatever the number of workers.
+use std::collections::BTreeMap;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, Result};
+use tch::Tensor;
+
+use super::{Dataset, Position, Sampler};
+
+/// This process's part of each global batch in data-parallel training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// This rank's slice of a global batch (the batch divides evenly; checked by the caller).
+    fn of<'a>(&self, global: &'a [i64]) -> &'a [i64] {
+        let per_rank = global.len() / self.world;
+        &global[self.rank * per_rank..(self.rank + 1) * per_rank]
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LoaderOptions {
+    /// Images per global batch.
+    pub batch: usize,
+    pub seed: u64,
+    pub workers: usize,
+    /// Batches read ahead at most.
+    pub prefetch: usize,
+    pub shard: Shard,
+}
+
+/// Hands out u8 batches [B, C, H, W] in the order of a `Sampler`, read by worker threads.
+pub struct Loader {
+    shared: Arc<Shared>,
+    results: mpsc::Receiver<(u64, Result<Batch>)>,
+    /// Batches that arrived before their turn.
+    early: BTreeMap<u64, Result<Batch>>,
+    next: u64,
+    position: Position,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    dataset: Arc<Dataset>,
+    options: LoaderOptions,
+    dispatch: Mutex<Dispatch>,
+    room: Condvar,
+}
+
+struct Dispatch {
+    order: Sampler,
+    /// Batches given to workers, and batches handed out to the caller.
+    issued: u64,
+    consumed: u64,
+    stopping: bool,
+}
+
+struct Batch {
+    images: Tensor,
+    /// The order's position after this batch.
+    position: Position,
+}
+
+impl Loader {
+    /// Starts reading at `position` of the order seeded by `options.seed`.
+    pub fn new(dataset: Arc<Dataset>, position: Position, options: LoaderOptions) -> Self {
+        let shared = Arc::new(Shared {
+            options,
+            dispatch: Mutex::new(Dispatch {
+                order: Sampler::new(dataset.len(), options.seed, position),
+                issued: 0,
+                consumed: 0,
+                stopping: false,
+            }),
+            dataset,
+            room: Condvar::new(),
+        });
+        let (sender, results) = mpsc::channel();
+        let threads = (0..options.workers.max(1))
+            .map(|_| {
+                let shared = shared.clone();
+                let sender = sender.clone();
+                std::thread::spawn(move || shared.work(sender))
+            })
+            .collect();
+        Loader {
+            shared,
+            results,
+            early: BTreeMap::new(),
+            next: 0,
+            position,
+            threads,
+        }
+    }
+
+    /// The next batch (this shard's part of it).
+    pub fn next_batch(&mut self) -> Result<Tensor> {
+        let batch = loop {
+            if let Some(batch) = self.early.remove(&self.next) {
+                break batch;
+            }
+            let (k, batch) = self
+                .results
+                .recv()
+                .map_err(|_| anyhow!("the data loader's threads stopped"))?;
+            self.early.insert(k, batch);
+        };
+        self.next += 1;
+        self.shared.dispatch.lock().unwrap().consumed += 1;
+        // One batch of room: wake one worker.
+        self.shared.room.notify_one();
+        let batch = batch?;
+        self.position = batch.position;
+        Ok(batch.images)
+    }
+
+    /// Where the order stands after the batches handed out so far: what a checkpoint stores.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+}
+
+impl Shared {
+    fn work(&self, sender: mpsc::Sender<(u64, Result<Batch>)>) {
+        loop {
+            let (k, indices, position) = {
+                let mut d = self.dispatch.lock().unwrap();
+                while !d.stopping && d.issued - d.consumed >= self.options.prefetch as u64 {
+                    d = self.room.wait(d).unwrap();
+                }
+                if d.stopping {
+                    return;
+                }
+                let global = d.order.next_indices(self.options.batch);
+                let indices = self.options.shard.of(&global).to_vec();
+                d.issued += 1;
+                (d.issued - 1, indices, d.order.position())
+            };
+            let batch = self
+                .dataset
+                .batch(&indices)
+                .map(|images| Batch { images, position });
+            if sender.send((k, batch)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.shared.dispatch.lock().unwrap().stopping = true;
+        self.shared.room.notify_all();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}

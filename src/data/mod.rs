@@ -1,0 +1,906 @@
+//! Training images: the sources (the bundled MNIST subset, image folders, CIFAR-10/100
+//! binaries, MNIST-style IDX files), the optional in-memory cache of decoded images, the seeded
+//! resumable batch order, the threaded prefetching loader, and on-device augmentation.
+mod formats;
+mod loader;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{DataCache, DataFormat, ImageSize, RunConfig, Split};
+pub use formats::{image_files, parse_cifar, parse_idx_images, Cifar, Records, Shape};
+pub use loader::{Loader, LoaderOptions, Shard};
+
+/// What to load and how.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub format: DataFormat,
+    pub channels: i64,
+    pub size: ImageSize,
+    /// Stop at the first unreadable image instead of skipping it.
+    pub strict: bool,
+    /// For CIFAR binaries.
+    pub split: Split,
+    /// Whether image files are decoded once into memory or at every epoch.
+    pub cache: DataCache,
+    /// Threads for decoding; 0: one per core.
+    pub workers: usize,
+}
+
+impl LoadOptions {
+    /// The options of a training run.
+    pub fn of(config: &RunConfig, strict: bool) -> Self {
+        LoadOptions {
+            format: config.data.format,
+            channels: config.model.in_channels,
+            size: config.model.image_size,
+            strict,
+            split: config.data.split,
+            cache: config.data.cache,
+            workers: config.data.workers,
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        Shape {
+            channels: self.channels as usize,
+            height: self.size.height() as usize,
+            width: self.size.width() as usize,
+        }
+    }
+}
+
+/// `configured` threads, or one per core when 0.
+pub fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// A training set: u8 images at the training size, decoded in memory or read from files on
+/// demand.
+pub struct Dataset {
+    images: Images,
+    shape: Shape,
+    /// What was loaded, for logs.
+    pub description: String,
+    strict: bool,
+    /// Files that could not be decoded, by index (when read on demand) ...
+    unreadable: Mutex<BTreeSet<usize>>,
+    /// ... and how many were dropped while decoding into memory.
+    skipped_at_load: usize,
+}
+
+enum Images {
+    /// N images of `shape`, back to back, CHW.
+    Decoded(Vec<u8>),
+    /// Image files decoded when a batch needs them.
+    Files(Vec<PathBuf>),
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        match &self.images {
+            Images::Decoded(pixels) => pixels.len() / self.shape.bytes(),
+            Images::Files(files) => files.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// Whether the decoded images are held in memory.
+    pub fn is_cached(&self) -> bool {
+        matches!(self.images, Images::Decoded(_))
+    }
+
+    /// Unreadable files met so far (skipped at load or while reading batches).
+    pub fn skipped(&self) -> usize {
+        self.skipped_at_load + self.unreadable.lock().unwrap().len()
+    }
+
+    /// Images `indices` as u8 [B, C, H, W] on the CPU.
+    pub fn batch(&self, indices: &[i64]) -> Result<Tensor> {
+        let n = self.shape.bytes();
+        let mut out = vec![0u8; n * indices.len()];
+        for (&index, dst) in indices.iter().zip(out.chunks_mut(n)) {
+            self.read_into(index as usize, dst)?;
+        }
+        Ok(self.to_tensor(&out))
+    }
+
+    /// Every image, as u8 [N, C, H, W] on the CPU.
+    pub fn all(&self) -> Result<Tensor> {
+        match &self.images {
+            Images::Decoded(pixels) => Ok(self.to_tensor(pixels)),
+            Images::Files(_) => self.batch(&(0..self.len() as i64).collect::<Vec<_>>()),
+        }
+    }
+
+    fn to_tensor(&self, pixels: &[u8]) -> Tensor {
+        let s = self.shape;
+        Tensor::from_slice(pixels).view([
+            (pixels.len() / s.bytes()) as i64,
+            s.channels as i64,
+            s.height as i64,
+            s.width as i64,
+        ])
+    }
+
+    /// Writes image `index` into `dst`. An unreadable file is reported once and replaced by the
+    /// next readable one (so the order stays a function of the seed), or is an error when strict.
+    fn read_into(&self, index: usize, dst: &mut [u8]) -> Result<()> {
+        let files = match &self.images {
+            Images::Decoded(pixels) => {
+                dst.copy_from_slice(&pixels[index * dst.len()..(index + 1) * dst.len()]);
+                return Ok(());
+            }
+            Images::Files(files) => files,
+        };
+        for i in (index..files.len()).chain(0..index) {
+            if self.unreadable.lock().unwrap().contains(&i) {
+                continue;
+            }
+            match formats::decode_into(&files[i], self.shape, dst) {
+                Ok(()) => return Ok(()),
+                Err(why) if self.strict => {
+                    bail!(
+                        "cannot decode {}: {why} (--strict-data)",
+                        files[i].display()
+                    )
+                }
+                Err(why) => {
+                    if self.unreadable.lock().unwrap().insert(i) {
+                        eprintln!("warning: skipping {}: {why}", files[i].display());
+                    }
+                }
+            }
+        }
+        bail!("none of the {} image files could be decoded", files.len())
+    }
+}
+
+/// Loads `path` (None: the bundled set) at the requested channels and size: record formats and
+/// cached folders are decoded into memory now, other folders when batches are read.
+pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
+    let format = match (path, options.format) {
+        (None, _) | (_, DataFormat::Bundled) => DataFormat::Bundled,
+        (Some(p), DataFormat::Auto) => formats::detect_format(p)?,
+        (_, format) => format,
+    };
+    let shape = options.shape();
+    let workers = worker_count(options.workers);
+    let dataset = |images, description: String, skipped_at_load| Dataset {
+        images,
+        shape,
+        description,
+        strict: options.strict,
+        unreadable: Mutex::default(),
+        skipped_at_load,
+    };
+    let records = |records: Records, description: String| {
+        if records.pixels.is_empty() {
+            bail!("the dataset {description} holds no images");
+        }
+        let pixels = if records.shape == shape {
+            records.pixels
+        } else {
+            decode_all(records.len(), shape, workers, |i, dst| {
+                records.fit_into(i, shape, dst);
+                Ok(())
+            })
+            .0
+        };
+        Ok(dataset(Images::Decoded(pixels), description, 0))
+    };
+    match format {
+        DataFormat::Bundled => {
+            let name = Path::new("bundled MNIST");
+            records(
+                formats::parse_idx_images(formats::gunzip(formats::BUNDLED_IMAGES, name)?, name)?,
+                "bundled MNIST subset (5,000 digits)".into(),
+            )
+        }
+        DataFormat::Idx => {
+            let file = formats::idx_file(path.unwrap())?;
+            records(
+                formats::parse_idx_images(formats::read_maybe_gz(&file)?, &file)?,
+                format!("IDX images {}", file.display()),
+            )
+        }
+        DataFormat::Cifar10 | DataFormat::Cifar100 => {
+            let dir = path.unwrap();
+            let variant = if format == DataFormat::Cifar10 {
+                Cifar::Ten
+            } else {
+                Cifar::Hundred
+            };
+            let mut pixels = Vec::new();
+            for file in formats::cifar_files(dir, variant, options.split)? {
+                let bytes = std::fs::read(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                formats::parse_cifar(&bytes, &file, variant, &mut pixels)?;
+            }
+            let description = format!(
+                "{} binaries ({:?} split) in {}",
+                variant.name(),
+                options.split,
+                dir.display()
+            );
+            let shape = formats::CIFAR_SHAPE;
+            records(Records { pixels, shape }, description)
+        }
+        DataFormat::Folder => {
+            let dir = path.unwrap();
+            let files = formats::image_files(dir)?;
+            let description = format!("image folder {}", dir.display());
+            if !should_cache(options.cache, files.len(), shape) {
+                return Ok(dataset(Images::Files(files), description, 0));
+            }
+            let (pixels, failed) = decode_all(files.len(), shape, workers, |i, dst| {
+                formats::decode_into(&files[i], shape, dst)
+            });
+            if let Some((i, why)) = failed.first().filter(|_| options.strict) {
+                bail!(
+                    "cannot decode {}: {why} (--strict-data)",
+                    files[*i].display()
+                );
+            }
+            for (i, why) in &failed {
+                eprintln!("warning: skipping {}: {why}", files[*i].display());
+            }
+            if failed.len() == files.len() {
+                bail!(
+                    "none of the {} image files in {} could be decoded",
+                    files.len(),
+                    dir.display()
+                );
+            }
+            if !failed.is_empty() {
+                eprintln!(
+                    "warning: skipped {} unreadable file(s) of {} in {}",
+                    failed.len(),
+                    files.len(),
+                    dir.display()
+                );
+            }
+            let pixels = drop_images(pixels, shape.bytes(), &failed);
+            Ok(dataset(Images::Decoded(pixels), description, failed.len()))
+        }
+        DataFormat::Auto => unreachable!("resolved above"),
+    }
+}
+
+/// Whether `count` images of `shape` are decoded once into memory.
+fn should_cache(cache: DataCache, count: usize, shape: Shape) -> bool {
+    match cache {
+        DataCache::On => true,
+        DataCache::Off => false,
+        DataCache::Auto => (count * shape.bytes()) as u64 <= available_memory() / 2,
+    }
+}
+
+/// MemAvailable from /proc/meminfo; 8 GiB where that is not readable.
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(8 << 30)
+}
+
+/// Fills `count` images of `shape` with `read` on `workers` threads; returns the pixels and the
+/// images that failed, with why, in index order.
+fn decode_all(
+    count: usize,
+    shape: Shape,
+    workers: usize,
+    read: impl Fn(usize, &mut [u8]) -> std::result::Result<(), String> + Sync,
+) -> (Vec<u8>, Vec<(usize, String)>) {
+    let n = shape.bytes();
+    let mut pixels = vec![0u8; n * count];
+    let chunk = count.div_ceil(workers).max(1);
+    let read = &read;
+    let failed = std::thread::scope(|scope| {
+        let handles: Vec<_> = pixels
+            .chunks_mut(chunk * n)
+            .enumerate()
+            .map(|(part, dst)| {
+                scope.spawn(move || {
+                    let first = part * chunk;
+                    dst.chunks_mut(n)
+                        .enumerate()
+                        .filter_map(|(j, image)| {
+                            read(first + j, image).err().map(|why| (first + j, why))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("decoder thread"))
+            .collect()
+    });
+    (pixels, failed)
+}
+
+/// `pixels` without the images at the (sorted) indices of `failed`.
+fn drop_images(pixels: Vec<u8>, n: usize, failed: &[(usize, String)]) -> Vec<u8> {
+    if failed.is_empty() {
+        return pixels;
+    }
+    let bad: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+    pixels
+        .chunks(n)
+        .enumerate()
+        .filter(|(i, _)| !bad.contains(i))
+        .flat_map(|(_, image)| image.iter().copied())
+        .collect()
+}
+
+/// The position in the seeded epoch order: which epoch, and how many of its images are used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub epoch: u64,
+    pub index: usize,
+}
+
+/// Draws batches in a shuffled order that depends only on the seed and the epoch, so a run
+/// resumed from a `Position` continues the same order.
+#[derive(Clone)]
+pub struct Sampler {
+    len: usize,
+    seed: u64,
+    position: Position,
+    order: Vec<usize>,
+}
+
+impl Sampler {
+    pub fn new(len: usize, seed: u64, position: Position) -> Self {
+        let order = epoch_order(len, seed, position.epoch);
+        Sampler {
+            len,
+            seed,
+            position,
+            order,
+        }
+    }
+
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// The next `batch` indices; a batch that runs past the epoch's end continues in the next.
+    pub fn next_indices(&mut self, batch: usize) -> Vec<i64> {
+        let mut out = Vec::with_capacity(batch);
+        while out.len() < batch {
+            if self.position.index == self.len {
+                self.position = Position {
+                    epoch: self.position.epoch + 1,
+                    index: 0,
+                };
+                self.order = epoch_order(self.len, self.seed, self.position.epoch);
+            }
+            out.push(self.order[self.position.index] as i64);
+            self.position.index += 1;
+        }
+        out
+    }
+}
+
+fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::rng::mix(
+        seed,
+        &[0xDA7A, epoch],
+    )));
+    order
+}
+
+/// u8 images → f32 in [−1, 1] on `device`.
+pub fn to_model_space(images: &Tensor, device: Device) -> Tensor {
+    let mut x = images.to_device(device).to_kind(Kind::Float);
+    let _ = x.g_mul_scalar_(1.0 / 127.5).g_sub_scalar_(1.0);
+    x
+}
+
+/// Random horizontal flips and (when `jitter` > 0) brightness, contrast and saturation jitter
+/// of up to ±`jitter`, drawn from libtorch's generator. x: [B, C, H, W] in [−1, 1].
+pub fn augment(x: &Tensor, hflip: bool, jitter: f64) -> Tensor {
+    let b = x.size()[0];
+    let opts = (Kind::Float, x.device());
+    let mut x = x.shallow_clone();
+    if hflip {
+        // lerp with a 0/1 weight returns either end exactly, and is cheaper than `where`.
+        let flip = Tensor::rand([b, 1, 1, 1], opts)
+            .lt(0.5)
+            .to_kind(Kind::Float);
+        x = x.lerp_tensor(&x.flip([3]), &flip);
+    }
+    if jitter > 0.0 {
+        // Brightness: + β; contrast: c·(· − image mean) + image mean; saturation:
+        // s·(· − pixel gray) + pixel gray, in that order. Composed, they are one affine map
+        //   s·c·x + c·(1 − s)·gray(x) + (1 − c)·mean(x + β) + c·β
+        // so the image is read twice and written once instead of once per operation.
+        let factor = |t: Tensor| t * (2.0 * jitter) + (1.0 - jitter); // U(1 − j, 1 + j)
+        let brightness = Tensor::rand([b, 1, 1, 1], opts) * (2.0 * jitter) - jitter;
+        let contrast = factor(Tensor::rand([b, 1, 1, 1], opts));
+        let image_mean = |t: &Tensor| t.mean_dim(&[1i64, 2, 3][..], true, Kind::Float);
+        let offset = |mean: Tensor| -> Tensor {
+            let kept: Tensor = 1.0 - &contrast;
+            kept * (mean + &brightness) + &contrast * &brightness
+        };
+        let mut out: Tensor = if x.size()[1] == 3 {
+            let saturation = factor(Tensor::rand([b, 1, 1, 1], opts));
+            let gray = x.mean_dim(&[1i64][..], true, Kind::Float);
+            let per_pixel: Tensor =
+                &gray * (&contrast * (1.0 - &saturation)) + offset(image_mean(&gray));
+            per_pixel.addcmul(&x, &(&saturation * &contrast))
+        } else {
+            offset(image_mean(&x)).addcmul(&x, &contrast)
+        };
+        x = out.clamp_(-1.0, 1.0);
+    }
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn options(channels: i64, size: i64) -> LoadOptions {
+        LoadOptions {
+            format: DataFormat::Auto,
+            channels,
+            size: ImageSize::Square(size),
+            strict: false,
+            split: Split::Train,
+            cache: DataCache::Auto,
+            workers: 2,
+        }
+    }
+
+    fn idx_bytes(n: u32, rows: u32, cols: u32, pixels: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for w in [0x0803u32, n, rows, cols] {
+            b.extend_from_slice(&w.to_be_bytes());
+        }
+        b.extend_from_slice(pixels);
+        b
+    }
+
+    #[test]
+    fn idx_pixels_survive_raw_and_gzipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let pixels: Vec<u8> = (0..2 * 4 * 4).map(|i| (i * 7) as u8).collect();
+        let bytes = idx_bytes(2, 4, 4, &pixels);
+        std::fs::write(dir.path().join("train-images-idx3-ubyte"), &bytes).unwrap();
+        let gz = dir.path().join("gz");
+        std::fs::create_dir(&gz).unwrap();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut enc, &bytes).unwrap();
+        std::fs::write(gz.join("t10k-images-idx3-ubyte.gz"), enc.finish().unwrap()).unwrap();
+        for path in [
+            dir.path().join("train-images-idx3-ubyte"),
+            gz.clone(),
+            dir.path().to_path_buf(),
+        ] {
+            let d = load(Some(&path), &options(1, 4)).unwrap();
+            assert_eq!(d.all().unwrap().size(), vec![2, 1, 4, 4]);
+            assert_eq!(
+                Vec::<u8>::try_from(d.all().unwrap().flatten(0, -1)).unwrap(),
+                pixels,
+                "{}",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn idx_errors_name_file_and_expectation() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad_magic = dir.path().join("a-idx3-ubyte");
+        let mut b = idx_bytes(1, 2, 2, &[0; 4]);
+        b[3] = 0x01;
+        std::fs::write(&bad_magic, &b).unwrap();
+        let e = format!(
+            "{:#}",
+            load(Some(&bad_magic), &options(1, 2)).err().unwrap()
+        );
+        assert!(
+            e.contains("a-idx3-ubyte") && e.contains("0x00000803"),
+            "{e}"
+        );
+        let short = dir.path().join("b-idx3-ubyte");
+        std::fs::write(&short, &idx_bytes(3, 2, 2, &[0; 4])).unwrap();
+        let e = format!("{:#}", load(Some(&short), &options(1, 2)).err().unwrap());
+        assert!(
+            e.contains("b-idx3-ubyte") && e.contains("28 bytes expected"),
+            "{e}"
+        );
+        std::fs::write(&short, b"xx").unwrap();
+        assert!(
+            format!("{:#}", load(Some(&short), &options(1, 2)).err().unwrap())
+                .contains("too short")
+        );
+    }
+
+    #[test]
+    fn cifar_records_decode_to_the_written_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut expected = Vec::new();
+        for i in 1..=5u8 {
+            let mut record = vec![i]; // label
+            let planes: Vec<u8> = (0..3072).map(|p| (p as u8).wrapping_mul(i)).collect();
+            record.extend_from_slice(&planes);
+            expected.extend_from_slice(&planes);
+            std::fs::write(dir.path().join(format!("data_batch_{i}.bin")), &record).unwrap();
+        }
+        let d = load(Some(dir.path()), &options(3, 32)).unwrap();
+        assert_eq!(d.all().unwrap().size(), vec![5, 3, 32, 32]);
+        assert_eq!(
+            Vec::<u8>::try_from(d.all().unwrap().flatten(0, -1)).unwrap(),
+            expected
+        );
+        // The test split is missing: named.
+        let test = LoadOptions {
+            split: Split::Test,
+            ..options(3, 32)
+        };
+        assert!(
+            format!("{:#}", load(Some(dir.path()), &test).err().unwrap())
+                .contains("test_batch.bin")
+        );
+        std::fs::write(dir.path().join("test_batch.bin"), vec![9u8; 3073 * 2]).unwrap();
+        assert_eq!(load(Some(dir.path()), &test).unwrap().len(), 2);
+        assert_eq!(
+            load(
+                Some(dir.path()),
+                &LoadOptions {
+                    split: Split::All,
+                    ..options(3, 32)
+                }
+            )
+            .unwrap()
+            .len(),
+            7
+        );
+        std::fs::write(dir.path().join("data_batch_3.bin"), vec![0u8; 3000]).unwrap();
+        let e = format!(
+            "{:#}",
+            load(Some(dir.path()), &options(3, 32)).err().unwrap()
+        );
+        assert!(e.contains("data_batch_3.bin") && e.contains("3073"), "{e}");
+    }
+
+    #[test]
+    fn cifar100_records_skip_both_label_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = vec![3u8, 42];
+        let planes: Vec<u8> = (0..3072).map(|p| (p % 251) as u8).collect();
+        bytes.extend_from_slice(&planes);
+        std::fs::write(dir.path().join("train.bin"), &bytes).unwrap();
+        let d = load(Some(dir.path()), &options(3, 32)).unwrap();
+        assert!(d.description.contains("CIFAR-100"), "{}", d.description);
+        assert_eq!(
+            Vec::<u8>::try_from(d.all().unwrap().flatten(0, -1)).unwrap(),
+            planes
+        );
+    }
+
+    #[test]
+    fn folder_decodes_png_and_jpeg_and_skips_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("class_a");
+        std::fs::create_dir(&sub).unwrap();
+        let img = image::RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb([(x * 30) as u8, (y * 30) as u8, 200])
+        });
+        img.save(sub.join("a.png")).unwrap();
+        img.save(dir.path().join("b.jpg")).unwrap();
+        std::fs::write(
+            dir.path().join("corrupt.png"),
+            b"\x89PNG\r\n\x1a\nnot really",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("empty.jpg"), b"").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
+        let d = load(Some(dir.path()), &options(3, 8)).unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d.skipped(), 2);
+        // The PNG is lossless: its pixels come back exactly (files are read in sorted order).
+        let a = d.all().unwrap().get(1);
+        assert_eq!(a.int64_value(&[0, 0, 3]), 90);
+        assert_eq!(a.int64_value(&[1, 5, 0]), 150);
+        assert_eq!(a.int64_value(&[2, 7, 7]), 200);
+        // Grayscale and resizing with a centre crop.
+        let g = load(Some(dir.path()), &options(1, 4)).unwrap();
+        assert_eq!(g.all().unwrap().size(), vec![2, 1, 4, 4]);
+        // Strict mode stops at the first bad file and names it.
+        let strict = LoadOptions {
+            strict: true,
+            ..options(3, 8)
+        };
+        let e = format!("{:#}", load(Some(dir.path()), &strict).err().unwrap());
+        assert!(e.contains("corrupt.png") || e.contains("empty.jpg"), "{e}");
+    }
+
+    #[test]
+    fn empty_folder_and_missing_path_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = format!(
+            "{:#}",
+            load(Some(dir.path()), &options(3, 8)).err().unwrap()
+        );
+        assert!(e.contains("holds no"), "{e}");
+        let e = format!(
+            "{:#}",
+            load(Some(&dir.path().join("nope")), &options(3, 8))
+                .err()
+                .unwrap()
+        );
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn bundled_set_loads_and_resizes() {
+        let d = load(None, &options(1, 28)).unwrap();
+        assert_eq!(d.all().unwrap().size(), vec![5000, 1, 28, 28]);
+        let rgb = load(
+            None,
+            &LoadOptions {
+                format: DataFormat::Bundled,
+                ..options(3, 32)
+            },
+        )
+        .unwrap();
+        assert_eq!(rgb.all().unwrap().size(), vec![5000, 3, 32, 32]);
+    }
+
+    #[test]
+    fn order_is_seeded_and_resumes_mid_epoch() {
+        let mut a = Sampler::new(10, 42, Position::default());
+        let first: Vec<i64> = (0..5).flat_map(|_| a.next_indices(3)).collect();
+        let mut sorted = first[..10].to_vec();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            (0..10).collect::<Vec<i64>>(),
+            "an epoch visits every image once"
+        );
+        let mut b = Sampler::new(10, 42, Position::default());
+        b.next_indices(3);
+        b.next_indices(3);
+        let mut resumed = Sampler::new(10, 42, b.position());
+        assert_eq!(resumed.next_indices(9), first[6..15].to_vec());
+        assert_ne!(
+            Sampler::new(10, 43, Position::default()).next_indices(10),
+            first[..10].to_vec()
+        );
+    }
+
+    #[test]
+    fn augmentation_keeps_shape_and_range() {
+        tch::manual_seed(0);
+        let x = Tensor::rand([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let flipped = augment(&x, true, 0.0);
+        assert_eq!(flipped.size(), x.size());
+        // Each image is either itself or its mirror image, and some of each occur.
+        let mut flips = 0;
+        for i in 0..16 {
+            let (xi, yi) = (x.get(i), flipped.get(i));
+            if yi.equal(&xi.flip([2])) {
+                flips += 1;
+            } else {
+                assert!(yi.equal(&xi));
+            }
+        }
+        assert!(flips > 0 && flips < 16, "{flips}");
+        let jittered = augment(&x, false, 0.1);
+        assert_eq!(jittered.size(), x.size());
+        assert!(
+            jittered.max().double_value(&[]) <= 1.0 && jittered.min().double_value(&[]) >= -1.0
+        );
+        let change = (&jittered - &x).abs().mean(Kind::Float).double_value(&[]);
+        assert!(change > 0.0 && change < 0.2, "{change}");
+    }
+
+    #[test]
+    fn jitter_equals_brightness_then_contrast_then_saturation() {
+        let _rng = crate::rng::exclusive();
+        let j = 0.3;
+        for channels in [1, 3] {
+            tch::manual_seed(5);
+            let x = Tensor::rand([6, channels, 5, 4], (Kind::Float, Device::Cpu)) * 1.6 - 0.8;
+            tch::manual_seed(11);
+            let fused = augment(&x, false, j);
+            // The same draws, applied one operation at a time in f64.
+            tch::manual_seed(11);
+            let draw =
+                || Tensor::rand([6, 1, 1, 1], (Kind::Float, Device::Cpu)).to_kind(Kind::Double);
+            let brightness = draw() * (2.0 * j) - j;
+            let contrast = draw() * (2.0 * j) + (1.0 - j);
+            let x = x.to_kind(Kind::Double) + brightness;
+            let mean = x.mean_dim(&[1i64, 2, 3][..], true, Kind::Double);
+            let mut y = (&x - &mean) * contrast + &mean;
+            if channels == 3 {
+                let saturation = draw() * (2.0 * j) + (1.0 - j);
+                let gray = y.mean_dim(&[1i64][..], true, Kind::Double);
+                y = (&y - &gray) * saturation + &gray;
+            }
+            let expected = y.clamp(-1.0, 1.0);
+            let error = (fused.to_kind(Kind::Double) - expected)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(error < 1e-6, "{channels} channel(s): {error}");
+        }
+    }
+
+    /// A folder of 6 PNGs (distinct solid colours, in sorted order) plus a corrupt PNG and an
+    /// empty JPEG sorted between them.
+    fn folder_with_bad_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..6u8 {
+            image::RgbImage::from_pixel(4, 4, image::Rgb([i * 40, 0, 0]))
+                .save(dir.path().join(format!("img{i}.png")))
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("img1b.png"), b"\x89PNG\r\n\x1a\ntruncated").unwrap();
+        std::fs::write(dir.path().join("img4b.jpg"), b"").unwrap();
+        dir
+    }
+
+    /// The red value of each image, which names the file it came from.
+    fn reds(images: &Tensor) -> Vec<i64> {
+        (0..images.size()[0])
+            .map(|i| images.int64_value(&[i, 0, 0, 0]) / 40)
+            .collect()
+    }
+
+    #[test]
+    fn streamed_folder_skips_bad_files_like_the_cache_does() {
+        let dir = folder_with_bad_files();
+        let streamed = load(
+            Some(dir.path()),
+            &LoadOptions {
+                cache: DataCache::Off,
+                ..options(3, 4)
+            },
+        )
+        .unwrap();
+        assert!(!streamed.is_cached());
+        assert_eq!(streamed.len(), 8, "files are only listed, not decoded");
+        // A bad file is replaced by the next readable one.
+        let batch = streamed.batch(&[0, 2, 5, 6]).unwrap();
+        assert_eq!(reds(&batch), vec![0, 2, 4, 5]);
+        assert_eq!(streamed.skipped(), 2);
+        let cached = load(
+            Some(dir.path()),
+            &LoadOptions {
+                cache: DataCache::On,
+                ..options(3, 4)
+            },
+        )
+        .unwrap();
+        assert!(cached.is_cached());
+        assert_eq!(cached.skipped(), 2);
+        assert_eq!(reds(&cached.all().unwrap()), vec![0, 1, 2, 3, 4, 5]);
+        // Strict: the bad file stops the read, named.
+        let strict = load(
+            Some(dir.path()),
+            &LoadOptions {
+                cache: DataCache::Off,
+                strict: true,
+                ..options(3, 4)
+            },
+        )
+        .unwrap();
+        let e = format!("{:#}", strict.batch(&[0, 2]).err().unwrap());
+        assert!(
+            e.contains("img1b.png") && e.contains("--strict-data"),
+            "{e}"
+        );
+    }
+
+    fn loader_batches(
+        dataset: &Arc<Dataset>,
+        position: Position,
+        options: LoaderOptions,
+        n: usize,
+    ) -> Vec<Vec<i64>> {
+        let mut loader = Loader::new(dataset.clone(), position, options);
+        (0..n)
+            .map(|_| reds(&loader.next_batch().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn loader_follows_the_seeded_order_with_any_number_of_workers() {
+        let dir = folder_with_bad_files();
+        std::fs::remove_file(dir.path().join("img1b.png")).unwrap();
+        std::fs::remove_file(dir.path().join("img4b.jpg")).unwrap();
+        let dataset = Arc::new(
+            load(
+                Some(dir.path()),
+                &LoadOptions {
+                    cache: DataCache::Off,
+                    ..options(3, 4)
+                },
+            )
+            .unwrap(),
+        );
+        let options = |workers, shard| LoaderOptions {
+            batch: 4,
+            seed: 7,
+            workers,
+            prefetch: 2,
+            shard,
+        };
+        let mut sampler = Sampler::new(6, 7, Position::default());
+        let expected: Vec<Vec<i64>> = (0..5).map(|_| sampler.next_indices(4)).collect();
+        for workers in [1, 3] {
+            assert_eq!(
+                loader_batches(
+                    &dataset,
+                    Position::default(),
+                    options(workers, Shard::WHOLE),
+                    5
+                ),
+                expected,
+                "{workers} worker(s)"
+            );
+        }
+        // Resuming from the position after two batches continues the same order.
+        let mut loader = Loader::new(
+            dataset.clone(),
+            Position::default(),
+            options(2, Shard::WHOLE),
+        );
+        for _ in 0..2 {
+            assert_eq!(loader.next_batch().unwrap().size(), [4, 3, 4, 4]);
+        }
+        assert_eq!(loader.position(), Position { epoch: 1, index: 2 });
+        assert_eq!(
+            loader_batches(&dataset, loader.position(), options(2, Shard::WHOLE), 3),
+            expected[2..]
+        );
+        // Two ranks read the two halves of every global batch.
+        let halves: Vec<Vec<Vec<i64>>> = (0..2)
+            .map(|rank| {
+                loader_batches(
+                    &dataset,
+                    Position::default(),
+                    options(2, Shard { rank, world: 2 }),
+                    5,
+                )
+            })
+            .collect();
+        for (k, global) in expected.iter().enumerate() {
+            assert_eq!(
+                [halves[0][k].clone(), halves[1][k].clone()].concat(),
+                *global
+            );
+        }
+    }
+}
