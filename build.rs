@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    println!("cargo:rerun-if-changed=csrc/ops.cpp");
+    println!("cargo:rerun-if-changed=csrc");
     let libtorch = std::env::var("LIBTORCH").unwrap_or_default();
     let libtorch = PathBuf::from(&libtorch).canonicalize().unwrap_or_else(|_| {
         panic!("libtorch not found at LIBTORCH={libtorch:?}: run tools/setup.sh first (see README)")
@@ -29,6 +29,11 @@ fn main() {
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // ProcessGroupGloo.hpp is compiled only with this; csrc/gloo_decls stands in for the
+        // Gloo headers the wheel lacks.
+        .flag("-DUSE_C10D_GLOO")
+        .include("csrc/gloo_decls")
         .file("csrc/ops.cpp")
+        .file("csrc/distributed.cpp")
         .compile("ddpm_ops");
 }

@@ -1,35 +1,14 @@
 // The few libtorch entry points that tch does not expose: dtype-aware autocast and the
 // multi-tensor (foreach / fused) kernels used by the optimizer, gradient clipping and EMA.
-//
-// Tensors cross the boundary as `at::Tensor*` (what tch's C_tensor points to). Every function
-// returns nullptr on success or a malloc'd error message that the caller frees.
-#include <ATen/ATen.h>
+#include "binding.h"
+
 #include <ATen/autocast_mode.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/headeronly/version.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <vector>
-
 namespace {
 
-char *error_message(const char *what) { return strdup(what); }
-
-#define DDPM_TRY(body)                                                                             \
-  try {                                                                                            \
-    body;                                                                                          \
-    return nullptr;                                                                                \
-  } catch (const std::exception &e) {                                                              \
-    return error_message(e.what());                                                                \
-  }
-
-std::vector<at::Tensor> list(at::Tensor **tensors, size_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (size_t i = 0; i < n; ++i) out.push_back(*tensors[i]);
-  return out;
-}
+using ddpm::list;
 
 at::DeviceType device_type(int cuda) { return cuda ? at::kCUDA : at::kCPU; }
 

@@ -65,10 +65,11 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         epochs: args.overrides.epochs,
         stop_at: args.stop_at,
         interrupt: Some(interrupt),
+        launch: crate::distributed::Launch::from_env()?,
     })?;
-    if !summary.interrupted {
+    if let Some(checkpoint) = summary.final_checkpoint.filter(|_| !summary.interrupted) {
         eprintln!("done: {} steps in {:.0} s", summary.steps, summary.seconds);
-        eprintln!("checkpoint: {}", summary.final_checkpoint.display());
+        eprintln!("checkpoint: {}", checkpoint.display());
         if let Some(grid) = &summary.final_grid {
             eprintln!("samples:    {}", grid.display());
         }

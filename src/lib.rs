@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod eval;
 pub mod interop;
 pub mod model;

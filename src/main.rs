@@ -109,6 +109,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run a ddpm command as N data-parallel processes on this machine (like torchrun
+    /// --nproc-per-node N --no-python ddpm …), e.g. `ddpm launch --nproc 4 -- train --preset cifar10`
+    Launch {
+        /// Processes (one per GPU)
+        #[arg(long)]
+        nproc: usize,
+        /// The rendezvous port [default: a free one]
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// Seconds a rank waits for the others before giving up [default: 1800; DDPM_DIST_TIMEOUT]
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// The ddpm command line each process runs
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
     /// Print a model's architecture summary and exact parameter count
     Model {
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
@@ -211,6 +227,19 @@ fn main() -> ExitCode {
             ema: weights == "ema",
         }),
         Command::Import { from, out } => commands::import(&from, &out),
+        Command::Launch {
+            nproc,
+            master_port,
+            timeout,
+            args,
+        } => {
+            let grace = std::time::Duration::from_secs(30);
+            match ddpm::distributed::launch_local(nproc, master_port, timeout, &args, grace) {
+                Ok(0) => Ok(()),
+                Ok(code) => return ExitCode::from(code.clamp(1, 255) as u8),
+                Err(e) => Err(e),
+            }
+        }
         Command::Model { preset, config } => {
             commands::model_summary(preset.as_deref(), config.as_deref()).map(|s| print!("{s}"))
         }

@@ -355,7 +355,9 @@ pub struct MetricsRecord {
 /// Appends metrics lines and drives the progress display (a bar on a terminal, plain lines
 /// otherwise).
 pub struct Monitor {
-    metrics: fs::File,
+    /// None: a silent monitor (data-parallel ranks other than 0).
+    metrics: Option<fs::File>,
+    silent: bool,
     bar: Option<ProgressBar>,
     started: Instant,
     smoothed_loss: Option<f64>,
@@ -380,11 +382,23 @@ impl Monitor {
             bar
         });
         Ok(Monitor {
-            metrics,
+            metrics: Some(metrics),
+            silent: false,
             bar,
             started: Instant::now(),
             smoothed_loss: None,
         })
+    }
+
+    /// A monitor that writes and prints nothing.
+    pub fn silent() -> Self {
+        Monitor {
+            metrics: None,
+            silent: true,
+            bar: None,
+            started: Instant::now(),
+            smoothed_loss: None,
+        }
     }
 
     pub fn seconds(&self) -> f64 {
@@ -392,7 +406,10 @@ impl Monitor {
     }
 
     pub fn record(&mut self, record: &MetricsRecord) -> Result<()> {
-        writeln!(self.metrics, "{}", serde_json::to_string(record)?)
+        let Some(metrics) = &mut self.metrics else {
+            return Ok(());
+        };
+        writeln!(metrics, "{}", serde_json::to_string(record)?)
             .context("cannot append to metrics.jsonl")?;
         let smoothed = match self.smoothed_loss {
             Some(s) if record.loss.is_finite() => 0.7 * s + 0.3 * record.loss,
@@ -422,7 +439,10 @@ impl Monitor {
     /// Appends an FID measurement to `metrics.jsonl` (the report's FID table reads it).
     pub fn record_fid(&mut self, step: u64, fid: f64, images: usize, seconds: f64) -> Result<()> {
         let line = serde_json::json!({ "step": step, "fid": fid, "fid_images": images, "fid_seconds": seconds, "wall_seconds": self.seconds() });
-        writeln!(self.metrics, "{line}").context("cannot append to metrics.jsonl")?;
+        let Some(metrics) = &mut self.metrics else {
+            return Ok(());
+        };
+        writeln!(metrics, "{line}").context("cannot append to metrics.jsonl")?;
         self.note(&format!(
             "FID@{} = {fid:.2} at step {step} ({seconds:.0} s)",
             crate::eval::count_label(images)
@@ -434,7 +454,8 @@ impl Monitor {
     pub fn note(&self, message: &str) {
         match &self.bar {
             Some(bar) => bar.println(message),
-            None => eprintln!("{message}"),
+            None if !self.silent => eprintln!("{message}"),
+            None => {}
         }
     }
 

@@ -6,7 +6,7 @@ use anyhow::{anyhow, Result};
 use tch::{Device, Tensor};
 
 /// An `at::Tensor*`, opaque on this side.
-type CTensor = *mut std::ffi::c_void;
+pub(crate) type CTensor = *mut std::ffi::c_void;
 
 extern "C" {
     fn ddpm_free_error(message: *mut c_char);
@@ -48,7 +48,8 @@ extern "C" {
     ) -> *mut c_char;
 }
 
-fn check(message: *mut c_char) -> Result<()> {
+/// Ok, or the binding's error message (which it allocated and this frees).
+pub(crate) fn check(message: *mut c_char) -> Result<()> {
     if message.is_null() {
         return Ok(());
     }
@@ -60,7 +61,7 @@ fn check(message: *mut c_char) -> Result<()> {
     Err(anyhow!("libtorch: {text}"))
 }
 
-fn ptrs(tensors: &[Tensor]) -> Vec<CTensor> {
+pub(crate) fn ptrs(tensors: &[Tensor]) -> Vec<CTensor> {
     tensors.iter().map(|t| t.as_ptr() as CTensor).collect()
 }
 

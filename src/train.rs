@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LrSchedule, Precision, RunConfig, TrainConfig};
 use crate::data::{self, Dataset, LoadOptions, Loader, LoaderOptions, Position, Shard};
+use crate::distributed::{Launch, ProcessGroup};
 use crate::model::UNet;
 use crate::monitor::{MetricsRecord, Monitor};
 use crate::objective::Objective;
@@ -151,6 +152,8 @@ pub struct Trainer {
     error_by_quarter: QuarterErrors,
     /// Optimizer steps completed.
     pub step: u64,
+    /// The other data-parallel ranks, when there are.
+    group: Option<ProcessGroup>,
 }
 
 /// Variables of a store in name order, so that every list lines up across stores and runs.
@@ -208,6 +211,7 @@ impl Trainer {
             lr_scale: 1.0,
             error_by_quarter: QuarterErrors::new(device),
             step: 0,
+            group: None,
         })
     }
 
@@ -219,23 +223,100 @@ impl Trainer {
         }
     }
 
-    /// Accumulates the gradients of the batch x0 ([B, C, H, W] in [−1, 1]) over `grad_accum`
-    /// micro-batches and returns the batch's mean loss. t, ε and augmentation are drawn for the
-    /// whole batch from (seed, step), so the split does not change what is computed.
+    /// Trains data-parallel with the other ranks of `group` from now on: each step takes this
+    /// rank's share of the global batch and the gradients are averaged over the ranks.
+    pub fn join(&mut self, group: ProcessGroup) {
+        self.group = Some(group);
+    }
+
+    pub fn group(&self) -> Option<&ProcessGroup> {
+        self.group.as_ref()
+    }
+
+    /// This rank's share of each global batch.
+    pub fn shard(&self) -> Shard {
+        self.group.as_ref().map_or(Shard::WHOLE, |g| Shard {
+            rank: g.rank,
+            world: g.world,
+        })
+    }
+
+    /// Makes every rank's state rank 0's: weights, EMA, AdamW moments, loss scaler, step and the
+    /// data position (returned). Without a group, returns `position`.
+    pub fn sync_from_leader(&mut self, position: Position) -> Result<Position> {
+        let Some(group) = &self.group else {
+            return Ok(position);
+        };
+        let counters = Tensor::from_slice(&[
+            self.step as i64,
+            position.epoch as i64,
+            position.index as i64,
+        ]);
+        let lr_scale = Tensor::from_slice(&[self.lr_scale]);
+        let mut tensors: Vec<Tensor> = self
+            .params
+            .iter()
+            .chain(&self.ema_params)
+            .chain(&self.exp_avgs)
+            .chain(&self.exp_avg_sqs)
+            .chain(&self.adam_steps)
+            .chain([
+                &self.skipped,
+                &self.consecutive_skipped,
+                &counters,
+                &lr_scale,
+            ])
+            .map(|t| t.shallow_clone())
+            .collect();
+        if let Some(s) = &self.scaler {
+            tensors.extend([s.scale.shallow_clone(), s.growth_tracker.shallow_clone()]);
+        }
+        tch::no_grad(|| group.broadcast_from_leader(&tensors))?;
+        let counters = Vec::<i64>::try_from(&counters)?;
+        self.step = counters[0] as u64;
+        self.lr_scale = lr_scale.double_value(&[0]);
+        Ok(Position {
+            epoch: counters[1] as u64,
+            index: counters[2] as usize,
+        })
+    }
+
+    /// Accumulates the gradients of the batch x0 ([B, C, H, W] in [−1, 1]; with several ranks,
+    /// this rank's share of the global batch) over `grad_accum` micro-batches and returns the
+    /// batch's mean loss. t, ε and augmentation are drawn for the whole global batch from
+    /// (seed, step), so neither the split into micro-batches nor the one into ranks changes
+    /// what is computed.
     pub fn accumulate_gradients(&mut self, x0: &Tensor) -> Result<Tensor> {
         if let Some(grads) = &self.grads {
             ops::foreach_zero_(grads)?;
         }
         let c = &self.config;
+        let shard = self.shard();
         tch::manual_seed(crate::rng::mix(c.train.seed, &[self.step]) as i64);
-        let x0 = data::augment(x0, c.data.hflip, c.data.color_jitter);
-        let b = x0.size()[0];
+        let x0 = data::augment_share(x0, c.data.hflip, c.data.color_jitter, shard);
+        let shape = x0.size();
+        let (b, offset, global) = (
+            shape[0],
+            shape[0] * shard.rank as i64,
+            shape[0] * shard.world as i64,
+        );
         let t = Tensor::randint(
             c.diffusion.timesteps as i64,
-            [b],
+            [global],
             (Kind::Int64, self.device),
-        );
-        let noise = x0.randn_like();
+        )
+        .narrow(0, offset, b);
+        let noise = Tensor::randn(
+            [global, shape[1], shape[2], shape[3]],
+            (x0.kind(), self.device),
+        )
+        .narrow(0, offset, b);
+        if shard.world > 1 {
+            // Dropout masks: each rank its own.
+            tch::manual_seed(
+                crate::rng::mix(c.train.seed, &[self.step, 0xD809, shard.rank as u64]) as i64,
+            );
+        }
         let k = c.train.grad_accum as i64;
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         for ((x0, t), noise) in x0
@@ -267,6 +348,12 @@ impl Trainer {
                 bail!("parameter {} received no gradient", self.names[i]);
             }
             self.grads = Some(grads);
+        }
+        if let Some(group) = &self.group {
+            let grads = self.grads.as_ref().expect("set above");
+            let mut tensors: Vec<Tensor> = grads.iter().map(|g| g.shallow_clone()).collect();
+            tensors.push(total.shallow_clone());
+            group.all_reduce_mean(&tensors)?;
         }
         Ok(total)
     }
@@ -497,11 +584,14 @@ pub struct RunOptions {
     pub stop_at: Option<u64>,
     /// Set (e.g. by a signal handler) to end the run after the current step, with a checkpoint.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// This process's place in a multi-process run (None: the only process).
+    pub launch: Option<Launch>,
 }
 
 /// What a finished (or interrupted) run leaves behind.
 pub struct RunSummary {
-    pub final_checkpoint: PathBuf,
+    /// None on ranks other than 0, which write nothing.
+    pub final_checkpoint: Option<PathBuf>,
     /// None when interrupted: sampling would delay the exit.
     pub final_grid: Option<PathBuf>,
     pub steps: u64,
@@ -519,6 +609,7 @@ fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()>
 }
 
 /// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
+/// With a multi-process `launch`, this process trains its share of every batch; rank 0 writes.
 pub fn run(options: RunOptions) -> Result<RunSummary> {
     let RunOptions {
         mut config,
@@ -528,9 +619,16 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         epochs,
         stop_at,
         interrupt,
+        launch,
     } = options;
     config.validate()?;
-    let device = crate::device::resolve(&config.train.device)?;
+    let mut device = crate::device::resolve(&config.train.device)?;
+    if let Some(launch) = &launch {
+        check_divides(&config, launch.world)?;
+        if device.is_cuda() {
+            device = crate::device::resolve(&format!("cuda:{}", launch.local_rank))?;
+        }
+    }
     let dataset = Arc::new(data::load(
         config.data_path().as_deref(),
         &LoadOptions::of(&config, strict_data),
@@ -540,10 +638,13 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             .div_ceil(config.train.batch as u64)
             .max(1);
     }
-    prepare_run_dir(&run_dir, &config, resume.is_some())?;
+    let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
+    if leader {
+        prepare_run_dir(&run_dir, &config, resume.is_some())?;
+    }
     let mut trainer = Trainer::new(&config, device)?;
     let mut position = Position::default();
-    if let Some(checkpoint) = &resume {
+    if let Some(checkpoint) = resume.as_ref().filter(|_| leader) {
         trainer.load_state(checkpoint)?;
         position = checkpoint.sidecar.position;
         eprintln!(
@@ -552,20 +653,29 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             trainer.step
         );
     }
-    eprintln!(
-        "training {} on {} ({} images{}) on {device:?}: {} parameters, {} steps of batch {}",
-        config.preset,
-        dataset.description,
-        dataset.len(),
-        if dataset.is_cached() {
-            ""
-        } else {
-            ", decoded as read"
-        },
-        crate::model::parameter_count(&trainer.vs),
-        config.train.steps,
-        config.train.batch
-    );
+    if let Some(launch) = &launch {
+        trainer.join(ProcessGroup::join(launch)?);
+        position = trainer.sync_from_leader(position)?;
+    }
+    if leader {
+        eprintln!(
+            "training {} on {} ({} images{}) on {device:?}{}: {} parameters, {} steps of batch {}",
+            config.preset,
+            dataset.description,
+            dataset.len(),
+            if dataset.is_cached() {
+                ""
+            } else {
+                ", decoded as read"
+            },
+            launch
+                .as_ref()
+                .map_or(String::new(), |l| format!(" × {} processes", l.world)),
+            crate::model::parameter_count(&trainer.vs),
+            config.train.steps,
+            config.train.batch
+        );
+    }
     let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
     run_loop(
         &mut trainer,
@@ -575,6 +685,20 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         stop,
         interrupt.unwrap_or_default(),
     )
+}
+
+/// The global batch must split evenly into ranks and each rank's share into micro-batches.
+fn check_divides(config: &RunConfig, world: usize) -> Result<()> {
+    let t = &config.train;
+    if t.batch % (world * t.grad_accum) != 0 {
+        bail!(
+            "train.batch = {} is the global batch: it must be a multiple of the {world} processes × train.grad_accum = {} ({})",
+            t.batch,
+            t.grad_accum,
+            world * t.grad_accum
+        );
+    }
+    Ok(())
 }
 
 fn run_loop(
@@ -587,26 +711,48 @@ fn run_loop(
 ) -> Result<RunSummary> {
     let config = trainer.config.clone();
     let tc = &config.train;
+    let leader = trainer.group().is_none_or(|g| g.is_leader());
     let loader_options = LoaderOptions {
         batch: tc.batch,
         seed: tc.seed,
         workers: data::worker_count(config.data.workers),
         prefetch: config.data.prefetch,
-        shard: Shard::WHOLE,
+        shard: trainer.shard(),
     };
     let mut loader = Loader::new(dataset.clone(), position, loader_options);
-    let mut monitor = Monitor::new(run_dir, trainer.step, stop)?;
+    let mut monitor = if leader {
+        Monitor::new(run_dir, trainer.step, stop)?
+    } else {
+        Monitor::silent()
+    };
     let checkpoints = run_dir.join("checkpoints");
-    let save = |trainer: &Trainer, loader: &Loader| {
+    let save = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
+        if !leader {
+            return Ok(None);
+        }
         checkpoint::save(
             &checkpoints,
             &trainer.state_tensors(),
             trainer.step,
-            loader.position(),
+            position,
             &config,
         )
+        .map(Some)
     };
-    if trainer.step == 0 {
+    // A failure that leaves the weights as they were after the last step (unreadable data, a
+    // lost rank) still leaves a checkpoint of them.
+    let save_and_fail =
+        |trainer: &Trainer, position: Position, e: anyhow::Error| -> anyhow::Error {
+            match save(trainer, position) {
+                Ok(Some(path)) => e.context(format!(
+                    "training stopped at step {}; checkpoint {} written",
+                    trainer.step,
+                    path.display()
+                )),
+                _ => e,
+            }
+        };
+    if trainer.step == 0 && leader {
         // What the model learns from, next to what it makes.
         let first = data::Sampler::new(dataset.len(), tc.seed, position)
             .next_indices(config.sample.num.min(dataset.len()));
@@ -616,34 +762,44 @@ fn run_loop(
             &run_dir.join("samples").join("data.png"),
         )?;
     }
-    let training_fid = TrainingFid::prepare(&config, &dataset, trainer.device)?;
+    let training_fid = match leader {
+        true => TrainingFid::prepare(&config, &dataset, trainer.device)?,
+        false => None,
+    };
     let mut window = Window::new();
     let grid_seed = crate::rng::mix(tc.seed, &[0x6121D]);
     let fid_seed = crate::rng::mix(tc.seed, &[0xF1D]);
     let mut rollbacks = 0;
     while trainer.step < stop {
         let waiting = Instant::now();
-        let images = match loader.next_batch() {
-            Ok(images) => images,
-            Err(e) if trainer.step > 0 => {
-                let path = save(trainer, &loader)?;
-                return Err(e.context(format!(
-                    "training stopped at step {}; checkpoint {} written",
-                    trainer.step,
-                    path.display()
-                )));
-            }
-            Err(e) => return Err(e),
-        };
+        let before = loader.position();
+        let images = loader
+            .next_batch()
+            .map_err(|e| save_and_fail(trainer, before, e))?;
         let x0 = data::to_model_space(&images, trainer.device);
         window.data_wait += waiting.elapsed().as_secs_f64();
-        let out = trainer.step(&x0)?;
+        // Gradients are averaged before anything is updated, so a lost rank leaves the state
+        // of the step before.
+        let out = match (trainer.step(&x0), trainer.group()) {
+            (Ok(out), _) => out,
+            (Err(e), Some(_)) => return Err(save_and_fail(trainer, before, e)),
+            (Err(e), None) => return Err(e),
+        };
         window.images += tc.batch;
         let step = trainer.step;
-        if interrupt.load(Ordering::SeqCst) {
-            let path = save(trainer, &loader)?;
+        let interrupted = match trainer.group() {
+            // All ranks stop after the same step.
+            Some(group) => group
+                .any(interrupt.load(Ordering::SeqCst))
+                .map_err(|e| save_and_fail(trainer, loader.position(), e))?,
+            None => interrupt.load(Ordering::SeqCst),
+        };
+        if interrupted {
+            let path = save(trainer, loader.position())?;
             monitor.finish();
-            eprintln!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
+            if let Some(path) = &path {
+                eprintln!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
+            }
             return Ok(RunSummary {
                 final_checkpoint: path,
                 final_grid: None,
@@ -669,20 +825,28 @@ fn run_loop(
             };
             monitor.record(&record)?;
             window = Window::new();
+            // Every rank sees the same averaged gradients, so all roll back together.
             let bad = trainer.consecutive_skipped_steps();
             if tc.max_bad_steps > 0 && bad >= tc.max_bad_steps {
                 rollbacks += 1;
-                let position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
+                let mut position = loader.position();
+                if leader {
+                    position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
+                }
+                position = trainer.sync_from_leader(position)?;
                 loader = Loader::new(dataset.clone(), position, loader_options);
                 continue;
             }
+        }
+        if !leader {
+            continue;
         }
         if config.sample.every > 0 && step % config.sample.every == 0 && step < stop {
             write_samples(trainer, run_dir, grid_seed, &monitor)?;
             window = Window::new();
         }
         if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < stop {
-            save(trainer, &loader)?;
+            save(trainer, loader.position())?;
             window = Window::new();
         }
         if let Some(fid) = training_fid
@@ -693,8 +857,11 @@ fn run_loop(
             window = Window::new();
         }
     }
-    let final_checkpoint = save(trainer, &loader)?;
-    let final_grid = write_samples(trainer, run_dir, grid_seed, &monitor)?;
+    let final_checkpoint = save(trainer, loader.position())?;
+    let final_grid = match leader {
+        true => Some(write_samples(trainer, run_dir, grid_seed, &monitor)?),
+        false => None,
+    };
     monitor.finish();
     if dataset.skipped() > 0 {
         monitor.note(&format!(
@@ -703,14 +870,14 @@ fn run_loop(
         ));
     }
     if trainer.skipped_steps() > 0 {
-        eprintln!(
+        monitor.note(&format!(
             "warning: {} step(s) were skipped for non-finite gradients",
             trainer.skipped_steps()
-        );
+        ));
     }
     Ok(RunSummary {
         final_checkpoint,
-        final_grid: Some(final_grid),
+        final_grid,
         steps: trainer.step,
         seconds: monitor.seconds(),
         interrupted: false,
@@ -1069,6 +1236,7 @@ mod tests {
             epochs: None,
             stop_at,
             interrupt: None,
+            launch: None,
         };
         run(options("straight", None, None)).unwrap();
         run(options("resumed", None, Some(4))).unwrap();
@@ -1150,6 +1318,7 @@ mod tests {
             epochs: None,
             stop_at: None,
             interrupt: Some(flag),
+            launch: None,
         })
         .unwrap();
         assert!(summary.interrupted && summary.final_grid.is_none());
@@ -1217,6 +1386,7 @@ mod tests {
             epochs: None,
             stop_at: None,
             interrupt: None,
+            launch: None,
         })
         .unwrap();
         let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();

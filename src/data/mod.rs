@@ -426,14 +426,21 @@ pub fn to_model_space(images: &Tensor, device: Device) -> Tensor {
 /// Random horizontal flips and (when `jitter` > 0) brightness, contrast and saturation jitter
 /// of up to ±`jitter`, drawn from libtorch's generator. x: [B, C, H, W] in [−1, 1].
 pub fn augment(x: &Tensor, hflip: bool, jitter: f64) -> Tensor {
+    augment_share(x, hflip, jitter, Shard::WHOLE)
+}
+
+/// `augment` for this shard's rows of a global batch: the random values are drawn for the whole
+/// global batch and the shard's rows used, so every image is augmented as in one process.
+pub fn augment_share(x: &Tensor, hflip: bool, jitter: f64, shard: Shard) -> Tensor {
     let b = x.size()[0];
     let opts = (Kind::Float, x.device());
+    let per_image = || {
+        Tensor::rand([b * shard.world as i64, 1, 1, 1], opts).narrow(0, b * shard.rank as i64, b)
+    };
     let mut x = x.shallow_clone();
     if hflip {
         // lerp with a 0/1 weight returns either end exactly, and is cheaper than `where`.
-        let flip = Tensor::rand([b, 1, 1, 1], opts)
-            .lt(0.5)
-            .to_kind(Kind::Float);
+        let flip = per_image().lt(0.5).to_kind(Kind::Float);
         x = x.lerp_tensor(&x.flip([3]), &flip);
     }
     if jitter > 0.0 {
@@ -442,15 +449,15 @@ pub fn augment(x: &Tensor, hflip: bool, jitter: f64) -> Tensor {
         //   s·c·x + c·(1 − s)·gray(x) + (1 − c)·mean(x + β) + c·β
         // so the image is read twice and written once instead of once per operation.
         let factor = |t: Tensor| t * (2.0 * jitter) + (1.0 - jitter); // U(1 − j, 1 + j)
-        let brightness = Tensor::rand([b, 1, 1, 1], opts) * (2.0 * jitter) - jitter;
-        let contrast = factor(Tensor::rand([b, 1, 1, 1], opts));
+        let brightness = per_image() * (2.0 * jitter) - jitter;
+        let contrast = factor(per_image());
         let image_mean = |t: &Tensor| t.mean_dim(&[1i64, 2, 3][..], true, Kind::Float);
         let offset = |mean: Tensor| -> Tensor {
             let kept: Tensor = 1.0 - &contrast;
             kept * (mean + &brightness) + &contrast * &brightness
         };
         let mut out: Tensor = if x.size()[1] == 3 {
-            let saturation = factor(Tensor::rand([b, 1, 1, 1], opts));
+            let saturation = factor(per_image());
             let gray = x.mean_dim(&[1i64][..], true, Kind::Float);
             let per_pixel: Tensor =
                 &gray * (&contrast * (1.0 - &saturation)) + offset(image_mean(&gray));

@@ -1,0 +1,126 @@
+// Data-parallel communication through libtorch's c10d: a TCPStore for the rendezvous and a Gloo
+// process group for the collectives (CPU tensors, and CUDA tensors through host staging).
+#include "binding.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <string>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  int world;
+};
+
+bool is_loopback(const std::string &host) {
+  return host == "127.0.0.1" || host == "localhost" || host == "::1";
+}
+
+// Runs `collective` on consecutive runs of same-dtype, same-device tensors, each run flattened
+// into one buffer of at most `bucket_bytes` (a tensor larger than that gets its own), all
+// buckets in flight at once; then `finish` copies each buffer back.
+template <typename Collective>
+void bucketed(at::Tensor **tensors, size_t n, int64_t bucket_bytes, Collective collective,
+              double scale) {
+  auto all = ddpm::list(tensors, n);
+  std::vector<std::pair<size_t, size_t>> ranges;
+  for (size_t start = 0; start < n;) {
+    size_t end = start + 1;
+    int64_t bytes = all[start].nbytes();
+    while (end < n && all[end].scalar_type() == all[start].scalar_type() &&
+           all[end].device() == all[start].device() &&
+           bytes + static_cast<int64_t>(all[end].nbytes()) <= bucket_bytes) {
+      bytes += all[end].nbytes();
+      ++end;
+    }
+    ranges.emplace_back(start, end);
+    start = end;
+  }
+  std::vector<at::Tensor> buffers;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  for (auto [start, end] : ranges) {
+    std::vector<at::Tensor> flat;
+    for (size_t i = start; i < end; ++i) flat.push_back(all[i].reshape({-1}));
+    std::vector<at::Tensor> buffer{at::cat(flat)};
+    works.push_back(collective(buffer));
+    buffers.push_back(buffer[0]);
+  }
+  for (size_t b = 0; b < ranges.size(); ++b) {
+    works[b]->wait();
+    if (scale != 1.0) buffers[b].mul_(scale);
+    int64_t offset = 0;
+    for (size_t i = ranges[b].first; i < ranges[b].second; ++i) {
+      auto numel = all[i].numel();
+      all[i].copy_(buffers[b].narrow(0, offset, numel).view(all[i].sizes()));
+      offset += numel;
+    }
+  }
+}
+
+} // namespace
+
+extern "C" {
+
+// Joins the group of `world` processes whose rank 0 serves (or, when `agent_store`, whose
+// launcher already serves) the TCPStore at host:port. Every wait, the rendezvous and each
+// collective included, gives up after `timeout_ms`.
+char *ddpm_group_new(const char *host, int port, int rank, int world, int agent_store,
+                     const char *prefix, int64_t timeout_ms, void **out) {
+  DDPM_TRY({
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions options;
+    options.port = static_cast<uint16_t>(port);
+    options.isServer = rank == 0 && !agent_store;
+    options.numWorkers = world;
+    options.waitWorkers = !agent_store;
+    options.timeout = timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(host, options);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, tcp);
+    auto gloo = is_loopback(host) ? c10d::ProcessGroupGloo::Options::create(timeout)
+                                  : c10d::ProcessGroupGloo::Options::create_default(timeout);
+    if (is_loopback(host)) {
+      gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    }
+    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, gloo);
+    *out = new Group{backend, world};
+  })
+}
+
+// Frees a group. Only for a group whose collectives all finished: the destructor waits for them.
+void ddpm_group_free(void *group) { delete static_cast<Group *>(group); }
+
+// tᵢ = mean over ranks of tᵢ.
+char *ddpm_group_all_reduce_mean(void *group, at::Tensor **tensors, size_t n,
+                                 int64_t bucket_bytes) {
+  DDPM_TRY({
+    auto g = static_cast<Group *>(group);
+    bucketed(
+        tensors, n, bucket_bytes,
+        [&](std::vector<at::Tensor> &buffer) { return g->backend->allreduce(buffer); },
+        1.0 / g->world);
+  })
+}
+
+// tᵢ = rank `root`'s tᵢ.
+char *ddpm_group_broadcast(void *group, at::Tensor **tensors, size_t n, int root,
+                           int64_t bucket_bytes) {
+  DDPM_TRY({
+    auto g = static_cast<Group *>(group);
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    bucketed(
+        tensors, n, bucket_bytes,
+        [&](std::vector<at::Tensor> &buffer) { return g->backend->broadcast(buffer, options); },
+        1.0);
+  })
+}
+
+char *ddpm_group_barrier(void *group) {
+  DDPM_TRY({ static_cast<Group *>(group)->backend->barrier()->wait(); })
+}
+
+} // extern "C"

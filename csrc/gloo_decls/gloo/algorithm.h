@@ -1,0 +1,2 @@
+// Declarations for ProcessGroupGloo.hpp (see ../README.md): nothing from this header is used.
+#pragma once

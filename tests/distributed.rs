@@ -1,0 +1,198 @@
+//! Data-parallel training through c10d/Gloo on loopback, as separate processes: two ranks train
+//! like one, a run resumes with another number of ranks, and a rank that dies, hangs or cannot
+//! connect stops the others with an error in bounded time.
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ddpm::checkpoint::from_safetensors;
+
+const CONFIG: &str = "[model]\nchannels = 16\ndropout = 0.0\n[train]\nbatch = 8\nlog_every = 1\ndevice = \"cpu\"\nsteps = 6\n[data]\nhflip = true\ncolor_jitter = 0.1\n[sample]\nnum = 4\nsteps = 2\n[checkpoint]\nevery = 3\n";
+
+fn ddpm(args: &[&str], cwd: &Path) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ddpm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The largest absolute difference between the model weights of two checkpoints.
+fn weight_difference(a: &Path, b: &Path) -> f64 {
+    let read = |p: &Path| from_safetensors(&std::fs::read(p).unwrap(), p).unwrap();
+    let (a, b) = (read(a), read(b));
+    let mut worst = 0.0f64;
+    for (name, x) in a.iter().filter(|(n, _)| n.starts_with("model.")) {
+        let y = &b[name];
+        worst = worst.max((x - y).abs().max().double_value(&[]));
+    }
+    worst
+}
+
+fn checkpoint(dir: &Path, run: &str, step: u64) -> std::path::PathBuf {
+    dir.join(run)
+        .join("checkpoints")
+        .join(format!("step-{step:08}.safetensors"))
+}
+
+#[test]
+fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("small.toml"), CONFIG).unwrap();
+    let config = ["--config", "small.toml"];
+    ddpm(&[&["train"][..], &config, &["--out", "one"]].concat(), d);
+    // Two ranks for three steps, then one rank for the rest.
+    ddpm(
+        &[
+            &["launch", "--nproc", "2", "--", "train"][..],
+            &config,
+            &["--out", "two", "--stop-at", "3"],
+        ]
+        .concat(),
+        d,
+    );
+    ddpm(&["train", "--resume", "two"], d);
+    // One rank for three steps, then two ranks for the rest.
+    ddpm(
+        &[
+            &["train"][..],
+            &config,
+            &["--out", "mixed", "--stop-at", "3"],
+        ]
+        .concat(),
+        d,
+    );
+    ddpm(
+        &["launch", "--nproc", "2", "--", "train", "--resume", "mixed"],
+        d,
+    );
+    // The same global batches, augmentation and noise: equal up to float summation order.
+    for (run, step) in [("two", 3), ("two", 6), ("mixed", 6)] {
+        let difference = weight_difference(&checkpoint(d, "one", step), &checkpoint(d, run, step));
+        eprintln!("{run} step {step}: weights differ by at most {difference:.2e}");
+        assert!(difference < 1e-4, "{run} step {step}: {difference}");
+    }
+    // Only rank 0 wrote: one metrics line per step.
+    let metrics = std::fs::read_to_string(d.join("two/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6, "{metrics}");
+}
+
+/// Starts rank `rank` of 2 on `port`, training for a long time.
+fn start_rank(dir: &Path, rank: usize, port: u16, timeout_s: u64) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args([
+            "train",
+            "--config",
+            "small.toml",
+            "--steps",
+            "100000",
+            "--out",
+            "run",
+        ])
+        .current_dir(dir)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("DDPM_DIST_TIMEOUT", timeout_s.to_string())
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until rank 0 has logged a few steps.
+fn wait_for_training(dir: &Path) {
+    let started = Instant::now();
+    while std::fs::read_to_string(dir.join("run/metrics.jsonl")).map_or(0, |m| m.lines().count())
+        < 3
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for `child` to exit and returns its stderr and how long that took.
+fn exit_of(mut child: Child, limit: Duration) -> (String, Duration, bool) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            return (stderr, started.elapsed(), status.success());
+        }
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+extern "C" {
+    fn kill(pid: i32, signal: i32) -> i32;
+}
+
+#[test]
+fn a_rank_that_dies_or_hangs_stops_the_other_with_an_error() {
+    for (signal, timeout_s) in [(9, 600), (19 /* SIGSTOP */, 5)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("small.toml"), CONFIG).unwrap();
+        let port = free_port();
+        let leader = start_rank(dir.path(), 0, port, timeout_s);
+        let mut other = start_rank(dir.path(), 1, port, timeout_s);
+        wait_for_training(dir.path());
+        unsafe { kill(other.id() as i32, signal) };
+        // Killed: the leader sees the closed connection at once. Stopped: it gives up after
+        // DDPM_DIST_TIMEOUT.
+        let (stderr, took, success) = exit_of(leader, Duration::from_secs(timeout_s.min(60) + 30));
+        eprintln!(
+            "signal {signal}: rank 0 exited after {took:?}: {}",
+            stderr.lines().last().unwrap_or_default()
+        );
+        assert!(!success);
+        assert!(
+            stderr.contains("rank 0 of 2") && stderr.contains("failed"),
+            "{stderr}"
+        );
+        let _ = other.kill();
+        let _ = other.wait();
+    }
+}
+
+#[test]
+fn a_rank_that_cannot_reach_rank_0_gives_up_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("small.toml"), CONFIG).unwrap();
+    let alone = start_rank(dir.path(), 1, free_port(), 2);
+    let (stderr, took, success) = exit_of(alone, Duration::from_secs(60));
+    assert!(!success);
+    assert!(
+        stderr.contains("rank 1 of 2 could not join the process group"),
+        "{stderr}"
+    );
+    eprintln!(
+        "rank 1 alone gave up after {took:?}: {}",
+        stderr.lines().last().unwrap_or_default()
+    );
+}
