@@ -20,7 +20,17 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     let include = libtorch.join("include");
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    if let Some(cuda_includes) = nccl_includes(&libtorch) {
+        // The NCCL process group: compiled where the wheel's NCCL and CUDA headers are at hand
+        // (tools/setup.sh installs the few CUDA headers the wheel lacks).
+        build.define("USE_C10D_NCCL", None).define("USE_CUDA", None);
+        build.define("DDPM_WITH_NCCL", None);
+        for dir in cuda_includes {
+            build.include(dir);
+        }
+    }
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -36,4 +46,20 @@ fn main() {
         .file("csrc/ops.cpp")
         .file("csrc/distributed.cpp")
         .compile("ddpm_ops");
+}
+
+/// The NCCL and CUDA include folders of a pip-installed torch, when all needed headers are there.
+fn nccl_includes(libtorch: &std::path::Path) -> Option<Vec<PathBuf>> {
+    if !libtorch.join("lib/libtorch_cuda.so").exists() {
+        return None;
+    }
+    let nvidia = libtorch.parent()?.join("nvidia");
+    let (nccl, cuda) = (nvidia.join("nccl/include"), nvidia.join("cu13/include"));
+    let needed = [
+        nccl.join("nccl.h"),
+        cuda.join("cuda_runtime.h"),
+        cuda.join("crt/host_config.h"),
+        cuda.join("nv/target"),
+    ];
+    needed.iter().all(|f| f.exists()).then(|| vec![nccl, cuda])
 }

@@ -1,10 +1,14 @@
-// Data-parallel communication through libtorch's c10d: a TCPStore for the rendezvous and a Gloo
-// process group for the collectives (CPU tensors, and CUDA tensors through host staging).
+// Data-parallel communication through libtorch's c10d: a TCPStore for the rendezvous, and an NCCL
+// (CUDA tensors; where the build found its headers) or Gloo (CPU tensors, and CUDA tensors through
+// host staging) process group for the collectives.
 #include "binding.h"
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef DDPM_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <string>
@@ -61,15 +65,47 @@ void bucketed(at::Tensor **tensors, size_t n, int64_t bucket_bytes, Collective c
   }
 }
 
+c10::intrusive_ptr<c10d::Backend> gloo_backend(const c10::intrusive_ptr<c10d::Store> &store,
+                                               const std::string &host, int rank, int world,
+                                               std::chrono::milliseconds timeout) {
+  auto options = is_loopback(host) ? c10d::ProcessGroupGloo::Options::create(timeout)
+                                   : c10d::ProcessGroupGloo::Options::create_default(timeout);
+  if (is_loopback(host)) {
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  }
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+}
+
+c10::intrusive_ptr<c10d::Backend> nccl_backend(const c10::intrusive_ptr<c10d::Store> &store,
+                                               int rank, int world,
+                                               std::chrono::milliseconds timeout) {
+#ifdef DDPM_WITH_NCCL
+  auto options = c10d::ProcessGroupNCCL::Options::create();
+  options->timeout = timeout;
+  return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+#else
+  TORCH_CHECK(false, "this ddpm was built without the NCCL headers (run tools/setup.sh and "
+                     "rebuild), or set DDPM_DIST_BACKEND=gloo");
+#endif
+}
+
 } // namespace
 
 extern "C" {
+
+int ddpm_nccl_available() {
+#ifdef DDPM_WITH_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Joins the group of `world` processes whose rank 0 serves (or, when `agent_store`, whose
 // launcher already serves) the TCPStore at host:port. Every wait, the rendezvous and each
 // collective included, gives up after `timeout_ms`.
 char *ddpm_group_new(const char *host, int port, int rank, int world, int agent_store,
-                     const char *prefix, int64_t timeout_ms, void **out) {
+                     const char *prefix, int64_t timeout_ms, int nccl, void **out) {
   DDPM_TRY({
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions options;
@@ -79,13 +115,9 @@ char *ddpm_group_new(const char *host, int port, int rank, int world, int agent_
     options.waitWorkers = !agent_store;
     options.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(host, options);
-    auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, tcp);
-    auto gloo = is_loopback(host) ? c10d::ProcessGroupGloo::Options::create(timeout)
-                                  : c10d::ProcessGroupGloo::Options::create_default(timeout);
-    if (is_loopback(host)) {
-      gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    }
-    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, gloo);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>(prefix, tcp);
+    auto backend = nccl ? nccl_backend(store, rank, world, timeout)
+                        : gloo_backend(store, host, rank, world, timeout);
     *out = new Group{backend, world};
   })
 }

@@ -19,8 +19,10 @@ extern "C" {
         agent_store: c_int,
         prefix: *const c_char,
         timeout_ms: i64,
+        nccl: c_int,
         out: *mut *mut c_void,
     ) -> *mut c_char;
+    fn ddpm_nccl_available() -> c_int;
     fn ddpm_group_free(group: *mut c_void);
     fn ddpm_group_all_reduce_mean(
         group: *mut c_void,
@@ -108,12 +110,58 @@ impl Launch {
     }
 }
 
-/// A c10d process group over Gloo. Every collective gives up after the group's timeout, so a
+/// Which c10d backend carries the collectives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors (and CUDA tensors, staged through the host).
+    Gloo,
+    /// CUDA tensors, GPU to GPU.
+    Nccl,
+}
+
+impl Backend {
+    /// DDPM_DIST_BACKEND (gloo or nccl) if set; else NCCL for CUDA devices where this build has
+    /// it, Gloo otherwise.
+    pub fn choose(device: tch::Device) -> Result<Backend> {
+        match std::env::var("DDPM_DIST_BACKEND").ok().as_deref() {
+            Some("gloo") => Ok(Backend::Gloo),
+            Some("nccl") => Ok(Backend::Nccl),
+            Some(other) => bail!("DDPM_DIST_BACKEND={other:?}: expected gloo or nccl"),
+            None if device.is_cuda() && nccl_available() => Ok(Backend::Nccl),
+            None => Ok(Backend::Gloo),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "Gloo",
+            Backend::Nccl => "NCCL",
+        }
+    }
+
+    /// Where this backend's small control tensors live.
+    fn device(self, device: tch::Device) -> tch::Device {
+        match self {
+            Backend::Gloo => tch::Device::Cpu,
+            Backend::Nccl => device,
+        }
+    }
+}
+
+/// Whether this build includes the NCCL process group.
+pub fn nccl_available() -> bool {
+    unsafe { ddpm_nccl_available() != 0 }
+}
+
+/// A c10d process group. Every collective gives up after the group's timeout, so a
 /// rank that died or hangs stops the others with an error instead of a hang.
 pub struct ProcessGroup {
     raw: *mut c_void,
     pub rank: usize,
     pub world: usize,
+    pub backend: Backend,
+    /// Where control values (flags) go: the CPU for Gloo, the GPU for NCCL.
+    control_device: tch::Device,
     timeout: Duration,
     /// False after a failed collective: its threads may still be waiting, so the group is left
     /// to the process's exit instead of being freed (which would wait for them).
@@ -122,9 +170,10 @@ pub struct ProcessGroup {
 
 impl ProcessGroup {
     /// Meets the other ranks at MASTER_ADDR:MASTER_PORT (rank 0 serves the rendezvous unless
-    /// torchrun's agent does).
-    pub fn join(launch: &Launch) -> Result<ProcessGroup> {
+    /// torchrun's agent does), to train on `device`.
+    pub fn join(launch: &Launch, device: tch::Device) -> Result<ProcessGroup> {
         let timeout = launch.timeout;
+        let backend = Backend::choose(device)?;
         let host = CString::new(launch.master_addr.clone()).context("MASTER_ADDR")?;
         let prefix = CString::new(format!("ddpm/attempt_{}", launch.attempt)).unwrap();
         let mut raw = std::ptr::null_mut();
@@ -137,14 +186,16 @@ impl ProcessGroup {
                 launch.agent_store as c_int,
                 prefix.as_ptr(),
                 timeout.as_millis() as i64,
+                (backend == Backend::Nccl) as c_int,
                 &mut raw,
             )
         })
         .with_context(|| {
             format!(
-                "rank {} of {} could not join the process group at {}:{} within {} s",
+                "rank {} of {} could not join the {} process group at {}:{} (timeout {} s)",
                 launch.rank,
                 launch.world,
+                backend.name(),
                 launch.master_addr,
                 launch.master_port,
                 timeout.as_secs()
@@ -154,6 +205,8 @@ impl ProcessGroup {
             raw,
             rank: launch.rank,
             world: launch.world,
+            backend,
+            control_device: backend.device(device),
             timeout,
             healthy: std::cell::Cell::new(true),
         })
@@ -182,7 +235,7 @@ impl ProcessGroup {
 
     /// Whether `flag` is set on any rank.
     pub fn any(&self, flag: bool) -> Result<bool> {
-        let t = Tensor::from_slice(&[flag as u8 as f32]);
+        let t = Tensor::from_slice(&[flag as u8 as f32]).to_device(self.control_device);
         self.all_reduce_mean(std::slice::from_ref(&t))?;
         Ok(t.double_value(&[0]) > 0.0)
     }

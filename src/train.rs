@@ -247,12 +247,14 @@ impl Trainer {
         let Some(group) = &self.group else {
             return Ok(position);
         };
+        // On the training device, where every backend can send them.
         let counters = Tensor::from_slice(&[
             self.step as i64,
             position.epoch as i64,
             position.index as i64,
-        ]);
-        let lr_scale = Tensor::from_slice(&[self.lr_scale]);
+        ])
+        .to_device(self.device);
+        let lr_scale = Tensor::from_slice(&[self.lr_scale]).to_device(self.device);
         let mut tensors: Vec<Tensor> = self
             .params
             .iter()
@@ -272,7 +274,7 @@ impl Trainer {
             tensors.extend([s.scale.shallow_clone(), s.growth_tracker.shallow_clone()]);
         }
         tch::no_grad(|| group.broadcast_from_leader(&tensors))?;
-        let counters = Vec::<i64>::try_from(&counters)?;
+        let counters = Vec::<i64>::try_from(&counters.to_device(Device::Cpu))?;
         self.step = counters[0] as u64;
         self.lr_scale = lr_scale.double_value(&[0]);
         Ok(Position {
@@ -654,7 +656,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         );
     }
     if let Some(launch) = &launch {
-        trainer.join(ProcessGroup::join(launch)?);
+        trainer.join(ProcessGroup::join(launch, device)?);
         position = trainer.sync_from_leader(position)?;
     }
     if leader {

@@ -188,7 +188,7 @@ fn a_rank_that_cannot_reach_rank_0_gives_up_in_bounded_time() {
     let (stderr, took, success) = exit_of(alone, Duration::from_secs(60));
     assert!(!success);
     assert!(
-        stderr.contains("rank 1 of 2 could not join the process group"),
+        stderr.contains("rank 1 of 2 could not join the Gloo process group"),
         "{stderr}"
     );
     eprintln!(
