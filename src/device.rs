@@ -32,6 +32,19 @@ pub fn resolve(name: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// Keeps freed host memory for reuse instead of returning it to the system after every large
+/// tensor: with glibc's defaults each step's activations (megabytes each) are mmapped and
+/// unmapped again, and the page faults cost ~10% of a CPU training step.
+pub fn tune_host_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the parameters of the (thread-safe) allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -162,7 +162,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let command = Cli::parse().command;
+    ddpm::device::tune_host_allocator();
+    let result = match command {
         Command::Train {
             preset,
             config,
