@@ -653,6 +653,54 @@ mod tests {
     }
 
     #[test]
+    fn folder_reads_webp_bmp_and_the_first_gif_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let image =
+            image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
+        image.save(dir.path().join("a.bmp")).unwrap();
+        image.save(dir.path().join("b.webp")).unwrap();
+        // A two-frame GIF whose first frame is the image and whose second is black.
+        let mut gif = Vec::new();
+        {
+            let mut encoder = image::codecs::gif::GifEncoder::new(&mut gif);
+            let rgba = image::DynamicImage::ImageRgb8(image.clone()).to_rgba8();
+            let black = image::RgbaImage::from_pixel(6, 4, image::Rgba([0, 0, 0, 255]));
+            encoder
+                .encode_frames([image::Frame::new(rgba), image::Frame::new(black)])
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("c.gif"), gif).unwrap();
+        let d = load(
+            Some(dir.path()),
+            &LoadOptions {
+                size: ImageSize::Rect([4, 6]),
+                ..options(3, 4)
+            },
+        )
+        .unwrap();
+        assert_eq!(d.skipped(), 0);
+        let all = d.all().unwrap();
+        assert_eq!(all.size(), [3, 3, 4, 6]);
+        let expected = Tensor::from_slice(
+            &(0..3)
+                .flat_map(|c| {
+                    (0..4)
+                        .flat_map(move |y| (0..6).map(move |x| [x as u8 * 40, y as u8 * 60, 7][c]))
+                })
+                .collect::<Vec<u8>>(),
+        )
+        .view([3, 4, 6]);
+        // BMP and lossless WebP exactly; the GIF's palette within a few levels.
+        assert!(all.get(0).equal(&expected), "bmp");
+        assert!(all.get(1).equal(&expected), "webp");
+        let gif_error = (all.get(2).to_kind(Kind::Int) - expected.to_kind(Kind::Int))
+            .abs()
+            .max()
+            .int64_value(&[]);
+        assert!(gif_error <= 8, "gif differs by {gif_error}");
+    }
+
+    #[test]
     fn empty_folder_and_missing_path_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let e = format!(
