@@ -80,6 +80,9 @@ c10::intrusive_ptr<c10d::Backend> nccl_backend(const c10::intrusive_ptr<c10d::St
                                                int rank, int world,
                                                std::chrono::milliseconds timeout) {
 #ifdef DDPM_WITH_NCCL
+  // Without blocking wait, Work::wait only orders the CUDA streams and a lost peer surfaces as
+  // the watchdog aborting the process; with it, wait() throws, so training can stop cleanly.
+  setenv("TORCH_NCCL_BLOCKING_WAIT", "1", /*overwrite=*/0);
   auto options = c10d::ProcessGroupNCCL::Options::create();
   options->timeout = timeout;
   return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);

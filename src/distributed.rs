@@ -228,7 +228,7 @@ impl ProcessGroup {
     /// tᵢ ← rank 0's tᵢ.
     pub fn broadcast_from_leader(&self, tensors: &[Tensor]) -> Result<()> {
         let p = ptrs(tensors);
-        self.collective("receiving rank 0's state", || unsafe {
+        self.collective("sharing rank 0's state", || unsafe {
             ddpm_group_broadcast(self.raw, p.as_ptr(), p.len(), 0, BUCKET_BYTES)
         })
     }
@@ -267,7 +267,9 @@ impl Drop for ProcessGroup {
 /// `ddpm launch`: runs `args` (a ddpm command line) as `nproc` ranks on this machine, with the
 /// torchrun environment; returns the exit code. When a rank fails, the others are given
 /// `grace` to stop on their own (they see the lost peer within their collective timeout) and
-/// are then killed. SIGINT/SIGTERM reach every rank, which stop together with a checkpoint.
+/// are then killed. The ranks run in their own process group, so a terminal's Ctrl-C reaches
+/// only the launcher, which passes each SIGINT/SIGTERM on once: the ranks stop together with a
+/// checkpoint, and a second Ctrl-C stops them at once.
 pub fn launch_local(
     nproc: usize,
     port: Option<u16>,
@@ -275,6 +277,7 @@ pub fn launch_local(
     args: &[String],
     grace: Duration,
 ) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
     use std::process::Command;
     use std::sync::atomic::{AtomicBool, Ordering};
     if nproc == 0 {
@@ -293,7 +296,12 @@ pub fn launch_local(
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / nproc).max(1).to_string()
     });
-    let mut children = Vec::with_capacity(nproc);
+    let signals = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]
+        .map(|signal| (signal, Arc::new(AtomicBool::new(false))));
+    for (signal, flag) in &signals {
+        signal_hook::flag::register(*signal, flag.clone())?;
+    }
+    let mut children = Ranks(Vec::with_capacity(nproc));
     for rank in 0..nproc {
         let mut command = Command::new(&exe);
         command
@@ -304,46 +312,46 @@ pub fn launch_local(
             .env("LOCAL_WORLD_SIZE", nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
-            .env("OMP_NUM_THREADS", &threads);
+            .env("OMP_NUM_THREADS", &threads)
+            .process_group(0);
         if let Some(seconds) = timeout {
             command.env("DDPM_DIST_TIMEOUT", seconds.to_string());
         }
-        children.push(
+        children.0.push(
             command
                 .spawn()
                 .with_context(|| format!("cannot start rank {rank}"))?,
         );
     }
-    // A terminal's Ctrl-C reaches the ranks directly; a SIGTERM sent to the launcher is passed on.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, interrupted.clone())?;
-    }
     let mut codes: Vec<Option<i32>> = vec![None; nproc];
     let mut failed_at: Option<std::time::Instant> = None;
-    let mut forwarded = false;
+    let mut interrupted = false;
     while codes.iter().any(Option::is_none) {
-        for (rank, child) in children.iter_mut().enumerate() {
+        for (signal, flag) in &signals {
+            if flag.swap(false, Ordering::SeqCst) {
+                interrupted = true;
+                for child in &children.0 {
+                    unsafe { libc::kill(child.id() as i32, *signal) };
+                }
+            }
+        }
+        for (rank, child) in children.0.iter_mut().enumerate() {
             if codes[rank].is_some() {
                 continue;
             }
             if let Some(status) = child.try_wait()? {
                 let code = exit_code(status);
-                if code != 0 && failed_at.is_none() {
+                // 130: the rank stopped on a signal, with a checkpoint.
+                let failed = code != 0 && !(interrupted && code == 130);
+                if failed && failed_at.is_none() {
                     eprintln!("ddpm launch: rank {rank} exited with status {code}");
                     failed_at = Some(std::time::Instant::now());
                 }
                 codes[rank] = Some(code);
             }
         }
-        if interrupted.load(Ordering::SeqCst) && !forwarded {
-            forwarded = true;
-            for child in &children {
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            }
-        }
         if failed_at.is_some_and(|t| t.elapsed() > grace) {
-            for (rank, child) in children.iter_mut().enumerate() {
+            for (rank, child) in children.0.iter_mut().enumerate() {
                 if codes[rank].is_none() {
                     eprintln!(
                         "ddpm launch: stopping rank {rank}, which did not exit after rank failure"
@@ -360,6 +368,20 @@ pub fn launch_local(
         .copied()
         .find(|&c| c != 0)
         .unwrap_or(0))
+}
+
+/// The launched ranks; any still running when the launcher returns early are killed.
+struct Ranks(Vec<std::process::Child>);
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
 }
 
 /// A child's exit status as a shell reports it (128 + signal when killed).

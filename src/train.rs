@@ -20,6 +20,7 @@ use crate::objective::Objective;
 use crate::ops::{self, AdamWStep, AutocastType};
 use crate::sampler::{self, Denoiser};
 use crate::schedule::NoiseSchedule;
+use sha2::Digest;
 
 /// Learning rate before optimizer step `step` (0-based): linear warm-up from lr/warmup to lr,
 /// then constant or cosine-annealed to `min_lr` at the run's last step.
@@ -239,6 +240,58 @@ impl Trainer {
             rank: g.rank,
             world: g.world,
         })
+    }
+
+    /// Fails (on every rank that differs) unless this rank trains the same model on as many
+    /// images with the same recipe as rank 0: what the state broadcast and the shared data order
+    /// rely on. Paths, device and loader settings may differ.
+    pub fn check_agreement(&self, dataset_len: usize) -> Result<()> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        let c = &self.config;
+        let recipe = format!(
+            "{}\n{}\n{}\n{}",
+            toml::to_string(&c.model)?,
+            toml::to_string(&c.diffusion)?,
+            toml::to_string(&crate::config::TrainConfig {
+                device: String::new(),
+                ..c.train.clone()
+            })?,
+            toml::to_string(&crate::config::DataConfig {
+                path: String::new(),
+                workers: 0,
+                prefetch: 0,
+                cache: crate::config::DataCache::Auto,
+                ..c.data.clone()
+            })?,
+        );
+        let digest = sha2::Sha256::digest(recipe.as_bytes());
+        let ours = [
+            dataset_len as i64,
+            i64::from_le_bytes(digest[..8].try_into().unwrap()),
+            self.params.len() as i64,
+            crate::model::parameter_count(&self.vs) as i64,
+        ];
+        let leaders = Tensor::from_slice(&ours).to_device(self.device);
+        group.broadcast_from_leader(std::slice::from_ref(&leaders))?;
+        let leaders = Vec::<i64>::try_from(&leaders.to_device(Device::Cpu))?;
+        let what = [
+            "images in the dataset",
+            "recipe (model, diffusion, train and augmentation settings)",
+            "parameter tensors",
+            "parameters",
+        ];
+        for ((what, ours), theirs) in what.iter().zip(ours).zip(leaders) {
+            if ours != theirs {
+                bail!(
+                    "rank {} of {} disagrees with rank 0 on the {what}: {ours} here, {theirs} on rank 0 (every rank needs the same configuration and data)",
+                    group.rank,
+                    group.world
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Makes every rank's state rank 0's: weights, EMA, AdamW moments, loss scaler, step and the
@@ -628,7 +681,13 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     if let Some(launch) = &launch {
         check_divides(&config, launch.world)?;
         if device.is_cuda() {
-            device = crate::device::resolve(&format!("cuda:{}", launch.local_rank))?;
+            // One visible GPU per process (CUDA_VISIBLE_DEVICES, as SLURM sets) is cuda:0.
+            let index = if tch::Cuda::device_count() == 1 {
+                0
+            } else {
+                launch.local_rank
+            };
+            device = crate::device::resolve(&format!("cuda:{index}"))?;
         }
     }
     let dataset = Arc::new(data::load(
@@ -657,6 +716,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     }
     if let Some(launch) = &launch {
         trainer.join(ProcessGroup::join(launch, device)?);
+        trainer.check_agreement(dataset.len())?;
         position = trainer.sync_from_leader(position)?;
     }
     if leader {
@@ -790,10 +850,12 @@ fn run_loop(
         window.images += tc.batch;
         let step = trainer.step;
         let interrupted = match trainer.group() {
-            // All ranks stop after the same step.
-            Some(group) => group
+            // All ranks stop after the same step: they agree on logged steps, which keeps the
+            // host-device round trip off the others.
+            Some(group) if step % tc.log_every == 0 || step == stop => group
                 .any(interrupt.load(Ordering::SeqCst))
                 .map_err(|e| save_and_fail(trainer, loader.position(), e))?,
+            Some(_) => false,
             None => interrupt.load(Ordering::SeqCst),
         };
         if interrupted {

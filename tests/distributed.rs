@@ -86,6 +86,10 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
 
 /// Starts rank `rank` of 2 on `port`, training for a long time.
 fn start_rank(dir: &Path, rank: usize, port: u16, timeout_s: u64) -> Child {
+    start_rank_with(dir, rank, port, timeout_s, &[])
+}
+
+fn start_rank_with(dir: &Path, rank: usize, port: u16, timeout_s: u64, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_ddpm"))
         .args([
             "train",
@@ -96,6 +100,7 @@ fn start_rank(dir: &Path, rank: usize, port: u16, timeout_s: u64) -> Child {
             "--out",
             "run",
         ])
+        .args(extra)
         .current_dir(dir)
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", rank.to_string())
@@ -195,4 +200,66 @@ fn a_rank_that_cannot_reach_rank_0_gives_up_in_bounded_time() {
         "rank 1 alone gave up after {took:?}: {}",
         stderr.lines().last().unwrap_or_default()
     );
+}
+
+#[test]
+fn ctrl_c_to_the_launcher_stops_all_ranks_after_the_same_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("small.toml"), CONFIG).unwrap();
+    let launcher = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--",
+            "train",
+            "--config",
+            "small.toml",
+        ])
+        .args(["--steps", "100000", "--out", "run"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_training(dir.path());
+    unsafe {
+        kill(launcher.id() as i32, 2 /* SIGINT */)
+    };
+    let started = Instant::now();
+    let mut launcher = launcher;
+    let status = loop {
+        if let Some(status) = launcher.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "launcher still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted after step"), "{stderr}");
+    assert!(!stderr.contains("exited with status"), "{stderr}");
+    let checkpoints = ddpm::checkpoint::list(&dir.path().join("run/checkpoints")).unwrap();
+    assert!(!checkpoints.is_empty());
+}
+
+#[test]
+fn ranks_with_different_recipes_refuse_to_train() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("small.toml"), CONFIG).unwrap();
+    let port = free_port();
+    let leader = start_rank(dir.path(), 0, port, 30);
+    let other = start_rank_with(dir.path(), 1, port, 30, &["--lr", "0.002"]);
+    let (stderr, _, success) = exit_of(other, Duration::from_secs(60));
+    assert!(!success);
+    assert!(
+        stderr.contains("rank 1 of 2 disagrees with rank 0 on the recipe"),
+        "{stderr}"
+    );
+    let (stderr, _, success) = exit_of(leader, Duration::from_secs(60));
+    assert!(!success, "{stderr}");
 }

@@ -1,7 +1,7 @@
 //! Batches read ahead of the training step by worker threads, handed out in the seeded order
 //! whatever the number of workers.
 use std::collections::BTreeMap;
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Result};
@@ -32,7 +32,7 @@ pub struct LoaderOptions {
     pub batch: usize,
     pub seed: u64,
     pub workers: usize,
-    /// Batches read ahead at most.
+    /// Batches read ahead at most (at least one per worker, so that every worker can decode).
     pub prefetch: usize,
     pub shard: Shard,
 }
@@ -71,7 +71,9 @@ struct Batch {
 
 impl Loader {
     /// Starts reading at `position` of the order seeded by `options.seed`.
-    pub fn new(dataset: Arc<Dataset>, position: Position, options: LoaderOptions) -> Self {
+    pub fn new(dataset: Arc<Dataset>, position: Position, mut options: LoaderOptions) -> Self {
+        options.workers = options.workers.max(1);
+        options.prefetch = options.prefetch.max(options.workers);
         let shared = Arc::new(Shared {
             options,
             dispatch: Mutex::new(Dispatch {
@@ -84,7 +86,7 @@ impl Loader {
             room: Condvar::new(),
         });
         let (sender, results) = mpsc::channel();
-        let threads = (0..options.workers.max(1))
+        let threads = (0..options.workers)
             .map(|_| {
                 let shared = shared.clone();
                 let sender = sender.clone();
@@ -114,7 +116,7 @@ impl Loader {
             self.early.insert(k, batch);
         };
         self.next += 1;
-        self.shared.dispatch.lock().unwrap().consumed += 1;
+        self.shared.dispatch().consumed += 1;
         // One batch of room: wake one worker.
         self.shared.room.notify_one();
         let batch = batch?;
@@ -129,12 +131,18 @@ impl Loader {
 }
 
 impl Shared {
+    /// The dispatch state; a worker that panicked does not hold it while it changes it, so a
+    /// poisoned lock still guards consistent values.
+    fn dispatch(&self) -> MutexGuard<'_, Dispatch> {
+        self.dispatch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn work(&self, sender: mpsc::Sender<(u64, Result<Batch>)>) {
         loop {
             let (k, indices, position) = {
-                let mut d = self.dispatch.lock().unwrap();
+                let mut d = self.dispatch();
                 while !d.stopping && d.issued - d.consumed >= self.options.prefetch as u64 {
-                    d = self.room.wait(d).unwrap();
+                    d = self.room.wait(d).unwrap_or_else(PoisonError::into_inner);
                 }
                 if d.stopping {
                     return;
@@ -144,10 +152,17 @@ impl Shared {
                 d.issued += 1;
                 (d.issued - 1, indices, d.order.position())
             };
-            let batch = self
-                .dataset
-                .batch(&indices)
-                .map(|images| Batch { images, position });
+            // A decoder that panics fails this batch, not the whole loader (whose other batches
+            // would then wait for it forever).
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.dataset.batch(&indices)
+            }));
+            let batch = match read {
+                Ok(read) => read.map(|images| Batch { images, position }),
+                Err(_) => Err(anyhow!(
+                    "reading a batch of images {indices:?} panicked (a decoder bug, see above)"
+                )),
+            };
             if sender.send((k, batch)).is_err() {
                 return;
             }
@@ -157,7 +172,7 @@ impl Shared {
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        self.shared.dispatch.lock().unwrap().stopping = true;
+        self.shared.dispatch().stopping = true;
         self.shared.room.notify_all();
         for thread in self.threads.drain(..) {
             let _ = thread.join();

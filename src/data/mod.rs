@@ -279,7 +279,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
                     dir.display()
                 );
             }
-            let pixels = drop_images(pixels, shape.bytes(), &failed);
+            let pixels = substitute_failed(pixels, shape.bytes(), &failed);
             Ok(dataset(Images::Decoded(pixels), description, failed.len()))
         }
         DataFormat::Auto => unreachable!("resolved above"),
@@ -291,8 +291,20 @@ fn should_cache(cache: DataCache, count: usize, shape: Shape) -> bool {
     match cache {
         DataCache::On => true,
         DataCache::Off => false,
-        DataCache::Auto => (count * shape.bytes()) as u64 <= available_memory() / 2,
+        DataCache::Auto => {
+            (count * shape.bytes()) as u64 <= available_memory() / 2 / local_processes()
+        }
     }
+}
+
+/// Processes of this run on this machine (LOCAL_WORLD_SIZE, as torchrun and `ddpm launch` set),
+/// each of which holds its own cache.
+fn local_processes() -> u64 {
+    std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1u64)
+        .max(1)
 }
 
 /// MemAvailable from /proc/meminfo; 8 GiB where that is not readable.
@@ -343,18 +355,19 @@ fn decode_all(
     (pixels, failed)
 }
 
-/// `pixels` without the images at the (sorted) indices of `failed`.
-fn drop_images(pixels: Vec<u8>, n: usize, failed: &[(usize, String)]) -> Vec<u8> {
-    if failed.is_empty() {
-        return pixels;
-    }
+/// `pixels` with each failed image replaced by the next readable one, as reading on demand
+/// does: a folder has as many images (and the same order) whether it is cached or not.
+fn substitute_failed(mut pixels: Vec<u8>, n: usize, failed: &[(usize, String)]) -> Vec<u8> {
     let bad: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+    let count = pixels.len() / n;
+    for &i in &bad {
+        let good = (i + 1..count)
+            .chain(0..i)
+            .find(|j| !bad.contains(j))
+            .expect("at least one image decoded");
+        pixels.copy_within(good * n..(good + 1) * n, i * n);
+    }
     pixels
-        .chunks(n)
-        .enumerate()
-        .filter(|(i, _)| !bad.contains(i))
-        .flat_map(|(_, image)| image.iter().copied())
-        .collect()
 }
 
 /// The position in the seeded epoch order: which epoch, and how many of its images are used.
@@ -375,7 +388,9 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(len: usize, seed: u64, position: Position) -> Self {
+    /// Continues from `position`; one past the end of a (smaller) dataset starts the next epoch.
+    pub fn new(len: usize, seed: u64, mut position: Position) -> Self {
+        position.index = position.index.min(len);
         let order = epoch_order(len, seed, position.epoch);
         Sampler {
             len,
@@ -633,16 +648,20 @@ mod tests {
         std::fs::write(dir.path().join("empty.jpg"), b"").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
         let d = load(Some(dir.path()), &options(3, 8)).unwrap();
-        assert_eq!(d.len(), 2);
+        // Sorted: b.jpg, class_a/a.png, corrupt.png, empty.jpg; each bad file is replaced by
+        // the next readable one, wrapping around (so cached and streamed sets agree).
+        assert_eq!(d.len(), 4);
         assert_eq!(d.skipped(), 2);
-        // The PNG is lossless: its pixels come back exactly (files are read in sorted order).
-        let a = d.all().unwrap().get(1);
+        let all = d.all().unwrap();
+        assert!(all.get(2).equal(&all.get(0)) && all.get(3).equal(&all.get(0)));
+        // The PNG is lossless: its pixels come back exactly.
+        let a = all.get(1);
         assert_eq!(a.int64_value(&[0, 0, 3]), 90);
         assert_eq!(a.int64_value(&[1, 5, 0]), 150);
         assert_eq!(a.int64_value(&[2, 7, 7]), 200);
         // Grayscale and resizing with a centre crop.
         let g = load(Some(dir.path()), &options(1, 4)).unwrap();
-        assert_eq!(g.all().unwrap().size(), vec![2, 1, 4, 4]);
+        assert_eq!(g.all().unwrap().size(), vec![4, 1, 4, 4]);
         // Strict mode stops at the first bad file and names it.
         let strict = LoadOptions {
             strict: true,
@@ -860,7 +879,8 @@ mod tests {
         .unwrap();
         assert!(cached.is_cached());
         assert_eq!(cached.skipped(), 2);
-        assert_eq!(reds(&cached.all().unwrap()), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(reds(&cached.all().unwrap()), vec![0, 1, 2, 2, 3, 4, 5, 5]);
+        assert!(cached.all().unwrap().equal(&streamed.all().unwrap()));
         // Strict: the bad file stops the read, named.
         let strict = load(
             Some(dir.path()),
