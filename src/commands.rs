@@ -278,7 +278,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
         size: crate::config::ImageSize::Rect([height, width]),
         strict: false,
         split: crate::config::Split::Train,
-        cache: crate::config::DataCache::On,
+        cache: crate::config::DataCache::Auto,
         workers: 0,
     };
     let real = crate::data::load(real_path, &options)?;
@@ -289,7 +289,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
     );
     let real_statistics = eval::cached_statistics(
         &inception,
-        &real.all()?,
+        &real,
         args.batch,
         &eval::statistics_cache_dir()?,
     )?;

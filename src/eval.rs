@@ -156,14 +156,19 @@ impl Inception {
 
     /// Mean and covariance of the features of u8 images [N, C, H, W], `batch` images per
     /// forward pass; `what` names the set in the progress display and the timing line.
-    pub fn statistics(&self, images: &Tensor, batch: usize, what: &str) -> Result<Statistics> {
-        let n = images.size()[0];
-        let batch = batch.max(1) as i64;
+    pub fn statistics(
+        &self,
+        images: &impl ImageBatches,
+        batch: usize,
+        what: &str,
+    ) -> Result<Statistics> {
+        let n = images.count();
+        let batch = batch.max(1);
         let progress = progress_bar(n as u64, what);
         let started = Instant::now();
         let mut moments: Option<Moments> = None;
-        for start in (0..n).step_by(batch as usize) {
-            let features = self.features(&images.narrow(0, start, batch.min(n - start)))?;
+        for start in (0..n).step_by(batch) {
+            let features = self.features(&images.batch(start, batch.min(n - start))?)?;
             moments
                 .get_or_insert_with(|| Moments::around(&features))
                 .add(&features);
@@ -372,11 +377,42 @@ fn psd_sqrt(m: &Tensor) -> Tensor {
     (&eigenvectors * eigenvalues.clamp_min(0.0).sqrt().unsqueeze(0)).matmul(&eigenvectors.tr())
 }
 
+/// u8 images [N, C, H, W] read a batch at a time: a tensor, or a dataset that may decode its
+/// files on demand (so that scoring a large set never holds it in memory).
+pub trait ImageBatches {
+    fn count(&self) -> usize;
+    /// Images start..start + n as u8 [n, C, H, W].
+    fn batch(&self, start: usize, n: usize) -> Result<Tensor>;
+}
+
+impl ImageBatches for Tensor {
+    fn count(&self) -> usize {
+        self.size()[0] as usize
+    }
+
+    fn batch(&self, start: usize, n: usize) -> Result<Tensor> {
+        Ok(self.narrow(0, start as i64, n as i64))
+    }
+}
+
+impl ImageBatches for crate::data::Dataset {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn batch(&self, start: usize, n: usize) -> Result<Tensor> {
+        crate::data::Dataset::batch(
+            self,
+            &(start as i64..(start + n) as i64).collect::<Vec<_>>(),
+        )
+    }
+}
+
 /// Statistics of real images: reused from `dir` when these exact pixels were scored before,
 /// else computed and stored there (a failure to store is only a warning).
 pub fn cached_statistics(
     inception: &Inception,
-    images: &Tensor,
+    images: &impl ImageBatches,
     batch: usize,
     dir: &Path,
 ) -> Result<Statistics> {
@@ -401,19 +437,29 @@ pub fn cached_statistics(
 /// The cache key of real-data statistics: a SHA-256 of the preprocessing, the network's SHA-1,
 /// the images' shape and every pixel. It covers the dataset, its size and count, and catches a
 /// changed file that a name-based key would miss; hashing costs far less than Inception.
-fn statistics_key(images: &Tensor) -> Result<String> {
-    ensure!(
-        images.kind() == Kind::Uint8,
-        "FID statistics are keyed on u8 images, got {:?}",
-        images.kind()
-    );
-    let pixels = Vec::<u8>::try_from(images.to_device(Device::Cpu).contiguous().view(-1))?;
-    let digest = Sha256::new()
+fn statistics_key(images: &impl ImageBatches) -> Result<String> {
+    const BATCH: usize = 1024;
+    let n = images.count();
+    ensure!(n > 0, "no images to score");
+    let mut hasher = Sha256::new()
         .chain_update(PREPROCESSING)
-        .chain_update(INCEPTION_SHA1)
-        .chain_update(format!("{:?}", images.size()))
-        .chain_update(&pixels)
-        .finalize();
+        .chain_update(INCEPTION_SHA1);
+    for start in (0..n).step_by(BATCH) {
+        let batch = images.batch(start, BATCH.min(n - start))?;
+        ensure!(
+            batch.kind() == Kind::Uint8,
+            "FID statistics are keyed on u8 images, got {:?}",
+            batch.kind()
+        );
+        if start == 0 {
+            let mut shape = batch.size();
+            shape[0] = n as i64;
+            hasher.update(format!("{shape:?}"));
+        }
+        let pixels = Vec::<u8>::try_from(batch.to_device(Device::Cpu).contiguous().view(-1))?;
+        hasher.update(&pixels);
+    }
+    let digest = hasher.finalize();
     Ok(hex(&digest[..16]))
 }
 
@@ -750,6 +796,24 @@ mod tests {
         let _ = changed.get(2).get(0).get(3).get(3).fill_(1);
         assert_ne!(key, statistics_key(&changed).unwrap());
         assert_ne!(key, statistics_key(&images.narrow(0, 0, 2)).unwrap());
+        // A dataset read batch by batch has the key of the same images in one tensor.
+        let digits = data::load(
+            None,
+            &LoadOptions {
+                format: DataFormat::Bundled,
+                channels: 1,
+                size: ImageSize::Square(8),
+                strict: false,
+                split: crate::config::Split::Train,
+                cache: crate::config::DataCache::On,
+                workers: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            statistics_key(&digits).unwrap(),
+            statistics_key(&digits.all().unwrap()).unwrap()
+        );
     }
 
     #[test]

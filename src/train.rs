@@ -993,7 +993,7 @@ impl TrainingFid {
         let inception = eval::Inception::load(&path, device)?;
         let real = eval::cached_statistics(
             &inception,
-            &dataset.all()?,
+            dataset,
             config.fid.batch,
             &eval::statistics_cache_dir()?,
         )?;
