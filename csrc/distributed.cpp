@@ -1,11 +1,13 @@
 // Data-parallel communication through libtorch's c10d: a TCPStore for the rendezvous, and an NCCL
 // (CUDA tensors; where the build found its headers) or Gloo (CPU tensors, and CUDA tensors through
-// host staging) process group for the collectives.
+// host staging) process group for the collectives, and c10d's Reducer (what PyTorch's
+// DistributedDataParallel runs on) to average gradients in buckets while backward still runs.
 #include "binding.h"
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 #ifdef DDPM_WITH_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -16,9 +18,26 @@
 namespace {
 
 struct Group {
+  // The process group the Reducer talks to, and its one backend, which the other collectives use.
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
   c10::intrusive_ptr<c10d::Backend> backend;
   int world;
 };
+
+// A process group whose every device type goes to `backend`.
+c10::intrusive_ptr<c10d::ProcessGroup> group_of(const c10::intrusive_ptr<c10d::Store> &store,
+                                               int rank, int world,
+                                               const c10::intrusive_ptr<c10d::Backend> &backend,
+                                               bool nccl) {
+  using Type = c10d::ProcessGroup::BackendType;
+  auto type = nccl ? Type::NCCL : Type::GLOO;
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
+  group->setDefaultBackend(type);
+  group->setBackend(c10::DeviceType::CUDA, type, backend);
+  if (!nccl) group->setBackend(c10::DeviceType::CPU, type, backend);
+  group->setGroupName("ddpm");
+  return group;
+}
 
 bool is_loopback(const std::string &host) {
   return host == "127.0.0.1" || host == "localhost" || host == "::1";
@@ -121,7 +140,7 @@ char *ddpm_group_new(const char *host, int port, int rank, int world, int agent_
     c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>(prefix, tcp);
     auto backend = nccl ? nccl_backend(store, rank, world, timeout)
                         : gloo_backend(store, host, rank, world, timeout);
-    *out = new Group{backend, world};
+    *out = new Group{group_of(store, rank, world, backend, nccl), backend, world};
   })
 }
 
@@ -154,8 +173,44 @@ char *ddpm_group_broadcast(void *group, at::Tensor **tensors, size_t n, int root
   })
 }
 
-char *ddpm_group_barrier(void *group) {
-  DDPM_TRY({ static_cast<Group *>(group)->backend->barrier()->wait(); })
+// A Reducer over `params` (leaf tensors that require grad): once armed by ddpm_reducer_arm, the
+// next backward pass averages their gradients over the ranks, bucket by bucket as soon as a
+// bucket's gradients are ready, and leaves the means in their .grad.
+char *ddpm_reducer_new(void *group, at::Tensor **params, size_t n, int64_t bucket_bytes,
+                       void **out) {
+  DDPM_TRY({
+    auto tensors = ddpm::list(params, n);
+    // Like DistributedDataParallel: a small first bucket, so communication starts early.
+    const int64_t first_bucket_bytes = 1 << 20;
+    std::vector<bool> sparse(n, false);
+    auto [buckets, limits] = c10d::compute_bucket_assignment_by_size(
+        tensors, {static_cast<size_t>(first_bucket_bytes), static_cast<size_t>(bucket_bytes)},
+        sparse);
+    *out = new c10d::Reducer(tensors, buckets, static_cast<Group *>(group)->group, sparse,
+                             bucket_bytes, /*find_unused_parameters=*/false,
+                             /*gradient_as_bucket_view=*/false, {}, first_bucket_bytes,
+                             /*skip_all_reduce_unused_params=*/false,
+                             /*use_python_reducer=*/false,
+                             std::vector<int64_t>(limits.begin(), limits.end()));
+  })
+}
+
+// Arms the reducer for the next backward pass; every rank calls it at the same point. After the
+// first step it also reorders the buckets by the order in which gradients became ready.
+char *ddpm_reducer_arm(void *reducer) {
+  DDPM_TRY({
+    auto r = static_cast<c10d::Reducer *>(reducer);
+    r->rebuild_buckets();
+    r->prepare_for_backward({});
+  })
+}
+
+// The Reducer's destructor may throw (it is noexcept(false)); nothing can be done about it here.
+void ddpm_reducer_free(void *reducer) {
+  try {
+    delete static_cast<c10d::Reducer *>(reducer);
+  } catch (...) {
+  }
 }
 
 } // extern "C"

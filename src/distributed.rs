@@ -1,7 +1,9 @@
 //! Data-parallel training over several processes, on one machine or many: the launch
 //! environment torchrun sets, and the process group (libtorch's c10d with Gloo, through
 //! `csrc/distributed.cpp`) that averages gradients and hands rank 0's state to the others.
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CString};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +25,15 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn ddpm_nccl_available() -> c_int;
+    fn ddpm_reducer_new(
+        group: *mut c_void,
+        params: *const CTensor,
+        n: usize,
+        bucket_bytes: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn ddpm_reducer_arm(reducer: *mut c_void) -> *mut c_char;
+    fn ddpm_reducer_free(reducer: *mut c_void);
     fn ddpm_group_free(group: *mut c_void);
     fn ddpm_group_all_reduce_mean(
         group: *mut c_void,
@@ -163,9 +174,9 @@ pub struct ProcessGroup {
     /// Where control values (flags) go: the CPU for Gloo, the GPU for NCCL.
     control_device: tch::Device,
     timeout: Duration,
-    /// False after a failed collective: its threads may still be waiting, so the group is left
-    /// to the process's exit instead of being freed (which would wait for them).
-    healthy: std::cell::Cell<bool>,
+    /// False after a failed collective: its threads may still be waiting, so the group (and its
+    /// reducer) are left to the process's exit instead of being freed (which would wait for them).
+    healthy: Rc<Cell<bool>>,
 }
 
 impl ProcessGroup {
@@ -208,7 +219,7 @@ impl ProcessGroup {
             backend,
             control_device: backend.device(device),
             timeout,
-            healthy: std::cell::Cell::new(true),
+            healthy: Rc::new(Cell::new(true)),
         })
     }
 
@@ -220,7 +231,7 @@ impl ProcessGroup {
     /// tᵢ ← the mean of tᵢ over all ranks.
     pub fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<()> {
         let p = ptrs(tensors);
-        self.collective("averaging gradients", || unsafe {
+        self.collective("averaging", || unsafe {
             ddpm_group_all_reduce_mean(self.raw, p.as_ptr(), p.len(), BUCKET_BYTES)
         })
     }
@@ -231,6 +242,34 @@ impl ProcessGroup {
         self.collective("sharing rank 0's state", || unsafe {
             ddpm_group_broadcast(self.raw, p.as_ptr(), p.len(), 0, BUCKET_BYTES)
         })
+    }
+
+    /// Averages the gradients of `params` over the ranks during each armed backward pass.
+    /// Every rank creates it with the same parameters in the same order.
+    pub fn gradient_reducer(&self, params: &[Tensor]) -> Result<GradientReducer> {
+        let p = ptrs(params);
+        let mut raw = std::ptr::null_mut();
+        check(unsafe { ddpm_reducer_new(self.raw, p.as_ptr(), p.len(), BUCKET_BYTES, &mut raw) })
+            .context("cannot set up the gradient reducer")?;
+        Ok(GradientReducer {
+            raw,
+            healthy: self.healthy.clone(),
+        })
+    }
+
+    /// The error of a failed collective inside a backward pass, in this group's words.
+    pub fn backward_failed(&self, e: impl Into<anyhow::Error>) -> anyhow::Error {
+        self.healthy.set(false);
+        e.into().context(self.failure("averaging gradients"))
+    }
+
+    fn failure(&self, what: &str) -> String {
+        format!(
+            "rank {} of {}: {what} failed: another rank stopped, or did not answer within {} s",
+            self.rank,
+            self.world,
+            self.timeout.as_secs()
+        )
     }
 
     /// Whether `flag` is set on any rank.
@@ -245,14 +284,30 @@ impl ProcessGroup {
         if result.is_err() {
             self.healthy.set(false);
         }
-        result.with_context(|| {
-            format!(
-                "rank {} of {}: {what} failed: another rank stopped, or did not answer within {} s",
-                self.rank,
-                self.world,
-                self.timeout.as_secs()
-            )
-        })
+        result.with_context(|| self.failure(what))
+    }
+}
+
+/// c10d's Reducer over a model's parameters: gradients are averaged in buckets while the
+/// backward pass still runs, each bucket as soon as its gradients are ready. Drop it before its
+/// process group.
+pub struct GradientReducer {
+    raw: *mut c_void,
+    healthy: Rc<Cell<bool>>,
+}
+
+impl GradientReducer {
+    /// Makes the next backward pass average the gradients (every rank, at the same point).
+    pub fn arm(&self) -> Result<()> {
+        check(unsafe { ddpm_reducer_arm(self.raw) })
+    }
+}
+
+impl Drop for GradientReducer {
+    fn drop(&mut self) {
+        if self.healthy.get() {
+            unsafe { ddpm_reducer_free(self.raw) };
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LrSchedule, Precision, RunConfig, TrainConfig};
 use crate::data::{self, Dataset, LoadOptions, Loader, LoaderOptions, Position, Shard};
-use crate::distributed::{Launch, ProcessGroup};
+use crate::distributed::{GradientReducer, Launch, ProcessGroup};
 use crate::model::UNet;
 use crate::monitor::{MetricsRecord, Monitor};
 use crate::objective::Objective;
@@ -153,6 +153,9 @@ pub struct Trainer {
     error_by_quarter: QuarterErrors,
     /// Optimizer steps completed.
     pub step: u64,
+    /// Averages gradients over the ranks during backward (declared before `group`, so that it
+    /// is dropped first).
+    reducer: Option<GradientReducer>,
     /// The other data-parallel ranks, when there are.
     group: Option<ProcessGroup>,
 }
@@ -212,6 +215,7 @@ impl Trainer {
             lr_scale: 1.0,
             error_by_quarter: QuarterErrors::new(device),
             step: 0,
+            reducer: None,
             group: None,
         })
     }
@@ -226,8 +230,10 @@ impl Trainer {
 
     /// Trains data-parallel with the other ranks of `group` from now on: each step takes this
     /// rank's share of the global batch and the gradients are averaged over the ranks.
-    pub fn join(&mut self, group: ProcessGroup) {
+    pub fn join(&mut self, group: ProcessGroup) -> Result<()> {
+        self.reducer = Some(group.gradient_reducer(&self.params)?);
         self.group = Some(group);
+        Ok(())
     }
 
     pub fn group(&self) -> Option<&ProcessGroup> {
@@ -374,11 +380,12 @@ impl Trainer {
         }
         let k = c.train.grad_accum as i64;
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
-        for ((x0, t), noise) in x0
+        for (i, ((x0, t), noise)) in x0
             .chunk(k, 0)
             .iter()
             .zip(t.chunk(k, 0))
             .zip(noise.chunk(k, 0))
+            .enumerate()
         {
             let x_t = self.objective.q_sample(x0, &t, &noise);
             let target = self.objective.target(x0, &noise, &t);
@@ -391,9 +398,20 @@ impl Trainer {
             self.error_by_quarter
                 .record(&errors, &t, c.diffusion.timesteps);
             let loss = loss / k as f64;
-            match &self.scaler {
-                Some(s) => (&loss * &s.scale.squeeze()).backward(),
-                None => loss.backward(),
+            // With several ranks, the last micro-batch's backward also averages the gradients.
+            let reduced = self.reducer.as_ref().filter(|_| i as i64 == k - 1);
+            if let Some(reducer) = reduced {
+                reducer.arm()?;
+            }
+            let backward = match &self.scaler {
+                Some(s) => (&loss * &s.scale.squeeze()).f_backward(),
+                None => loss.f_backward(),
+            };
+            if let Err(e) = backward {
+                return Err(match (&self.group, reduced) {
+                    (Some(group), Some(_)) => group.backward_failed(e),
+                    _ => e.into(),
+                });
             }
             total += loss.detach().to_kind(Kind::Float);
         }
@@ -403,12 +421,6 @@ impl Trainer {
                 bail!("parameter {} received no gradient", self.names[i]);
             }
             self.grads = Some(grads);
-        }
-        if let Some(group) = &self.group {
-            let grads = self.grads.as_ref().expect("set above");
-            let mut tensors: Vec<Tensor> = grads.iter().map(|g| g.shallow_clone()).collect();
-            tensors.push(total.shallow_clone());
-            group.all_reduce_mean(&tensors)?;
         }
         Ok(total)
     }
@@ -715,7 +727,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         );
     }
     if let Some(launch) = &launch {
-        trainer.join(ProcessGroup::join(launch, device)?);
+        trainer.join(ProcessGroup::join(launch, device)?)?;
         trainer.check_agreement(dataset.len())?;
         position = trainer.sync_from_leader(position)?;
     }
@@ -873,6 +885,12 @@ fn run_loop(
             });
         }
         if step % tc.log_every == 0 || step == stop {
+            if let Some(group) = trainer.group() {
+                // The loss of the whole global batch.
+                group
+                    .all_reduce_mean(std::slice::from_ref(&out.loss))
+                    .map_err(|e| save_and_fail(trainer, loader.position(), e))?;
+            }
             let record = MetricsRecord {
                 step,
                 epoch: loader.position().epoch,

@@ -73,15 +73,61 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
         &["launch", "--nproc", "2", "--", "train", "--resume", "mixed"],
         d,
     );
+    // Accumulating two micro-batches per rank: averaged once, after the last.
+    let accumulated = ["--grad-accum", "2", "--steps", "3"];
+    ddpm(
+        &[
+            &["train"][..],
+            &config,
+            &accumulated,
+            &["--out", "one-accum"],
+        ]
+        .concat(),
+        d,
+    );
+    ddpm(
+        &[
+            &["launch", "--nproc", "2", "--", "train"][..],
+            &config,
+            &accumulated,
+            &["--out", "two-accum"],
+        ]
+        .concat(),
+        d,
+    );
+    let difference = weight_difference(
+        &checkpoint(d, "one-accum", 3),
+        &checkpoint(d, "two-accum", 3),
+    );
+    eprintln!("accumulating: weights differ by at most {difference:.2e}");
+    assert!(difference < 1e-4, "accumulating: {difference}");
     // The same global batches, augmentation and noise: equal up to float summation order.
     for (run, step) in [("two", 3), ("two", 6), ("mixed", 6)] {
         let difference = weight_difference(&checkpoint(d, "one", step), &checkpoint(d, run, step));
         eprintln!("{run} step {step}: weights differ by at most {difference:.2e}");
         assert!(difference < 1e-4, "{run} step {step}: {difference}");
     }
-    // Only rank 0 wrote: one metrics line per step.
-    let metrics = std::fs::read_to_string(d.join("two/metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 6, "{metrics}");
+    // Only rank 0 wrote: one metrics line per step. Its gradient norms are those of the whole
+    // batch (a rank's half alone would give a different norm), and so are its losses.
+    let records = |run: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (one, two) = (records("one"), records("two"));
+    assert_eq!(two.len(), 6);
+    for (a, b) in one.iter().zip(&two) {
+        for field in ["grad_norm", "loss"] {
+            let (x, y) = (a[field].as_f64().unwrap(), b[field].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs(),
+                "step {}: {field} {x} vs {y}",
+                a["step"]
+            );
+        }
+    }
 }
 
 /// Starts rank `rank` of 2 on `port`, training for a long time.
