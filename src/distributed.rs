@@ -136,7 +136,10 @@ impl Backend {
     pub fn choose(device: tch::Device) -> Result<Backend> {
         match std::env::var("DDPM_DIST_BACKEND").ok().as_deref() {
             Some("gloo") => Ok(Backend::Gloo),
-            Some("nccl") => Ok(Backend::Nccl),
+            Some("nccl") if device.is_cuda() => Ok(Backend::Nccl),
+            Some("nccl") => bail!(
+                "DDPM_DIST_BACKEND=nccl needs a CUDA device (train.device is {device:?}); use gloo"
+            ),
             Some(other) => bail!("DDPM_DIST_BACKEND={other:?}: expected gloo or nccl"),
             None if device.is_cuda() && nccl_available() => Ok(Backend::Nccl),
             None => Ok(Backend::Gloo),
