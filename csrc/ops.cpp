@@ -89,6 +89,21 @@ char *ddpm_foreach_lerp_(at::Tensor **targets, at::Tensor **sources, size_t n,
   DDPM_TRY({ at::_foreach_lerp_(list(targets, n), list(sources, n), at::Scalar(weight)); })
 }
 
+// Re-lays each 4-D tensor out in channels-last (NHWC) memory order, keeping its values; the
+// tensors stay the same objects (a variable's data is swapped).
+char *ddpm_to_channels_last_(at::Tensor **tensors, size_t n) {
+  DDPM_TRY({
+    for (auto &t : list(tensors, n)) {
+      if (t.dim() == 4) t.set_data(t.contiguous(at::MemoryFormat::ChannelsLast));
+    }
+  })
+}
+
+// *out = tensor in channels-last memory order (itself when it already is).
+char *ddpm_channels_last(at::Tensor *tensor, at::Tensor **out) {
+  DDPM_TRY({ *out = new at::Tensor(tensor->contiguous(at::MemoryFormat::ChannelsLast)); })
+}
+
 // tensors[i] = 0
 char *ddpm_foreach_zero_(at::Tensor **tensors, size_t n) {
   DDPM_TRY({ at::_foreach_zero_(list(tensors, n)); })

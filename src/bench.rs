@@ -210,7 +210,11 @@ pub fn result_line(what: &str, config: &RunConfig, device: Device, result: &Benc
     if let Some((allocated, reserved)) = result.peak_memory_gib {
         line += &format!(" mem_peak_alloc_gib={allocated:.2} mem_peak_reserved_gib={reserved:.2}");
     }
-    line += &format!(" threads={}", tch::get_num_threads());
+    line += &format!(
+        " channels_last={} threads={}",
+        config.train.channels_last as u8,
+        tch::get_num_threads()
+    );
     line
 }
 

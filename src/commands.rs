@@ -474,6 +474,9 @@ pub struct BenchArgs {
     pub batch: Option<usize>,
     #[arg(long, value_enum)]
     pub precision: Option<crate::config::Precision>,
+    /// Channels-last memory order for weights and activations
+    #[arg(long)]
+    pub channels_last: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Untimed steps first
@@ -546,6 +549,7 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     if let Some(v) = args.precision {
         config.train.precision = v;
     }
+    config.train.channels_last |= args.channels_last;
     config.train.device = args.device.clone();
     config.validate()?;
     if let Some(threads) = args.threads {

@@ -199,6 +199,10 @@ pub struct TrainConfig {
     pub max_bad_steps: u64,
     /// The learning rate is multiplied by this at each rollback.
     pub rollback_lr_factor: f64,
+    /// Keep weights and activations in channels-last (NHWC) memory order: faster convolutions
+    /// on some GPUs (tensor cores), slower on CPUs.
+    #[serde(default)]
+    pub channels_last: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -487,6 +491,7 @@ impl RunConfig {
                 log_every: 50,
                 max_bad_steps: 10,
                 rollback_lr_factor: 0.5,
+                channels_last: false,
             },
             data: DataConfig {
                 path: String::new(),
@@ -783,6 +788,9 @@ pub struct Overrides {
     /// [train.precision]
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
+    /// Channels-last memory order, true or false [train.channels_last]
+    #[arg(long)]
+    pub channels_last: Option<bool>,
     /// [train.seed]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -861,6 +869,7 @@ impl Overrides {
         set(&mut c.train.steps, &self.steps);
         set(&mut c.train.batch, &self.batch);
         set(&mut c.train.grad_accum, &self.grad_accum);
+        set(&mut c.train.channels_last, &self.channels_last);
         set(&mut c.train.lr, &self.lr);
         set(&mut c.train.lr_schedule, &self.lr_schedule);
         set(&mut c.train.warmup_steps, &self.warmup_steps);

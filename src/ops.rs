@@ -40,6 +40,8 @@ extern "C" {
         weight: f64,
     ) -> *mut c_char;
     fn ddpm_foreach_zero_(tensors: *const CTensor, n: usize) -> *mut c_char;
+    fn ddpm_to_channels_last_(tensors: *const CTensor, n: usize) -> *mut c_char;
+    fn ddpm_channels_last(tensor: CTensor, out: *mut CTensor) -> *mut c_char;
     fn ddpm_amp_unscale_(
         grads: *const CTensor,
         n: usize,
@@ -184,6 +186,20 @@ pub fn foreach_lerp_(targets: &[Tensor], sources: &[Tensor], weight: f64) -> Res
     assert_eq!(targets.len(), sources.len());
     let (t, s) = (ptrs(targets), ptrs(sources));
     check(unsafe { ddpm_foreach_lerp_(t.as_ptr(), s.as_ptr(), t.len(), weight) })
+}
+
+/// Re-lays the 4-D tensors out in channels-last memory order in place (values unchanged).
+pub fn to_channels_last_(tensors: &[Tensor]) -> Result<()> {
+    let p = ptrs(tensors);
+    check(unsafe { ddpm_to_channels_last_(p.as_ptr(), p.len()) })
+}
+
+/// `tensor` (4-D) in channels-last memory order.
+pub fn channels_last(tensor: &Tensor) -> Result<Tensor> {
+    let mut out: CTensor = std::ptr::null_mut();
+    check(unsafe { ddpm_channels_last(ptr(tensor), &mut out) })?;
+    // SAFETY: on success the binding hands over a heap-allocated at::Tensor.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
 }
 
 /// tᵢ = 0

@@ -179,6 +179,11 @@ impl Trainer {
         ema_vs.freeze();
         let (names, params) = sorted_variables(&vs);
         let (_, ema_params) = sorted_variables(&ema_vs);
+        if config.train.channels_last {
+            // Before the moments are made: zeros_like keeps the layout.
+            ops::to_channels_last_(&params)?;
+            ops::to_channels_last_(&ema_params)?;
+        }
         let zeros = |p: &Tensor| p.zeros_like();
         let exp_avgs = params.iter().map(zeros).collect();
         let exp_avg_sqs = params.iter().map(zeros).collect();
@@ -387,7 +392,10 @@ impl Trainer {
             .zip(noise.chunk(k, 0))
             .enumerate()
         {
-            let x_t = self.objective.q_sample(x0, &t, &noise);
+            let mut x_t = self.objective.q_sample(x0, &t, &noise);
+            if c.train.channels_last {
+                x_t = ops::channels_last(&x_t)?;
+            }
             let target = self.objective.target(x0, &noise, &t);
             let forward = || self.model.forward(&x_t, &t, true);
             let prediction = match self.autocast_type() {
@@ -1205,6 +1213,50 @@ mod tests {
         let rel = (&four - &one).norm().double_value(&[]) / one.norm().double_value(&[]);
         assert!(rel < 1e-6, "relative difference {rel}");
         assert!(one.norm().double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn channels_last_trains_like_the_default_layout() {
+        let _rng = crate::rng::exclusive();
+        let x = Tensor::rand([4, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let train = |channels_last: bool| -> (Trainer, f64) {
+            let mut c = tiny(8);
+            c.model.in_channels = 3;
+            c.train.channels_last = channels_last;
+            let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+            let mut loss = 0.0;
+            for _ in 0..3 {
+                loss = trainer.step(&x).unwrap().loss.double_value(&[]);
+            }
+            (trainer, loss)
+        };
+        let (plain, plain_loss) = train(false);
+        let (nhwc, nhwc_loss) = train(true);
+        // Kernels larger than 1×1 whose channel stride is 1: laid out NHWC.
+        let convs = |t: &Trainer| -> usize {
+            t.params
+                .iter()
+                .filter(|p| p.dim() == 4 && p.size()[2] * p.size()[3] > 1 && p.stride()[1] == 1)
+                .count()
+        };
+        assert_eq!(convs(&plain), 0);
+        assert!(convs(&nhwc) > 10, "{}", convs(&nhwc));
+        assert!((plain_loss - nhwc_loss).abs() < 1e-5 * plain_loss.abs());
+        let difference = (flat(&plain.params) - flat(&nhwc.params))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(difference < 1e-5, "{difference}");
+        // Checkpoints hold the values in the usual order either way.
+        let saved = |t: &Trainer| crate::checkpoint::to_safetensors(&t.state_tensors()).unwrap();
+        let (a, b) = (
+            crate::checkpoint::from_safetensors(&saved(&plain), Path::new("a")).unwrap(),
+            crate::checkpoint::from_safetensors(&saved(&nhwc), Path::new("b")).unwrap(),
+        );
+        for (name, t) in &a {
+            let error = (t - &b[name]).abs().max().double_value(&[]);
+            assert!(error < 1e-5, "{name}: {error}");
+        }
     }
 
     #[test]

@@ -28,6 +28,9 @@ run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --device c
 run python3 "$base" --device cuda --batch 128 --precision bf16 --warmup 10 --steps 50
 run python3 "$base" --device cuda --batch 128 --precision bf16 --compile --warmup 10 --steps 50
 run "$ddpm" bench train --preset cifar10 --batch 128 --precision fp16 --device cuda --warmup 10 --steps 50
+# Channels-last memory order, both frameworks.
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --channels-last --device cuda --warmup 10 --steps 50
+run python3 "$base" --device cuda --batch 128 --precision bf16 --channels-last --warmup 10 --steps 50
 # Sampling: DDIM-50 on 1,024 images at 32x32, against the same network in PyTorch, both f32 with
 # TF32 (ddpm samples in f32 whatever the training precision).
 ddim=$here/torch_ddim_bench.py
