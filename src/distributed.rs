@@ -234,7 +234,7 @@ impl ProcessGroup {
     /// tᵢ ← the mean of tᵢ over all ranks.
     pub fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<()> {
         let p = ptrs(tensors);
-        self.collective("averaging", || unsafe {
+        self.collective("averaging values across ranks", || unsafe {
             ddpm_group_all_reduce_mean(self.raw, p.as_ptr(), p.len(), BUCKET_BYTES)
         })
     }
@@ -260,15 +260,16 @@ impl ProcessGroup {
         })
     }
 
-    /// The error of a failed collective inside a backward pass, in this group's words.
-    pub fn backward_failed(&self, e: impl Into<anyhow::Error>) -> anyhow::Error {
+    /// The error of `what`, a step that involved this group's collectives, which may still be
+    /// in flight: the group is not freed afterwards.
+    pub fn failed(&self, what: &str, e: impl Into<anyhow::Error>) -> anyhow::Error {
         self.healthy.set(false);
-        e.into().context(self.failure("averaging gradients"))
+        e.into().context(self.failure(what))
     }
 
     fn failure(&self, what: &str) -> String {
         format!(
-            "rank {} of {}: {what} failed: another rank stopped, or did not answer within {} s",
+            "rank {} of {}: {what} failed (did another rank stop, or not answer within {} s?)",
             self.rank,
             self.world,
             self.timeout.as_secs()

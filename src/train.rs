@@ -385,13 +385,9 @@ impl Trainer {
         }
         let k = c.train.grad_accum as i64;
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
-        for (i, ((x0, t), noise)) in x0
-            .chunk(k, 0)
-            .iter()
-            .zip(t.chunk(k, 0))
-            .zip(noise.chunk(k, 0))
-            .enumerate()
-        {
+        let (x0s, ts, noises) = (x0.chunk(k, 0), t.chunk(k, 0), noise.chunk(k, 0));
+        let last = x0s.len() - 1;
+        for (i, ((x0, t), noise)) in x0s.iter().zip(ts).zip(noises).enumerate() {
             let mut x_t = self.objective.q_sample(x0, &t, &noise);
             if c.train.channels_last {
                 x_t = ops::channels_last(&x_t)?;
@@ -407,21 +403,35 @@ impl Trainer {
                 .record(&errors, &t, c.diffusion.timesteps);
             let loss = loss / k as f64;
             // With several ranks, the last micro-batch's backward also averages the gradients.
-            let reduced = self.reducer.as_ref().filter(|_| i as i64 == k - 1);
-            if let Some(reducer) = reduced {
-                reducer.arm()?;
+            let reduced = self
+                .reducer
+                .as_ref()
+                .zip(self.group.as_ref())
+                .filter(|_| i == last);
+            if let Some((reducer, group)) = reduced {
+                reducer
+                    .arm()
+                    .map_err(|e| group.failed("averaging gradients", e))?;
             }
             let backward = match &self.scaler {
                 Some(s) => (&loss * &s.scale.squeeze()).f_backward(),
                 None => loss.f_backward(),
             };
             if let Err(e) = backward {
-                return Err(match (&self.group, reduced) {
-                    (Some(group), Some(_)) => group.backward_failed(e),
-                    _ => e.into(),
+                return Err(match reduced {
+                    Some((_, group)) => {
+                        group.failed("the backward pass that averages gradients", e)
+                    }
+                    None => e.into(),
                 });
             }
             total += loss.detach().to_kind(Kind::Float);
+        }
+        if let Some(group) = &self.group {
+            // The batch's mean loss over all ranks. Being a collective that waits, it also
+            // surfaces a failed gradient average before the optimizer step (NCCL's reducer
+            // only orders the streams), and it runs after every bucket on the same group.
+            group.all_reduce_mean(std::slice::from_ref(&total))?;
         }
         if self.grads.is_none() {
             let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
@@ -893,12 +903,6 @@ fn run_loop(
             });
         }
         if step % tc.log_every == 0 || step == stop {
-            if let Some(group) = trainer.group() {
-                // The loss of the whole global batch.
-                group
-                    .all_reduce_mean(std::slice::from_ref(&out.loss))
-                    .map_err(|e| save_and_fail(trainer, loader.position(), e))?;
-            }
             let record = MetricsRecord {
                 step,
                 epoch: loader.position().epoch,
