@@ -17,17 +17,23 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-L{}", lib.display());
         println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     let include = libtorch.join("include");
     let mut build = cc::Build::new();
-    if let Some(cuda_includes) = nccl_includes(&libtorch) {
-        // The NCCL process group: compiled where the wheel's NCCL and CUDA headers are at hand
-        // (tools/setup.sh installs the few CUDA headers the wheel lacks).
-        build.define("USE_C10D_NCCL", None).define("USE_CUDA", None);
-        build.define("DDPM_WITH_NCCL", None);
-        for dir in cuda_includes {
-            build.include(dir);
+    if let Some(cuda) = cuda_includes(&libtorch) {
+        // CUDA graphs and the NCCL process group: compiled where the wheel's CUDA and NCCL
+        // headers are at hand (tools/setup.sh installs the few CUDA headers the wheel lacks).
+        build
+            .define("USE_CUDA", None)
+            .define("DDPM_WITH_CUDA", None);
+        build.include(&cuda.runtime);
+        if let Some(nccl) = cuda.nccl {
+            build
+                .define("USE_C10D_NCCL", None)
+                .define("DDPM_WITH_NCCL", None);
+            build.include(nccl);
         }
     }
     build
@@ -45,21 +51,27 @@ fn main() {
         .include("csrc/gloo_decls")
         .file("csrc/ops.cpp")
         .file("csrc/distributed.cpp")
+        .file("csrc/cuda_graph.cpp")
         .compile("ddpm_ops");
 }
 
-/// The NCCL and CUDA include folders of a pip-installed torch, when all needed headers are there.
-fn nccl_includes(libtorch: &std::path::Path) -> Option<Vec<PathBuf>> {
+struct CudaIncludes {
+    runtime: PathBuf,
+    nccl: Option<PathBuf>,
+}
+
+/// The CUDA runtime (and, when present, NCCL) include folders of a pip-installed torch with
+/// CUDA, when the headers libtorch's CUDA headers need are all there.
+fn cuda_includes(libtorch: &std::path::Path) -> Option<CudaIncludes> {
     if !libtorch.join("lib/libtorch_cuda.so").exists() {
         return None;
     }
     let nvidia = libtorch.parent()?.join("nvidia");
-    let (nccl, cuda) = (nvidia.join("nccl/include"), nvidia.join("cu13/include"));
-    let needed = [
-        nccl.join("nccl.h"),
-        cuda.join("cuda_runtime.h"),
-        cuda.join("crt/host_config.h"),
-        cuda.join("nv/target"),
-    ];
-    needed.iter().all(|f| f.exists()).then(|| vec![nccl, cuda])
+    let runtime = nvidia.join("cu13/include");
+    let needed = ["cuda_runtime.h", "crt/host_config.h", "nv/target"];
+    if !needed.iter().all(|f| runtime.join(f).exists()) {
+        return None;
+    }
+    let nccl = Some(nvidia.join("nccl/include")).filter(|dir| dir.join("nccl.h").exists());
+    Some(CudaIncludes { runtime, nccl })
 }

@@ -477,6 +477,9 @@ pub struct BenchArgs {
     /// Channels-last memory order for weights and activations
     #[arg(long)]
     pub channels_last: bool,
+    /// Replay the forward and backward pass as a CUDA graph (training)
+    #[arg(long)]
+    pub cuda_graph: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Untimed steps first
@@ -550,6 +553,7 @@ pub fn bench(args: BenchArgs) -> Result<String> {
         config.train.precision = v;
     }
     config.train.channels_last |= args.channels_last;
+    config.train.cuda_graph |= args.cuda_graph;
     config.train.device = args.device.clone();
     config.validate()?;
     if let Some(threads) = args.threads {

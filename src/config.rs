@@ -203,6 +203,10 @@ pub struct TrainConfig {
     /// on some GPUs (tensor cores), slower on CPUs.
     #[serde(default)]
     pub channels_last: bool,
+    /// Record the forward and backward pass as a CUDA graph after a few steps and replay it:
+    /// one launch instead of thousands of small kernels (CUDA, one process).
+    #[serde(default)]
+    pub cuda_graph: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -492,6 +496,7 @@ impl RunConfig {
                 max_bad_steps: 10,
                 rollback_lr_factor: 0.5,
                 channels_last: false,
+                cuda_graph: false,
             },
             data: DataConfig {
                 path: String::new(),
@@ -791,6 +796,9 @@ pub struct Overrides {
     /// Channels-last memory order, true or false [train.channels_last]
     #[arg(long)]
     pub channels_last: Option<bool>,
+    /// Replay the forward and backward pass as a CUDA graph, true or false [train.cuda_graph]
+    #[arg(long)]
+    pub cuda_graph: Option<bool>,
     /// [train.seed]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -870,6 +878,7 @@ impl Overrides {
         set(&mut c.train.batch, &self.batch);
         set(&mut c.train.grad_accum, &self.grad_accum);
         set(&mut c.train.channels_last, &self.channels_last);
+        set(&mut c.train.cuda_graph, &self.cuda_graph);
         set(&mut c.train.lr, &self.lr);
         set(&mut c.train.lr_schedule, &self.lr_schedule);
         set(&mut c.train.warmup_steps, &self.warmup_steps);

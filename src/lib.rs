@@ -5,6 +5,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
+pub mod cuda_graph;
 pub mod data;
 pub mod device;
 pub mod distributed;

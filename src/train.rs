@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LrSchedule, Precision, RunConfig, TrainConfig};
+use crate::cuda_graph::GraphedComputation;
 use crate::data::{self, Dataset, LoadOptions, Loader, LoaderOptions, Position, Shard};
 use crate::distributed::{GradientReducer, Launch, ProcessGroup};
 use crate::model::UNet;
@@ -127,6 +128,10 @@ pub struct StepOutput {
     pub lr: f64,
 }
 
+/// Eager steps before the gradient computation is recorded as a CUDA graph: the first runs
+/// allocate the gradients and let cuDNN pick its algorithms.
+const GRAPH_WARMUP_STEPS: usize = 3;
+
 /// The model, its EMA copy, the optimizer state and one `step` of training.
 pub struct Trainer {
     pub config: RunConfig,
@@ -158,6 +163,8 @@ pub struct Trainer {
     reducer: Option<GradientReducer>,
     /// The other data-parallel ranks, when there are.
     group: Option<ProcessGroup>,
+    /// The gradient computation as a CUDA graph (train.cuda_graph).
+    graphed: Option<GraphedComputation>,
 }
 
 /// Variables of a store in name order, so that every list lines up across stores and runs.
@@ -198,6 +205,13 @@ impl Trainer {
             ops::set_tf32(config.train.precision == Precision::Tf32)?;
             tch::Cuda::cudnn_set_benchmark(true);
         }
+        let graphed = match config.train.cuda_graph {
+            true if !device.is_cuda() => {
+                bail!("train.cuda_graph needs a CUDA device; this run is on {device:?}")
+            }
+            true => Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?),
+            false => None,
+        };
         Ok(Trainer {
             config: config.clone(),
             device,
@@ -222,6 +236,7 @@ impl Trainer {
             step: 0,
             reducer: None,
             group: None,
+            graphed,
         })
     }
 
@@ -236,6 +251,9 @@ impl Trainer {
     /// Trains data-parallel with the other ranks of `group` from now on: each step takes this
     /// rank's share of the global batch and the gradients are averaged over the ranks.
     pub fn join(&mut self, group: ProcessGroup) -> Result<()> {
+        if self.graphed.is_some() {
+            bail!("train.cuda_graph is for one process; with several ranks, leave it off");
+        }
         self.reducer = Some(group.gradient_reducer(&self.params)?);
         self.group = Some(group);
         Ok(())
@@ -353,9 +371,6 @@ impl Trainer {
     /// (seed, step), so neither the split into micro-batches nor the one into ranks changes
     /// what is computed.
     pub fn accumulate_gradients(&mut self, x0: &Tensor) -> Result<Tensor> {
-        if let Some(grads) = &self.grads {
-            ops::foreach_zero_(grads)?;
-        }
         let c = &self.config;
         let shard = self.shard();
         tch::manual_seed(crate::rng::mix(c.train.seed, &[self.step]) as i64);
@@ -383,6 +398,42 @@ impl Trainer {
                 crate::rng::mix(c.train.seed, &[self.step, 0xD809, shard.rank as u64]) as i64,
             );
         }
+        let total = match self.graphed.take() {
+            Some(mut graphed) => {
+                let inputs = [x0, t, noise];
+                let result = graphed.run(&inputs, |i| {
+                    Ok(vec![self.compute_gradients(&i[0], &i[1], &i[2])?])
+                });
+                self.graphed = Some(graphed);
+                result?.remove(0)
+            }
+            None => self.compute_gradients(&x0, &t, &noise)?,
+        };
+        if let Some(group) = &self.group {
+            // The batch's mean loss over all ranks. Being a collective that waits, it also
+            // surfaces a failed gradient average before the optimizer step (NCCL's reducer
+            // only orders the streams), and it runs after every bucket on the same group.
+            group.all_reduce_mean(std::slice::from_ref(&total))?;
+        }
+        if self.grads.is_none() {
+            let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
+            if let Some(i) = grads.iter().position(|g| !g.defined()) {
+                bail!("parameter {} received no gradient", self.names[i]);
+            }
+            self.grads = Some(grads);
+        }
+        Ok(total)
+    }
+
+    /// Gradients (accumulated in the parameters' .grad, zeroed first) of this rank's share x0
+    /// with timesteps t and noise, micro-batch by micro-batch; returns the mean loss. Launches
+    /// the same kernels on the same tensors every call and never waits for the device, so that
+    /// it can run as a CUDA graph.
+    fn compute_gradients(&mut self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        if let Some(grads) = &self.grads {
+            ops::foreach_zero_(grads)?;
+        }
+        let c = &self.config;
         let k = c.train.grad_accum as i64;
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         let (x0s, ts, noises) = (x0.chunk(k, 0), t.chunk(k, 0), noise.chunk(k, 0));
@@ -426,19 +477,6 @@ impl Trainer {
                 });
             }
             total += loss.detach().to_kind(Kind::Float);
-        }
-        if let Some(group) = &self.group {
-            // The batch's mean loss over all ranks. Being a collective that waits, it also
-            // surfaces a failed gradient average before the optimizer step (NCCL's reducer
-            // only orders the streams), and it runs after every bucket on the same group.
-            group.all_reduce_mean(std::slice::from_ref(&total))?;
-        }
-        if self.grads.is_none() {
-            let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
-            if let Some(i) = grads.iter().position(|g| !g.defined()) {
-                bail!("parameter {} received no gradient", self.names[i]);
-            }
-            self.grads = Some(grads);
         }
         Ok(total)
     }
@@ -1217,6 +1255,71 @@ mod tests {
         let rel = (&four - &one).norm().double_value(&[]) / one.norm().double_value(&[]);
         assert!(rel < 1e-6, "relative difference {rel}");
         assert!(one.norm().double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn cuda_graph_is_refused_off_cuda() {
+        let mut c = tiny(8);
+        c.train.cuda_graph = true;
+        let error = Trainer::new(&c, Device::Cpu).err().unwrap();
+        assert!(
+            error
+                .to_string()
+                .contains("train.cuda_graph needs a CUDA device"),
+            "{error}"
+        );
+    }
+
+    /// Needs a CUDA device: `cargo test --release -- --ignored cuda_graph` (tools/gpu-check.sh
+    /// runs the test binary on the GPU machine).
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn cuda_graph_steps_train_like_eager_steps() {
+        let device = Device::Cuda(0);
+        assert!(tch::Cuda::is_available(), "no CUDA device");
+        let _rng = crate::rng::exclusive();
+        tch::manual_seed(7);
+        let batches: Vec<Tensor> = (0..8)
+            .map(|_| (Tensor::rand([8, 3, 16, 16], (Kind::Float, Device::Cpu)) * 2 - 1).to(device))
+            .collect();
+        for precision in [Precision::F32, Precision::Bf16, Precision::Fp16] {
+            let config = |graph: bool| {
+                let mut c = tiny(16);
+                c.model.in_channels = 3;
+                c.model.image_size = ImageSize::Square(16);
+                c.data.hflip = true;
+                c.train.batch = 8;
+                c.train.grad_accum = 2;
+                c.train.precision = precision;
+                c.train.cuda_graph = graph;
+                c
+            };
+            let train = |graph: bool| -> (Vec<f64>, Tensor) {
+                let mut trainer = Trainer::new(&config(graph), device).unwrap();
+                // Warm-up steps, the recording step, then replays, each on a new batch.
+                let losses = batches
+                    .iter()
+                    .map(|x| trainer.step(x).unwrap().loss.double_value(&[]))
+                    .collect();
+                (losses, flat(&trainer.params))
+            };
+            let initial = flat(&Trainer::new(&config(false), device).unwrap().params);
+            let (eager_losses, eager) = train(false);
+            let (graph_losses, graphed) = train(true);
+            for (step, (e, g)) in eager_losses.iter().zip(&graph_losses).enumerate() {
+                assert!(
+                    (e - g).abs() <= 1e-3 * e.abs(),
+                    "{precision:?} step {step}: {e} vs {g}"
+                );
+            }
+            // Apart by a small fraction of how far training moved the weights.
+            let moved = (&eager - &initial).norm().double_value(&[]);
+            let apart = (&graphed - &eager).norm().double_value(&[]);
+            assert!(
+                moved > 0.0 && apart < 1e-2 * moved,
+                "{precision:?}: {apart} vs {moved}"
+            );
+        }
     }
 
     #[test]

@@ -4,9 +4,7 @@
 # numbers from different cards or runs.
 #
 # Prepare here (the GPU machine has no Rust toolchain):
-#   cargo build --release && mkdir -p .gpu
-#   cp target/release/ddpm tools/gpu-check.sh tools/torch_ddim_bench.py .gpu/
-#   cp ../shared/bench/torch_unet_bench.py .gpu/
+#   bash tools/gpu-prepare.sh path/to/torch_unet_bench.py
 # Run there, from the folder holding .gpu/ (OUT: where results go):
 #   OUT=/tmp/out bash .gpu/gpu-check.sh
 set -uo pipefail
@@ -21,6 +19,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 date -u | tee -a "$log"
 ddpm=$here/ddpm
 base=$here/torch_unet_bench.py
+# The tests that need a CUDA device (CUDA graphs against eager steps, ...).
+run "$here/ddpm-tests" --ignored --test-threads 1
 # Training step, cifar10 preset, batch 128, 32x32.
 run "$ddpm" bench train --preset cifar10 --batch 128 --precision tf32 --device cuda --warmup 10 --steps 50
 run python3 "$base" --device cuda --batch 128 --precision f32 --tf32 --warmup 10 --steps 50
@@ -28,6 +28,9 @@ run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --device c
 run python3 "$base" --device cuda --batch 128 --precision bf16 --warmup 10 --steps 50
 run python3 "$base" --device cuda --batch 128 --precision bf16 --compile --warmup 10 --steps 50
 run "$ddpm" bench train --preset cifar10 --batch 128 --precision fp16 --device cuda --warmup 10 --steps 50
+# The forward and backward pass replayed as a CUDA graph.
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision tf32 --cuda-graph --device cuda --warmup 10 --steps 50
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --cuda-graph --device cuda --warmup 10 --steps 50
 # Channels-last memory order, both frameworks.
 run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --channels-last --device cuda --warmup 10 --steps 50
 run python3 "$base" --device cuda --batch 128 --precision bf16 --channels-last --warmup 10 --steps 50
