@@ -151,8 +151,8 @@ pub struct DataResult {
 }
 
 /// Times one epoch of what training does with its data: load the set, read batches through
-/// the loader's workers, convert them to [−1, 1] and augment them; then, when `step_seconds`
-/// > 0, holds each batch that long as a device step would, which shows whether such a step
+/// the loader's workers, convert them to [−1, 1] and augment them; then, when `step_seconds` is
+/// positive, holds each batch that long as a device step would, which shows whether such a step
 /// ever waits for data.
 pub fn data(
     path: Option<&std::path::Path>,

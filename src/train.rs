@@ -300,7 +300,7 @@ impl Trainer {
             dataset_len as i64,
             i64::from_le_bytes(digest[..8].try_into().unwrap()),
             self.params.len() as i64,
-            crate::model::parameter_count(&self.vs) as i64,
+            crate::model::parameter_count(&self.vs),
         ];
         let leaders = Tensor::from_slice(&ours).to_device(self.device);
         group.broadcast_from_leader(std::slice::from_ref(&leaders))?;
@@ -767,7 +767,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             .div_ceil(config.train.batch as u64)
             .max(1);
     }
-    let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
+    let leader = launch.as_ref().map_or(true, |l| l.rank == 0);
     if leader {
         prepare_run_dir(&run_dir, &config, resume.is_some())?;
     }
@@ -841,7 +841,7 @@ fn run_loop(
 ) -> Result<RunSummary> {
     let config = trainer.config.clone();
     let tc = &config.train;
-    let leader = trainer.group().is_none_or(|g| g.is_leader());
+    let leader = trainer.group().map_or(true, |g| g.is_leader());
     let loader_options = LoaderOptions {
         batch: tc.batch,
         seed: tc.seed,
