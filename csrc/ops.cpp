@@ -104,6 +104,16 @@ char *ddpm_channels_last(at::Tensor *tensor, at::Tensor **out) {
   DDPM_TRY({ *out = new at::Tensor(tensor->contiguous(at::MemoryFormat::ChannelsLast)); })
 }
 
+// targets[i] = sources[i], converting the dtype where they differ.
+char *ddpm_foreach_copy_(at::Tensor **targets, at::Tensor **sources, size_t n) {
+  DDPM_TRY({ at::_foreach_copy_(list(targets, n), list(sources, n), false); })
+}
+
+// targets[i] += sources[i], converting the dtype where they differ.
+char *ddpm_foreach_add_(at::Tensor **targets, at::Tensor **sources, size_t n) {
+  DDPM_TRY({ at::_foreach_add_(list(targets, n), list(sources, n), 1); })
+}
+
 // tensors[i] = 0
 char *ddpm_foreach_zero_(at::Tensor **tensors, size_t n) {
   DDPM_TRY({ at::_foreach_zero_(list(tensors, n)); })

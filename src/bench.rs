@@ -196,7 +196,7 @@ pub fn result_line(what: &str, config: &RunConfig, device: Device, result: &Benc
     let mut line = format!(
         "RESULT framework=ddpm bench={what} device={} precision={} batch={} size={} ch={} params={:.1}M img_per_s={:.1} ms_per_step={:.2}",
         device_name(device),
-        format!("{:?}", config.train.precision).to_lowercase(),
+        config.train.precision.name(),
         config.train.batch,
         m.image_size,
         m.channels,

@@ -164,8 +164,21 @@ pub enum Precision {
     Tf32,
     /// bf16 autocast.
     Bf16,
+    /// f32 weights and optimizer; the network runs forward and backward in bf16 throughout
+    /// (weights cast once per step, no per-op casts), gradients summed in f32.
+    Bf16Pure,
     /// fp16 autocast with dynamic loss scaling.
     Fp16,
+}
+
+impl Precision {
+    /// The name config files and the command line use, e.g. "bf16-pure".
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .expect("every precision has a name")
+            .get_name()
+            .to_string()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

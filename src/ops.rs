@@ -40,6 +40,13 @@ extern "C" {
         weight: f64,
     ) -> *mut c_char;
     fn ddpm_foreach_zero_(tensors: *const CTensor, n: usize) -> *mut c_char;
+    fn ddpm_foreach_copy_(
+        targets: *const CTensor,
+        sources: *const CTensor,
+        n: usize,
+    ) -> *mut c_char;
+    fn ddpm_foreach_add_(targets: *const CTensor, sources: *const CTensor, n: usize)
+        -> *mut c_char;
     fn ddpm_to_channels_last_(tensors: *const CTensor, n: usize) -> *mut c_char;
     fn ddpm_channels_last(tensor: CTensor, out: *mut CTensor) -> *mut c_char;
     fn ddpm_amp_unscale_(
@@ -188,6 +195,20 @@ pub fn foreach_lerp_(targets: &[Tensor], sources: &[Tensor], weight: f64) -> Res
     check(unsafe { ddpm_foreach_lerp_(t.as_ptr(), s.as_ptr(), t.len(), weight) })
 }
 
+/// targetᵢ = sourceᵢ (converting the dtype where they differ).
+pub fn foreach_copy_(targets: &[Tensor], sources: &[Tensor]) -> Result<()> {
+    assert_eq!(targets.len(), sources.len());
+    let (t, s) = (ptrs(targets), ptrs(sources));
+    check(unsafe { ddpm_foreach_copy_(t.as_ptr(), s.as_ptr(), t.len()) })
+}
+
+/// targetᵢ += sourceᵢ (converting the dtype where they differ).
+pub fn foreach_add_(targets: &[Tensor], sources: &[Tensor]) -> Result<()> {
+    assert_eq!(targets.len(), sources.len());
+    let (t, s) = (ptrs(targets), ptrs(sources));
+    check(unsafe { ddpm_foreach_add_(t.as_ptr(), s.as_ptr(), t.len()) })
+}
+
 /// Re-lays the 4-D tensors out in channels-last memory order in place (values unchanged).
 pub fn to_channels_last_(tensors: &[Tensor]) -> Result<()> {
     let p = ptrs(tensors);
@@ -311,6 +332,21 @@ mod tests {
         assert_eq!(vec(&target[1]), vec![0.5]);
         foreach_zero_(&target).unwrap();
         assert_eq!(vec(&target[0]), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn copy_and_add_across_dtypes() {
+        let master = [Tensor::from_slice(&[1.0f32 / 3.0, 1000.5])];
+        let half = [Tensor::zeros([2], (Kind::BFloat16, Device::Cpu))];
+        foreach_copy_(&half, &master).unwrap();
+        assert_eq!(half[0].kind(), Kind::BFloat16);
+        // bf16 keeps 8 significant bits: 1/3 → 0.333984375, 1000.5 → 1000.
+        assert_eq!(vec(&half[0]), vec![0.333984375, 1000.0]);
+        let sums = [Tensor::from_slice(&[0.5f32, 0.25])];
+        foreach_add_(&sums, &half).unwrap();
+        foreach_add_(&sums, &half).unwrap();
+        assert_eq!(sums[0].kind(), Kind::Float);
+        assert_eq!(vec(&sums[0]), vec![0.5 + 2.0 * 0.333984375, 2000.25]);
     }
 
     #[test]

@@ -128,6 +128,55 @@ pub struct StepOutput {
     pub lr: f64,
 }
 
+/// The network in bf16 for `precision = "bf16-pure"`: its weights are copied from the f32
+/// master weights once per step, forward and backward run in bf16 without autocast's per-op
+/// casts (GroupNorm still gathers its statistics in f32), and its gradients are added into the
+/// f32 gradients after each micro-batch.
+struct Bf16Network {
+    _vs: VarStore,
+    model: UNet,
+    params: Vec<Tensor>,
+    /// The bf16 gradients, once backward has made them.
+    grads: Option<Vec<Tensor>>,
+}
+
+impl Bf16Network {
+    fn new(config: &RunConfig, device: Device) -> Result<Self> {
+        let mut vs = VarStore::new(device);
+        let model = UNet::new(&vs.root(), &config.model);
+        vs.bfloat16();
+        let (_, params) = sorted_variables(&vs);
+        if config.train.channels_last {
+            ops::to_channels_last_(&params)?;
+        }
+        Ok(Bf16Network {
+            _vs: vs,
+            model,
+            params,
+            grads: None,
+        })
+    }
+
+    /// sums += this network's gradients, which are then zeroed.
+    fn move_gradients_into(&mut self, sums: &[Tensor], names: &[String]) -> Result<()> {
+        if self.grads.is_none() {
+            self.grads = Some(defined_gradients(&self.params, names)?);
+        }
+        let grads = self.grads.as_ref().expect("just set");
+        ops::foreach_add_(sums, grads)?;
+        ops::foreach_zero_(grads)
+    }
+}
+
+/// The .grad of every parameter, or an error naming one that received none.
+fn defined_gradients(params: &[Tensor], names: &[String]) -> Result<Vec<Tensor>> {
+    let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+    if let Some(i) = grads.iter().position(|g| !g.defined()) {
+        bail!("parameter {} received no gradient", names[i]);
+    }
+    Ok(grads)
+}
+
 /// Eager steps before the gradient computation is recorded as a CUDA graph: the first runs
 /// allocate the gradients and let cuDNN pick its algorithms.
 const GRAPH_WARMUP_STEPS: usize = 3;
@@ -165,6 +214,8 @@ pub struct Trainer {
     group: Option<ProcessGroup>,
     /// The gradient computation as a CUDA graph (train.cuda_graph).
     graphed: Option<GraphedComputation>,
+    /// The bf16 copy of the network that computes the gradients (precision bf16-pure).
+    bf16: Option<Bf16Network>,
 }
 
 /// Variables of a store in name order, so that every list lines up across stores and runs.
@@ -205,6 +256,14 @@ impl Trainer {
             ops::set_tf32(config.train.precision == Precision::Tf32)?;
             tch::Cuda::cudnn_set_benchmark(true);
         }
+        let bf16 = match config.train.precision {
+            Precision::Bf16Pure => Some(Bf16Network::new(config, device)?),
+            _ => None,
+        };
+        // With bf16-pure the f32 gradients are sums made here, not autograd's.
+        let grads = bf16
+            .is_some()
+            .then(|| params.iter().map(Tensor::zeros_like).collect());
         let graphed = match config.train.cuda_graph {
             true if !device.is_cuda() => {
                 bail!("train.cuda_graph needs a CUDA device; this run is on {device:?}")
@@ -224,7 +283,7 @@ impl Trainer {
             names,
             params,
             ema_params,
-            grads: None,
+            grads,
             exp_avgs,
             exp_avg_sqs,
             adam_steps,
@@ -237,6 +296,7 @@ impl Trainer {
             reducer: None,
             group: None,
             graphed,
+            bf16,
         })
     }
 
@@ -244,7 +304,7 @@ impl Trainer {
         match self.config.train.precision {
             Precision::Bf16 => Some(AutocastType::Bf16),
             Precision::Fp16 => Some(AutocastType::Fp16),
-            Precision::F32 | Precision::Tf32 => None,
+            Precision::F32 | Precision::Tf32 | Precision::Bf16Pure => None,
         }
     }
 
@@ -253,6 +313,9 @@ impl Trainer {
     pub fn join(&mut self, group: ProcessGroup) -> Result<()> {
         if self.graphed.is_some() {
             bail!("train.cuda_graph is for one process; with several ranks, leave it off");
+        }
+        if self.bf16.is_some() {
+            bail!("precision bf16-pure is for one process; with several ranks, use bf16");
         }
         self.reducer = Some(group.gradient_reducer(&self.params)?);
         self.group = Some(group);
@@ -416,11 +479,7 @@ impl Trainer {
             group.all_reduce_mean(std::slice::from_ref(&total))?;
         }
         if self.grads.is_none() {
-            let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
-            if let Some(i) = grads.iter().position(|g| !g.defined()) {
-                bail!("parameter {} received no gradient", self.names[i]);
-            }
-            self.grads = Some(grads);
+            self.grads = Some(defined_gradients(&self.params, &self.names)?);
         }
         Ok(total)
     }
@@ -432,6 +491,9 @@ impl Trainer {
     fn compute_gradients(&mut self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
         if let Some(grads) = &self.grads {
             ops::foreach_zero_(grads)?;
+        }
+        if let Some(net) = &self.bf16 {
+            tch::no_grad(|| ops::foreach_copy_(&net.params, &self.params))?;
         }
         let c = &self.config;
         let k = c.train.grad_accum as i64;
@@ -445,9 +507,13 @@ impl Trainer {
             }
             let target = self.objective.target(x0, &noise, &t);
             let forward = || self.model.forward(&x_t, &t, true);
-            let prediction = match self.autocast_type() {
-                Some(dtype) => ops::autocast(self.device, dtype, forward)?,
-                None => forward(),
+            let prediction = match (&self.bf16, self.autocast_type()) {
+                (Some(net), _) => net
+                    .model
+                    .forward(&x_t.to_kind(Kind::BFloat16), &t, true)
+                    .to_kind(Kind::Float),
+                (None, Some(dtype)) => ops::autocast(self.device, dtype, forward)?,
+                (None, None) => forward(),
             };
             let (loss, errors) = self.objective.loss_and_errors(&prediction, &target, &t);
             self.error_by_quarter
@@ -475,6 +541,10 @@ impl Trainer {
                     }
                     None => e.into(),
                 });
+            }
+            if let Some(net) = &mut self.bf16 {
+                let sums = self.grads.as_ref().expect("made with the bf16 network");
+                net.move_gradients_into(sums, &self.names)?;
             }
             total += loss.detach().to_kind(Kind::Float);
         }
@@ -1255,6 +1325,68 @@ mod tests {
         let rel = (&four - &one).norm().double_value(&[]) / one.norm().double_value(&[]);
         assert!(rel < 1e-6, "relative difference {rel}");
         assert!(one.norm().double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn bf16_pure_trains_like_f32_as_closely_as_autocast() {
+        let _rng = crate::rng::exclusive();
+        let x = Tensor::rand([8, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let train = |precision: Precision| -> (Trainer, Vec<f64>) {
+            let mut c = tiny(16);
+            c.train.batch = 8;
+            c.train.precision = precision;
+            let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+            let losses = (0..6)
+                .map(|_| trainer.step(&x).unwrap().loss.double_value(&[]))
+                .collect();
+            (trainer, losses)
+        };
+        let initial = flat(&Trainer::new(&tiny(16), Device::Cpu).unwrap().params);
+        let (full, full_losses) = train(Precision::F32);
+        let (autocast, _) = train(Precision::Bf16);
+        let (mut pure, pure_losses) = train(Precision::Bf16Pure);
+        for (step, (f, p)) in full_losses.iter().zip(&pure_losses).enumerate() {
+            assert!((f - p).abs() < 5e-3 * f, "step {step}: {f} vs {p}");
+        }
+        // Measured: 0.0061 apart for bf16-pure, 0.0062 for autocast, 0.024 moved by training.
+        let distance = |t: &Trainer| {
+            (flat(&t.params) - flat(&full.params))
+                .norm()
+                .double_value(&[])
+        };
+        let moved = (flat(&full.params) - &initial).norm().double_value(&[]);
+        assert!(distance(&pure) < 1.5 * distance(&autocast) && distance(&pure) < 0.5 * moved);
+        // The master weights stay f32; the bf16 network computes with them rounded.
+        assert!(pure.params.iter().all(|p| p.kind() == Kind::Float));
+        let before = flat(&pure.params);
+        pure.step(&x).unwrap();
+        let net = pure.bf16.as_ref().unwrap();
+        assert!(net.params.iter().all(|p| p.kind() == Kind::BFloat16));
+        assert!(flat(&net.params).equal(&before.to_kind(Kind::BFloat16).to_kind(Kind::Float)));
+    }
+
+    #[test]
+    fn bf16_pure_sums_micro_batch_gradients_in_f32() {
+        let _rng = crate::rng::exclusive();
+        let x = Tensor::rand([8, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let grads_for = |k: usize| -> Tensor {
+            let mut c = tiny(8);
+            c.train.batch = 8;
+            c.train.grad_accum = k;
+            c.train.precision = Precision::Bf16Pure;
+            let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+            let _ = trainer.accumulate_gradients(&x).unwrap();
+            let grads = trainer.grads.as_ref().unwrap();
+            assert!(grads.iter().all(|g| g.kind() == Kind::Float));
+            flat(grads)
+        };
+        let (one, four) = (grads_for(1), grads_for(4));
+        let rel = (&four - &one).norm().double_value(&[]) / one.norm().double_value(&[]);
+        // Measured 0.2%: bf16 arithmetic on batches of 2 and 8, summed exactly (see ops' test).
+        assert!(
+            one.norm().double_value(&[]) > 0.0 && rel < 1e-2,
+            "relative difference {rel}"
+        );
     }
 
     #[test]
