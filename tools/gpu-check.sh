@@ -28,9 +28,12 @@ run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --device c
 run python3 "$base" --device cuda --batch 128 --precision bf16 --warmup 10 --steps 50
 run python3 "$base" --device cuda --batch 128 --precision bf16 --compile --warmup 10 --steps 50
 run "$ddpm" bench train --preset cifar10 --batch 128 --precision fp16 --device cuda --warmup 10 --steps 50
-# The forward and backward pass replayed as a CUDA graph.
+# bf16 without autocast's per-op casts; the forward and backward pass replayed as a CUDA graph.
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16-pure --device cuda --warmup 10 --steps 50
 run "$ddpm" bench train --preset cifar10 --batch 128 --precision tf32 --cuda-graph --device cuda --warmup 10 --steps 50
 run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --cuda-graph --device cuda --warmup 10 --steps 50
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16-pure --cuda-graph --device cuda --warmup 10 --steps 50
+run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16-pure --cuda-graph --channels-last --device cuda --warmup 10 --steps 50
 # Channels-last memory order, both frameworks.
 run "$ddpm" bench train --preset cifar10 --batch 128 --precision bf16 --channels-last --device cuda --warmup 10 --steps 50
 run python3 "$base" --device cuda --batch 128 --precision bf16 --channels-last --warmup 10 --steps 50
