@@ -1414,7 +1414,12 @@ mod tests {
         let batches: Vec<Tensor> = (0..8)
             .map(|_| (Tensor::rand([8, 3, 16, 16], (Kind::Float, Device::Cpu)) * 2 - 1).to(device))
             .collect();
-        for precision in [Precision::F32, Precision::Bf16, Precision::Fp16] {
+        for precision in [
+            Precision::F32,
+            Precision::Bf16,
+            Precision::Bf16Pure,
+            Precision::Fp16,
+        ] {
             let config = |graph: bool| {
                 let mut c = tiny(16);
                 c.model.in_channels = 3;
@@ -1586,8 +1591,15 @@ mod tests {
 
     #[test]
     fn resumed_run_is_bit_identical_to_a_straight_run() {
+        for precision in [Precision::F32, Precision::Bf16Pure] {
+            resumed_run_is_bit_identical_with(precision);
+        }
+    }
+
+    fn resumed_run_is_bit_identical_with(precision: Precision) {
         let _rng = crate::rng::exclusive();
         let mut c = tiny(8);
+        c.train.precision = precision;
         c.train.steps = 6;
         c.train.batch = 4;
         c.train.warmup_steps = 2;
@@ -1622,7 +1634,10 @@ mod tests {
         );
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         for (name, t) in &a {
-            assert!(t.equal(&b[name]), "{name} differs after resume");
+            assert!(
+                t.equal(&b[name]),
+                "{precision:?}: {name} differs after resume"
+            );
         }
         let sa = Checkpoint::load(&dir.path().join("straight"))
             .unwrap()
