@@ -71,8 +71,13 @@ char *ddpm_cuda_graph_capture_begin(void *handle) {
     auto *g = graph_of(handle);
     g->autocast_cache = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
-    // Thread-local: the data loader's threads may call into CUDA meanwhile.
-    g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    try {
+      // Thread-local: the data loader's threads may call into CUDA meanwhile.
+      g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    } catch (...) {
+      at::autocast::set_autocast_cache_enabled(g->autocast_cache);
+      throw;
+    }
   })
 }
 

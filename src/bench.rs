@@ -211,9 +211,10 @@ pub fn result_line(what: &str, config: &RunConfig, device: Device, result: &Benc
         line += &format!(" mem_peak_alloc_gib={allocated:.2} mem_peak_reserved_gib={reserved:.2}");
     }
     line += &format!(
-        " channels_last={} cuda_graph={} threads={}",
+        " channels_last={} cuda_graph={} fused_norm_silu={} threads={}",
         config.train.channels_last as u8,
         config.train.cuda_graph as u8,
+        config.train.fused_norm_silu as u8,
         tch::get_num_threads()
     );
     line

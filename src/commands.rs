@@ -480,6 +480,9 @@ pub struct BenchArgs {
     /// Replay the forward and backward pass as a CUDA graph (training)
     #[arg(long)]
     pub cuda_graph: bool,
+    /// One fused kernel per GroupNorm+SiLU
+    #[arg(long)]
+    pub fused_norm_silu: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Untimed steps first
@@ -554,6 +557,7 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     }
     config.train.channels_last |= args.channels_last;
     config.train.cuda_graph |= args.cuda_graph;
+    config.train.fused_norm_silu |= args.fused_norm_silu;
     config.train.device = args.device.clone();
     config.validate()?;
     if let Some(threads) = args.threads {

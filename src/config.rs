@@ -220,6 +220,10 @@ pub struct TrainConfig {
     /// one launch instead of thousands of small kernels (CUDA, one process).
     #[serde(default)]
     pub cuda_graph: bool,
+    /// Run each GroupNorm+SiLU pair as one fused kernel, forward and backward (CUDA; f32 and
+    /// bf16 activations in NCHW order).
+    #[serde(default)]
+    pub fused_norm_silu: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -510,6 +514,7 @@ impl RunConfig {
                 rollback_lr_factor: 0.5,
                 channels_last: false,
                 cuda_graph: false,
+                fused_norm_silu: false,
             },
             data: DataConfig {
                 path: String::new(),
@@ -812,6 +817,9 @@ pub struct Overrides {
     /// Replay the forward and backward pass as a CUDA graph, true or false [train.cuda_graph]
     #[arg(long)]
     pub cuda_graph: Option<bool>,
+    /// One fused kernel per GroupNorm+SiLU, true or false [train.fused_norm_silu]
+    #[arg(long)]
+    pub fused_norm_silu: Option<bool>,
     /// [train.seed]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -892,6 +900,7 @@ impl Overrides {
         set(&mut c.train.grad_accum, &self.grad_accum);
         set(&mut c.train.channels_last, &self.channels_last);
         set(&mut c.train.cuda_graph, &self.cuda_graph);
+        set(&mut c.train.fused_norm_silu, &self.fused_norm_silu);
         set(&mut c.train.lr, &self.lr);
         set(&mut c.train.lr_schedule, &self.lr_schedule);
         set(&mut c.train.warmup_steps, &self.warmup_steps);

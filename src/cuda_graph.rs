@@ -89,6 +89,7 @@ pub struct GraphedComputation {
     /// The recorded inputs and outputs: each call copies its inputs into the former and
     /// returns copies of the latter.
     recorded: Option<(Vec<Tensor>, Vec<Tensor>)>,
+    capture_failed: bool,
 }
 
 impl GraphedComputation {
@@ -97,6 +98,7 @@ impl GraphedComputation {
             graph: CudaGraph::new(device)?,
             warmup_left: warmup,
             recorded: None,
+            capture_failed: false,
         })
     }
 
@@ -119,9 +121,15 @@ impl GraphedComputation {
                 }
                 self.replay(outputs)
             }
+            None if self.capture_failed => {
+                bail!("an earlier CUDA graph recording failed; run without train.cuda_graph")
+            }
             None => {
                 let recorded: Vec<Tensor> = inputs.iter().map(Tensor::copy).collect();
+                // A failed capture can leave libtorch's CUDA state unusable: never retried.
+                self.capture_failed = true;
                 let outputs = self.graph.capture(|| f(&recorded))?;
+                self.capture_failed = false;
                 self.recorded = Some((recorded, outputs));
                 let (_, outputs) = self.recorded.as_ref().expect("just recorded");
                 self.replay(outputs)

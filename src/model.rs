@@ -11,6 +11,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::{DownsamplePadding, ModelConfig};
 
+const GROUP_NORM_EPS: f64 = 1e-6;
+
 /// GroupNorm with 32 groups, or the largest divisor of 32 that divides `channels` (so that
 /// narrow models, e.g. 16 base channels with 48-channel skip concatenations, work too).
 fn group_norm(vs: nn::Path, channels: i64) -> nn::GroupNorm {
@@ -20,7 +22,7 @@ fn group_norm(vs: nn::Path, channels: i64) -> nn::GroupNorm {
         .find(|g| channels % g == 0)
         .unwrap_or(1);
     let config = nn::GroupNormConfig {
-        eps: 1e-6,
+        eps: GROUP_NORM_EPS,
         ..Default::default()
     };
     nn::group_norm(vs, groups, channels, config)
@@ -38,6 +40,22 @@ fn conv(vs: nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64) -> nn::Conv
             ..Default::default()
         },
     )
+}
+
+/// SiLU(GroupNorm(x)): with `fused`, one kernel each way where it applies (a contiguous f32 or
+/// bf16 CUDA tensor), else libtorch's two ops.
+fn norm_silu(norm: &nn::GroupNorm, x: &Tensor, fused: bool) -> Tensor {
+    let applies = fused
+        && x.device().is_cuda()
+        && x.is_contiguous()
+        && matches!(x.kind(), Kind::Float | Kind::BFloat16);
+    match (&norm.ws, &norm.bs) {
+        (Some(weight), Some(bias)) if applies => {
+            crate::ops::group_norm_silu(x, weight, bias, norm.num_groups, GROUP_NORM_EPS)
+                .unwrap_or_else(|e| panic!("fused GroupNorm+SiLU: {e:#}"))
+        }
+        _ => norm.forward(x).silu(),
+    }
 }
 
 /// Sinusoidal embedding of (possibly fractional) timesteps: [sin(t·f_i), cos(t·f_i)],
@@ -75,10 +93,10 @@ impl ResBlock {
     }
 
     /// `temb_act` is SiLU(time embedding), shared by every block.
-    fn forward(&self, x: &Tensor, temb_act: &Tensor, train: bool) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu());
+    fn forward(&self, x: &Tensor, temb_act: &Tensor, train: bool, fused: bool) -> Tensor {
+        let h = self.conv1.forward(&norm_silu(&self.norm1, x, fused));
         let h = h + self.temb_proj.forward(temb_act).unsqueeze(-1).unsqueeze(-1);
-        let h = self.norm2.forward(&h).silu().dropout(self.dropout, train);
+        let h = norm_silu(&self.norm2, &h, fused).dropout(self.dropout, train);
         let h = self.conv2.forward(&h);
         match &self.nin_shortcut {
             Some(shortcut) => shortcut.forward(x) + h,
@@ -151,6 +169,8 @@ pub struct UNet {
     up: Vec<Level>,
     norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
+    /// GroupNorm+SiLU through the fused CUDA kernels.
+    fused_norm_silu: bool,
 }
 
 impl UNet {
@@ -264,7 +284,14 @@ impl UNet {
             up,
             norm_out,
             conv_out,
+            fused_norm_silu: false,
         }
+    }
+
+    /// Runs each GroupNorm+SiLU pair as one fused CUDA kernel (where the input is a contiguous
+    /// f32 or bf16 CUDA tensor) instead of libtorch's two.
+    pub fn set_fused_norm_silu(&mut self, fused: bool) {
+        self.fused_norm_silu = fused;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -273,6 +300,7 @@ impl UNet {
 
     /// x: [B, C, H, W] in model space, t: [B] timesteps (integer or float).
     pub fn forward(&self, x: &Tensor, t: &Tensor, train: bool) -> Tensor {
+        let fused = self.fused_norm_silu;
         let temb = timestep_embedding(t, self.config.channels).to_kind(x.kind());
         let temb = self.temb_dense[1].forward(&self.temb_dense[0].forward(&temb).silu());
         let temb_act = temb.silu();
@@ -280,7 +308,7 @@ impl UNet {
         let mut hs = vec![self.conv_in.forward(x)];
         for level in &self.down {
             for (i, block) in level.blocks.iter().enumerate() {
-                let mut h = block.forward(hs.last().unwrap(), &temb_act, train);
+                let mut h = block.forward(hs.last().unwrap(), &temb_act, train, fused);
                 if let Some(attn) = level.attns.get(i) {
                     h = attn.forward(&h);
                 }
@@ -300,15 +328,16 @@ impl UNet {
 
         let (block_1, attn, block_2) = &self.mid;
         let mut h = block_2.forward(
-            &attn.forward(&block_1.forward(hs.last().unwrap(), &temb_act, train)),
+            &attn.forward(&block_1.forward(hs.last().unwrap(), &temb_act, train, fused)),
             &temb_act,
             train,
+            fused,
         );
 
         for level in &self.up {
             for (i, block) in level.blocks.iter().enumerate() {
                 let skip = hs.pop().expect("one skip per up block");
-                h = block.forward(&Tensor::cat(&[h, skip], 1), &temb_act, train);
+                h = block.forward(&Tensor::cat(&[h, skip], 1), &temb_act, train, fused);
                 if let Some(attn) = level.attns.get(i) {
                     h = attn.forward(&h);
                 }
@@ -318,7 +347,7 @@ impl UNet {
                 h = upsample.forward(&h.upsample_nearest2d([height * 2, width * 2], None, None));
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+        self.conv_out.forward(&norm_silu(&self.norm_out, &h, fused))
     }
 }
 

@@ -40,6 +40,15 @@ extern "C" {
         weight: f64,
     ) -> *mut c_char;
     fn ddpm_foreach_zero_(tensors: *const CTensor, n: usize) -> *mut c_char;
+    fn ddpm_group_norm_silu(
+        x: CTensor,
+        weight: CTensor,
+        bias: CTensor,
+        groups: i64,
+        eps: f64,
+        out: *mut CTensor,
+    ) -> *mut c_char;
+    fn ddpm_compile_fused_kernels(arch: *const c_char, cubin_bytes: *mut i64) -> *mut c_char;
     fn ddpm_foreach_copy_(
         targets: *const CTensor,
         sources: *const CTensor,
@@ -209,6 +218,30 @@ pub fn foreach_add_(targets: &[Tensor], sources: &[Tensor]) -> Result<()> {
     check(unsafe { ddpm_foreach_add_(t.as_ptr(), s.as_ptr(), t.len()) })
 }
 
+/// SiLU(GroupNorm(x)) for a contiguous 4-D f32 or bf16 CUDA tensor, in one fused kernel each
+/// way (`csrc/group_norm_silu.cu`, compiled for the card on first use); differentiable.
+pub fn group_norm_silu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: i64,
+    eps: f64,
+) -> Result<Tensor> {
+    let mut out: CTensor = std::ptr::null_mut();
+    check(unsafe { ddpm_group_norm_silu(ptr(x), ptr(weight), ptr(bias), groups, eps, &mut out) })?;
+    // SAFETY: on success the binding hands over a heap-allocated at::Tensor.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+/// Compiles the fused kernels for a GPU architecture (e.g. "sm_90") and returns the size of the
+/// machine code; needs NVRTC, not a GPU.
+pub fn compile_fused_kernels(arch: &str) -> Result<usize> {
+    let arch = std::ffi::CString::new(arch)?;
+    let mut bytes = 0i64;
+    check(unsafe { ddpm_compile_fused_kernels(arch.as_ptr(), &mut bytes) })?;
+    Ok(bytes as usize)
+}
+
 /// Re-lays the 4-D tensors out in channels-last memory order in place (values unchanged).
 pub fn to_channels_last_(tensors: &[Tensor]) -> Result<()> {
     let p = ptrs(tensors);
@@ -332,6 +365,70 @@ mod tests {
         assert_eq!(vec(&target[1]), vec![0.5]);
         foreach_zero_(&target).unwrap();
         assert_eq!(vec(&target[0]), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn fused_kernels_compile_for_hopper_and_ampere() {
+        for arch in ["sm_90", "sm_80"] {
+            let bytes = compile_fused_kernels(arch).unwrap();
+            assert!(bytes > 1000, "{arch}: {bytes} bytes");
+        }
+        let error = compile_fused_kernels("sm_1").unwrap_err().to_string();
+        assert!(error.contains("sm_1"), "{error}");
+    }
+
+    /// Needs a CUDA device (tools/gpu-check.sh runs the ignored tests there).
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn fused_group_norm_silu_matches_libtorch_on_cuda() {
+        let device = Device::Cuda(0);
+        assert!(tch::Cuda::is_available(), "no CUDA device");
+        tch::manual_seed(3);
+        let float = (Kind::Float, device);
+        // (N, C, H, W, groups): wide and narrow groups, small and odd spatial sizes.
+        let shapes = [
+            (3, 64, 8, 8, 32),
+            (2, 512, 4, 4, 32),
+            (4, 96, 32, 32, 32),
+            (1, 48, 5, 7, 16),
+        ];
+        for (kind, tolerance) in [(Kind::Float, 1e-4), (Kind::BFloat16, 1.5e-2)] {
+            for (n, c, h, w, groups) in shapes {
+                let leaf = |t: Tensor| t.to_kind(kind).set_requires_grad(true);
+                let x = leaf(Tensor::randn([n, c, h, w], float) * 2 + 0.5);
+                let weight = leaf(Tensor::randn([c], float) * 0.5 + 1);
+                let bias = leaf(Tensor::randn([c], float) * 0.5);
+                let dz = Tensor::randn([n, c, h, w], float)
+                    .to_kind(kind)
+                    .to_kind(Kind::Float);
+                // The reference: libtorch's ops in f32 on the same (rounded) values.
+                let f32_leaf = |t: &Tensor| t.detach().to_kind(Kind::Float).set_requires_grad(true);
+                let (rx, rw, rb) = (f32_leaf(&x), f32_leaf(&weight), f32_leaf(&bias));
+                let reference =
+                    Tensor::group_norm(&rx, groups, Some(&rw), Some(&rb), 1e-6, true).silu();
+                (&reference * &dz).sum(Kind::Float).backward();
+                let z = group_norm_silu(&x, &weight, &bias, groups, 1e-6).unwrap();
+                assert_eq!(z.kind(), kind);
+                (z.to_kind(Kind::Float) * &dz).sum(Kind::Float).backward();
+                let case = format!("{kind:?} {n}x{c}x{h}x{w} groups {groups}");
+                for (what, got, want) in [
+                    ("output", z.detach(), reference.detach()),
+                    ("dx", x.grad(), rx.grad()),
+                    ("dweight", weight.grad(), rw.grad()),
+                    ("dbias", bias.grad(), rb.grad()),
+                ] {
+                    let error = (got.to_kind(Kind::Float) - &want)
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    let scale = want.abs().max().double_value(&[]);
+                    assert!(
+                        error <= tolerance * scale,
+                        "{case} {what}: {error} of {scale}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
