@@ -9,6 +9,7 @@
 #include "kernel_sources.h"
 
 #include <ATen/cuda/CUDAContextLight.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
 #include <nvrtc.h>
@@ -149,11 +150,20 @@ void check_cu(CUresult result, const char *what) {
 }
 
 struct Kernels {
+  // The device's primary context (the one libtorch's runtime calls use), which the module is in.
+  CUcontext context;
   CUfunction forward_f32, forward_bf16, backward_f32, backward_bf16;
 };
 
-// The kernels for `device`, compiled and loaded on first use (into the primary context, which
-// is the one libtorch works in).
+// Driver calls need a current context, which a thread that only went through the runtime API
+// (the autograd engine's, say) may not have bound yet, or may have bound for another device.
+void make_current(CUcontext context) {
+  CUcontext current = nullptr;
+  check_cu(driver().current_context(&current), "cuCtxGetCurrent");
+  if (current != context) check_cu(driver().set_context(context), "cuCtxSetCurrent");
+}
+
+// The kernels for `device`, compiled and loaded on first use.
 const Kernels &kernels(c10::DeviceIndex device) {
   static std::mutex mutex;
   static std::map<c10::DeviceIndex, Kernels> loaded;
@@ -163,9 +173,9 @@ const Kernels &kernels(c10::DeviceIndex device) {
   const auto &api = driver();
   CUdevice handle;
   check_cu(api.device(&handle, device), "cuDeviceGet");
-  CUcontext context;
-  check_cu(api.primary_context(&context, handle), "cuDevicePrimaryCtxRetain");
-  check_cu(api.set_context(context), "cuCtxSetCurrent");
+  Kernels k{};
+  check_cu(api.primary_context(&k.context, handle), "cuDevicePrimaryCtxRetain");
+  make_current(k.context);
   const auto *props = at::cuda::getDeviceProperties(device);
   std::string cubin = compile("sm_" + std::to_string(props->major) + std::to_string(props->minor));
   CUmodule module;
@@ -175,32 +185,42 @@ const Kernels &kernels(c10::DeviceIndex device) {
     check_cu(api.function(&f, module, name), name);
     return f;
   };
-  Kernels k{get("group_norm_silu_forward_f32"), get("group_norm_silu_forward_bf16"),
-            get("group_norm_silu_backward_f32"), get("group_norm_silu_backward_bf16")};
+  k.forward_f32 = get("group_norm_silu_forward_f32");
+  k.forward_bf16 = get("group_norm_silu_forward_bf16");
+  k.backward_f32 = get("group_norm_silu_backward_f32");
+  k.backward_bf16 = get("group_norm_silu_backward_bf16");
   return loaded.emplace(device, k).first->second;
 }
 
 constexpr unsigned kThreads = 256; // as in the kernel source
 
-void launch(CUfunction f, int64_t blocks, std::vector<void *> args, c10::DeviceIndex device) {
+// Launches on `device`'s current stream, one block per (sample, group).
+void launch(const Kernels &k, CUfunction f, int64_t blocks, std::vector<void *> args,
+            c10::DeviceIndex device) {
+  make_current(k.context);
   auto stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(device).stream());
   check_cu(driver().launch(f, static_cast<unsigned>(blocks), 1, 1, kThreads, 1, 1, 0, stream,
                            args.data(), nullptr),
            "cuLaunchKernel");
 }
 
-void check_input(const at::Tensor &x, int64_t groups) {
+void check_input(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &bias,
+                 int64_t groups) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "fused GroupNorm+SiLU takes a 4-D CUDA tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "fused GroupNorm+SiLU takes f32 or bf16, not ", x.scalar_type());
-  TORCH_CHECK(x.size(1) % groups == 0, "channels not divisible by the groups");
+  TORCH_CHECK(x.size(0) > 0 && x.numel() < (int64_t{1} << 31), "fused GroupNorm+SiLU: size");
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, "channels not divisible by the groups");
+  TORCH_CHECK(weight.numel() == x.size(1) && bias.numel() == x.size(1),
+              "GroupNorm weight and bias need one value per channel");
 }
 
 struct GroupNormSiLU : public torch::autograd::Function<GroupNormSiLU> {
   static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &input,
                             const at::Tensor &weight, const at::Tensor &bias, int64_t groups,
                             double eps) {
-    check_input(input, groups);
+    check_input(input, weight, bias, groups);
+    c10::DeviceGuard guard(input.device());
     auto x = input.contiguous();
     auto gamma = weight.to(at::kFloat).contiguous(), beta = bias.to(at::kFloat).contiguous();
     int n = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3), g = groups;
@@ -211,7 +231,7 @@ struct GroupNormSiLU : public torch::autograd::Function<GroupNormSiLU> {
     void *xp = x.data_ptr(), *gp = gamma.data_ptr(), *bp = beta.data_ptr(), *zp = z.data_ptr();
     void *mp = mean.data_ptr(), *rp = rstd.data_ptr();
     const auto &k = kernels(x.device().index());
-    launch(x.scalar_type() == at::kFloat ? k.forward_f32 : k.forward_bf16, n * g,
+    launch(k, x.scalar_type() == at::kFloat ? k.forward_f32 : k.forward_bf16, n * g,
            {&xp, &gp, &bp, &zp, &mp, &rp, &channels, &g, &hw, &epsilon}, x.device().index());
     ctx->save_for_backward({x, gamma, beta, mean, rstd});
     ctx->saved_data["groups"] = groups;
@@ -223,6 +243,7 @@ struct GroupNormSiLU : public torch::autograd::Function<GroupNormSiLU> {
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
     auto &x = saved[0], &gamma = saved[1], &beta = saved[2], &mean = saved[3], &rstd = saved[4];
+    c10::DeviceGuard guard(x.device());
     auto dz = grads[0].to(x.scalar_type()).contiguous();
     int n = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
     int g = ctx->saved_data["groups"].toInt();
@@ -232,7 +253,7 @@ struct GroupNormSiLU : public torch::autograd::Function<GroupNormSiLU> {
     void *mp = mean.data_ptr(), *rp = rstd.data_ptr(), *dxp = dx.data_ptr();
     void *dgp = rows[0].data_ptr(), *dbp = rows[1].data_ptr();
     const auto &k = kernels(x.device().index());
-    launch(x.scalar_type() == at::kFloat ? k.backward_f32 : k.backward_bf16, n * g,
+    launch(k, x.scalar_type() == at::kFloat ? k.backward_f32 : k.backward_bf16, n * g,
            {&dzp, &xp, &gp, &bp, &mp, &rp, &dxp, &dgp, &dbp, &channels, &g, &hw},
            x.device().index());
     auto weight_type = static_cast<at::ScalarType>(ctx->saved_data["weight_type"].toInt());
@@ -251,6 +272,11 @@ char *ddpm_group_norm_silu(at::Tensor *x, at::Tensor *weight, at::Tensor *bias, 
   DDPM_TRY({ *out = new at::Tensor(GroupNormSiLU::apply(*x, *weight, *bias, groups, eps)); })
 }
 
+// Compiles and loads the fused kernels for a CUDA device, if they are not loaded yet.
+char *ddpm_load_fused_kernels(int device) {
+  DDPM_TRY({ kernels(static_cast<c10::DeviceIndex>(device)); })
+}
+
 // Compiles the fused kernels for `arch` (e.g. "sm_90") without loading them; needs no GPU.
 char *ddpm_compile_fused_kernels(const char *arch, int64_t *cubin_bytes) {
   DDPM_TRY({ *cubin_bytes = static_cast<int64_t>(compile(arch).size()); })
@@ -260,16 +286,20 @@ char *ddpm_compile_fused_kernels(const char *arch, int64_t *cubin_bytes) {
 
 #else
 
+namespace {
+char *unavailable() {
+  return ddpm::error_message("fused kernels are unavailable: this program was built without "
+                             "the CUDA headers (tools/setup.sh installs them)");
+}
+} // namespace
+
 extern "C" {
 char *ddpm_group_norm_silu(at::Tensor *, at::Tensor *, at::Tensor *, int64_t, double,
                            at::Tensor **) {
-  return ddpm::error_message("fused kernels are unavailable: this program was built without "
-                             "the CUDA headers (tools/setup.sh installs them)");
+  return unavailable();
 }
-char *ddpm_compile_fused_kernels(const char *, int64_t *) {
-  return ddpm::error_message("fused kernels are unavailable: this program was built without "
-                             "the CUDA headers (tools/setup.sh installs them)");
-}
+char *ddpm_load_fused_kernels(int) { return unavailable(); }
+char *ddpm_compile_fused_kernels(const char *, int64_t *) { return unavailable(); }
 } // extern "C"
 
 #endif

@@ -29,37 +29,43 @@ __device__ __forceinline__ void store(unsigned short *p, long i, float v) {
 
 __device__ __forceinline__ float sigmoid(float y) { return 1.0f / (1.0f + __expf(-y)); }
 
-// The sum of `v` over the block, returned to every thread. `scratch` holds kThreads / 32 floats.
-__device__ float block_sum(float v, float *scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+// The sums of `v` over the block, returned to every thread. `scratch` holds kThreads / 32 pairs.
+__device__ float2 block_sum(float2 v, float2 *scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, offset);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, offset);
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads(); // scratch may still be read by the previous call
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float total = 0.0f;
-  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+  float2 total = make_float2(0.0f, 0.0f);
+  for (int w = 0; w < kThreads / 32; ++w) {
+    total.x += scratch[w].x;
+    total.y += scratch[w].y;
+  }
   return total;
 }
 
 template <typename T>
 __device__ void forward(const T *x, const float *gamma, const float *beta, T *z, float *mean_out,
                         float *rstd_out, int channels, int groups, int hw, float eps) {
-  __shared__ float scratch[kThreads / 32];
+  __shared__ float2 scratch[kThreads / 32];
   const int group_channels = channels / groups;
-  const long d = static_cast<long>(group_channels) * hw;
+  const int d = group_channels * hw; // the caller keeps tensors under 2^31 elements
   const long base = static_cast<long>(blockIdx.x) * d; // blockIdx.x = n * groups + g
   const int first_channel = (blockIdx.x % groups) * group_channels;
   float sum = 0.0f;
-  for (long i = threadIdx.x; i < d; i += kThreads) sum += load(x, base + i);
-  const float mean = block_sum(sum, scratch) / d;
+  for (int i = threadIdx.x; i < d; i += kThreads) sum += load(x, base + i);
+  const float mean = block_sum(make_float2(sum, 0.0f), scratch).x / d;
   float squares = 0.0f;
-  for (long i = threadIdx.x; i < d; i += kThreads) {
+  for (int i = threadIdx.x; i < d; i += kThreads) {
     const float c = load(x, base + i) - mean;
     squares += c * c;
   }
-  const float rstd = rsqrtf(block_sum(squares, scratch) / d + eps);
-  for (long i = threadIdx.x; i < d; i += kThreads) {
-    const int c = first_channel + static_cast<int>(i / hw);
+  const float rstd = rsqrtf(block_sum(make_float2(squares, 0.0f), scratch).x / d + eps);
+  for (int i = threadIdx.x; i < d; i += kThreads) {
+    const int c = first_channel + i / hw;
     const float y = (load(x, base + i) - mean) * rstd * gamma[c] + beta[c];
     store(z, base + i, y * sigmoid(y));
   }
@@ -73,9 +79,9 @@ template <typename T>
 __device__ void backward(const T *dz, const T *x, const float *gamma, const float *beta,
                          const float *mean_in, const float *rstd_in, T *dx, float *dgamma_rows,
                          float *dbeta_rows, int channels, int groups, int hw) {
-  __shared__ float scratch[kThreads / 32];
+  __shared__ float2 scratch[kThreads / 32];
   const int group_channels = channels / groups;
-  const long d = static_cast<long>(group_channels) * hw;
+  const int d = group_channels * hw;
   const long base = static_cast<long>(blockIdx.x) * d;
   const int sample = blockIdx.x / groups;
   const int first_channel = (blockIdx.x % groups) * group_channels;
@@ -93,8 +99,9 @@ __device__ void backward(const T *dz, const T *x, const float *gamma, const floa
       dgamma += dy * xhat;
       dbeta += dy;
     }
-    dgamma = block_sum(dgamma, scratch);
-    dbeta = block_sum(dbeta, scratch);
+    const float2 sums = block_sum(make_float2(dgamma, dbeta), scratch);
+    dgamma = sums.x;
+    dbeta = sums.y;
     if (threadIdx.x == 0) {
       dgamma_rows[static_cast<long>(sample) * channels + c] = dgamma;
       dbeta_rows[static_cast<long>(sample) * channels + c] = dbeta;
@@ -104,8 +111,8 @@ __device__ void backward(const T *dz, const T *x, const float *gamma, const floa
   }
   a /= d;
   b /= d;
-  for (long i = threadIdx.x; i < d; i += kThreads) {
-    const int c = first_channel + static_cast<int>(i / hw);
+  for (int i = threadIdx.x; i < d; i += kThreads) {
+    const int c = first_channel + i / hw;
     const float xhat = (load(x, base + i) - mean) * rstd;
     const float y = xhat * gamma[c] + beta[c];
     const float s = sigmoid(y);

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 baseline=${1:-../shared/bench/torch_unet_bench.py}
 cargo build --release
-tests=$(cargo test --release --lib --no-run --message-format=json 2>/dev/null |
+tests=$(cargo test --release --lib --no-run --message-format=json |
     python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
