@@ -335,10 +335,11 @@ impl Trainer {
         if self.graphed.is_some() {
             bail!("train.cuda_graph is for one process; with several ranks, leave it off");
         }
-        if self.bf16.is_some() {
-            bail!("precision bf16-pure is for one process; with several ranks, use bf16");
+        // With bf16-pure the f32 gradients are sums made outside autograd, so they are averaged
+        // after backward (see accumulate_gradients) rather than by the reducer during it.
+        if self.bf16.is_none() {
+            self.reducer = Some(group.gradient_reducer(&self.params)?);
         }
-        self.reducer = Some(group.gradient_reducer(&self.params)?);
         self.group = Some(group);
         Ok(())
     }
@@ -494,6 +495,10 @@ impl Trainer {
             None => self.compute_gradients(&x0, &t, &noise)?,
         };
         if let Some(group) = &self.group {
+            if self.bf16.is_some() {
+                let sums = self.grads.as_ref().expect("made with the bf16 network");
+                group.all_reduce_mean(sums)?;
+            }
             // The batch's mean loss over all ranks. Being a collective that waits, it also
             // surfaces a failed gradient average before the optimizer step (NCCL's reducer
             // only orders the streams), and it runs after every bucket on the same group.
