@@ -138,6 +138,8 @@ struct Bf16Network {
     params: Vec<Tensor>,
     /// The bf16 gradients, once backward has made them.
     grads: Option<Vec<Tensor>>,
+    /// f32 copies of them, for micro-batches after the first.
+    staged: Option<Vec<Tensor>>,
 }
 
 impl Bf16Network {
@@ -155,16 +157,32 @@ impl Bf16Network {
             model,
             params,
             grads: None,
+            staged: None,
         })
     }
 
-    /// sums += this network's gradients, which are then zeroed.
-    fn move_gradients_into(&mut self, sums: &[Tensor], names: &[String]) -> Result<()> {
+    /// Moves this network's gradients into the f32 `sums` (set by the first micro-batch, added
+    /// to by the others) and zeroes them. On CUDA a copy across dtypes is one multi-tensor
+    /// kernel and an add across dtypes is not, hence the f32 staging copy for later micro-batches.
+    fn move_gradients_into(
+        &mut self,
+        sums: &[Tensor],
+        first: bool,
+        names: &[String],
+    ) -> Result<()> {
         if self.grads.is_none() {
             self.grads = Some(defined_gradients(&self.params, names)?);
         }
         let grads = self.grads.as_ref().expect("just set");
-        ops::foreach_add_(sums, grads)?;
+        if first {
+            ops::foreach_copy_(sums, grads)?;
+        } else {
+            let staged = self
+                .staged
+                .get_or_insert_with(|| sums.iter().map(Tensor::zeros_like).collect());
+            ops::foreach_copy_(staged, grads)?;
+            ops::foreach_add_(sums, staged)?;
+        }
         ops::foreach_zero_(grads)
     }
 }
@@ -515,7 +533,8 @@ impl Trainer {
     /// the same kernels on the same tensors every call and never waits for the device, so that
     /// it can run as a CUDA graph.
     fn compute_gradients(&mut self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        if let Some(grads) = &self.grads {
+        // Backward adds into the gradients; bf16-pure's first micro-batch sets them.
+        if let (Some(grads), None) = (&self.grads, &self.bf16) {
             ops::foreach_zero_(grads)?;
         }
         if let Some(net) = &self.bf16 {
@@ -570,7 +589,7 @@ impl Trainer {
             }
             if let Some(net) = &mut self.bf16 {
                 let sums = self.grads.as_ref().expect("made with the bf16 network");
-                net.move_gradients_into(sums, &self.names)?;
+                net.move_gradients_into(sums, i == 0, &self.names)?;
             }
             total += loss.detach().to_kind(Kind::Float);
         }
