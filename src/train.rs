@@ -528,8 +528,9 @@ impl Trainer {
         Ok(total)
     }
 
-    /// Gradients (accumulated in the parameters' .grad, zeroed first) of this rank's share x0
-    /// with timesteps t and noise, micro-batch by micro-batch; returns the mean loss. Launches
+    /// Gradients of this rank's share x0 with timesteps t and noise, micro-batch by
+    /// micro-batch, left in the parameters' .grad (bf16-pure: in the f32 sums); returns the
+    /// mean loss. Launches
     /// the same kernels on the same tensors every call and never waits for the device, so that
     /// it can run as a CUDA graph.
     fn compute_gradients(&mut self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
