@@ -554,7 +554,7 @@ mod tests {
             "{e}"
         );
         let short = dir.path().join("b-idx3-ubyte");
-        std::fs::write(&short, &idx_bytes(3, 2, 2, &[0; 4])).unwrap();
+        std::fs::write(&short, idx_bytes(3, 2, 2, &[0; 4])).unwrap();
         let e = format!("{:#}", load(Some(&short), &options(1, 2)).err().unwrap());
         assert!(
             e.contains("b-idx3-ubyte") && e.contains("28 bytes expected"),
