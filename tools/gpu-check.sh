@@ -9,6 +9,7 @@
 # minutes each, so that each fits one call with room for a rerun:
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 1   # CUDA tests, the targets: ddpm vs PyTorch
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 2   # the levers one by one, channels-last, sampling
+# Back here, the README's tables: python3 tools/gpu_table.py /tmp/out/summary.txt
 set -uo pipefail
 part=${1:-all}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
