@@ -88,7 +88,13 @@ fn cuda_includes(libtorch: &std::path::Path) -> Option<CudaIncludes> {
     }
     let nvidia = libtorch.parent()?.join("nvidia");
     let runtime = nvidia.join("cu13/include");
-    let needed = ["cuda_runtime.h", "cuda.h", "nvrtc.h", "crt/host_config.h", "nv/target"];
+    let needed = [
+        "cuda_runtime.h",
+        "cuda.h",
+        "nvrtc.h",
+        "crt/host_config.h",
+        "nv/target",
+    ];
     if !needed.iter().all(|f| runtime.join(f).exists()) {
         return None;
     }

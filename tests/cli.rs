@@ -66,18 +66,16 @@ fn train_resume_and_sample_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let config = "[model]\nchannels = 16\n[train]\nbatch = 8\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 3\n[checkpoint]\nevery = 2\n";
     std::fs::write(dir.path().join("small.toml"), config).unwrap();
-    let out = ddpm(
-        &[
-            "train",
-            "--config",
-            "small.toml",
-            "--steps",
-            "3",
-            "--out",
-            "run",
-        ],
-        dir.path(),
-    );
+    let train = [
+        "train",
+        "--config",
+        "small.toml",
+        "--steps",
+        "3",
+        "--out",
+        "run",
+    ];
+    let out = ddpm(&train, dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let run = dir.path().join("run");
     for file in [
@@ -121,18 +119,7 @@ fn train_resume_and_sample_end_to_end() {
         .contains("loss.png"));
 
     // A second start into the same directory refuses instead of overwriting.
-    let out = ddpm(
-        &[
-            "train",
-            "--config",
-            "small.toml",
-            "--steps",
-            "3",
-            "--out",
-            "run",
-        ],
-        dir.path(),
-    );
+    let out = ddpm(&train, dir.path());
     assert!(
         !out.status.success() && stderr(&out).contains("--resume"),
         "{}",
