@@ -272,6 +272,8 @@ char *ddpm_group_norm_silu(at::Tensor *x, at::Tensor *weight, at::Tensor *bias, 
   DDPM_TRY({ *out = new at::Tensor(GroupNormSiLU::apply(*x, *weight, *bias, groups, eps)); })
 }
 
+int ddpm_built_with_cuda() { return 1; }
+
 // Compiles and loads the fused kernels for a CUDA device, if they are not loaded yet.
 char *ddpm_load_fused_kernels(int device) {
   DDPM_TRY({ kernels(static_cast<c10::DeviceIndex>(device)); })
@@ -294,6 +296,7 @@ char *unavailable() {
 } // namespace
 
 extern "C" {
+int ddpm_built_with_cuda() { return 0; }
 char *ddpm_group_norm_silu(at::Tensor *, at::Tensor *, at::Tensor *, int64_t, double,
                            at::Tensor **) {
   return unavailable();

@@ -50,6 +50,7 @@ extern "C" {
     ) -> *mut c_char;
     fn ddpm_compile_fused_kernels(arch: *const c_char, cubin_bytes: *mut i64) -> *mut c_char;
     fn ddpm_load_fused_kernels(device: c_int) -> *mut c_char;
+    fn ddpm_built_with_cuda() -> c_int;
     fn ddpm_foreach_copy_(
         targets: *const CTensor,
         sources: *const CTensor,
@@ -234,6 +235,12 @@ pub fn group_norm_silu(
     Ok(unsafe { Tensor::from_ptr(out as *mut _) })
 }
 
+/// Whether this program was built with the CUDA headers (tools/setup.sh installs them), which
+/// CUDA graphs, the fused kernels and NCCL need.
+pub fn built_with_cuda() -> bool {
+    unsafe { ddpm_built_with_cuda() != 0 }
+}
+
 /// Compiles the fused kernels for a CUDA device and loads them, unless done before: a missing
 /// NVRTC or driver shows here rather than in the first forward pass.
 pub fn load_fused_kernels(device: Device) -> Result<()> {
@@ -381,6 +388,11 @@ mod tests {
 
     #[test]
     fn fused_kernels_compile_for_hopper_and_ampere() {
+        if !built_with_cuda() {
+            let error = compile_fused_kernels("sm_90").unwrap_err().to_string();
+            assert!(error.contains("built without the CUDA headers"), "{error}");
+            return;
+        }
         for arch in ["sm_90", "sm_80"] {
             let bytes = compile_fused_kernels(arch).unwrap();
             assert!(bytes > 1000, "{arch}: {bytes} bytes");
