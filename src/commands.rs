@@ -232,16 +232,30 @@ pub fn model_summary(preset: Option<&str>, config_file: Option<&Path>) -> Result
     ))
 }
 
+#[derive(clap::Args)]
 pub struct FidArgs {
-    /// An image folder, CIFAR-10 folder or IDX file; `bundled` for the bundled digits.
+    /// Real images: any dataset `train --data` takes (its training split), or `bundled`
+    #[arg(long)]
     pub real: PathBuf,
-    /// A folder of images, or a checkpoint or run directory to sample from.
+    /// Generated images: a folder of images, or a checkpoint or run directory to sample from
+    /// (with its sampler settings and EMA weights)
+    #[arg(long)]
     pub fake: PathBuf,
-    /// Images to generate (default 10,000) or to take from the folder (default: all).
+    /// Images to sample from a checkpoint [default: 10000] or to take from a folder [default: all]
+    #[arg(long)]
     pub num: Option<usize>,
+    /// Images per forward pass (sampling and Inception)
+    #[arg(long, default_value_t = 50)]
     pub batch: usize,
+    /// Sampling seed (checkpoints)
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// auto, cpu, cuda, cuda:N or mps
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// The Inception-v3 TorchScript file [default: $DDPM_INCEPTION, else
+    /// ~/.cache/ddpm/inception/default_1.pt, where tools/get_inception.sh puts it]
+    #[arg(long)]
     pub inception: Option<PathBuf>,
 }
 

@@ -134,31 +134,7 @@ enum Command {
     },
     /// Fréchet Inception Distance of generated images (a folder, or samples of a checkpoint)
     /// against real ones; prints `FID@N = score`
-    Fid {
-        /// Real images: any dataset `train --data` takes (its training split), or `bundled`
-        #[arg(long)]
-        real: PathBuf,
-        /// Generated images: a folder of images, or a checkpoint or run directory to sample from
-        /// (with its sampler settings and EMA weights)
-        #[arg(long)]
-        fake: PathBuf,
-        /// Images to sample from a checkpoint [default: 10000] or to take from a folder [default: all]
-        #[arg(long)]
-        num: Option<usize>,
-        /// Images per forward pass (sampling and Inception)
-        #[arg(long, default_value_t = 50)]
-        batch: usize,
-        /// Sampling seed (checkpoints)
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// auto, cpu, cuda, cuda:N or mps
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// The Inception-v3 TorchScript file [default: $DDPM_INCEPTION, else
-        /// ~/.cache/ddpm/inception/default_1.pt, where tools/get_inception.sh puts it]
-        #[arg(long)]
-        inception: Option<PathBuf>,
-    },
+    Fid(commands::FidArgs),
 }
 
 fn main() -> ExitCode {
@@ -245,23 +221,7 @@ fn main() -> ExitCode {
         Command::Model { preset, config } => {
             commands::model_summary(preset.as_deref(), config.as_deref()).map(|s| print!("{s}"))
         }
-        Command::Fid {
-            real,
-            fake,
-            num,
-            batch,
-            seed,
-            device,
-            inception,
-        } => commands::fid(commands::FidArgs {
-            real,
-            fake,
-            num,
-            batch,
-            seed,
-            device,
-            inception,
-        }),
+        Command::Fid(args) => commands::fid(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
