@@ -1,0 +1,690 @@
+//! The run: data loading, the step loop, metrics, sample grids, checkpoints, FID during
+//! training, interruption and rollbacks after persistent non-finite gradients.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::Device;
+
+use super::step::Trainer;
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::RunConfig;
+use crate::data::{self, Dataset, LoadOptions, Loader, LoaderOptions, Position};
+use crate::distributed::{Launch, ProcessGroup};
+use crate::monitor::{MetricsRecord, Monitor};
+use crate::ops;
+
+/// How a run is started.
+pub struct RunOptions {
+    pub config: RunConfig,
+    pub run_dir: PathBuf,
+    pub resume: Option<Checkpoint>,
+    pub strict_data: bool,
+    /// Run length in epochs over the loaded data, replacing `train.steps`.
+    pub epochs: Option<u64>,
+    /// Stop (with a checkpoint) after this step, keeping the LR schedule of the full run.
+    pub stop_at: Option<u64>,
+    /// Set (e.g. by a signal handler) to end the run after the current step, with a checkpoint.
+    pub interrupt: Option<Arc<AtomicBool>>,
+    /// This process's place in a multi-process run (None: the only process).
+    pub launch: Option<Launch>,
+}
+
+/// What a finished (or interrupted) run leaves behind.
+pub struct RunSummary {
+    /// None on ranks other than 0, which write nothing.
+    pub final_checkpoint: Option<PathBuf>,
+    /// None when interrupted: sampling would delay the exit.
+    pub final_grid: Option<PathBuf>,
+    pub steps: u64,
+    pub seconds: f64,
+    pub interrupted: bool,
+}
+
+fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()> {
+    std::fs::create_dir_all(dir.join("samples"))
+        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+    if !resuming && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
+        bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
+    }
+    checkpoint::write_atomic(&dir.join("config.toml"), config.to_toml().as_bytes())
+}
+
+/// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
+/// With a multi-process `launch`, this process trains its share of every batch; rank 0 writes.
+pub fn run(options: RunOptions) -> Result<RunSummary> {
+    let RunOptions {
+        mut config,
+        run_dir,
+        resume,
+        strict_data,
+        epochs,
+        stop_at,
+        interrupt,
+        launch,
+    } = options;
+    config.validate()?;
+    let mut device = crate::device::resolve(&config.train.device)?;
+    if let Some(launch) = &launch {
+        check_divides(&config, launch.world)?;
+        if device.is_cuda() {
+            // One visible GPU per process (CUDA_VISIBLE_DEVICES, as SLURM sets) is cuda:0.
+            let index = if tch::Cuda::device_count() == 1 {
+                0
+            } else {
+                launch.local_rank
+            };
+            device = crate::device::resolve(&format!("cuda:{index}"))?;
+        }
+    }
+    let dataset = Arc::new(data::load(
+        config.data_path().as_deref(),
+        &LoadOptions::of(&config, strict_data),
+    )?);
+    if let Some(epochs) = epochs {
+        config.train.steps = (epochs * dataset.len() as u64)
+            .div_ceil(config.train.batch as u64)
+            .max(1);
+    }
+    let leader = launch.as_ref().map_or(true, |l| l.rank == 0);
+    if leader {
+        prepare_run_dir(&run_dir, &config, resume.is_some())?;
+    }
+    let mut trainer = Trainer::new(&config, device)?;
+    let mut position = Position::default();
+    if let Some(checkpoint) = resume.as_ref().filter(|_| leader) {
+        trainer.load_state(checkpoint)?;
+        position = checkpoint.sidecar.position;
+        eprintln!(
+            "resumed from {} at step {}",
+            checkpoint.path.display(),
+            trainer.step
+        );
+    }
+    if let Some(launch) = &launch {
+        trainer.join(ProcessGroup::join(launch, device)?)?;
+        trainer.check_agreement(dataset.len())?;
+        position = trainer.sync_from_leader(position)?;
+    }
+    if leader {
+        eprintln!(
+            "training {} on {} ({} images{}) on {device:?}{}: {} parameters, {} steps of batch {}",
+            config.preset,
+            dataset.description,
+            dataset.len(),
+            if dataset.is_cached() {
+                ""
+            } else {
+                ", decoded as read"
+            },
+            launch
+                .as_ref()
+                .map_or(String::new(), |l| format!(" × {} processes", l.world)),
+            crate::model::parameter_count(&trainer.vs),
+            config.train.steps,
+            config.train.batch
+        );
+    }
+    let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
+    run_loop(
+        &mut trainer,
+        dataset,
+        position,
+        &run_dir,
+        stop,
+        interrupt.unwrap_or_default(),
+    )
+}
+
+/// The global batch must split evenly into ranks and each rank's share into micro-batches.
+fn check_divides(config: &RunConfig, world: usize) -> Result<()> {
+    let t = &config.train;
+    if t.batch % (world * t.grad_accum) != 0 {
+        bail!(
+            "train.batch = {} is the global batch: it must be a multiple of the {world} processes × train.grad_accum = {} ({})",
+            t.batch,
+            t.grad_accum,
+            world * t.grad_accum
+        );
+    }
+    Ok(())
+}
+
+fn run_loop(
+    trainer: &mut Trainer,
+    dataset: Arc<Dataset>,
+    position: Position,
+    run_dir: &Path,
+    stop: u64,
+    interrupt: Arc<AtomicBool>,
+) -> Result<RunSummary> {
+    let config = trainer.config.clone();
+    let tc = &config.train;
+    let leader = trainer.group().map_or(true, |g| g.is_leader());
+    let loader_options = LoaderOptions {
+        batch: tc.batch,
+        seed: tc.seed,
+        workers: data::worker_count(config.data.workers),
+        prefetch: config.data.prefetch,
+        shard: trainer.shard(),
+    };
+    let mut loader = Loader::new(dataset.clone(), position, loader_options);
+    let mut monitor = if leader {
+        Monitor::new(run_dir, trainer.step, stop)?
+    } else {
+        Monitor::silent()
+    };
+    let checkpoints = run_dir.join("checkpoints");
+    let save = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
+        if !leader {
+            return Ok(None);
+        }
+        checkpoint::save(
+            &checkpoints,
+            &trainer.state_tensors(),
+            trainer.step,
+            position,
+            &config,
+        )
+        .map(Some)
+    };
+    // A failure that leaves the weights as they were after the last step (unreadable data, a
+    // lost rank) still leaves a checkpoint of them.
+    let save_and_fail =
+        |trainer: &Trainer, position: Position, e: anyhow::Error| -> anyhow::Error {
+            match save(trainer, position) {
+                Ok(Some(path)) => e.context(format!(
+                    "training stopped at step {}; checkpoint {} written",
+                    trainer.step,
+                    path.display()
+                )),
+                _ => e,
+            }
+        };
+    if trainer.step == 0 && leader {
+        // What the model learns from, next to what it makes.
+        let first = data::Sampler::new(dataset.len(), tc.seed, position)
+            .next_indices(config.sample.num.min(dataset.len()));
+        let real = data::to_model_space(&dataset.batch(&first)?, Device::Cpu);
+        crate::monitor::save_grid(
+            &data::augment(&real, config.data.hflip, config.data.color_jitter),
+            &run_dir.join("samples").join("data.png"),
+        )?;
+    }
+    let training_fid = match leader {
+        true => TrainingFid::prepare(&config, &dataset, trainer.device)?,
+        false => None,
+    };
+    let mut window = Window::new();
+    let grid_seed = crate::rng::mix(tc.seed, &[0x6121D]);
+    let fid_seed = crate::rng::mix(tc.seed, &[0xF1D]);
+    let mut rollbacks = 0;
+    while trainer.step < stop {
+        let waiting = Instant::now();
+        let before = loader.position();
+        let images = loader
+            .next_batch()
+            .map_err(|e| save_and_fail(trainer, before, e))?;
+        let x0 = data::to_model_space(&images, trainer.device);
+        window.data_wait += waiting.elapsed().as_secs_f64();
+        // Gradients are averaged before anything is updated, so a lost rank leaves the state
+        // of the step before.
+        let out = match (trainer.step(&x0), trainer.group()) {
+            (Ok(out), _) => out,
+            (Err(e), Some(_)) => return Err(save_and_fail(trainer, before, e)),
+            (Err(e), None) => return Err(e),
+        };
+        window.images += tc.batch;
+        let step = trainer.step;
+        let interrupted = match trainer.group() {
+            // All ranks stop after the same step: they agree on logged steps, which keeps the
+            // host-device round trip off the others.
+            Some(group) if step % tc.log_every == 0 || step == stop => group
+                .any(interrupt.load(Ordering::SeqCst))
+                .map_err(|e| save_and_fail(trainer, loader.position(), e))?,
+            Some(_) => false,
+            None => interrupt.load(Ordering::SeqCst),
+        };
+        if interrupted {
+            let path = save(trainer, loader.position())?;
+            monitor.finish();
+            if let Some(path) = &path {
+                eprintln!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
+            }
+            return Ok(RunSummary {
+                final_checkpoint: path,
+                final_grid: None,
+                steps: step,
+                seconds: monitor.seconds(),
+                interrupted: true,
+            });
+        }
+        if step % tc.log_every == 0 || step == stop {
+            let record = MetricsRecord {
+                step,
+                epoch: loader.position().epoch,
+                loss: out.loss.double_value(&[]),
+                loss_by_quarter: trainer.take_error_by_quarter(),
+                lr: out.lr,
+                grad_norm: out.grad_norm.double_value(&[]),
+                loss_scale: trainer.loss_scale(),
+                skipped_steps: trainer.skipped_steps(),
+                images_per_second: window.images as f64 / window.started.elapsed().as_secs_f64(),
+                data_wait_seconds: window.data_wait,
+                device_memory_gib: peak_memory_gib(trainer.device)?,
+                wall_seconds: monitor.seconds(),
+            };
+            monitor.record(&record)?;
+            window = Window::new();
+            // Every rank sees the same averaged gradients, so all roll back together.
+            let bad = trainer.consecutive_skipped_steps();
+            if tc.max_bad_steps > 0 && bad >= tc.max_bad_steps {
+                rollbacks += 1;
+                let mut position = loader.position();
+                if leader {
+                    position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
+                }
+                position = trainer.sync_from_leader(position)?;
+                loader = Loader::new(dataset.clone(), position, loader_options);
+                continue;
+            }
+        }
+        if !leader {
+            continue;
+        }
+        if config.sample.every > 0 && step % config.sample.every == 0 && step < stop {
+            write_samples(trainer, run_dir, grid_seed, &monitor)?;
+            window = Window::new();
+        }
+        if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < stop {
+            save(trainer, loader.position())?;
+            window = Window::new();
+        }
+        if let Some(fid) = training_fid
+            .as_ref()
+            .filter(|_| step % config.fid.every == 0)
+        {
+            fid.measure(trainer, fid_seed, &mut monitor)?;
+            window = Window::new();
+        }
+    }
+    let final_checkpoint = save(trainer, loader.position())?;
+    let final_grid = match leader {
+        true => Some(write_samples(trainer, run_dir, grid_seed, &monitor)?),
+        false => None,
+    };
+    monitor.finish();
+    if dataset.skipped() > 0 {
+        monitor.note(&format!(
+            "warning: {} unreadable image file(s) were skipped",
+            dataset.skipped()
+        ));
+    }
+    if trainer.skipped_steps() > 0 {
+        monitor.note(&format!(
+            "warning: {} step(s) were skipped for non-finite gradients",
+            trainer.skipped_steps()
+        ));
+    }
+    Ok(RunSummary {
+        final_checkpoint,
+        final_grid,
+        steps: trainer.step,
+        seconds: monitor.seconds(),
+        interrupted: false,
+    })
+}
+
+const MAX_ROLLBACKS: u32 = 5;
+
+/// After `bad` non-finite steps in a row: reload the newest valid checkpoint, lower the learning
+/// rate by `rollback_lr_factor`, and return the data position to continue from.
+fn roll_back(
+    trainer: &mut Trainer,
+    checkpoints: &Path,
+    bad: u64,
+    rollbacks: u32,
+    monitor: &Monitor,
+) -> Result<Position> {
+    let step = trainer.step;
+    if rollbacks > MAX_ROLLBACKS {
+        bail!("gradients are still non-finite after {MAX_ROLLBACKS} rollbacks (step {step}); lower --lr or check the data");
+    }
+    let checkpoint = Checkpoint::load(checkpoints).with_context(|| format!("{bad} steps in a row had non-finite gradients (step {step}) and there is no checkpoint to roll back to; lower --lr"))?;
+    trainer.load_state(&checkpoint)?;
+    trainer.lr_scale *= trainer.config.train.rollback_lr_factor;
+    monitor.note(&format!("warning: {bad} steps in a row had non-finite gradients at step {step}; rolled back to step {} ({}) with the learning rate scaled by {}", trainer.step, checkpoint.path.display(), trainer.lr_scale));
+    Ok(checkpoint.sidecar.position)
+}
+
+/// FID during training: the Inception network and the real data's statistics, prepared before
+/// the first step so that a missing network fails the run at once.
+struct TrainingFid {
+    inception: crate::eval::Inception,
+    real: crate::eval::Statistics,
+}
+
+impl TrainingFid {
+    fn prepare(config: &RunConfig, dataset: &Dataset, device: Device) -> Result<Option<Self>> {
+        use crate::eval;
+        if config.fid.every == 0 {
+            return Ok(None);
+        }
+        let flag = (!config.fid.inception.is_empty()).then(|| PathBuf::from(&config.fid.inception));
+        let path = eval::locate_inception(
+            flag.as_deref(),
+            std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
+            &eval::default_inception_path()?,
+        )
+        .context("fid.every is set")?;
+        let inception = eval::Inception::load(&path, device)?;
+        let real = eval::cached_statistics(
+            &inception,
+            dataset,
+            config.fid.batch,
+            &eval::statistics_cache_dir()?,
+        )?;
+        Ok(Some(TrainingFid { inception, real }))
+    }
+
+    /// FID of `fid.num` EMA samples against the real data; recorded in the metrics.
+    fn measure(&self, trainer: &Trainer, seed: u64, monitor: &mut Monitor) -> Result<()> {
+        let started = Instant::now();
+        let fid = &trainer.config.fid;
+        let images = crate::eval::to_u8_images(&trainer.sample(true, fid.num, seed));
+        let statistics = self.inception.statistics(&images, fid.batch, "fake")?;
+        let score = crate::eval::frechet_distance(&self.real, &statistics)?;
+        monitor.record_fid(
+            trainer.step,
+            score,
+            fid.num,
+            started.elapsed().as_secs_f64(),
+        )
+    }
+}
+
+/// Throughput bookkeeping between two metrics records.
+struct Window {
+    started: Instant,
+    images: usize,
+    data_wait: f64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            started: Instant::now(),
+            images: 0,
+            data_wait: 0.0,
+        }
+    }
+}
+
+/// Peak CUDA memory allocated since the last call, in GiB; None on other devices.
+fn peak_memory_gib(device: Device) -> Result<Option<f64>> {
+    match device {
+        Device::Cuda(index) => {
+            let (allocated, _) = ops::cuda_peak_memory(index)?;
+            ops::reset_cuda_peak_memory(index)?;
+            Ok(Some(allocated as f64 / (1u64 << 30) as f64))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Samples the run's fixed noise with the EMA and the raw weights and writes them side by side
+/// as `samples/step-N.png` and `samples/latest.png`; refreshes the training animation
+/// (`samples/training.gif`), the loss plot (`loss.png`) and `report.html`.
+fn write_samples(
+    trainer: &Trainer,
+    run_dir: &Path,
+    seed: u64,
+    monitor: &Monitor,
+) -> Result<PathBuf> {
+    let started = Instant::now();
+    let s = &trainer.config.sample;
+    let steps = if s.sampler == crate::config::SamplerKind::Ddim {
+        s.steps
+    } else {
+        trainer.config.diffusion.timesteps
+    };
+    monitor.note(&format!(
+        "sampling {} images ({:?}, {steps} steps) with EMA and raw weights at step {}…",
+        s.num, s.sampler, trainer.step
+    ));
+    let ema = crate::monitor::grid_image(&trainer.sample(true, s.num, seed));
+    let raw = crate::monitor::grid_image(&trainer.sample(false, s.num, seed));
+    let samples = run_dir.join("samples");
+    let path = samples.join(format!("step-{:08}.png", trainer.step));
+    crate::monitor::save_png(
+        &crate::monitor::labelled_pair(&ema, &raw, trainer.step)?,
+        &path,
+    )?;
+    std::fs::copy(&path, samples.join("latest.png"))
+        .with_context(|| format!("cannot write {}", samples.join("latest.png").display()))?;
+    crate::monitor::refresh_run_views(run_dir, &trainer.config)?;
+    monitor.note(&format!(
+        "wrote {} in {:.1} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Precision;
+    use crate::train::{flat, learning_rate, tiny};
+    use tch::{Kind, Tensor};
+
+    /// Every tensor of a finished run's last checkpoint, by name.
+    fn final_state(dir: &Path) -> std::collections::BTreeMap<String, Tensor> {
+        Checkpoint::load(dir).unwrap().tensors
+    }
+
+    #[test]
+    fn resumed_run_is_bit_identical_to_a_straight_run() {
+        for precision in [Precision::F32, Precision::Bf16Pure] {
+            resumed_run_is_bit_identical_with(precision);
+        }
+    }
+
+    fn resumed_run_is_bit_identical_with(precision: Precision) {
+        let _rng = crate::rng::exclusive();
+        let mut c = tiny(8);
+        c.train.precision = precision;
+        c.train.steps = 6;
+        c.train.batch = 4;
+        c.train.warmup_steps = 2;
+        c.model.dropout = 0.1;
+        c.data.hflip = true;
+        c.data.color_jitter = 0.05;
+        c.sample.num = 2;
+        c.sample.steps = 2;
+        c.sample.every = 0;
+        c.checkpoint.every = 3;
+        c.checkpoint.keep = 5;
+        c.data.format = crate::config::DataFormat::Bundled;
+        let dir = tempfile::tempdir().unwrap();
+        let options = |name: &str, resume: Option<Checkpoint>, stop_at: Option<u64>| RunOptions {
+            config: c.clone(),
+            run_dir: dir.path().join(name),
+            resume,
+            strict_data: true,
+            epochs: None,
+            stop_at,
+            interrupt: None,
+            launch: None,
+        };
+        run(options("straight", None, None)).unwrap();
+        run(options("resumed", None, Some(4))).unwrap();
+        let checkpoint = Checkpoint::load(&dir.path().join("resumed")).unwrap();
+        assert_eq!(checkpoint.sidecar.step, 4);
+        run(options("resumed", Some(checkpoint), None)).unwrap();
+        let (a, b) = (
+            final_state(&dir.path().join("straight")),
+            final_state(&dir.path().join("resumed")),
+        );
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (name, t) in &a {
+            assert!(
+                t.equal(&b[name]),
+                "{precision:?}: {name} differs after resume"
+            );
+        }
+        let sa = Checkpoint::load(&dir.path().join("straight"))
+            .unwrap()
+            .sidecar;
+        let sb = Checkpoint::load(&dir.path().join("resumed"))
+            .unwrap()
+            .sidecar;
+        assert_eq!((sa.step, sa.position), (sb.step, sb.position));
+    }
+
+    #[test]
+    fn persistent_non_finite_steps_roll_back_with_a_lower_learning_rate() {
+        let c = tiny(8);
+        let dir = tempfile::tempdir().unwrap();
+        let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+        let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        trainer.step(&clean).unwrap();
+        let position = Position { epoch: 0, index: 4 };
+        checkpoint::save(
+            dir.path(),
+            &trainer.state_tensors(),
+            trainer.step,
+            position,
+            &c,
+        )
+        .unwrap();
+        let saved = flat(&trainer.params).copy();
+        let poisoned = Tensor::full([4, 1, 8, 8], f64::NAN, (Kind::Float, Device::Cpu));
+        for _ in 0..3 {
+            trainer.step(&poisoned).unwrap();
+        }
+        assert_eq!(trainer.consecutive_skipped_steps(), 3);
+        assert_eq!(trainer.skipped_steps(), 3);
+        let monitor = Monitor::new(dir.path(), 0, 10).unwrap();
+        assert_eq!(
+            roll_back(&mut trainer, dir.path(), 3, 1, &monitor).unwrap(),
+            position
+        );
+        assert_eq!(trainer.step, 1);
+        assert_eq!(trainer.lr_scale, 0.5);
+        assert_eq!(trainer.consecutive_skipped_steps(), 0);
+        assert!(flat(&trainer.params).equal(&saved));
+        let out = trainer.step(&clean).unwrap();
+        assert!((out.lr - 0.5 * learning_rate(&c.train, 1)).abs() < 1e-15);
+        // Without a checkpoint there is nothing to return to: a clear error.
+        let empty = tempfile::tempdir().unwrap();
+        let err = format!(
+            "{:#}",
+            roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err()
+        );
+        assert!(err.contains("no checkpoint to roll back to"), "{err}");
+    }
+
+    #[test]
+    fn an_interrupted_run_stops_after_one_step_with_a_checkpoint() {
+        let mut c = tiny(8);
+        c.train.steps = 50;
+        c.data.format = crate::config::DataFormat::Bundled;
+        let dir = tempfile::tempdir().unwrap();
+        let flag = Arc::new(AtomicBool::new(true));
+        let summary = run(RunOptions {
+            config: c,
+            run_dir: dir.path().to_path_buf(),
+            resume: None,
+            strict_data: true,
+            epochs: None,
+            stop_at: None,
+            interrupt: Some(flag),
+            launch: None,
+        })
+        .unwrap();
+        assert!(summary.interrupted && summary.final_grid.is_none());
+        assert_eq!(summary.steps, 1);
+        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 1);
+    }
+
+    #[test]
+    fn fid_is_measured_during_training_when_the_network_is_present() {
+        let Ok(inception) = crate::eval::default_inception_path() else {
+            return;
+        };
+        if !inception.is_file() {
+            eprintln!(
+                "skipped: no Inception file at {} (tools/get_inception.sh)",
+                inception.display()
+            );
+            return;
+        }
+        // 40 real digits in an IDX file, so the real statistics take seconds.
+        let dir = tempfile::tempdir().unwrap();
+        let digits = crate::data::load(
+            None,
+            &LoadOptions {
+                format: crate::config::DataFormat::Bundled,
+                channels: 1,
+                size: crate::config::ImageSize::Square(28),
+                strict: true,
+                split: crate::config::Split::Train,
+                cache: crate::config::DataCache::On,
+                workers: 0,
+            },
+        )
+        .unwrap();
+        let mut idx: Vec<u8> = [0x0803u32, 40, 28, 28]
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect();
+        idx.extend(
+            Vec::<u8>::try_from(digits.all().unwrap().narrow(0, 0, 40).flatten(0, -1)).unwrap(),
+        );
+        let data = dir.path().join("digits-idx3-ubyte");
+        std::fs::write(&data, idx).unwrap();
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.model.channels = 16;
+        c.train.device = "cpu".into();
+        c.train.steps = 2;
+        c.train.batch = 4;
+        c.sample.every = 0;
+        c.sample.num = 2;
+        c.sample.steps = 2;
+        c.data.path = data.display().to_string();
+        c.fid = crate::config::FidConfig {
+            every: 1,
+            num: 8,
+            batch: 8,
+            inception: inception.display().to_string(),
+        };
+        let run_dir = dir.path().join("run");
+        run(RunOptions {
+            config: c,
+            run_dir: run_dir.clone(),
+            resume: None,
+            strict_data: true,
+            epochs: None,
+            stop_at: None,
+            interrupt: None,
+            launch: None,
+        })
+        .unwrap();
+        let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+        let fids: Vec<serde_json::Value> = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fid"].is_number())
+            .collect();
+        assert_eq!(fids.len(), 2, "{metrics}");
+        assert!(fids
+            .iter()
+            .all(|v| v["fid"].as_f64().unwrap() > 0.0 && v["fid_images"] == 8));
+        assert!(std::fs::read_to_string(run_dir.join("report.html"))
+            .unwrap()
+            .contains("<th>FID</th>"));
+    }
+}
