@@ -1,18 +1,8 @@
 //! The command line, end to end, through the built binary.
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn ddpm(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("ddpm runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{ddpm, stderr};
 
 #[test]
 fn model_prints_the_exact_cifar10_parameter_count() {

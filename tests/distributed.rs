@@ -2,26 +2,15 @@
 //! like one, a run resumes with another number of ranks, and a rank that dies, hangs or cannot
 //! connect stops the others with an error in bounded time.
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ddpm::checkpoint::from_safetensors;
 
-const CONFIG: &str = "[model]\nchannels = 16\ndropout = 0.0\n[train]\nbatch = 8\nlog_every = 1\ndevice = \"cpu\"\nsteps = 6\n[data]\nhflip = true\ncolor_jitter = 0.1\n[sample]\nnum = 4\nsteps = 2\n[checkpoint]\nevery = 3\n";
+mod common;
+use common::ddpm_ok;
 
-fn ddpm(args: &[&str], cwd: &Path) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ddpm {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+const CONFIG: &str = "[model]\nchannels = 16\ndropout = 0.0\n[train]\nbatch = 8\nlog_every = 1\ndevice = \"cpu\"\nsteps = 6\n[data]\nhflip = true\ncolor_jitter = 0.1\n[sample]\nnum = 4\nsteps = 2\n[checkpoint]\nevery = 3\n";
 
 /// The largest absolute difference between the model weights of two checkpoints.
 fn weight_difference(a: &Path, b: &Path) -> f64 {
@@ -56,9 +45,9 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
     let d = dir.path();
     std::fs::write(d.join("small.toml"), CONFIG).unwrap();
     let config = ["--config", "small.toml"];
-    ddpm(&[&["train"][..], &config, &["--out", "one"]].concat(), d);
+    ddpm_ok(&[&["train"][..], &config, &["--out", "one"]].concat(), d);
     // Two ranks for three steps, then one rank for the rest.
-    ddpm(
+    ddpm_ok(
         &[
             &["launch", "--nproc", "2", "--", "train"][..],
             &config,
@@ -67,9 +56,9 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
         .concat(),
         d,
     );
-    ddpm(&["train", "--resume", "two"], d);
+    ddpm_ok(&["train", "--resume", "two"], d);
     // One rank for three steps, then two ranks for the rest.
-    ddpm(
+    ddpm_ok(
         &[
             &["train"][..],
             &config,
@@ -78,13 +67,13 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
         .concat(),
         d,
     );
-    ddpm(
+    ddpm_ok(
         &["launch", "--nproc", "2", "--", "train", "--resume", "mixed"],
         d,
     );
     // Accumulating two micro-batches per rank: averaged once, after the last.
     let accumulated = ["--grad-accum", "2", "--steps", "3"];
-    ddpm(
+    ddpm_ok(
         &[
             &["train"][..],
             &config,
@@ -94,7 +83,7 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
         .concat(),
         d,
     );
-    ddpm(
+    ddpm_ok(
         &[
             &["launch", "--nproc", "2", "--", "train"][..],
             &config,
@@ -120,11 +109,11 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
         "--steps",
         "3",
     ];
-    ddpm(
+    ddpm_ok(
         &[&["train"][..], &config, &pure, &["--out", "one-pure"]].concat(),
         d,
     );
-    ddpm(
+    ddpm_ok(
         &[
             &["launch", "--nproc", "2", "--", "train"][..],
             &config,

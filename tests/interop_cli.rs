@@ -1,18 +1,8 @@
 //! `ddpm import`, `ddpm export` and sampling a diffusers folder, end to end through the binary.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn ddpm(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("ddpm runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{ddpm, stderr};
 
 /// The committed diffusers pipeline folder made by tools/make_diffusers_fixture.py.
 fn fixture() -> PathBuf {
