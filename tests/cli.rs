@@ -238,11 +238,39 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
         log.contains("1 unreadable image file(s) were skipped"),
         "{log}"
     );
-    let out = train(&["--strict-data"], "strict");
-    let log = stderr(&out);
-    assert!(!out.status.success());
-    assert!(
-        log.contains("5-corrupt.png") && log.contains("--strict-data"),
-        "{log}"
-    );
+    // Where the corrupt file comes in depends on the seed: after a step, that step's state is
+    // checkpointed; before any, nothing is written and the same --out can be used again.
+    let (mut before_any_step, mut after_a_step) = (false, false);
+    for seed in 0..12 {
+        let out_dir = format!("strict-{seed}");
+        let out = train(&["--strict-data", "--seed", &seed.to_string()], &out_dir);
+        let log = stderr(&out);
+        assert!(!out.status.success());
+        assert!(
+            log.contains("5-corrupt.png") && log.contains("--strict-data"),
+            "{log}"
+        );
+        let checkpoints = dir.path().join(&out_dir).join("checkpoints");
+        let saved: Vec<_> = std::fs::read_dir(&checkpoints)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        if saved.is_empty() {
+            assert!(!log.contains("checkpoint"), "{log}");
+            if !before_any_step {
+                let out = train(&["--seed", &seed.to_string()], &out_dir);
+                assert!(out.status.success(), "{}", stderr(&out));
+            }
+            before_any_step = true;
+        } else {
+            assert!(
+                log.contains("training stopped at step") && log.contains("checkpoint"),
+                "{log}"
+            );
+            after_a_step = true;
+        }
+        if before_any_step && after_a_step {
+            return;
+        }
+    }
+    panic!("seeds 0..12 did not meet the corrupt file both before and after a step");
 }

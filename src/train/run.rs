@@ -1,5 +1,6 @@
 //! The run: data loading, the step loop, metrics, sample grids, checkpoints, FID during
 //! training, interruption and rollbacks after persistent non-finite gradients.
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -177,23 +178,29 @@ fn run_loop(
         Monitor::silent()
     };
     let checkpoints = run_dir.join("checkpoints");
+    // The step whose state is on disk already (or the untrained start).
+    let saved_step = Cell::new(trainer.step);
     let save = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
         if !leader {
             return Ok(None);
         }
-        checkpoint::save(
+        let path = checkpoint::save(
             &checkpoints,
             &trainer.state_tensors(),
             trainer.step,
             position,
             &config,
-        )
-        .map(Some)
+        )?;
+        saved_step.set(trainer.step);
+        Ok(Some(path))
     };
     // A failure that leaves the weights as they were after the last step (unreadable data, a
-    // lost rank) still leaves a checkpoint of them.
+    // lost rank, no device memory left) still leaves a checkpoint of them, when they are new.
     let save_and_fail =
         |trainer: &Trainer, position: Position, e: anyhow::Error| -> anyhow::Error {
+            if trainer.step == saved_step.get() {
+                return e;
+            }
             match save(trainer, position) {
                 Ok(Some(path)) => e.context(format!(
                     "training stopped at step {}; checkpoint {} written",
@@ -229,13 +236,13 @@ fn run_loop(
             .map_err(|e| save_and_fail(trainer, before, e))?;
         let x0 = data::to_model_space(&images, trainer.device);
         window.data_wait += waiting.elapsed().as_secs_f64();
-        // Gradients are averaged before anything is updated, so a lost rank leaves the state
-        // of the step before.
-        let out = match (trainer.step(&x0), trainer.group()) {
-            (Ok(out), _) => out,
-            (Err(e), Some(_)) => return Err(save_and_fail(trainer, before, e)),
-            (Err(e), None) => return Err(e),
-        };
+        // Nothing is updated before the gradients are complete (and averaged over the ranks),
+        // so a failure there (out of device memory, a lost rank) leaves the state of the step
+        // before.
+        let loss = trainer
+            .accumulate_gradients(&x0)
+            .map_err(|e| save_and_fail(trainer, before, e))?;
+        let out = trainer.apply_gradients(loss)?;
         window.images += tc.batch;
         let step = trainer.step;
         let interrupted = match trainer.group() {
@@ -285,6 +292,7 @@ fn run_loop(
                 let mut position = loader.position();
                 if leader {
                     position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
+                    saved_step.set(trainer.step);
                 }
                 position = trainer.sync_from_leader(position)?;
                 loader = Loader::new(dataset.clone(), position, loader_options);

@@ -478,6 +478,12 @@ impl Trainer {
     /// One optimizer step on the batch x0 ([B, C, H, W] in [−1, 1]).
     pub fn step(&mut self, x0: &Tensor) -> Result<StepOutput> {
         let loss = self.accumulate_gradients(x0)?;
+        self.apply_gradients(loss)
+    }
+
+    /// The update after `accumulate_gradients` (whose mean `loss` it passes on): unscale, clip,
+    /// AdamW, loss-scale update, EMA; skipped on the device when the gradients are not finite.
+    pub fn apply_gradients(&mut self, loss: Tensor) -> Result<StepOutput> {
         let grads = self.grads.as_ref().expect("set by accumulate_gradients");
         let found_inf = Tensor::zeros([1], (Kind::Float, self.device));
         if let Some(s) = &self.scaler {
