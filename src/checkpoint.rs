@@ -200,7 +200,16 @@ fn is_pinned(sidecar: &Path, pin_every: u64) -> bool {
     by_interval || sidecar.with_extension("keep").exists()
 }
 
+/// Removes all but the newest `keep` unpinned checkpoints, and the temporary files of writes
+/// that a killed process left behind.
 fn prune(dir: &Path, keep: usize, pin_every: u64) -> Result<()> {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".step-") && name.ends_with(".tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     let unpinned: Vec<PathBuf> = list(dir)?
         .into_iter()
         .filter(|p| !is_pinned(p, pin_every))
@@ -227,6 +236,10 @@ pub fn read_sidecar(path: &Path) -> Result<Sidecar> {
             sidecar.format_version
         );
     }
+    sidecar
+        .config
+        .validate()
+        .with_context(|| format!("{}: the configuration it records", path.display()))?;
     Ok(sidecar)
 }
 
@@ -241,6 +254,9 @@ impl Checkpoint {
     /// Loads a checkpoint from its sidecar, a weights file, or a run/checkpoint folder (the newest
     /// valid one there; damaged newer ones are named in a warning and passed over).
     pub fn load(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!("{}: no such run directory or checkpoint", path.display());
+        }
         if path.is_dir() {
             let dir = if path.join("checkpoints").is_dir() {
                 path.join("checkpoints")
@@ -254,7 +270,7 @@ impl Checkpoint {
             for candidate in candidates.iter().rev() {
                 match Self::load_file(candidate) {
                     Ok(c) => return Ok(c),
-                    Err(e) => eprintln!(
+                    Err(e) => crate::say!(
                         "warning: skipping damaged checkpoint {}: {e:#}",
                         candidate.display()
                     ),
@@ -439,7 +455,7 @@ mod tests {
     #[test]
     fn a_full_disk_names_the_path_and_keeps_the_previous_checkpoint() {
         let Some(disk) = TinyDisk::mount(256 * 1024) else {
-            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            crate::say!("skipped: cannot mount a tmpfs here (needs root)");
             return;
         };
         let config = RunConfig::preset("tiny").unwrap();

@@ -44,6 +44,13 @@ pub struct TrainArgs {
 
 /// Trains; returns true when a signal interrupted the run (after it wrote a checkpoint).
 pub fn train(args: TrainArgs) -> Result<bool> {
+    let explicit_resume = args
+        .resume
+        .as_deref()
+        .is_some_and(|p| p != Path::new("auto"));
+    if explicit_resume && (args.config_file.is_some() || args.preset.is_some()) {
+        bail!("--resume continues a run with the configuration in its checkpoint; --config and --preset are for new runs (change a resumed run's settings with flags, e.g. --steps)");
+    }
     let resume = resolve_resume(&args)?;
     let config = resolve_config(
         args.preset.as_deref(),
@@ -56,6 +63,12 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         (None, Some(checkpoint)) => run_dir_of(&checkpoint.path),
         (None, None) => default_run_dir(&config),
     };
+    if let Some(checkpoint) = &resume {
+        check_resume_target(checkpoint, &run_dir)?;
+        for change in resume_changes(&checkpoint.sidecar.config, &config)? {
+            crate::say!("changed on resume: {change}");
+        }
+    }
     let interrupt = install_signal_handlers()?;
     let summary = train::run(RunOptions {
         config,
@@ -68,10 +81,10 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         launch: crate::distributed::Launch::from_env()?,
     })?;
     if let Some(checkpoint) = summary.final_checkpoint.filter(|_| !summary.interrupted) {
-        eprintln!("done: {} steps in {:.0} s", summary.steps, summary.seconds);
-        eprintln!("checkpoint: {}", checkpoint.display());
+        crate::say!("done: {} steps in {:.0} s", summary.steps, summary.seconds);
+        crate::say!("checkpoint: {}", checkpoint.display());
         if let Some(grid) = &summary.final_grid {
-            eprintln!("samples:    {}", grid.display());
+            crate::say!("samples:    {}", grid.display());
         }
     }
     Ok(summary.interrupted)
@@ -79,6 +92,95 @@ pub fn train(args: TrainArgs) -> Result<bool> {
 
 fn default_run_dir(config: &RunConfig) -> PathBuf {
     PathBuf::from("runs").join(&config.preset)
+}
+
+/// Refuses a resume that would overwrite checkpoints: into another run's directory, or from a
+/// checkpoint older than the newest of its own run.
+fn check_resume_target(checkpoint: &Checkpoint, run_dir: &Path) -> Result<()> {
+    let step = checkpoint.sidecar.step;
+    let own_dir = run_dir_of(&checkpoint.path);
+    let same_run = match (own_dir.canonicalize(), run_dir.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let existing = crate::checkpoint::list(&run_dir.join("checkpoints"))?;
+    if !same_run && !existing.is_empty() {
+        bail!(
+            "{} already holds the checkpoints of another run: continue from {} into a new --out folder, or resume that run itself",
+            run_dir.display(),
+            checkpoint.path.display()
+        );
+    }
+    let later: Vec<u64> = existing
+        .iter()
+        .filter_map(|p| crate::checkpoint::read_sidecar(p).ok())
+        .map(|s| s.step)
+        .filter(|&s| s > step)
+        .collect();
+    if !later.is_empty() {
+        bail!(
+            "{} holds checkpoints after step {step} (steps {later:?}) that resuming from {} would overwrite: resume from the newest (--resume {}), or continue from this one into a new --out folder",
+            run_dir.display(),
+            checkpoint.path.display(),
+            run_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The settings a resume changes, as `key: old → new`; an error for those that change what
+/// the network is or computes (model, noise schedule, prediction target), which the
+/// checkpoint's weights would no longer fit.
+fn resume_changes(before: &RunConfig, after: &RunConfig) -> Result<Vec<String>> {
+    let (before, after) = (
+        toml::Value::try_from(before)?,
+        toml::Value::try_from(after)?,
+    );
+    let mut changes = Vec::new();
+    differences("", &before, &after, &mut changes);
+    let fixed = |key: &str| {
+        key.starts_with("model.")
+            || (key.starts_with("diffusion.")
+                && !matches!(key, "diffusion.loss_weighting" | "diffusion.min_snr_gamma"))
+    };
+    if let Some((key, old, new)) = changes.iter().find(|(key, _, _)| fixed(key)) {
+        bail!("the checkpoint was trained with {key} = {old}; it cannot be resumed with {key} = {new} (a different {key} needs a new run)");
+    }
+    Ok(changes
+        .into_iter()
+        .map(|(key, old, new)| format!("{key}: {old} → {new}"))
+        .collect())
+}
+
+/// (key, old, new) for every leaf that differs between two TOML values, keys dotted.
+fn differences(
+    prefix: &str,
+    a: &toml::Value,
+    b: &toml::Value,
+    out: &mut Vec<(String, String, String)>,
+) {
+    match (a, b) {
+        (toml::Value::Table(ta), toml::Value::Table(tb)) => {
+            let keys: std::collections::BTreeSet<&String> = ta.keys().chain(tb.keys()).collect();
+            for key in keys {
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match (ta.get(key), tb.get(key)) {
+                    (Some(x), Some(y)) => differences(&name, x, y, out),
+                    (x, y) => out.push((name, shown(x), shown(y))),
+                }
+            }
+        }
+        _ if a != b => out.push((prefix.to_string(), a.to_string(), b.to_string())),
+        _ => {}
+    }
+}
+
+fn shown(value: Option<&toml::Value>) -> String {
+    value.map_or("(unset)".into(), toml::Value::to_string)
 }
 
 /// `--resume PATH` loads that checkpoint; `--resume auto` the newest valid one of the run
@@ -168,6 +270,24 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if let Some(e) = args.settings.eta {
         settings.eta = e;
     }
+    let mut checked = config.clone();
+    checked.sample = settings.clone();
+    checked
+        .validate()
+        .context("--steps and --eta set sample.steps and sample.eta")?;
+    if args.settings.eta.is_some() && settings.sampler == crate::config::SamplerKind::Ddpm {
+        crate::say!("note: --eta applies to DDIM; the DDPM sampler ignores it");
+    }
+    // Before sampling, which may take long: the destinations can be written.
+    if let Some(grid) = &args.grid {
+        check_output_file(grid, "png", "--out")?;
+    }
+    if let Some(path) = &args.animation {
+        check_output_file(path, "gif", "--animate")?;
+    }
+    if let Some(folder) = &args.folder {
+        check_output_folder(folder)?;
+    }
     let (_vs, model) = train::load_for_sampling(&checkpoint, args.ema, device)?;
     let schedule = NoiseSchedule::from_config(&config.diffusion);
     let denoiser = Denoiser {
@@ -197,7 +317,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
             }
         },
     );
-    eprintln!(
+    crate::say!(
         "sampled {} images in {:.1} s ({:?}, {} weights, step {})",
         args.num,
         started.elapsed().as_secs_f64(),
@@ -207,16 +327,68 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     );
     if let Some(grid) = &args.grid {
         crate::monitor::save_grid(&images, grid)?;
-        eprintln!("grid: {}", grid.display());
+        crate::say!("grid: {}", grid.display());
     }
     if let Some(folder) = &args.folder {
         crate::monitor::save_individual(&images, folder, 0)?;
-        eprintln!("images: {}/000000.png …", folder.display());
+        crate::say!("images: {}/000000.png …", folder.display());
     }
     if let Some(path) = &args.animation {
         crate::monitor::save_animation(&frames, path, 80)?;
-        eprintln!("trajectory: {} ({} frames)", path.display(), frames.len());
+        crate::say!("trajectory: {} ({} frames)", path.display(), frames.len());
     }
+    Ok(())
+}
+
+/// A file `ddpm sample` will write: named with `extension` (the format written), in a folder
+/// that exists or can be made, and that takes files.
+fn check_output_file(path: &Path, extension: &str, flag: &str) -> Result<()> {
+    if !path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case(extension))
+    {
+        bail!(
+            "{flag} {}: the file is written as {}, so its name should end in .{extension}",
+            path.display(),
+            extension.to_uppercase()
+        );
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(folder).with_context(|| {
+        format!(
+            "{flag} {}: cannot create {}",
+            path.display(),
+            folder.display()
+        )
+    })?;
+    check_writable(folder).with_context(|| format!("{flag} {}", path.display()))
+}
+
+/// The folder of `--out-dir`: made if missing, and holding no images yet, so that a FID over it
+/// never mixes two sets of samples.
+fn check_output_folder(folder: &Path) -> Result<()> {
+    std::fs::create_dir_all(folder)
+        .with_context(|| format!("--out-dir {}: cannot create this folder", folder.display()))?;
+    let images = std::fs::read_dir(folder)
+        .with_context(|| format!("cannot list --out-dir {}", folder.display()))?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .count();
+    if images > 0 {
+        bail!("--out-dir {} already holds {images} PNG images: choose an empty folder (mixed sets would skew a FID), or remove them", folder.display());
+    }
+    check_writable(folder).with_context(|| format!("--out-dir {}", folder.display()))
+}
+
+/// Creates and removes a file in `folder`.
+fn check_writable(folder: &Path) -> Result<()> {
+    let probe = folder.join(format!(".ddpm-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("cannot write into {}", folder.display()))?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 
@@ -242,10 +414,10 @@ pub struct FidArgs {
     #[arg(long)]
     pub fake: PathBuf,
     /// Images to sample from a checkpoint [default: 10000] or to take from a folder [default: all]
-    #[arg(long)]
+    #[arg(long, value_parser = crate::config::positive_count)]
     pub num: Option<usize>,
     /// Images per forward pass (sampling and Inception)
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count)]
     pub batch: usize,
     /// Sampling seed (checkpoints)
     #[arg(long, default_value_t = 0)]
@@ -262,8 +434,8 @@ pub struct FidArgs {
 /// Scores generated images against real ones and prints `FID@N = score`.
 pub fn fid(args: FidArgs) -> Result<()> {
     use crate::eval;
-    if args.batch == 0 {
-        bail!("--batch must be at least 1");
+    if args.num.is_some_and(|n| n < 2) {
+        bail!("--num must be at least 2: FID compares covariances");
     }
     if !args.fake.exists() {
         bail!(
@@ -274,7 +446,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
     let device = crate::device::resolve(&args.device)?;
     // Before any sampling: a missing network should cost the user nothing.
     let inception_path = eval::locate_inception(
-        args.inception.as_deref(),
+        args.inception.as_deref().map(|p| (p, "--inception")),
         std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
         &eval::default_inception_path()?,
     )?;
@@ -296,7 +468,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
         workers: 0,
     };
     let real = crate::data::load(real_path, &options)?;
-    eprintln!(
+    crate::say!(
         "real: {} images, {}, at {height}×{width}",
         real.len(),
         real.description
@@ -309,7 +481,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
     )?;
     let fake_statistics = inception.statistics(&fake, args.batch, "fake")?;
     let score = eval::frechet_distance(&real_statistics, &fake_statistics)?;
-    eprintln!(
+    crate::say!(
         "FID of {count} generated images against {} real ones: {score}",
         real.len()
     );
@@ -325,7 +497,7 @@ fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
         || !crate::checkpoint::list(&args.fake)?.is_empty();
     if !is_checkpoint {
         let images = crate::eval::load_image_folder(&args.fake, args.num)?;
-        eprintln!(
+        crate::say!(
             "fake: {} images from {}",
             images.size()[0],
             args.fake.display()
@@ -352,7 +524,7 @@ fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
         args.batch,
         |_, _| {},
     );
-    eprintln!(
+    crate::say!(
         "fake: sampled {num} images in {:.1} s ({:?}, EMA weights, step {} of {})",
         started.elapsed().as_secs_f64(),
         config.sample.sampler,
@@ -389,7 +561,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
             crate::interop::export_diffusers(&checkpoint, args.ema, &args.out)?
         }
     }
-    eprintln!(
+    crate::say!(
         "exported the {} weights of {} (step {}) to {}",
         if args.ema { "EMA" } else { "raw" },
         checkpoint.path.display(),
@@ -435,18 +607,18 @@ pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
         Default::default(),
         config,
     )?;
-    eprintln!(
+    crate::say!(
         "imported {} as {} ({} parameters; training settings of the {} preset)",
         from.display(),
         saved.display(),
         model::parameter_count(&trainer.vs),
         config.preset
     );
-    eprintln!(
+    crate::say!(
         "sample:    ddpm sample --checkpoint {} --out grid.png",
         run_dir.display()
     );
-    eprintln!(
+    crate::say!(
         "fine-tune: ddpm train --resume {} --data PATH --steps N",
         run_dir.display()
     );
@@ -484,7 +656,7 @@ pub struct BenchArgs {
     #[arg(long = "channels")]
     pub in_channels: Option<i64>,
     /// Images per step (training) or per forward pass (sampling)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::config::positive_count)]
     pub batch: Option<usize>,
     #[arg(long, value_enum)]
     pub precision: Option<crate::config::Precision>,
@@ -503,13 +675,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub warmup: usize,
     /// Timed training steps
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = crate::config::positive_count)]
     pub steps: usize,
     /// Images to sample
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::config::positive_count)]
     pub num: usize,
     /// DDIM steps when sampling
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count)]
     pub sample_steps: usize,
     /// CPU threads for libtorch [default: libtorch's choice]
     #[arg(long)]

@@ -7,9 +7,43 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// A type error in the merged configuration as `section.key = value: what was expected`: its
+/// line numbers would point into the merged text, not the user's file.
+fn name_the_key(error: &toml::de::Error, merged: &str) -> anyhow::Error {
+    let Some(span) = error.span() else {
+        return anyhow::anyhow!("{}", error.message());
+    };
+    let before = &merged[..span.start.min(merged.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = merged[line_start..].lines().next().unwrap_or("");
+    let section = before
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+        .map_or(String::new(), |name| format!("{name}."));
+    // Rust's type names, as a user writes numbers.
+    let message = [
+        ("usize", "a whole number ≥ 0"),
+        ("u64", "a whole number ≥ 0"),
+        ("u32", "a whole number ≥ 0"),
+        ("i64", "a whole number"),
+        ("f64", "a number"),
+    ]
+    .iter()
+    .fold(error.message().to_string(), |m, (rust, plain)| {
+        m.replace(&format!("expected {rust}"), &format!("expected {plain}"))
+    });
+    match line.split_once('=') {
+        Some((key, value)) => {
+            anyhow::anyhow!("{section}{} = {}: {message}", key.trim(), value.trim())
+        }
+        None => anyhow::anyhow!("{section}: {message}"),
+    }
+}
+
 /// Height and width of the training images. Written `32` (square) or `[32, 64]` (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "an image size: N (square) or [H, W]")]
 pub enum ImageSize {
     Square(i64),
     Rect([i64; 2]),
@@ -562,9 +596,9 @@ impl RunConfig {
         };
         let mut merged = toml::Table::try_from(Self::preset(&preset)?)?;
         merge(&mut merged, user, "")?;
-        // Parsing the merged text (not the value) keeps the offending key in type errors.
-        let config: RunConfig = toml::from_str(&toml::to_string(&merged)?)?;
-        Ok(config)
+        // Parsing the merged text (not the value) locates type errors, which then name the key.
+        let merged = toml::to_string(&merged)?;
+        toml::from_str(&merged).map_err(|e| name_the_key(&e, &merged))
     }
 
     pub fn to_toml(&self) -> String {
@@ -742,10 +776,26 @@ impl RunConfig {
     }
 }
 
+/// A command-line count that must be at least 1.
+pub fn positive_count(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected an integer ≥ 1, got {text:?}")),
+    }
+}
+
+/// A command-line number in [0, 1].
+pub fn unit_interval(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected a number in [0, 1], got {text:?}")),
+    }
+}
+
 /// Command-line overrides of configuration keys; each flag sets the key named in its help.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct Overrides {
-    /// Images: a folder, CIFAR-10 binaries folder or IDX file [data.path; default: the bundled MNIST subset]
+    /// Images: a folder, a CIFAR-10/100 binaries folder or an IDX file [data.path; default: the bundled MNIST subset]
     #[arg(long)]
     pub data: Option<String>,
     /// Force the data format instead of detecting it [data.format]
@@ -1005,9 +1055,28 @@ mod tests {
     }
 
     #[test]
-    fn wrong_type_is_named() {
-        let err = RunConfig::from_toml_str("[train]\nbatch = \"big\"\n", None).unwrap_err();
-        assert!(format!("{err:#}").contains("batch"), "{err:#}");
+    fn wrong_type_is_named_by_its_key_not_a_line_of_the_merged_text() {
+        for (text, named, expected) in [
+            (
+                "[train]\nbatch = \"big\"\n",
+                "train.batch = \"big\"",
+                "expected a whole number ≥ 0",
+            ),
+            (
+                "[train]\nlr = \"fast\"\n",
+                "train.lr = \"fast\"",
+                "expected a number",
+            ),
+            (
+                "[model]\nimage_size = [16]\n",
+                "model.image_size = [16]",
+                "N (square) or [H, W]",
+            ),
+        ] {
+            let err = format!("{:#}", RunConfig::from_toml_str(text, None).unwrap_err());
+            assert!(err.contains(named) && err.contains(expected), "{err}");
+            assert!(!err.contains("line"), "{err}");
+        }
     }
 
     #[test]

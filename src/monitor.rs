@@ -177,6 +177,8 @@ pub fn save_loss_plot(points: &[(u64, f64)], path: &Path) -> Result<()> {
                 .configure_mesh()
                 .x_desc("step")
                 .y_desc("loss")
+                .y_labels(8)
+                .y_label_formatter(&|v| axis_number(*v))
                 .draw()?;
             chart.draw_series(LineSeries::new(points.iter().copied(), &BLUE))?;
             root.present()?;
@@ -186,6 +188,19 @@ pub fn save_loss_plot(points: &[(u64, f64)], path: &Path) -> Result<()> {
     }
     let image = image::RgbImage::from_raw(w, h, buffer).expect("buffer of the right size");
     crate::checkpoint::write_atomic(path, &encode_png(&image)?)
+}
+
+/// A loss-axis label: three significant digits at most, without float noise.
+fn axis_number(v: f64) -> String {
+    if v == 0.0 || !(1e-3..1e4).contains(&v.abs()) {
+        return format!("{v:.1e}");
+    }
+    let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    let text = format!("{v:.decimals$}");
+    match text.contains('.') {
+        true => text.trim_end_matches('0').trim_end_matches('.').to_string(),
+        false => text,
+    }
 }
 
 /// Reads (step, loss) from a `metrics.jsonl`; a step logged twice (a resumed run replaying it)
@@ -360,12 +375,44 @@ pub struct Monitor {
     silent: bool,
     bar: Option<ProgressBar>,
     started: Instant,
+    /// Wall time of the run before this process took it up.
+    earlier_seconds: f64,
     smoothed_loss: Option<f64>,
 }
 
+/// Rewrites `metrics.jsonl` without the records after `step` (and lines cut short by a crash);
+/// returns the wall time of the last record kept.
+fn keep_records_up_to(path: &Path, step: u64) -> Result<f64> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0.0),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut kept = String::new();
+    let mut seconds: f64 = 0.0;
+    for line in text.lines() {
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if record["step"].as_u64().is_some_and(|s| s <= step) {
+            seconds = seconds.max(record["wall_seconds"].as_f64().unwrap_or(0.0));
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if kept.len() != text.len() {
+        crate::checkpoint::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(seconds)
+}
+
 impl Monitor {
+    /// Continues `metrics.jsonl` from `start_step`: records of later steps (from a run that went
+    /// on past its last checkpoint before it stopped) are dropped, and the wall clock goes on
+    /// from the last one kept.
     pub fn new(run_dir: &Path, start_step: u64, total_steps: u64) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
+        let earlier = keep_records_up_to(&path, start_step)?;
         let metrics = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -386,6 +433,7 @@ impl Monitor {
             silent: false,
             bar,
             started: Instant::now(),
+            earlier_seconds: earlier,
             smoothed_loss: None,
         })
     }
@@ -397,12 +445,14 @@ impl Monitor {
             silent: true,
             bar: None,
             started: Instant::now(),
+            earlier_seconds: 0.0,
             smoothed_loss: None,
         }
     }
 
+    /// Wall time of the run, including the time before a resume.
     pub fn seconds(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
+        self.earlier_seconds + self.started.elapsed().as_secs_f64()
     }
 
     pub fn record(&mut self, record: &MetricsRecord) -> Result<()> {
@@ -431,7 +481,7 @@ impl Monitor {
                 bar.set_position(record.step);
                 bar.set_message(text);
             }
-            None => eprintln!("step {:>8}  {text}", record.step),
+            None => crate::say!("step {:>8}  {text}", record.step),
         }
         Ok(())
     }
@@ -454,7 +504,7 @@ impl Monitor {
     pub fn note(&self, message: &str) {
         match &self.bar {
             Some(bar) => bar.println(message),
-            None if !self.silent => eprintln!("{message}"),
+            None if !self.silent => crate::say!("{message}"),
             None => {}
         }
     }
@@ -491,6 +541,50 @@ mod tests {
             .unwrap()
             .to_luma8();
         assert_eq!(back.as_raw(), &vec![0u8, 128, 255, 191]);
+    }
+
+    #[test]
+    fn loss_axis_labels_have_three_significant_digits_at_most() {
+        for (v, label) in [
+            (0.7000000000000001, "0.7"),
+            (0.30000000000000004, "0.3"),
+            (0.0123456, "0.0123"),
+            (1.0, "1"),
+            (12.5, "12.5"),
+            (250.0, "250"),
+            (0.0005, "5.0e-4"),
+        ] {
+            assert_eq!(axis_number(v), label, "{v}");
+        }
+    }
+
+    #[test]
+    fn a_resumed_monitor_drops_records_after_its_step_and_keeps_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = dir.path().join("metrics.jsonl");
+        let line = |step: u64, wall: f64| {
+            format!("{{\"step\":{step},\"loss\":1.0,\"wall_seconds\":{wall}}}\n")
+        };
+        let fid = "{\"step\":100,\"fid\":30.0,\"wall_seconds\":61.0}\n";
+        let text = [
+            line(50, 30.0),
+            line(100, 60.0),
+            fid.into(),
+            line(150, 90.0),
+            "{\"step\":17".into(),
+        ]
+        .concat();
+        fs::write(&metrics, text).unwrap();
+        let monitor = Monitor::new(dir.path(), 100, 200).unwrap();
+        assert_eq!(
+            fs::read_to_string(&metrics).unwrap(),
+            [line(50, 30.0), line(100, 60.0), fid.into()].concat()
+        );
+        assert!(
+            (61.0..70.0).contains(&monitor.seconds()),
+            "{}",
+            monitor.seconds()
+        );
     }
 
     #[test]

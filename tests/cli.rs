@@ -1,4 +1,5 @@
 //! The command line, end to end, through the built binary.
+use std::path::Path;
 use std::process::Command;
 
 mod common;
@@ -273,4 +274,149 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
         }
     }
     panic!("seeds 0..12 did not meet the corrupt file both before and after a step");
+}
+
+/// Every file of a run directory's checkpoints folder with its bytes.
+fn checkpoint_files(run: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn resume_never_overwrites_checkpoints_nor_changes_the_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\nevery = 0\n[checkpoint]\nevery = 2\n";
+    std::fs::write(dir.path().join("small.toml"), config).unwrap();
+    for (run, steps) in [("a", "4"), ("k", "6")] {
+        let args = [
+            "train",
+            "--config",
+            "small.toml",
+            "--steps",
+            steps,
+            "--out",
+            run,
+        ];
+        let out = ddpm(&args, dir.path());
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (a, k) = (dir.path().join("a"), dir.path().join("k"));
+    let (a_files, k_files) = (checkpoint_files(&a), checkpoint_files(&k));
+    let a_config = std::fs::read(a.join("config.toml")).unwrap();
+    let refusals: [(&[&str], &str); 4] = [
+        // Into another run's directory.
+        (
+            &["--resume", "a", "--out", "k", "--steps", "8"],
+            "another run",
+        ),
+        // From a checkpoint with newer ones after it.
+        (
+            &[
+                "--resume",
+                "k/checkpoints/step-00000002.json",
+                "--steps",
+                "8",
+            ],
+            "after step 2",
+        ),
+        // With another network.
+        (
+            &["--resume", "a", "--image-size", "16", "--steps", "8"],
+            "model.image_size",
+        ),
+        // With a configuration file, which only new runs take.
+        (&["--resume", "a", "--config", "small.toml"], "--config"),
+    ];
+    for (args, expected) in refusals {
+        let out = ddpm(&[&["train"], args].concat(), dir.path());
+        let log = stderr(&out);
+        assert!(!out.status.success(), "{args:?} was accepted: {log}");
+        assert!(log.contains(expected), "{args:?}: {log}");
+    }
+    assert_eq!(checkpoint_files(&a), a_files);
+    assert_eq!(checkpoint_files(&k), k_files);
+    assert_eq!(std::fs::read(a.join("config.toml")).unwrap(), a_config);
+
+    // A finished run resumed as it is: nothing to do, nothing written.
+    let metrics = std::fs::read(a.join("metrics.jsonl")).unwrap();
+    let out = ddpm(&["train", "--resume", "a"], dir.path());
+    assert!(out.status.success() && stderr(&out).contains("nothing to train"));
+    assert_eq!(checkpoint_files(&a), a_files);
+    assert_eq!(std::fs::read(a.join("metrics.jsonl")).unwrap(), metrics);
+
+    // Settings a resume may change are named; the metrics go on from the resumed step.
+    let out = ddpm(
+        &["train", "--resume", "a", "--steps", "6", "--lr", "0.002"],
+        dir.path(),
+    );
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("changed on resume: train.lr: 0.001 → 0.002"),
+        "{log}"
+    );
+    assert!(
+        log.contains("changed on resume: train.steps: 4 → 6"),
+        "{log}"
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn sample_checks_its_flags_and_destinations_before_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\nevery = 0\n";
+    std::fs::write(dir.path().join("small.toml"), config).unwrap();
+    let out = ddpm(
+        &[
+            "train",
+            "--config",
+            "small.toml",
+            "--steps",
+            "1",
+            "--out",
+            "r",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sample = |extra: &[&str]| {
+        let args = [&["sample", "--checkpoint", "r", "--device", "cpu"], extra].concat();
+        ddpm(&args, dir.path())
+    };
+    assert!(sample(&["--num", "2", "--out-dir", "s"]).status.success());
+    for (args, expected) in [
+        (&["--num", "0", "--out", "g.png"][..], "--num"),
+        (&["--batch", "0", "--out", "g.png"], "--batch"),
+        (&["--eta", "2", "--out", "g.png"], "--eta"),
+        (&["--steps", "5000", "--out", "g.png"], "sample.steps"),
+        (&["--out", "g.jpg"], ".png"),
+        (&["--out-dir", "s"], "already holds 2 PNG images"),
+        (&["--out-dir", "small.toml"], "small.toml"),
+    ] {
+        let out = sample(args);
+        let log = stderr(&out);
+        assert!(!out.status.success(), "{args:?} was accepted: {log}");
+        assert!(log.contains(expected), "{args:?}: {log}");
+        assert!(
+            !log.contains("sampled"),
+            "{args:?} sampled before failing: {log}"
+        );
+    }
 }

@@ -154,6 +154,10 @@ pub fn idx_file(path: &Path) -> Result<PathBuf> {
     match (train.as_slice(), files.as_slice()) {
         ([one], _) => Ok((*one).clone()),
         (_, [one]) => Ok(one.clone()),
+        (_, []) => bail!(
+            "{} holds no IDX image file (a name with idx3-ubyte, e.g. train-images-idx3-ubyte.gz)",
+            path.display()
+        ),
         _ => bail!(
             "{} holds several IDX image files ({}); name one with --data",
             path.display(),

@@ -166,7 +166,7 @@ impl Dataset {
                 }
                 Err(why) => {
                     if self.unreadable.lock().unwrap().insert(i) {
-                        eprintln!("warning: skipping {}: {why}", files[i].display());
+                        crate::say!("warning: skipping {}: {why}", files[i].display());
                     }
                 }
             }
@@ -200,6 +200,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
         let pixels = if records.shape == shape {
             records.pixels
         } else {
+            check_fits_in_memory(records.len(), shape, &description)?;
             decode_all(records.len(), shape, workers, |i, dst| {
                 records.fit_into(i, shape, dst);
                 Ok(())
@@ -213,7 +214,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             let name = Path::new("bundled MNIST");
             records(
                 formats::parse_idx_images(formats::gunzip(formats::BUNDLED_IMAGES, name)?, name)?,
-                "bundled MNIST subset (5,000 digits)".into(),
+                "the bundled MNIST digits".into(),
             )
         }
         DataFormat::Idx => {
@@ -252,6 +253,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             if !should_cache(options.cache, files.len(), shape) {
                 return Ok(dataset(Images::Files(files), description, 0));
             }
+            check_fits_in_memory(files.len(), shape, &description)?;
             let (pixels, failed) = decode_all(files.len(), shape, workers, |i, dst| {
                 formats::decode_into(&files[i], shape, dst)
             });
@@ -262,7 +264,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
                 );
             }
             for (i, why) in &failed {
-                eprintln!("warning: skipping {}: {why}", files[*i].display());
+                crate::say!("warning: skipping {}: {why}", files[*i].display());
             }
             if failed.len() == files.len() {
                 bail!(
@@ -272,7 +274,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
                 );
             }
             if !failed.is_empty() {
-                eprintln!(
+                crate::say!(
                     "warning: skipped {} unreadable file(s) of {} in {}",
                     failed.len(),
                     files.len(),
@@ -295,6 +297,25 @@ fn should_cache(cache: DataCache, count: usize, shape: Shape) -> bool {
             (count * shape.bytes()) as u64 <= available_memory() / 2 / local_processes()
         }
     }
+}
+
+/// Fails, before allocating, when `count` decoded images of `shape` would not fit in the
+/// available memory.
+fn check_fits_in_memory(count: usize, shape: Shape, description: &str) -> Result<()> {
+    let needed = count as u64 * shape.bytes() as u64;
+    let available = available_memory() / local_processes();
+    if needed > available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        bail!(
+            "{count} images of {description} at {}×{}×{} take {:.1} GiB in memory, more than the {:.1} GiB available: lower model.image_size",
+            shape.channels,
+            shape.height,
+            shape.width,
+            gib(needed),
+            gib(available)
+        );
+    }
+    Ok(())
 }
 
 /// Processes of this run on this machine (LOCAL_WORLD_SIZE, as torchrun and `ddpm launch` set),

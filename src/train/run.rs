@@ -44,12 +44,18 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
-fn prepare_run_dir(dir: &Path, config: &RunConfig, resuming: bool) -> Result<()> {
-    std::fs::create_dir_all(dir.join("samples"))
-        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+/// A new run never takes over a directory that holds checkpoints.
+fn check_run_dir(dir: &Path, resuming: bool) -> Result<()> {
     if !resuming && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
         bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
     }
+    Ok(())
+}
+
+/// Creates the run directory and records the configuration, once the run is sure to start.
+fn prepare_run_dir(dir: &Path, config: &RunConfig) -> Result<()> {
+    std::fs::create_dir_all(dir.join("samples"))
+        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
     checkpoint::write_atomic(&dir.join("config.toml"), config.to_toml().as_bytes())
 }
 
@@ -80,6 +86,10 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             device = crate::device::resolve(&format!("cuda:{index}"))?;
         }
     }
+    let leader = launch.as_ref().map_or(true, |l| l.rank == 0);
+    if leader {
+        check_run_dir(&run_dir, resume.is_some())?;
+    }
     let dataset = Arc::new(data::load(
         config.data_path().as_deref(),
         &LoadOptions::of(&config, strict_data),
@@ -89,16 +99,12 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             .div_ceil(config.train.batch as u64)
             .max(1);
     }
-    let leader = launch.as_ref().map_or(true, |l| l.rank == 0);
-    if leader {
-        prepare_run_dir(&run_dir, &config, resume.is_some())?;
-    }
     let mut trainer = Trainer::new(&config, device)?;
     let mut position = Position::default();
     if let Some(checkpoint) = resume.as_ref().filter(|_| leader) {
         trainer.load_state(checkpoint)?;
         position = checkpoint.sidecar.position;
-        eprintln!(
+        crate::say!(
             "resumed from {} at step {}",
             checkpoint.path.display(),
             trainer.step
@@ -109,8 +115,22 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         trainer.check_agreement(dataset.len())?;
         position = trainer.sync_from_leader(position)?;
     }
+    let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
+    if trainer.step >= stop {
+        if leader {
+            crate::say!("{} is at step {} and this run stops at step {stop}: nothing to train (raise --steps to continue)", run_dir.display(), trainer.step);
+        }
+        return Ok(RunSummary {
+            final_checkpoint: None,
+            final_grid: None,
+            steps: trainer.step,
+            seconds: 0.0,
+            interrupted: false,
+        });
+    }
     if leader {
-        eprintln!(
+        prepare_run_dir(&run_dir, &config)?;
+        crate::say!(
             "training {} on {} ({} images{}) on {device:?}{}: {} parameters, {} steps of batch {}",
             config.preset,
             dataset.description,
@@ -128,7 +148,6 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             config.train.batch
         );
     }
-    let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
     run_loop(
         &mut trainer,
         dataset,
@@ -258,7 +277,7 @@ fn run_loop(
             let path = save(trainer, loader.position())?;
             monitor.finish();
             if let Some(path) = &path {
-                eprintln!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
+                crate::say!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
             }
             return Ok(RunSummary {
                 final_checkpoint: path,
@@ -382,7 +401,7 @@ impl TrainingFid {
         }
         let flag = (!config.fid.inception.is_empty()).then(|| PathBuf::from(&config.fid.inception));
         let path = eval::locate_inception(
-            flag.as_deref(),
+            flag.as_deref().map(|p| (p, "fid.inception")),
             std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
             &eval::default_inception_path()?,
         )
@@ -624,7 +643,7 @@ mod tests {
             return;
         };
         if !inception.is_file() {
-            eprintln!(
+            crate::say!(
                 "skipped: no Inception file at {} (tools/get_inception.sh)",
                 inception.display()
             );
