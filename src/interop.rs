@@ -733,6 +733,13 @@ pub fn export_diffusers(checkpoint: &Checkpoint, ema: bool, out: &Path) -> Resul
     let scheduler = SchedulerConfig::from_run_config(config)
         .with_context(|| format!("{origin}: diffusers cannot express this schedule"))?;
     let tensors = diffusers_weights(checkpoint, if ema { "ema." } else { "model." })?;
+    let holds_files = fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if holds_files && !out.join(PIPELINE_INDEX).is_file() {
+        bail!(
+            "{} is a folder with other files in it: export into a new folder (an earlier export may be replaced)",
+            out.display()
+        );
+    }
     for sub in ["unet", "scheduler"] {
         fs::create_dir_all(out.join(sub))
             .with_context(|| format!("cannot create {}", out.join(sub).display()))?;
@@ -1134,6 +1141,15 @@ mod tests {
                 );
             }
         }
+        // An earlier export is replaced; a folder of other files is not written into.
+        let out = dir.path().join("export-ema.");
+        export_diffusers(&checkpoint, false, &out).unwrap();
+        let other = dir.path().join("notes");
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join("notes.txt"), "mine").unwrap();
+        let e = export_diffusers(&checkpoint, true, &other).unwrap_err();
+        assert!(format!("{e:#}").contains("other files"), "{e:#}");
+        assert_eq!(fs::read_dir(&other).unwrap().count(), 1);
     }
 
     #[test]
