@@ -14,18 +14,20 @@ use crate::sampler::{self, Denoiser};
 use crate::schedule::NoiseSchedule;
 use crate::train::{self, RunOptions};
 
-/// Builds a run's configuration: the resumed checkpoint's, else the TOML file's, else the
-/// preset's; then the command-line overrides; then validation.
+/// Builds a run's configuration: the TOML file's or the preset's when given (a new run, or
+/// `--resume auto` in a job script whose file describes the run), else the resumed checkpoint's,
+/// else the tiny preset's; then the command-line overrides; then validation.
 pub fn resolve_config(
     preset: Option<&str>,
     config_file: Option<&Path>,
     resume: Option<&Checkpoint>,
     overrides: &Overrides,
 ) -> Result<RunConfig> {
-    let mut config = match (resume, config_file) {
-        (Some(checkpoint), _) => checkpoint.sidecar.config.clone(),
-        (None, Some(file)) => RunConfig::from_toml_file(file, preset)?,
-        (None, None) => RunConfig::preset(preset.unwrap_or("tiny"))?,
+    let mut config = match (config_file, preset, resume) {
+        (Some(file), _, _) => RunConfig::from_toml_file(file, preset)?,
+        (None, Some(name), _) => RunConfig::preset(name)?,
+        (None, None, Some(checkpoint)) => checkpoint.sidecar.config.clone(),
+        (None, None, None) => RunConfig::preset("tiny")?,
     };
     overrides.apply(&mut config);
     config.validate()?;

@@ -376,6 +376,30 @@ fn resume_never_overwrites_checkpoints_nor_changes_the_network() {
         })
         .collect();
     assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+
+    // `--resume auto` with a configuration file, as a job script restarts: the file describes
+    // the run, so its settings hold, and a network it changes is refused.
+    let auto = |file: &str| {
+        let args = [
+            "train", "--resume", "auto", "--out", "a", "--config", file, "--steps", "8",
+        ];
+        ddpm(&args, dir.path())
+    };
+    std::fs::write(dir.path().join("wider.toml"), config.replace("16", "32")).unwrap();
+    let out = auto("wider.toml");
+    assert!(
+        !out.status.success() && stderr(&out).contains("model.channels"),
+        "{}",
+        stderr(&out)
+    );
+    let out = auto("small.toml");
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("changed on resume: train.lr: 0.002 → 0.001"),
+        "{log}"
+    );
+    assert!(a.join("checkpoints/step-00000008.json").exists());
 }
 
 #[test]
