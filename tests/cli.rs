@@ -444,3 +444,29 @@ fn sample_checks_its_flags_and_destinations_before_sampling() {
         );
     }
 }
+
+#[test]
+fn a_grid_that_cannot_be_written_stops_the_run_with_a_checkpoint_of_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\nevery = 2\n[checkpoint]\nevery = 0\n";
+    std::fs::write(dir.path().join("small.toml"), config).unwrap();
+    // A folder where the step-2 grid goes: the grid cannot be written there.
+    std::fs::create_dir_all(dir.path().join("r/samples/step-00000002.png")).unwrap();
+    let args = [
+        "train",
+        "--config",
+        "small.toml",
+        "--steps",
+        "4",
+        "--out",
+        "r",
+    ];
+    let out = ddpm(&args, dir.path());
+    let log = stderr(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("step-00000002.png") && log.contains("training stopped at step 2"),
+        "{log}"
+    );
+    assert!(dir.path().join("r/checkpoints/step-00000002.json").exists());
+}

@@ -214,7 +214,8 @@ fn run_loop(
         Ok(Some(path))
     };
     // A failure that leaves the weights as they were after the last step (unreadable data, a
-    // lost rank, no device memory left) still leaves a checkpoint of them, when they are new.
+    // lost rank, no device memory left, an unwritable grid or metrics file) still leaves a
+    // checkpoint of them, when they are new.
     let save_and_fail =
         |trainer: &Trainer, position: Position, e: anyhow::Error| -> anyhow::Error {
             if trainer.step == saved_step.get() {
@@ -302,7 +303,10 @@ fn run_loop(
                 device_memory_gib: peak_memory_gib(trainer.device)?,
                 wall_seconds: monitor.seconds(),
             };
-            monitor.record(&record)?;
+            let position = loader.position();
+            monitor
+                .record(&record)
+                .map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
             // Every rank sees the same averaged gradients, so all roll back together.
             let bad = trainer.consecutive_skipped_steps();
@@ -321,19 +325,24 @@ fn run_loop(
         if !leader {
             continue;
         }
-        if config.sample.every > 0 && step % config.sample.every == 0 && step < stop {
-            write_samples(trainer, run_dir, grid_seed, &monitor)?;
+        // The checkpoint first: sampling a grid or measuring FID may fail (out of device
+        // memory, a full disk), and then the run stops with its state saved if it still can be.
+        let position = loader.position();
+        if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < stop {
+            save(trainer, position)?;
             window = Window::new();
         }
-        if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < stop {
-            save(trainer, loader.position())?;
+        if config.sample.every > 0 && step % config.sample.every == 0 && step < stop {
+            write_samples(trainer, run_dir, grid_seed, &monitor)
+                .map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
         }
         if let Some(fid) = training_fid
             .as_ref()
             .filter(|_| step % config.fid.every == 0)
         {
-            fid.measure(trainer, fid_seed, &mut monitor)?;
+            fid.measure(trainer, fid_seed, &mut monitor)
+                .map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
         }
     }
