@@ -12,6 +12,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <c10/util/Logging.h>
+
 #include <chrono>
 #include <string>
 
@@ -129,6 +131,13 @@ int ddpm_nccl_available() {
 char *ddpm_group_new(const char *host, int port, int rank, int world, int agent_store,
                      const char *prefix, int64_t timeout_ms, int nccl, void **out) {
   DDPM_TRY({
+    // c10d logs every failed connection attempt with a C++ stack trace; the error returned
+    // when the rendezvous gives up says what the user needs, once.
+    struct QuietLogs {
+      int saved = FLAGS_caffe2_log_level;
+      QuietLogs() { FLAGS_caffe2_log_level = 3; }
+      ~QuietLogs() { FLAGS_caffe2_log_level = saved; }
+    } quiet;
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions options;
     options.port = static_cast<uint16_t>(port);

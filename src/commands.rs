@@ -66,7 +66,10 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         (None, None) => default_run_dir(&config),
     };
     if let Some(checkpoint) = &resume {
-        check_resume_target(checkpoint, &run_dir)?;
+        // Named as a file, a checkpoint may be older than others of its run; from a directory
+        // (or `auto`) it is the newest valid one, and any later one is damaged.
+        let named_file = args.resume.as_deref().is_some_and(Path::is_file);
+        check_resume_target(checkpoint, &run_dir, named_file)?;
         for change in resume_changes(&checkpoint.sidecar.config, &config)? {
             crate::say!("changed on resume: {change}");
         }
@@ -97,8 +100,8 @@ fn default_run_dir(config: &RunConfig) -> PathBuf {
 }
 
 /// Refuses a resume that would overwrite checkpoints: into another run's directory, or from a
-/// checkpoint older than the newest of its own run.
-fn check_resume_target(checkpoint: &Checkpoint, run_dir: &Path) -> Result<()> {
+/// checkpoint file older than the newest of its own run.
+fn check_resume_target(checkpoint: &Checkpoint, run_dir: &Path, named_file: bool) -> Result<()> {
     let step = checkpoint.sidecar.step;
     let own_dir = run_dir_of(&checkpoint.path);
     let same_run = match (own_dir.canonicalize(), run_dir.canonicalize()) {
@@ -115,6 +118,7 @@ fn check_resume_target(checkpoint: &Checkpoint, run_dir: &Path) -> Result<()> {
     }
     let later: Vec<u64> = existing
         .iter()
+        .filter(|_| named_file)
         .filter_map(|p| crate::checkpoint::read_sidecar(p).ok())
         .map(|s| s.step)
         .filter(|&s| s > step)
@@ -686,7 +690,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count)]
     pub sample_steps: usize,
     /// CPU threads for libtorch [default: libtorch's choice]
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Option<i32>,
     /// Data loading threads for `bench data` [default: one per core]
     #[arg(long)]
@@ -696,7 +700,7 @@ pub struct BenchArgs {
     pub data_cache: Option<crate::config::DataCache>,
     /// For `bench data`: hold each batch this long, as a device step would, and report how
     /// long the steps waited for data
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::config::milliseconds)]
     pub step_ms: f64,
 }
 

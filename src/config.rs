@@ -608,7 +608,12 @@ impl RunConfig {
     /// Checks every key against its allowed range; the error names key, value and what is allowed.
     pub fn validate(&self) -> Result<()> {
         let m = &self.model;
-        check(m.channels >= 1, "model.channels", m.channels, "≥ 1")?;
+        check(
+            m.channels >= 2 && m.channels % 2 == 0,
+            "model.channels",
+            m.channels,
+            "an even number ≥ 2 (the time embedding is half sines, half cosines)",
+        )?;
         check(
             !m.channel_mult.is_empty() && m.channel_mult.iter().all(|&c| c >= 1),
             "model.channel_mult",
@@ -781,6 +786,16 @@ pub fn positive_count(text: &str) -> std::result::Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(format!("expected an integer ≥ 1, got {text:?}")),
+    }
+}
+
+/// A command-line duration in milliseconds: finite, from 0 to 10 minutes.
+pub fn milliseconds(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=600_000.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "expected milliseconds from 0 to 600000, got {text:?}"
+        )),
     }
 }
 
@@ -1088,6 +1103,7 @@ mod tests {
                 Box::new(|c| c.diffusion.timesteps = 1),
             ),
             ("train.batch", Box::new(|c| c.train.batch = 0)),
+            ("model.channels", Box::new(|c| c.model.channels = 7)),
             (
                 "model.image_size",
                 Box::new(|c| c.model.image_size = ImageSize::Square(30)),

@@ -342,6 +342,9 @@ pub fn launch_local(
     if nproc == 0 {
         bail!("--nproc must be at least 1");
     }
+    if args.first().map(String::as_str) != Some("train") {
+        bail!("ddpm launch runs `train` in data-parallel processes (e.g. `ddpm launch --nproc 2 -- train …`), not {:?}", args.join(" "));
+    }
     let exe = std::env::current_exe().context("cannot locate the ddpm executable")?;
     let port = match port {
         Some(port) => port,
@@ -376,6 +379,7 @@ pub fn launch_local(
         if let Some(seconds) = timeout {
             command.env("DDPM_DIST_TIMEOUT", seconds.to_string());
         }
+        stop_with_the_launcher(&mut command);
         children.0.push(
             command
                 .spawn()
@@ -428,6 +432,30 @@ pub fn launch_local(
         .find(|&c| c != 0)
         .unwrap_or(0))
 }
+
+/// A launcher killed outright (kill -9, a job scheduler) takes its ranks along: they receive
+/// SIGTERM, on which they stop after a common step with a checkpoint.
+#[cfg(target_os = "linux")]
+fn stop_with_the_launcher(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher may have died before the line above.
+            if libc::getppid() != launcher {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn stop_with_the_launcher(_command: &mut std::process::Command) {}
 
 /// The launched ranks; any still running when the launcher returns early are killed.
 struct Ranks(Vec<std::process::Child>);

@@ -114,13 +114,13 @@ enum Command {
     /// --nproc-per-node N --no-python ddpm …), e.g. `ddpm launch --nproc 4 -- train --preset cifar10`
     Launch {
         /// Processes (one per GPU)
-        #[arg(long)]
+        #[arg(long, value_parser = positive_count)]
         nproc: usize,
         /// The rendezvous port [default: a free one]
         #[arg(long)]
         master_port: Option<u16>,
         /// Seconds a rank waits for the others before giving up [default: 1800; DDPM_DIST_TIMEOUT]
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: Option<u64>,
         /// The ddpm command line each process runs
         #[arg(last = true, required = true)]
@@ -227,8 +227,17 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            ddpm::say!("error: {e:#}");
+            ddpm::say!("error: {}", without_cpp_backtrace(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// A libtorch error carries the C++ stack of where it was raised ("Exception raised from …"
+/// and a frame list): what it says comes first and is all the user needs.
+fn without_cpp_backtrace(message: &str) -> String {
+    message
+        .split_once("\nException raised from")
+        .map_or(message, |(said, _)| said)
+        .to_string()
 }

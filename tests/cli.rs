@@ -344,6 +344,18 @@ fn resume_never_overwrites_checkpoints_nor_changes_the_network() {
     assert_eq!(checkpoint_files(&k), k_files);
     assert_eq!(std::fs::read(a.join("config.toml")).unwrap(), a_config);
 
+    // A damaged newest checkpoint is passed over, and the run goes on from the one before.
+    let newest = k.join("checkpoints/step-00000006.safetensors");
+    std::fs::write(&newest, &std::fs::read(&newest).unwrap()[..1000]).unwrap();
+    let out = ddpm(&["train", "--resume", "k", "--steps", "7"], dir.path());
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("skipping damaged checkpoint") && log.contains("at step 4"),
+        "{log}"
+    );
+    assert!(k.join("checkpoints/step-00000007.json").exists());
+
     // A finished run resumed as it is: nothing to do, nothing written.
     let metrics = std::fs::read(a.join("metrics.jsonl")).unwrap();
     let out = ddpm(&["train", "--resume", "a"], dir.path());
@@ -469,4 +481,71 @@ fn a_grid_that_cannot_be_written_stops_the_run_with_a_checkpoint_of_its_step() {
         "{log}"
     );
     assert!(dir.path().join("r/checkpoints/step-00000002.json").exists());
+}
+
+#[test]
+fn a_run_directory_takes_one_trainer_at_a_time() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nsteps = 100000\nbatch = 4\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n";
+    std::fs::write(dir.path().join("long.toml"), config).unwrap();
+    let args = [
+        "train",
+        "--resume",
+        "auto",
+        "--config",
+        "long.toml",
+        "--out",
+        "run",
+    ];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(args)
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step ") {
+            break;
+        }
+    }
+    // The same job started again while the first runs.
+    let second = ddpm(&args, dir.path());
+    unsafe { libc_kill(first.id() as i32, 2) };
+    let _: Vec<_> = lines.collect();
+    assert_eq!(first.wait().unwrap().code(), Some(130));
+    let log = stderr(&second);
+    assert!(!second.status.success(), "{log}");
+    assert!(log.contains("in use by another ddpm process"), "{log}");
+    // Once it has stopped, the directory is free again: one more step.
+    let sidecar = std::fs::read_dir(dir.path().join("run/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.ends_with(".json"))
+        .unwrap();
+    let step: u64 = sidecar["step-".len()..sidecar.len() - ".json".len()]
+        .parse()
+        .unwrap();
+    let steps = (step + 1).to_string();
+    let out = ddpm(&["train", "--resume", "run", "--steps", &steps], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = ddpm(
+        &[
+            "launch",
+            "--nproc",
+            "2",
+            "--",
+            "sample",
+            "--checkpoint",
+            "run",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("runs `train`"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -52,11 +52,43 @@ fn check_run_dir(dir: &Path, resuming: bool) -> Result<()> {
     Ok(())
 }
 
-/// Creates the run directory and records the configuration, once the run is sure to start.
-fn prepare_run_dir(dir: &Path, config: &RunConfig) -> Result<()> {
+/// Creates the run directory, takes it for this process (the returned lock, held while the
+/// file stays open) and records the configuration, once the run is sure to start.
+fn prepare_run_dir(dir: &Path, config: &RunConfig) -> Result<std::fs::File> {
     std::fs::create_dir_all(dir.join("samples"))
         .with_context(|| format!("cannot create run directory {}", dir.display()))?;
-    checkpoint::write_atomic(&dir.join("config.toml"), config.to_toml().as_bytes())
+    let lock = lock_run_dir(dir)?;
+    checkpoint::write_atomic(&dir.join("config.toml"), config.to_toml().as_bytes())?;
+    Ok(lock)
+}
+
+/// One trainer per run directory: a second one (a job started twice, a restart while the first
+/// still runs) would interleave its checkpoints and metrics with the first's.
+fn lock_run_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::io::Write;
+    let path = dir.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            write!(file, "{}", std::process::id())?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "run directory {} is in use by another ddpm process (pid {}): wait for it to end, or stop it",
+            dir.display(),
+            std::fs::read_to_string(&path).unwrap_or_default().trim()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
@@ -128,8 +160,11 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             interrupted: false,
         });
     }
+    let _lock = match leader {
+        true => Some(prepare_run_dir(&run_dir, &config)?),
+        false => None,
+    };
     if leader {
-        prepare_run_dir(&run_dir, &config)?;
         crate::say!(
             "training {} on {} ({} images{}) on {device:?}{}: {} parameters, {} steps of batch {}",
             config.preset,
