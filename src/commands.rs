@@ -280,7 +280,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     checked.sample = settings.clone();
     checked
         .validate()
-        .context("--steps and --eta set sample.steps and sample.eta")?;
+        .context("the sampling settings (--steps, --eta) for this checkpoint")?;
     if args.settings.eta.is_some() && settings.sampler == crate::config::SamplerKind::Ddpm {
         crate::say!("note: --eta applies to DDIM; the DDPM sampler ignores it");
     }
@@ -324,7 +324,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         },
     );
     crate::say!(
-        "sampled {} images in {:.1} s ({:?}, {} weights, step {})",
+        "sampled {} images in {:.1} s ({}, {} weights, step {})",
         args.num,
         started.elapsed().as_secs_f64(),
         settings.sampler,
@@ -531,7 +531,7 @@ fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
         |_, _| {},
     );
     crate::say!(
-        "fake: sampled {num} images in {:.1} s ({:?}, EMA weights, step {} of {})",
+        "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
         started.elapsed().as_secs_f64(),
         config.sample.sampler,
         checkpoint.sidecar.step,
@@ -751,7 +751,10 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     config.train.cuda_graph |= args.cuda_graph;
     config.train.fused_norm_silu |= args.fused_norm_silu;
     config.train.device = args.device.clone();
-    config.validate()?;
+    config.sample.steps = args.sample_steps;
+    config
+        .validate()
+        .context("the benchmark's network and settings")?;
     if let Some(threads) = args.threads {
         tch::set_num_threads(threads);
     }
@@ -781,7 +784,7 @@ pub fn bench(args: BenchArgs) -> Result<String> {
         )?;
         let m = &config.model;
         let batches = r.images / config.train.batch;
-        return Ok(format!("RESULT framework=ddpm bench=data size={} channels={} batch={} workers={workers} cache={} images={} load_s={:.2} img_per_s={:.0} step_ms={} wait_s={:.3} wait_ms_per_step_after_first={:.3} data=\"{}\"", m.image_size, m.in_channels, config.train.batch, format!("{:?}", options.cache).to_lowercase(), r.images, r.load_seconds, r.images_per_second, args.step_ms, r.wait_seconds, r.wait_after_first_seconds * 1000.0 / (batches.max(2) - 1) as f64, r.description));
+        return Ok(format!("RESULT framework=ddpm bench=data size={} channels={} batch={} workers={workers} cache={} images={} load_s={:.2} img_per_s={:.0} step_ms={} wait_s={:.3} wait_ms_per_step_after_first={:.3} data=\"{}\"", m.image_size, m.in_channels, config.train.batch, format!("{:?}", options.cache).to_lowercase(), r.images, r.load_seconds, r.images_per_second, args.step_ms, r.wait_seconds, (r.wait_after_first_seconds * 1000.0 / (batches.max(2) - 1) as f64).max(0.0), r.description));
     }
     let result = match args.what.as_str() {
         "train" => crate::bench::train_step(&config, device, args.warmup, args.steps)?,

@@ -330,6 +330,15 @@ pub enum SamplerKind {
     Ddim,
 }
 
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Ddim => "ddim",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum DdpmVariance {
@@ -829,7 +838,7 @@ pub struct Overrides {
     #[arg(long)]
     pub steps: Option<u64>,
     /// Run length in epochs over the data instead of --steps
-    #[arg(long, conflicts_with = "steps")]
+    #[arg(long, conflicts_with = "steps", value_parser = clap::value_parser!(u64).range(1..))]
     pub epochs: Option<u64>,
     /// Images per optimizer step [train.batch]
     #[arg(long)]

@@ -32,7 +32,10 @@ impl Drop for CudaGraph {
 impl CudaGraph {
     fn new(device: Device) -> Result<Self> {
         let Device::Cuda(index) = device else {
-            bail!("CUDA graphs need a CUDA device, not {device:?}");
+            bail!(
+                "CUDA graphs need a CUDA device, not {}",
+                crate::device::name(device)
+            );
         };
         let mut raw = std::ptr::null_mut();
         check(unsafe { ddpm_cuda_graph_new(index as c_int, &mut raw) })?;

@@ -17,6 +17,16 @@ pub fn parse(name: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// A device as `--device` names it: `cpu`, `cuda:0`, `mps`.
+pub fn name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(index) => format!("cuda:{index}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+    }
+}
+
 /// Parses and checks that the device can be used here.
 pub fn resolve(name: &str) -> Result<Device> {
     let device = parse(name)?;

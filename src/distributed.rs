@@ -138,7 +138,8 @@ impl Backend {
             Some("gloo") => Ok(Backend::Gloo),
             Some("nccl") if device.is_cuda() => Ok(Backend::Nccl),
             Some("nccl") => bail!(
-                "DDPM_DIST_BACKEND=nccl needs a CUDA device (train.device is {device:?}); use gloo"
+                "DDPM_DIST_BACKEND=nccl needs a CUDA device (train.device is {}); use gloo",
+                crate::device::name(device)
             ),
             Some(other) => bail!("DDPM_DIST_BACKEND={other:?}: expected gloo or nccl"),
             None if device.is_cuda() && nccl_available() => Ok(Backend::Nccl),

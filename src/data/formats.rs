@@ -277,9 +277,34 @@ pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar, pixels: &mut Vec<u
 /// Every image file under `dir`, recursively, in sorted order.
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
+        let root = d == dir;
+        // A folder reached twice (a symbolic link to a parent, or two links to one place)
+        // would repeat its images.
+        if !seen.insert(fs::canonicalize(&d).unwrap_or_else(|_| d.clone())) {
+            crate::say!(
+                "warning: skipping {}: a link to a folder already read",
+                d.display()
+            );
+            continue;
+        }
+        if !root && is_run_directory(&d) {
+            crate::say!("warning: skipping {}: a ddpm run directory (its grids and plots are not training data)", d.display());
+            continue;
+        }
+        let entries = match fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if root => {
+                return Err(e).with_context(|| format!("cannot list {}", d.display()))
+            }
+            Err(e) => {
+                crate::say!("warning: skipping {}: cannot list it: {e}", d.display());
+                continue;
+            }
+        };
+        for entry in entries {
             let path = entry?.path();
             if path.is_dir() {
                 stack.push(path);
@@ -298,6 +323,11 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         );
     }
     Ok(files)
+}
+
+/// What `ddpm train` writes into its run directory.
+fn is_run_directory(dir: &Path) -> bool {
+    dir.join("config.toml").is_file() && dir.join("samples").is_dir()
 }
 
 /// Decodes an image file (the first frame of a GIF) and fits it to `shape` into `dst`.

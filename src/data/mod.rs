@@ -197,6 +197,9 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
         if records.pixels.is_empty() {
             bail!("the dataset {description} holds no images");
         }
+        if records.shape.channels == 3 && shape.channels == 1 {
+            crate::say!("note: {description} is in colour; model.in_channels = 1 trains on it in grayscale (--channels 3 keeps the colour)");
+        }
         let pixels = if records.shape == shape {
             records.pixels
         } else {
@@ -738,6 +741,30 @@ mod tests {
             .max()
             .int64_value(&[]);
         assert!(gif_error <= 8, "gif differs by {gif_error}");
+    }
+
+    #[test]
+    fn folder_scan_skips_link_loops_and_run_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let png = |path: &Path| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image::GrayImage::new(4, 4).save(path).unwrap();
+        };
+        png(&root.join("a.png"));
+        png(&root.join("nested/b.png"));
+        // A link back to the root: followed once, it would repeat every image.
+        std::os::unix::fs::symlink(root, root.join("nested/loop")).unwrap();
+        // A run directory trained on this folder: its grids are not data.
+        png(&root.join("run/samples/latest.png"));
+        std::fs::write(root.join("run/config.toml"), "").unwrap();
+        let names = |files: Vec<PathBuf>| -> Vec<String> {
+            files
+                .iter()
+                .map(|f| f.strip_prefix(root).unwrap().display().to_string())
+                .collect()
+        };
+        assert_eq!(names(image_files(root).unwrap()), ["a.png", "nested/b.png"]);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct RunSummary {
 
 /// A new run never takes over a directory that holds checkpoints.
 fn check_run_dir(dir: &Path, resuming: bool) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--out {} is a file, not a run directory", dir.display());
+    }
     if !resuming && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
         bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
     }
@@ -150,7 +153,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
     if trainer.step >= stop {
         if leader {
-            crate::say!("{} is at step {} and this run stops at step {stop}: nothing to train (raise --steps to continue)", run_dir.display(), trainer.step);
+            crate::say!("{} is at step {} and this run stops at step {stop}: nothing to train (raise --steps, or --stop-at, to continue)", run_dir.display(), trainer.step);
         }
         return Ok(RunSummary {
             final_checkpoint: None,
@@ -160,13 +163,16 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             interrupted: false,
         });
     }
+    if leader && config.train.precision == crate::config::Precision::Fp16 && !device.is_cuda() {
+        crate::say!("note: fp16 on a CPU runs many times slower than f32 (no fp16 arithmetic there); use f32");
+    }
     let _lock = match leader {
         true => Some(prepare_run_dir(&run_dir, &config)?),
         false => None,
     };
     if leader {
         crate::say!(
-            "training {} on {} ({} images{}) on {device:?}{}: {} parameters, {} steps of batch {}",
+            "training {} on {} ({} images{}) on {}{}: {} parameters, {} steps of batch {}",
             config.preset,
             dataset.description,
             dataset.len(),
@@ -175,6 +181,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             } else {
                 ", decoded as read"
             },
+            crate::device::name(device),
             launch
                 .as_ref()
                 .map_or(String::new(), |l| format!(" × {} processes", l.world)),
@@ -522,7 +529,7 @@ fn write_samples(
         trainer.config.diffusion.timesteps
     };
     monitor.note(&format!(
-        "sampling {} images ({:?}, {steps} steps) with EMA and raw weights at step {}…",
+        "sampling {} images ({}, {steps} steps) with EMA and raw weights at step {}…",
         s.num, s.sampler, trainer.step
     ));
     let ema = crate::monitor::grid_image(&trainer.sample(true, s.num, seed));

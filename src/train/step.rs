@@ -78,7 +78,10 @@ pub(super) fn defined_gradients(params: &[Tensor], names: &[String]) -> Result<V
 /// bf16 activations on CUDA), and compiles them for the device.
 fn check_fused_norm_silu(config: &RunConfig, device: Device) -> Result<()> {
     if !device.is_cuda() {
-        bail!("train.fused_norm_silu needs a CUDA device; this run is on {device:?}");
+        bail!(
+            "train.fused_norm_silu needs a CUDA device; this run is on {}",
+            crate::device::name(device)
+        );
     }
     if config.train.channels_last {
         bail!("train.fused_norm_silu takes NCHW activations: turn train.channels_last off");
@@ -183,7 +186,10 @@ impl Trainer {
             .then(|| params.iter().map(Tensor::zeros_like).collect());
         let graphed = match config.train.cuda_graph {
             true if !device.is_cuda() => {
-                bail!("train.cuda_graph needs a CUDA device; this run is on {device:?}")
+                bail!(
+                    "train.cuda_graph needs a CUDA device; this run is on {}",
+                    crate::device::name(device)
+                )
             }
             true => Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?),
             false => None,
