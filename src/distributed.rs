@@ -121,6 +121,23 @@ impl Launch {
     }
 }
 
+/// `[rank N] ` in a process of a multi-process run other than rank 0 (from torchrun's
+/// variables, as `ddpm launch` sets them), so that the ranks' messages can be told apart.
+pub fn message_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| {
+        let var = |name| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        match (var("RANK"), var("WORLD_SIZE")) {
+            (Some(rank), Some(world)) if rank > 0 && world > 1 => format!("[rank {rank}] "),
+            _ => String::new(),
+        }
+    })
+}
+
 /// Which c10d backend carries the collectives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

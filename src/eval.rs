@@ -169,12 +169,23 @@ impl Inception {
         let progress = progress_bar(n as u64, what);
         let started = Instant::now();
         let mut moments: Option<Moments> = None;
+        // Without a terminal for the bar, a line every half minute says how far it got.
+        let mut next_line = started + LOG_INTERVAL;
         for start in (0..n).step_by(batch) {
             let features = self.features(&images.batch(start, batch.min(n - start))?)?;
             moments
                 .get_or_insert_with(|| Moments::around(&features))
                 .add(&features);
             progress.inc(features.size()[0] as u64);
+            if progress.is_hidden() && Instant::now() >= next_line {
+                let done = start + features.size()[0] as usize;
+                let rate = done as f64 / started.elapsed().as_secs_f64();
+                crate::say!(
+                    "{what}: Inception features of {done}/{n} images ({rate:.1} images/s, about {:.0} s left)",
+                    (n - done) as f64 / rate
+                );
+                next_line += LOG_INTERVAL;
+            }
         }
         progress.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
@@ -536,6 +547,9 @@ pub fn count_label(n: usize) -> String {
         n.to_string()
     }
 }
+
+/// How often progress is logged when stderr is not a terminal.
+const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn progress_bar(total: u64, what: &str) -> ProgressBar {
     if !io::stderr().is_terminal() {

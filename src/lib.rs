@@ -3,11 +3,17 @@
 //! One module per concept; `train` sits on top and nothing below it knows about it.
 /// `eprintln!` that cannot stop the program: with stderr closed or full (a pipe whose reader
 /// has quit, `2>/dev/full`), a run keeps training and checkpointing without its log.
+/// Messages of data-parallel ranks other than 0 start with `[rank N] `.
 #[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        let _ = writeln!(
+            std::io::stderr(),
+            "{}{}",
+            $crate::distributed::message_prefix(),
+            format_args!($($arg)*)
+        );
     }};
 }
 

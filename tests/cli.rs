@@ -549,3 +549,23 @@ fn a_run_directory_takes_one_trainer_at_a_time() {
         stderr(&out)
     );
 }
+
+#[test]
+fn messages_of_ranks_other_than_0_name_their_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(["train", "--resume", "missing-run"])
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert!(log.starts_with("[rank 1] error: missing-run"), "{log}");
+    let out = ddpm(&["train", "--resume", "missing-run"], dir.path());
+    assert!(
+        stderr(&out).starts_with("error: missing-run"),
+        "{}",
+        stderr(&out)
+    );
+}
