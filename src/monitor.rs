@@ -467,7 +467,7 @@ impl Monitor {
         };
         self.smoothed_loss = Some(smoothed);
         let mut text = format!(
-            "loss {smoothed:.4}  lr {:.2e}  grad {:.3}  {:.0} img/s",
+            "smoothed loss {smoothed:.4}  lr {:.2e}  grad {:.3}  {:.0} img/s",
             record.lr, record.grad_norm, record.images_per_second
         );
         if let Some(scale) = record.loss_scale {

@@ -188,7 +188,13 @@ pub fn parse_idx_images(mut bytes: Vec<u8>, name: &Path) -> Result<Records> {
         .checked_mul(rows)
         .and_then(|v| v.checked_mul(cols))
         .and_then(|v| v.checked_add(16));
-    if expected != Some(bytes.len()) || rows == 0 || cols == 0 {
+    if rows == 0 || cols == 0 {
+        bail!(
+            "{}: IDX header says the images are {rows}×{cols}: an image needs at least one row and column",
+            name.display()
+        );
+    }
+    if expected != Some(bytes.len()) {
         bail!("{}: IDX header says {n} images of {rows}×{cols} ({} bytes expected), but the file has {} bytes", name.display(), expected.map_or("too many".into(), |e| e.to_string()), bytes.len());
     }
     bytes.drain(..16);

@@ -176,10 +176,10 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             config.preset,
             dataset.description,
             dataset.len(),
-            if dataset.is_cached() {
-                ""
-            } else {
-                ", decoded as read"
+            match (dataset.is_cached(), dataset.skipped()) {
+                (false, _) => ", decoded as read".to_string(),
+                (true, 0) => String::new(),
+                (true, unreadable) => format!(", {unreadable} of them unreadable"),
             },
             crate::device::name(device),
             launch
