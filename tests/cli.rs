@@ -155,22 +155,13 @@ fn train_resume_and_sample_end_to_end() {
 
 #[test]
 fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("long.toml"), "[model]\nchannels = 16\n[train]\nsteps = 100000\nbatch = 4\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(["train", "--config", "long.toml", "--out", "run"])
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    // Wait until training is under way, then interrupt.
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("step ") {
-            break;
-        }
-    }
+    let (mut child, lines) = start_training(
+        &["train", "--config", "long.toml", "--out", "run"],
+        dir.path(),
+    );
+    // Training is under way: interrupt.
     unsafe { libc_kill(child.id() as i32, 2) };
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
@@ -274,6 +265,31 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
         }
     }
     panic!("seeds 0..12 did not meet the corrupt file both before and after a step");
+}
+
+/// Starts `ddpm args…` in `cwd` and returns once it has logged its first step, with the rest
+/// of its stderr to read.
+fn start_training(
+    args: &[&str],
+    cwd: &Path,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(args)
+        .current_dir(cwd)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step ") {
+            break;
+        }
+    }
+    (child, lines)
 }
 
 /// Every file of a run directory's checkpoints folder with its bytes.
@@ -485,7 +501,6 @@ fn a_grid_that_cannot_be_written_stops_the_run_with_a_checkpoint_of_its_step() {
 
 #[test]
 fn a_run_directory_takes_one_trainer_at_a_time() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nsteps = 100000\nbatch = 4\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n";
     std::fs::write(dir.path().join("long.toml"), config).unwrap();
@@ -498,18 +513,7 @@ fn a_run_directory_takes_one_trainer_at_a_time() {
         "--out",
         "run",
     ];
-    let mut first = Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(args)
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("step ") {
-            break;
-        }
-    }
+    let (mut first, lines) = start_training(&args, dir.path());
     // The same job started again while the first runs.
     let second = ddpm(&args, dir.path());
     unsafe { libc_kill(first.id() as i32, 2) };
