@@ -224,13 +224,18 @@ fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
 
 /// The run directory a checkpoint path belongs to.
 fn run_dir_of(path: &Path) -> PathBuf {
+    // `Path::parent` of a bare name is "", which names no folder: "." does.
+    let parent = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let dir = if path.is_dir() {
         path.to_path_buf()
     } else {
-        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+        parent(path)
     };
     if dir.file_name().is_some_and(|n| n == "checkpoints") {
-        dir.parent().unwrap_or(Path::new(".")).to_path_buf()
+        parent(&dir)
     } else {
         dir
     }

@@ -465,7 +465,7 @@ fn stop_with_the_launcher(command: &mut std::process::Command) {
             }
             // The launcher may have died before the line above.
             if libc::getppid() != launcher {
-                libc::raise(libc::SIGTERM);
+                libc::_exit(143);
             }
             Ok(())
         });

@@ -365,7 +365,7 @@ pub fn frechet_distance(a: &Statistics, b: &Statistics) -> Result<f64> {
     let distance = diff.dot(&diff).double_value(&[]) + trace(&a.covariance) + trace(&b.covariance)
         - 2.0 * trace_sqrt_product(&a.covariance, &b.covariance);
     // A squared distance: rounding can only take identical sets a hair below zero.
-    Ok(distance.max(0.0))
+    Ok(if distance < 0.0 { 0.0 } else { distance })
 }
 
 /// Tr((Σ₁Σ₂)^½), exactly: Σ₁Σ₂ = √Σ₁ (√Σ₁ Σ₂ √Σ₁) √Σ₁⁻¹ is similar to the symmetric positive

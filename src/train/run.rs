@@ -88,8 +88,10 @@ fn lock_run_dir(dir: &Path) -> Result<std::fs::File> {
             dir.display(),
             std::fs::read_to_string(&path).unwrap_or_default().trim()
         ),
+        // Some cluster filesystems have no file locks: train unguarded rather than not at all.
         Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            crate::say!("warning: cannot lock {} ({e}); nothing stops a second trainer on this run directory", path.display());
+            Ok(file)
         }
     }
 }
