@@ -275,7 +275,7 @@ pub enum DataFormat {
     Idx,
 }
 
-/// Which part of a dataset with a fixed train/test split to use (CIFAR).
+/// Which part of a dataset with a fixed train/test split to use (CIFAR, MNIST's IDX files).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Split {
@@ -284,13 +284,23 @@ pub enum Split {
     All,
 }
 
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Split::Train => "train",
+            Split::Test => "test",
+            Split::All => "all",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Empty: the bundled MNIST subset.
     pub path: String,
     pub format: DataFormat,
-    /// train, test or all (CIFAR binaries).
+    /// train, test or all (CIFAR binaries, a folder of MNIST IDX files).
     pub split: Split,
     pub hflip: bool,
     /// Strength of brightness/contrast/saturation jitter; 0 disables.
@@ -825,7 +835,7 @@ pub struct Overrides {
     /// Force the data format instead of detecting it [data.format]
     #[arg(long, value_enum)]
     pub data_format: Option<DataFormat>,
-    /// train, test or all, for CIFAR binaries [data.split]
+    /// train, test or all, for CIFAR binaries and a folder of MNIST IDX files [data.split]
     #[arg(long, value_enum)]
     pub split: Option<Split>,
     /// Image channels, 1 or 3 [model.in_channels]

@@ -128,11 +128,18 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-/// The IDX image file to read: `path` itself, or the one `*idx3-ubyte*` file in a folder
-/// (the training file when both MNIST splits are there).
-pub fn idx_file(path: &Path) -> Result<PathBuf> {
+/// The IDX image files to read for `split`: `path` itself, or the `*idx3-ubyte*` files of a
+/// folder, told apart by MNIST's names (`train-…` for training, `t10k-…` or `test-…` for test).
+/// A folder with one IDX file gives it as the training split whatever its name.
+pub fn idx_files(path: &Path, split: Split) -> Result<Vec<PathBuf>> {
     if path.is_file() {
-        return Ok(path.to_path_buf());
+        if split != Split::Train {
+            bail!(
+                "data.split = {split} picks among the IDX files of a folder, and {} is one file: name its folder, or the file to train on",
+                path.display()
+            );
+        }
+        return Ok(vec![path.to_path_buf()]);
     }
     let name_of = |p: &PathBuf| {
         p.file_name()
@@ -147,27 +154,41 @@ pub fn idx_file(path: &Path) -> Result<PathBuf> {
         .filter(|p| name_of(p).contains("idx3-ubyte"))
         .collect();
     files.sort();
-    let train: Vec<&PathBuf> = files
-        .iter()
-        .filter(|p| name_of(p).starts_with("train"))
-        .collect();
-    match (train.as_slice(), files.as_slice()) {
-        ([one], _) => Ok((*one).clone()),
-        (_, [one]) => Ok(one.clone()),
-        (_, []) => bail!(
+    let named = |prefixes: &[&str]| -> Vec<PathBuf> {
+        files
+            .iter()
+            .filter(|p| prefixes.iter().any(|prefix| name_of(p).starts_with(prefix)))
+            .cloned()
+            .collect()
+    };
+    let (train, test) = (named(&["train"]), named(&["t10k", "test"]));
+    let chosen = match split {
+        Split::Train if train.len() == 1 => train,
+        Split::Train if files.len() == 1 => files.clone(),
+        Split::Test if test.len() == 1 => test,
+        Split::All if train.len() == 1 && test.len() == 1 => [train, test].concat(),
+        _ if files.is_empty() => bail!(
             "{} holds no IDX image file (a name with idx3-ubyte, e.g. train-images-idx3-ubyte.gz)",
             path.display()
         ),
-        _ => bail!(
-            "{} holds several IDX image files ({}); name one with --data",
-            path.display(),
-            files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
+        _ => {
+            let wanted = match split {
+                Split::Train => "one train-… file",
+                Split::Test => "one t10k-… or test-… file",
+                Split::All => "one train-… and one t10k-… (or test-…) file",
+            };
+            bail!(
+                "{} holds the IDX image files {}, and the {split} split needs {wanted}: name the file to train on with --data",
+                path.display(),
+                files
+                    .iter()
+                    .map(|f| name_of(f))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    Ok(chosen)
 }
 
 /// Parses an IDX3 unsigned-byte image file (magic 0x00000803, big-endian N, rows, cols).
@@ -256,7 +277,7 @@ pub fn cifar_files(dir: &Path, variant: Cifar, split: Split) -> Result<Vec<PathB
     let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
         bail!(
-            "CIFAR folder {} lacks {} (the {split:?} split needs {})",
+            "CIFAR folder {} lacks {} (the {split} split needs {})",
             dir.display(),
             missing.display(),
             names.join(", ")

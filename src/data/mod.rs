@@ -179,10 +179,21 @@ impl Dataset {
 /// cached folders are decoded into memory now, other folders when batches are read.
 pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
     let format = match (path, options.format) {
-        (None, _) | (_, DataFormat::Bundled) => DataFormat::Bundled,
+        (None, _) => DataFormat::Bundled,
+        (Some(p), DataFormat::Bundled) => bail!(
+            "data.format = \"bundled\" trains on the bundled digits and would ignore data.path ({}): drop one of the two",
+            p.display()
+        ),
         (Some(p), DataFormat::Auto) => formats::detect_format(p)?,
         (_, format) => format,
     };
+    if options.split != Split::Train && matches!(format, DataFormat::Bundled | DataFormat::Folder) {
+        bail!(
+            "data.split = {} applies to CIFAR binaries and MNIST IDX files; {} has no split",
+            options.split,
+            path.map_or("the bundled set".into(), |p| p.display().to_string())
+        );
+    }
     let shape = options.shape();
     let workers = worker_count(options.workers);
     let dataset = |images, description: String, skipped_at_load| Dataset {
@@ -221,10 +232,28 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             )
         }
         DataFormat::Idx => {
-            let file = formats::idx_file(path.unwrap())?;
+            let files = formats::idx_files(path.unwrap(), options.split)?;
+            let mut all: Option<Records> = None;
+            for file in &files {
+                let part = formats::parse_idx_images(formats::read_maybe_gz(file)?, file)?;
+                match &mut all {
+                    None => all = Some(part),
+                    Some(all) if all.shape == part.shape => all.pixels.extend(part.pixels),
+                    Some(all) => bail!(
+                        "{} holds {}×{} images, unlike the {}×{} of {}",
+                        file.display(),
+                        part.shape.height,
+                        part.shape.width,
+                        all.shape.height,
+                        all.shape.width,
+                        files[0].display()
+                    ),
+                }
+            }
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
             records(
-                formats::parse_idx_images(formats::read_maybe_gz(&file)?, &file)?,
-                format!("IDX images {}", file.display()),
+                all.expect("idx_files names at least one file"),
+                format!("IDX images {}", names.join(" + ")),
             )
         }
         DataFormat::Cifar10 | DataFormat::Cifar100 => {
@@ -241,7 +270,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
                 formats::parse_cifar(&bytes, &file, variant, &mut pixels)?;
             }
             let description = format!(
-                "{} binaries ({:?} split) in {}",
+                "{} binaries ({} split) in {}",
                 variant.name(),
                 options.split,
                 dir.display()
@@ -560,6 +589,85 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    #[test]
+    fn idx_folder_splits_follow_mnist_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = dir.path().join("train-images-idx3-ubyte");
+        std::fs::write(&train, idx_bytes(2, 4, 4, &[10; 32])).unwrap();
+        let split = |split| LoadOptions {
+            split,
+            ..options(1, 4)
+        };
+        let error = |path: &Path, options: &LoadOptions| {
+            format!("{:#}", load(Some(path), options).err().unwrap())
+        };
+        // Only the training file: the test split names what it lacks.
+        let e = error(dir.path(), &split(Split::Test));
+        assert!(
+            e.contains("t10k-") && e.contains("train-images-idx3-ubyte"),
+            "{e}"
+        );
+        std::fs::write(
+            dir.path().join("t10k-images-idx3-ubyte"),
+            idx_bytes(3, 4, 4, &[200; 48]),
+        )
+        .unwrap();
+        let mean_of = |split_| {
+            let d = load(Some(dir.path()), &split(split_)).unwrap();
+            let all = d.all().unwrap();
+            (
+                all.size()[0],
+                all.to_kind(tch::Kind::Float).mean(None).double_value(&[]),
+            )
+        };
+        assert_eq!(mean_of(Split::Train), (2, 10.0));
+        assert_eq!(mean_of(Split::Test), (3, 200.0));
+        assert_eq!(mean_of(Split::All), (5, (2.0 * 10.0 + 3.0 * 200.0) / 5.0));
+        // A named file is its own split; the others are refused, not ignored.
+        assert_eq!(load(Some(&train), &split(Split::Train)).unwrap().len(), 2);
+        let e = error(&train, &split(Split::Test));
+        assert!(
+            e.contains("data.split = test") && e.contains("one file"),
+            "{e}"
+        );
+        // Splits of images of different sizes do not mix.
+        std::fs::write(
+            dir.path().join("t10k-images-idx3-ubyte"),
+            idx_bytes(1, 2, 2, &[0; 4]),
+        )
+        .unwrap();
+        let e = error(dir.path(), &split(Split::All));
+        assert!(
+            e.contains("t10k-images-idx3-ubyte") && e.contains("2×2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn settings_that_would_be_ignored_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        image::RgbImage::new(4, 4)
+            .save(dir.path().join("a.png"))
+            .unwrap();
+        let test_split = LoadOptions {
+            split: Split::Test,
+            ..options(1, 4)
+        };
+        let e = format!("{:#}", load(None, &test_split).err().unwrap());
+        assert!(
+            e.contains("data.split = test") && e.contains("bundled"),
+            "{e}"
+        );
+        let e = format!("{:#}", load(Some(dir.path()), &test_split).err().unwrap());
+        assert!(e.contains("has no split"), "{e}");
+        let bundled = LoadOptions {
+            format: DataFormat::Bundled,
+            ..options(1, 4)
+        };
+        let e = format!("{:#}", load(Some(dir.path()), &bundled).err().unwrap());
+        assert!(e.contains("data.path") && e.contains("bundled"), "{e}");
     }
 
     #[test]
