@@ -3,17 +3,18 @@
 //! One module per concept; `train` sits on top and nothing below it knows about it.
 /// `eprintln!` that cannot stop the program: with stderr closed or full (a pipe whose reader
 /// has quit, `2>/dev/full`), a run keeps training and checkpointing without its log.
-/// Messages of data-parallel ranks other than 0 start with `[rank N] `.
+/// Messages of data-parallel ranks other than 0 start with `[rank N] `. Each line goes out in
+/// one write, so lines of ranks sharing a terminal do not interleave.
 #[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "{}{}",
+        let line = format!(
+            "{}{}\n",
             $crate::distributed::message_prefix(),
             format_args!($($arg)*)
         );
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }};
 }
 
