@@ -1,6 +1,6 @@
 //! The subcommands, as library functions: `main.rs` parses the command line and calls these.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -213,12 +213,35 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
 
 /// SIGINT or SIGTERM sets the returned flag: the run finishes its step, writes a checkpoint and
 /// exits. A second SIGINT exits at once.
+/// The first SIGINT or SIGTERM asks the run to stop after its current step with a checkpoint,
+/// and says so at once (a step, or a grid, may take a while); a second SIGINT quits at once.
 fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::clone(&flag);
+    let quit_message = move || {
+        if stopping.load(Ordering::SeqCst) {
+            const MESSAGE: &[u8] = b"second interrupt: quitting without a checkpoint\n";
+            // SAFETY: write(2) is async-signal-safe, and the buffer is static.
+            unsafe { libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len()) };
+        }
+    };
+    // SAFETY: the action only reads an atomic and calls write(2).
+    unsafe { signal_hook::low_level::register(SIGINT, quit_message)? };
     signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag))?;
     signal_hook::flag::register(SIGINT, Arc::clone(&flag))?;
     signal_hook::flag::register(SIGTERM, Arc::clone(&flag))?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let name = if signal == SIGTERM {
+                "SIGTERM"
+            } else {
+                "interrupt"
+            };
+            crate::say!("{name}: stopping after this step with a checkpoint (Ctrl-C again quits without one)");
+        }
+    });
     Ok(flag)
 }
 

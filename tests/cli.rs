@@ -157,8 +157,17 @@ fn train_resume_and_sample_end_to_end() {
 fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("long.toml"), "[model]\nchannels = 16\n[train]\nsteps = 100000\nbatch = 4\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n").unwrap();
+    // --stop-at bounds the run should the signal be lost: it then ends with 0, not 130.
     let (mut child, lines) = start_training(
-        &["train", "--config", "long.toml", "--out", "run"],
+        &[
+            "train",
+            "--config",
+            "long.toml",
+            "--out",
+            "run",
+            "--stop-at",
+            "3000",
+        ],
         dir.path(),
     );
     // Training is under way: interrupt.
@@ -166,6 +175,11 @@ fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("interrupt: stopping after this step")),
+        "{rest:?}"
+    );
     let message = rest
         .iter()
         .find(|l| l.starts_with("interrupted after step"))
@@ -177,6 +191,45 @@ fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
         .collect();
     assert_eq!(checkpoints.len(), 1);
+}
+
+#[test]
+fn a_second_sigint_quits_at_once_without_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // Steps of about a second on two cores: the second signal comes well within the step.
+    std::fs::write(dir.path().join("slow.toml"), "[model]\nchannels = 64\n[train]\nsteps = 100000\nbatch = 32\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n[checkpoint]\nevery = 0\n").unwrap();
+    let (mut child, mut lines) = start_training(
+        &[
+            "train",
+            "--config",
+            "slow.toml",
+            "--out",
+            "run",
+            "--stop-at",
+            "200",
+        ],
+        dir.path(),
+    );
+    unsafe { libc_kill(child.id() as i32, 2) };
+    // Signals do not queue: the second goes once the first has been taken.
+    let announced = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with("interrupt: stopping after this step"));
+    assert!(announced.is_some());
+    unsafe { libc_kill(child.id() as i32, 2) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("second interrupt: quitting without a checkpoint")),
+        "{rest:?}"
+    );
+    assert!(
+        !rest.iter().any(|l| l.starts_with("interrupted after step")),
+        "{rest:?}"
+    );
+    assert!(!dir.path().join("run/checkpoints").exists());
 }
 
 extern "C" {
@@ -475,28 +528,34 @@ fn sample_checks_its_flags_and_destinations_before_sampling() {
 
 #[test]
 fn a_grid_that_cannot_be_written_stops_the_run_with_a_checkpoint_of_its_step() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\nevery = 2\n[checkpoint]\nevery = 0\n";
-    std::fs::write(dir.path().join("small.toml"), config).unwrap();
-    // A folder where the step-2 grid goes: the grid cannot be written there.
-    std::fs::create_dir_all(dir.path().join("r/samples/step-00000002.png")).unwrap();
-    let args = [
-        "train",
-        "--config",
-        "small.toml",
-        "--steps",
-        "4",
-        "--out",
-        "r",
-    ];
-    let out = ddpm(&args, dir.path());
-    let log = stderr(&out);
-    assert!(!out.status.success(), "{log}");
-    assert!(
-        log.contains("step-00000002.png") && log.contains("training stopped at step 2"),
-        "{log}"
-    );
-    assert!(dir.path().join("r/checkpoints/step-00000002.json").exists());
+    // Without periodic checkpoints the failure writes one; with one at the same step, the
+    // error points at it.
+    for checkpoint_every in [0, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!("[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\nevery = 2\n[checkpoint]\nevery = {checkpoint_every}\n");
+        std::fs::write(dir.path().join("small.toml"), config).unwrap();
+        // A folder where the step-2 grid goes: the grid cannot be written there.
+        std::fs::create_dir_all(dir.path().join("r/samples/step-00000002.png")).unwrap();
+        let args = [
+            "train",
+            "--config",
+            "small.toml",
+            "--steps",
+            "4",
+            "--out",
+            "r",
+        ];
+        let out = ddpm(&args, dir.path());
+        let log = stderr(&out);
+        assert!(!out.status.success(), "{log}");
+        assert!(
+            log.contains("step-00000002.png")
+                && log.contains("training stopped at step 2")
+                && log.contains("step-00000002.json"),
+            "{log}"
+        );
+        assert!(dir.path().join("r/checkpoints/step-00000002.json").exists());
+    }
 }
 
 #[test]
@@ -514,8 +573,8 @@ fn a_run_directory_takes_one_trainer_at_a_time() {
         "run",
     ];
     let (mut first, lines) = start_training(&args, dir.path());
-    // The same job started again while the first runs.
-    let second = ddpm(&args, dir.path());
+    // The same job started again while the first runs (bounded, should the lock fail).
+    let second = ddpm(&[&args[..], &["--stop-at", "1"]].concat(), dir.path());
     unsafe { libc_kill(first.id() as i32, 2) };
     let _: Vec<_> = lines.collect();
     assert_eq!(first.wait().unwrap().code(), Some(130));

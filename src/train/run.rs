@@ -259,19 +259,37 @@ fn run_loop(
     };
     // A failure that leaves the weights as they were after the last step (unreadable data, a
     // lost rank, no device memory left, an unwritable grid or metrics file) still leaves a
-    // checkpoint of them, when they are new.
+    // checkpoint of them, when they are new; the error says where the run can resume from.
     let save_and_fail =
         |trainer: &Trainer, position: Position, e: anyhow::Error| -> anyhow::Error {
-            if trainer.step == saved_step.get() {
+            let step = trainer.step;
+            if !leader || step == 0 {
                 return e;
             }
+            if step == saved_step.get() {
+                return e.context(format!(
+                    "training stopped at step {step}; its checkpoint {} is saved",
+                    checkpoint::sidecar_path(&checkpoints, step).display()
+                ));
+            }
             match save(trainer, position) {
-                Ok(Some(path)) => e.context(format!(
-                    "training stopped at step {}; checkpoint {} written",
-                    trainer.step,
-                    path.display()
+                Ok(path) => e.context(format!(
+                    "training stopped at step {step}; checkpoint {} written",
+                    path.unwrap_or_default().display()
                 )),
-                _ => e,
+                Err(save_error) => {
+                    let newest = match saved_step.get() {
+                        0 => String::new(),
+                        saved => format!(
+                            "; the newest is {}",
+                            checkpoint::sidecar_path(&checkpoints, saved).display()
+                        ),
+                    };
+                    e.context(format!(
+                        "training stopped at step {step}, and its checkpoint could not be \
+                         written either ({save_error:#}){newest}"
+                    ))
+                }
             }
         };
     if trainer.step == 0 && leader {
@@ -392,7 +410,10 @@ fn run_loop(
     }
     let final_checkpoint = save(trainer, loader.position())?;
     let final_grid = match leader {
-        true => Some(write_samples(trainer, run_dir, grid_seed, &monitor)?),
+        true => Some(
+            write_samples(trainer, run_dir, grid_seed, &monitor)
+                .map_err(|e| save_and_fail(trainer, loader.position(), e))?,
+        ),
         false => None,
     };
     monitor.finish();
