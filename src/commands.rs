@@ -71,7 +71,10 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         let named_file = args.resume.as_deref().is_some_and(Path::is_file);
         check_resume_target(checkpoint, &run_dir, named_file)?;
         for change in resume_changes(&checkpoint.sidecar.config, &config)? {
-            crate::say!("changed on resume: {change}");
+            // --epochs sets train.steps once the data is loaded; the run reports that change.
+            if !(args.overrides.epochs.is_some() && change.starts_with("train.steps:")) {
+                crate::say!("changed on resume: {change}");
+            }
         }
     }
     let interrupt = install_signal_handlers()?;

@@ -41,12 +41,33 @@ fn name_the_key(error: &toml::de::Error, merged: &str) -> anyhow::Error {
     }
 }
 
-/// Height and width of the training images. Written `32` (square) or `[32, 64]` (height, width).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Height and width of the training images. Written `32` (square) or `[32, 64]` (height, width);
+/// `[32, 32]` is the same size as `32`, and is written as `32`.
+#[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(untagged, expecting = "an image size: N (square) or [H, W]")]
 pub enum ImageSize {
     Square(i64),
     Rect([i64; 2]),
+}
+
+impl PartialEq for ImageSize {
+    fn eq(&self, other: &Self) -> bool {
+        (self.height(), self.width()) == (other.height(), other.width())
+    }
+}
+
+impl Eq for ImageSize {}
+
+impl Serialize for ImageSize {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match (self.height(), self.width()) {
+            (h, w) if h == w => serializer.serialize_i64(h),
+            (h, w) => [h, w].serialize(serializer),
+        }
+    }
 }
 
 impl ImageSize {
@@ -66,9 +87,9 @@ impl ImageSize {
 
 impl fmt::Display for ImageSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ImageSize::Square(s) => write!(f, "{s}"),
-            ImageSize::Rect([h, w]) => write!(f, "{h}x{w}"),
+        match (self.height(), self.width()) {
+            (h, w) if h == w => write!(f, "{h}"),
+            (h, w) => write!(f, "{h}x{w}"),
         }
     }
 }
@@ -1150,5 +1171,13 @@ mod tests {
             ImageSize::Rect([32, 64])
         );
         assert!("big".parse::<ImageSize>().is_err());
+        // A square written as HxW is the same size, written back the short way.
+        let square = "32x32".parse::<ImageSize>().unwrap();
+        assert_eq!(square, ImageSize::Square(32));
+        assert_ne!(square, ImageSize::Rect([32, 64]));
+        let written = |size: ImageSize| toml::Value::try_from(size).unwrap().to_string();
+        assert_eq!(written(square), "32");
+        assert_eq!(written(ImageSize::Rect([32, 64])), "[32, 64]");
+        assert_eq!(square.to_string(), "32");
     }
 }

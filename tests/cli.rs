@@ -481,6 +481,27 @@ fn resume_never_overwrites_checkpoints_nor_changes_the_network() {
         "{log}"
     );
     assert!(a.join("checkpoints/step-00000008.json").exists());
+
+    // A square size written as HxW is the same network; --epochs reports the steps it sets, once.
+    let args = [
+        "train",
+        "--resume",
+        "a",
+        "--image-size",
+        "8x8",
+        "--epochs",
+        "1",
+        "--stop-at",
+        "9",
+    ];
+    let out = ddpm(&args, dir.path());
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(log.matches("train.steps").count(), 1, "{log}");
+    assert!(
+        log.contains("changed on resume: train.steps: 8 → 625 (1 epoch of 5000 images)"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -135,6 +135,15 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         config.train.steps = (epochs * dataset.len() as u64)
             .div_ceil(config.train.batch as u64)
             .max(1);
+        let resumed_steps = resume.as_ref().map(|c| c.sidecar.config.train.steps);
+        if let Some(before) = resumed_steps.filter(|&s| s != config.train.steps) {
+            crate::say!(
+                "changed on resume: train.steps: {before} → {} ({epochs} epoch{} of {} images)",
+                config.train.steps,
+                if epochs == 1 { "" } else { "s" },
+                dataset.len()
+            );
+        }
     }
     let mut trainer = Trainer::new(&config, device)?;
     let mut position = Position::default();
