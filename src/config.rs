@@ -647,6 +647,11 @@ impl RunConfig {
 
     /// Checks every key against its allowed range; the error names key, value and what is allowed.
     pub fn validate(&self) -> Result<()> {
+        // Flags take any u64; the config is written as TOML, whose integers are i64.
+        let values = serde_json::to_value(self)?;
+        if let Some((key, value)) = integer_beyond_toml("", &values) {
+            check(false, &key, value, &format!("≤ {}", i64::MAX))?;
+        }
         let m = &self.model;
         check(
             m.channels >= 2 && m.channels % 2 == 0,
@@ -1050,6 +1055,27 @@ fn check(ok: bool, key: &str, value: impl fmt::Display, allowed: &str) -> Result
     }
 }
 
+/// The first key (dotted) whose integer is too large for TOML, with its value.
+fn integer_beyond_toml(prefix: &str, value: &serde_json::Value) -> Option<(String, u64)> {
+    match value {
+        serde_json::Value::Object(map) => map.iter().find_map(|(key, value)| {
+            let key = match prefix {
+                "" => key.clone(),
+                _ => format!("{prefix}.{key}"),
+            };
+            integer_beyond_toml(&key, value)
+        }),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .find_map(|item| integer_beyond_toml(prefix, item)),
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .filter(|&v| v > i64::MAX as u64)
+            .map(|v| (prefix.to_string(), v)),
+        _ => None,
+    }
+}
+
 /// Deep-merges `user` into `base`, refusing keys that `base` does not have.
 fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<()> {
     for (key, value) in user {
@@ -1161,6 +1187,20 @@ mod tests {
             let err = format!("{:#}", c.validate().unwrap_err());
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn integers_beyond_toml_are_refused_by_key() {
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.train.seed = i64::MAX as u64;
+        c.validate().unwrap();
+        assert!(RunConfig::from_toml_str(&c.to_toml(), None).is_ok());
+        c.train.seed += 1;
+        let e = format!("{:#}", c.validate().unwrap_err());
+        assert!(
+            e.contains("train.seed") && e.contains("9223372036854775808"),
+            "{e}"
+        );
     }
 
     #[test]
