@@ -301,12 +301,23 @@ pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar, pixels: &mut Vec<u
     Ok(())
 }
 
-/// Every image file under `dir`, recursively, in sorted order.
+/// Every image file under `dir`, recursively, in sorted order. Folders reached through
+/// symbolic links are read after all real ones, so a folder that is also linked is listed
+/// under its real path, whatever order the file system lists entries in.
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
+    let mut links = Vec::new();
+    loop {
+        let Some(d) = stack.pop() else {
+            if links.is_empty() {
+                break;
+            }
+            links.sort_by(|a: &PathBuf, b| b.cmp(a));
+            stack.append(&mut links);
+            continue;
+        };
         let root = d == dir;
         // A folder reached twice (a symbolic link to a parent, or two links to one place)
         // would repeat its images.
@@ -332,9 +343,13 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
             }
         };
         for entry in entries {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
             if path.is_dir() {
-                stack.push(path);
+                match entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                    true => links.push(path),
+                    false => stack.push(path),
+                }
             } else if path.extension().is_some_and(|e| {
                 IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())
             }) {

@@ -326,7 +326,9 @@ fn should_cache(cache: DataCache, count: usize, shape: Shape) -> bool {
         DataCache::On => true,
         DataCache::Off => false,
         DataCache::Auto => {
-            (count * shape.bytes()) as u64 <= available_memory() / 2 / local_processes()
+            // Unknown memory: a cache of up to 4 GiB, which most machines hold.
+            let memory = available_memory().unwrap_or(8 << 30);
+            (count * shape.bytes()) as u64 <= memory / 2 / local_processes()
         }
     }
 }
@@ -335,7 +337,9 @@ fn should_cache(cache: DataCache, count: usize, shape: Shape) -> bool {
 /// available memory.
 fn check_fits_in_memory(count: usize, shape: Shape, description: &str) -> Result<()> {
     let needed = count as u64 * shape.bytes() as u64;
-    let available = available_memory() / local_processes();
+    let Some(available) = available_memory().map(|bytes| bytes / local_processes()) else {
+        return Ok(());
+    };
     if needed > available {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         bail!(
@@ -360,16 +364,26 @@ fn local_processes() -> u64 {
         .max(1)
 }
 
-/// MemAvailable from /proc/meminfo; 8 GiB where that is not readable.
-fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+/// MemAvailable from /proc/meminfo (Linux), else the physical memory (other Unix systems);
+/// None where neither is known, and then nothing is checked.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
             let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib * 1024)
-        })
-        .unwrap_or(8 << 30)
+        });
+    meminfo.or_else(|| {
+        // SAFETY: sysconf only reads system constants.
+        let (pages, page_size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64)
+    })
 }
 
 /// Fills `count` images of `shape` with `read` on `workers` threads; returns the pixels and the
@@ -863,6 +877,9 @@ mod tests {
         png(&root.join("nested/b.png"));
         // A link back to the root: followed once, it would repeat every image.
         std::os::unix::fs::symlink(root, root.join("nested/loop")).unwrap();
+        // A link to a real folder, listed under the folder's own path whichever comes first.
+        png(&root.join("zz/c.png"));
+        std::os::unix::fs::symlink(root.join("zz"), root.join("aa-link")).unwrap();
         // A run directory trained on this folder: its grids are not data.
         png(&root.join("run/samples/latest.png"));
         std::fs::write(root.join("run/config.toml"), "").unwrap();
@@ -872,7 +889,10 @@ mod tests {
                 .map(|f| f.strip_prefix(root).unwrap().display().to_string())
                 .collect()
         };
-        assert_eq!(names(image_files(root).unwrap()), ["a.png", "nested/b.png"]);
+        assert_eq!(
+            names(image_files(root).unwrap()),
+            ["a.png", "nested/b.png", "zz/c.png"]
+        );
     }
 
     #[test]
