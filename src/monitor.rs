@@ -107,7 +107,8 @@ fn encode_png(image: &image::RgbImage) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The EMA and raw grids side by side under a label naming the step.
+/// The EMA and raw grids side by side under a label naming the step; a grid narrower than its
+/// label gets a column as wide as the label.
 pub fn labelled_pair(
     ema: &image::RgbImage,
     raw: &image::RgbImage,
@@ -115,33 +116,32 @@ pub fn labelled_pair(
 ) -> Result<image::RgbImage> {
     const LABEL: u32 = 22;
     const GAP: u32 = 8;
-    let (w, h) = (
-        ema.width() + GAP + raw.width(),
-        LABEL + ema.height().max(raw.height()),
-    );
+    ensure_font();
+    let font = ("sans-serif", 15).into_font();
+    let labels = [format!("step {step} · EMA"), "raw".to_string()];
+    let mut columns = [ema.width(), raw.width()];
+    for (column, label) in columns.iter_mut().zip(&labels) {
+        let (text_width, _) = font
+            .box_size(label)
+            .map_err(|e| anyhow!("measuring a label: {e}"))?;
+        *column = (*column).max(text_width + GAP);
+    }
+    let raw_x = columns[0] + GAP;
+    let (w, h) = (raw_x + columns[1], LABEL + ema.height().max(raw.height()));
     let mut buffer = vec![255u8; (w * h * 3) as usize];
     {
-        ensure_font();
         let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
-        let style = ("sans-serif", 15).into_font().color(&BLACK);
-        root.draw(&Text::new(
-            format!("step {step} · EMA"),
-            (4, 3),
-            style.clone(),
-        ))
-        .map_err(|e| anyhow!("drawing a label: {e}"))?;
-        root.draw(&Text::new(
-            "raw".to_string(),
-            ((ema.width() + GAP + 4) as i32, 3),
-            style,
-        ))
-        .map_err(|e| anyhow!("drawing a label: {e}"))?;
+        let style = font.color(&BLACK);
+        for (label, x) in labels.into_iter().zip([4, raw_x as i32 + 4]) {
+            root.draw(&Text::new(label, (x, 3), style.clone()))
+                .map_err(|e| anyhow!("drawing a label: {e}"))?;
+        }
         root.present()
             .map_err(|e| anyhow!("drawing a label: {e}"))?;
     }
     let mut out = image::RgbImage::from_raw(w, h, buffer).expect("buffer of the right size");
     image::imageops::replace(&mut out, ema, 0, LABEL as i64);
-    image::imageops::replace(&mut out, raw, (ema.width() + GAP) as i64, LABEL as i64);
+    image::imageops::replace(&mut out, raw, raw_x as i64, LABEL as i64);
     Ok(out)
 }
 
@@ -602,21 +602,39 @@ mod tests {
             "the curve is drawn in blue"
         );
 
-        let ema = grid_image(&Tensor::ones([4, 1, 5, 5], (Kind::Float, Device::Cpu)));
-        let raw = grid_image(&(Tensor::ones([4, 1, 5, 5], (Kind::Float, Device::Cpu)) * -1));
+        let grids = |size: i64| {
+            let ones = Tensor::ones([4, 1, size, size], (Kind::Float, Device::Cpu));
+            (grid_image(&ones), grid_image(&(ones * -1)))
+        };
+        // Grids wider than their labels sit side by side, 8 pixels apart.
+        let (ema, raw) = grids(64);
         let pair = labelled_pair(&ema, &raw, 400).unwrap();
         assert_eq!(
             (pair.width(), pair.height()),
             (ema.width() * 2 + 8, ema.height() + 22)
         );
-        assert!(
-            (0..60)
-                .flat_map(|x| (0..22).map(move |y| (x, y)))
-                .any(|(x, y)| pair.get_pixel(x, y).0[0] < 128),
-            "the label is drawn"
-        );
+        let inked = |pair: &image::RgbImage, xs: std::ops::Range<u32>| {
+            xs.flat_map(|x| (0..22).map(move |y| (x, y)))
+                .any(|(x, y)| pair.get_pixel(x, y).0[0] < 128)
+        };
+        assert!(inked(&pair, 0..60), "the EMA label is drawn");
+        let raw_x = ema.width() + 8;
+        assert!(inked(&pair, raw_x..raw_x + 20), "the raw label is drawn");
         assert_eq!(pair.get_pixel(2, 22 + 2).0, [255, 255, 255]);
-        assert_eq!(pair.get_pixel(ema.width() + 8 + 2, 22 + 2).0, [0, 0, 0]);
+        assert_eq!(pair.get_pixel(raw_x + 2, 22 + 2).0, [0, 0, 0]);
+        // Tiny grids get columns as wide as their labels: the EMA label ends before the raw
+        // column starts.
+        let (ema, raw) = grids(5);
+        let pair = labelled_pair(&ema, &raw, 400).unwrap();
+        let raw_x = pair
+            .enumerate_pixels()
+            .find(|(x, y, p)| *y == 22 + 2 && *x > ema.width() && p.0 == [0, 0, 0])
+            .unwrap()
+            .0
+            - 2;
+        assert!(raw_x > ema.width() + 8);
+        assert!(!inked(&pair, raw_x - 8..raw_x), "the labels leave a gap");
+        assert!(inked(&pair, raw_x..raw_x + 20), "the raw label is drawn");
 
         save_animation(&[ema.clone(), raw.clone()], &dir.path().join("a.gif"), 500).unwrap();
         let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
