@@ -783,6 +783,11 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     config.train.fused_norm_silu |= args.fused_norm_silu;
     config.train.device = args.device.clone();
     config.sample.steps = args.sample_steps;
+    if args.what == "data" {
+        // No network is built: only the images' shape is checked, at any size.
+        config.model.channel_mult = vec![1];
+        config.model.attention_resolutions.clear();
+    }
     config
         .validate()
         .context("the benchmark's network and settings")?;

@@ -653,3 +653,55 @@ fn messages_of_ranks_other_than_0_name_their_rank() {
         stderr(&out)
     );
 }
+
+#[test]
+fn bench_prints_one_machine_readable_line_per_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let field = |line: &str, key: &str| -> String {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+            .to_string()
+    };
+    let result = |args: &[&str]| -> String {
+        let out = ddpm(args, dir.path());
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("RESULT "))
+            .collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        lines[0].to_string()
+    };
+    let train = result(&[
+        "bench", "train", "--preset", "tiny", "--ch", "16", "--size", "8", "--batch", "4",
+        "--warmup", "1", "--steps", "2", "--device", "cpu",
+    ]);
+    assert_eq!(field(&train, "bench"), "train");
+    assert_eq!(field(&train, "batch"), "4");
+    assert!(
+        field(&train, "img_per_s").parse::<f64>().unwrap() > 0.0,
+        "{train}"
+    );
+    assert!(
+        field(&train, "final_loss")
+            .parse::<f64>()
+            .unwrap()
+            .is_finite(),
+        "{train}"
+    );
+    // The data benchmark builds no network, so any image size goes, even one the preset's
+    // network could not take (cifar10 attends at 16×16).
+    let data = result(&["bench", "data", "--size", "8", "--batch", "64"]);
+    assert_eq!(field(&data, "bench"), "data");
+    // One epoch of the 5,000 bundled digits in whole batches of 64.
+    assert_eq!(
+        field(&data, "images"),
+        (5000usize.div_ceil(64) * 64).to_string()
+    );
+    assert!(
+        field(&data, "img_per_s").parse::<f64>().unwrap() > 0.0,
+        "{data}"
+    );
+}
