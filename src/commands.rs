@@ -214,10 +214,9 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
     }
 }
 
-/// SIGINT or SIGTERM sets the returned flag: the run finishes its step, writes a checkpoint and
-/// exits. A second SIGINT exits at once.
-/// The first SIGINT or SIGTERM asks the run to stop after its current step with a checkpoint,
-/// and says so at once (a step, or a grid, may take a while); a second SIGINT quits at once.
+/// The first SIGINT or SIGTERM sets the returned flag, asking the run to stop after its current
+/// step with a checkpoint, and says so at once (a step, or a grid, may take a while); a second
+/// SIGINT quits at once.
 fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));
