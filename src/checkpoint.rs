@@ -265,7 +265,20 @@ impl Checkpoint {
             };
             let candidates = list(&dir)?;
             if candidates.is_empty() {
-                bail!("no checkpoint found in {}", dir.display());
+                let run = match dir.ends_with("checkpoints") {
+                    true => dir.parent().unwrap_or(&dir),
+                    false => &dir,
+                };
+                match run.join("config.toml").is_file() {
+                    // A run stopped before its first checkpoint: its configuration restarts it.
+                    true => bail!(
+                        "no checkpoint found in {}: the run stopped before its first one; start it again with `ddpm train --config {} --out {}`",
+                        dir.display(),
+                        run.join("config.toml").display(),
+                        run.display()
+                    ),
+                    false => bail!("no checkpoint found in {}", dir.display()),
+                }
             }
             for candidate in candidates.iter().rev() {
                 match Self::load_file(candidate) {

@@ -77,7 +77,7 @@ pub fn train(args: TrainArgs) -> Result<bool> {
             }
         }
     }
-    let interrupt = install_signal_handlers()?;
+    let interrupt = install_signal_handlers(&run_dir)?;
     let summary = train::run(RunOptions {
         config,
         run_dir,
@@ -89,7 +89,12 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         launch: crate::distributed::Launch::from_env()?,
     })?;
     if let Some(checkpoint) = summary.final_checkpoint.filter(|_| !summary.interrupted) {
-        crate::say!("done: {} steps in {:.0} s", summary.steps, summary.seconds);
+        let plural = if summary.steps == 1 { "" } else { "s" };
+        crate::say!(
+            "done: {} step{plural} in {:.0} s",
+            summary.steps,
+            summary.seconds
+        );
         crate::say!("checkpoint: {}", checkpoint.display());
         if let Some(grid) = &summary.final_grid {
             crate::say!("samples:    {}", grid.display());
@@ -216,34 +221,48 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
 
 /// The first SIGINT or SIGTERM sets the returned flag, asking the run to stop after its current
 /// step with a checkpoint, and says so at once (a step, or a grid, may take a while); a second
-/// SIGINT quits at once.
-fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+/// SIGINT quits at once, saying what stays in `run_dir`.
+fn install_signal_handlers(run_dir: &Path) -> Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));
-    let stopping = Arc::clone(&flag);
-    let quit_message = move || {
-        if stopping.load(Ordering::SeqCst) {
-            const MESSAGE: &[u8] = b"second interrupt: quitting without a checkpoint\n";
-            // SAFETY: write(2) is async-signal-safe, and the buffer is static.
-            unsafe { libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len()) };
-        }
+    // Written from the handlers, which may only call async-signal-safe functions: the lines
+    // are made now, and the handlers only read them (and the flag) and call write(2).
+    let line = |text: String| -> &'static [u8] {
+        let prefix = crate::distributed::message_prefix();
+        Box::leak(format!("{prefix}{text}\n").into_boxed_str()).as_bytes()
     };
+    let stopping = "stopping after this step with a checkpoint (Ctrl-C again quits without one)";
+    let on_sigint = line(format!("interrupt: {stopping}"));
+    let on_sigterm = line(format!("SIGTERM: {stopping}"));
+    let quitting = line(format!(
+        "second interrupt: quitting without a checkpoint of this step; checkpoints already in {} stay valid",
+        run_dir.join("checkpoints").display()
+    ));
+    let write = |bytes: &[u8]| {
+        // SAFETY: write(2) is async-signal-safe; the buffer lives as long as the program.
+        unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+    };
+    let first = Arc::clone(&flag);
     // SAFETY: the action only reads an atomic and calls write(2).
-    unsafe { signal_hook::low_level::register(SIGINT, quit_message)? };
+    unsafe {
+        signal_hook::low_level::register(SIGINT, move || match first.load(Ordering::SeqCst) {
+            false => write(on_sigint),
+            true => write(quitting),
+        })?
+    };
+    let first = Arc::clone(&flag);
+    // SAFETY: as above.
+    unsafe {
+        signal_hook::low_level::register(SIGTERM, move || {
+            if !first.load(Ordering::SeqCst) {
+                write(on_sigterm)
+            }
+        })?
+    };
+    // Registered after the messages, these act on the flag as the messages found it.
     signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag))?;
     signal_hook::flag::register(SIGINT, Arc::clone(&flag))?;
     signal_hook::flag::register(SIGTERM, Arc::clone(&flag))?;
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            let name = if signal == SIGTERM {
-                "SIGTERM"
-            } else {
-                "interrupt"
-            };
-            crate::say!("{name}: stopping after this step with a checkpoint (Ctrl-C again quits without one)");
-        }
-    });
     Ok(flag)
 }
 
@@ -429,12 +448,31 @@ fn check_writable(folder: &Path) -> Result<()> {
 }
 
 /// The architecture summary of a preset or config file, with the exact parameter count.
-pub fn model_summary(preset: Option<&str>, config_file: Option<&Path>) -> Result<String> {
-    let config = resolve_config(preset, config_file, None, &Overrides::default())?;
+/// The network of a preset, a config file or a checkpoint: its architecture and exact parameter
+/// count.
+pub fn model_summary(
+    preset: Option<&str>,
+    config_file: Option<&Path>,
+    checkpoint: Option<&Path>,
+) -> Result<String> {
+    let checkpoint = checkpoint.map(Checkpoint::load).transpose()?;
+    let config = resolve_config(
+        preset,
+        config_file,
+        checkpoint.as_ref(),
+        &Overrides::default(),
+    )?;
     let vs = VarStore::new(Device::Cpu);
     let _ = UNet::new(&vs.root(), &config.model);
+    let source = checkpoint.map_or(String::new(), |c| {
+        format!(
+            "checkpoint: {} (step {})\n",
+            c.path.display(),
+            c.sidecar.step
+        )
+    });
     Ok(format!(
-        "preset: {}\n{}",
+        "{source}preset: {}\n{}",
         config.preset,
         model::summary(&config.model, &vs)
     ))

@@ -873,7 +873,8 @@ pub struct Overrides {
     /// Optimizer steps [train.steps]
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Run length in epochs over the data instead of --steps
+    /// Run length in epochs over the data instead of --steps (in total, from step 0, also when
+    /// resuming)
     #[arg(long, conflicts_with = "steps", value_parser = clap::value_parser!(u64).range(1..))]
     pub epochs: Option<u64>,
     /// Images per optimizer step [train.batch]

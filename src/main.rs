@@ -132,6 +132,9 @@ enum Command {
         preset: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// A checkpoint (its .json or .safetensors) or a run directory: the network it holds
+        #[arg(long, conflicts_with_all = ["preset", "config"])]
+        checkpoint: Option<PathBuf>,
     },
     /// Fréchet Inception Distance of generated images (a folder, or samples of a checkpoint)
     /// against real ones; prints `FID@N = score`
@@ -219,9 +222,12 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Model { preset, config } => {
-            commands::model_summary(preset.as_deref(), config.as_deref()).map(|s| print!("{s}"))
-        }
+        Command::Model {
+            preset,
+            config,
+            checkpoint,
+        } => commands::model_summary(preset.as_deref(), config.as_deref(), checkpoint.as_deref())
+            .map(|s| print!("{s}")),
         Command::Fid(args) => commands::fid(args),
     };
     match result {

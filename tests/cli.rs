@@ -109,6 +109,19 @@ fn train_resume_and_sample_end_to_end() {
         .unwrap()
         .contains("loss.png"));
 
+    // `model` describes the trained network: the one of its configuration.
+    let model = |args: &[&str]| {
+        let out = ddpm(args, dir.path());
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let of_checkpoint = model(&["model", "--checkpoint", "run"]);
+    assert!(
+        of_checkpoint.contains("checkpoint: run/checkpoints/step-00000003.json (step 3)"),
+        "{of_checkpoint}"
+    );
+    assert!(of_checkpoint.ends_with(&model(&["model", "--config", "small.toml"])));
+
     // A second start into the same directory refuses instead of overwriting.
     let out = ddpm(&train, dir.path());
     assert!(
@@ -230,6 +243,14 @@ fn a_second_sigint_quits_at_once_without_a_checkpoint() {
         "{rest:?}"
     );
     assert!(!dir.path().join("run/checkpoints").exists());
+    // Nothing to resume: the error says how to start the run again.
+    let out = ddpm(&["train", "--resume", "run"], dir.path());
+    let log = stderr(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("`ddpm train --config run/config.toml --out run`"),
+        "{log}"
+    );
 }
 
 extern "C" {

@@ -128,25 +128,34 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-/// The IDX image files to read for `split`: `path` itself, or the `*idx3-ubyte*` files of a
-/// folder, told apart by MNIST's names (`train-…` for training, `t10k-…` or `test-…` for test).
-/// A folder with one IDX file gives it as the training split whatever its name.
+/// The IDX image files to read for `split`, told apart by MNIST's names: `train-…` for
+/// training, `t10k-…` or `test-…` for test. `path` is a folder of them, or one file, which is
+/// read as named (for the test split, its name must say test). In a folder, a lone file whose
+/// name says no split is the training split.
 pub fn idx_files(path: &Path, split: Split) -> Result<Vec<PathBuf>> {
-    if path.is_file() {
-        if split != Split::Train {
-            bail!(
-                "data.split = {split} picks among the IDX files of a folder, and {} is one file: name its folder, or the file to train on",
-                path.display()
-            );
-        }
-        return Ok(vec![path.to_path_buf()]);
-    }
     let name_of = |p: &PathBuf| {
         p.file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned()
     };
+    let is_test = |p: &PathBuf| ["t10k", "test"].iter().any(|s| name_of(p).starts_with(s));
+    let is_train = |p: &PathBuf| name_of(p).starts_with("train");
+    if path.is_file() {
+        let file = path.to_path_buf();
+        let fits = match split {
+            Split::Train => true,
+            Split::Test => is_test(&file),
+            Split::All => false,
+        };
+        if !fits {
+            bail!(
+                "{} is one IDX file, not the {split} split (t10k-… or test-… files are the test split): name the folder holding the split's files, or drop --split",
+                path.display()
+            );
+        }
+        return Ok(vec![file]);
+    }
     let mut files: Vec<PathBuf> = fs::read_dir(path)
         .with_context(|| format!("cannot list {}", path.display()))?
         .flatten()
@@ -154,17 +163,11 @@ pub fn idx_files(path: &Path, split: Split) -> Result<Vec<PathBuf>> {
         .filter(|p| name_of(p).contains("idx3-ubyte"))
         .collect();
     files.sort();
-    let named = |prefixes: &[&str]| -> Vec<PathBuf> {
-        files
-            .iter()
-            .filter(|p| prefixes.iter().any(|prefix| name_of(p).starts_with(prefix)))
-            .cloned()
-            .collect()
-    };
-    let (train, test) = (named(&["train"]), named(&["t10k", "test"]));
+    let train: Vec<PathBuf> = files.iter().filter(|p| is_train(p)).cloned().collect();
+    let test: Vec<PathBuf> = files.iter().filter(|p| is_test(p)).cloned().collect();
     let chosen = match split {
         Split::Train if train.len() == 1 => train,
-        Split::Train if files.len() == 1 => files.clone(),
+        Split::Train if files.len() == 1 && test.is_empty() => files.clone(),
         Split::Test if test.len() == 1 => test,
         Split::All if train.len() == 1 && test.len() == 1 => [train, test].concat(),
         _ if files.is_empty() => bail!(

@@ -588,7 +588,8 @@ mod tests {
         std::fs::create_dir(&gz).unwrap();
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut enc, &bytes).unwrap();
-        std::fs::write(gz.join("t10k-images-idx3-ubyte.gz"), enc.finish().unwrap()).unwrap();
+        // A lone file whose name says no split is the training split.
+        std::fs::write(gz.join("images-idx3-ubyte.gz"), enc.finish().unwrap()).unwrap();
         for path in [
             dir.path().join("train-images-idx3-ubyte"),
             gz.clone(),
@@ -639,12 +640,27 @@ mod tests {
         assert_eq!(mean_of(Split::Train), (2, 10.0));
         assert_eq!(mean_of(Split::Test), (3, 200.0));
         assert_eq!(mean_of(Split::All), (5, (2.0 * 10.0 + 3.0 * 200.0) / 5.0));
-        // A named file is its own split; the others are refused, not ignored.
+        // A named file is read as named; a split its name contradicts is refused, not ignored.
+        let test_file = dir.path().join("t10k-images-idx3-ubyte");
         assert_eq!(load(Some(&train), &split(Split::Train)).unwrap().len(), 2);
+        assert_eq!(
+            load(Some(&test_file), &split(Split::Test)).unwrap().len(),
+            3
+        );
         let e = error(&train, &split(Split::Test));
-        assert!(
-            e.contains("data.split = test") && e.contains("one file"),
-            "{e}"
+        assert!(e.contains("not the test split"), "{e}");
+        let e = error(&test_file, &split(Split::All));
+        assert!(e.contains("not the all split"), "{e}");
+        // A folder holding only the test file has no training split.
+        let only_test = tempfile::tempdir().unwrap();
+        std::fs::copy(&test_file, only_test.path().join("t10k-images-idx3-ubyte")).unwrap();
+        let e = error(only_test.path(), &split(Split::Train));
+        assert!(e.contains("the train split needs one train-"), "{e}");
+        assert_eq!(
+            load(Some(only_test.path()), &split(Split::Test))
+                .unwrap()
+                .len(),
+            3
         );
         // Splits of images of different sizes do not mix.
         std::fs::write(

@@ -183,7 +183,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     };
     if leader {
         crate::say!(
-            "training {} on {} ({} images{}) on {}{}: {} parameters, {} steps of batch {}",
+            "training {} on {} ({} images{}) on {}{}: {} parameters, {} step{} of batch {}",
             config.preset,
             dataset.description,
             dataset.len(),
@@ -198,6 +198,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
                 .map_or(String::new(), |l| format!(" × {} processes", l.world)),
             crate::model::parameter_count(&trainer.vs),
             config.train.steps,
+            if config.train.steps == 1 { "" } else { "s" },
             config.train.batch
         );
     }
