@@ -682,11 +682,11 @@ pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
         config,
     )?;
     crate::say!(
-        "imported {} as {} ({} parameters; training settings of the {} preset)",
+        "imported {} as {} ({} parameters; training and sampling settings of {})",
         from.display(),
         saved.display(),
         model::parameter_count(&trainer.vs),
-        config.preset
+        imported.settings_source
     );
     crate::say!(
         "sample:    ddpm sample --checkpoint {} --out grid.png",

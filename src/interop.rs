@@ -35,6 +35,9 @@ const UNET_CONFIG: &str = "unet/config.json";
 const UNET_WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
 const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
 const PIPELINE_INDEX: &str = "model_index.json";
+/// The exported run's full configuration (diffusers ignores it): training and sampling
+/// settings that the diffusers files do not carry come back from it on import.
+const RUN_SETTINGS: &str = "ddpm.toml";
 /// Our GroupNorms: 32 groups wherever the channels divide by 32, ε = 1e-6.
 const NORM_GROUPS: i64 = 32;
 const NORM_EPS: f64 = 1e-6;
@@ -750,6 +753,7 @@ pub fn export_diffusers(checkpoint: &Checkpoint, ema: bool, out: &Path) -> Resul
     )?;
     write_json(&out.join(UNET_CONFIG), &unet)?;
     write_json(&out.join(SCHEDULER_CONFIG), &scheduler)?;
+    checkpoint::write_atomic(&out.join(RUN_SETTINGS), config.to_toml().as_bytes())?;
     let index = json!({"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION, "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]});
     write_json(&out.join(PIPELINE_INDEX), &index)
 }
@@ -808,9 +812,12 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 pub struct DiffusersModel {
     /// The folder it was read from.
     pub source: PathBuf,
-    /// Our configuration: the UNet and schedule from the folder, training settings from the
-    /// preset of the same architecture (else `cifar10`, the DDPM paper's).
+    /// Our configuration: the UNet and schedule from the folder; training and sampling settings
+    /// from the exported run's `ddpm.toml`, else from the preset of the same architecture (else
+    /// `mnist` for grayscale, `cifar10` for colour).
     pub config: RunConfig,
+    /// Where the training and sampling settings came from, in words.
+    pub settings_source: String,
     /// Our parameter names → f32 CPU tensors, exactly the values in the file.
     pub weights: BTreeMap<String, Tensor>,
     weights_sha256: String,
@@ -835,7 +842,18 @@ impl DiffusersModel {
         })?;
         let scheduler_path = dir.join(SCHEDULER_CONFIG);
         let scheduler: SchedulerConfig = read_json(&scheduler_path)?;
-        let mut config = base_config(&model);
+        let settings_path = dir.join(RUN_SETTINGS);
+        let (mut config, settings_source) = match settings_path.is_file() {
+            true => (
+                RunConfig::from_toml_file(&settings_path, None)?,
+                format!("the exported run's {}", settings_path.display()),
+            ),
+            false => {
+                let base = base_config(&model);
+                let source = format!("the {} preset", base.preset);
+                (base, source)
+            }
+        };
         config.model = model;
         scheduler.apply_to(&mut config).with_context(|| {
             format!(
@@ -851,6 +869,7 @@ impl DiffusersModel {
         Ok(DiffusersModel {
             source: dir.to_path_buf(),
             config,
+            settings_source,
             weights,
             weights_sha256,
         })
@@ -888,7 +907,8 @@ impl DiffusersModel {
     }
 }
 
-/// The preset whose UNet has `model`'s architecture (dropout aside), else `cifar10`.
+/// The preset whose UNet has `model`'s architecture (dropout aside), else the one for its
+/// kind of images: `mnist` for grayscale, `cifar10` (the DDPM paper's) for colour.
 fn base_config(model: &ModelConfig) -> RunConfig {
     let same_architecture = |p: &RunConfig| {
         ModelConfig {
@@ -900,7 +920,14 @@ fn base_config(model: &ModelConfig) -> RunConfig {
         .iter()
         .map(|name| RunConfig::preset(name).expect("presets exist"))
         .find(same_architecture)
-        .unwrap_or_else(|| RunConfig::preset("cifar10").expect("presets exist"))
+        .unwrap_or_else(|| {
+            let name = if model.in_channels == 1 {
+                "mnist"
+            } else {
+                "cifar10"
+            };
+            RunConfig::preset(name).expect("presets exist")
+        })
 }
 
 /// Reads diffusers' weights file into our names and shapes (as f32), and its SHA-256.
@@ -1112,6 +1139,9 @@ mod tests {
             export_diffusers(&checkpoint, ema, &out).unwrap();
             let back = DiffusersModel::read(&out).unwrap();
             assert_eq!(back.config.model, config.model);
+            // Training and sampling settings come back from the exported run's settings.
+            assert_eq!(back.config, config);
+            assert!(back.settings_source.contains("ddpm.toml"));
             // The scheduler carries the forward process and the prediction, not loss weighting.
             let carried = |d: &crate::config::DiffusionConfig| {
                 (
@@ -1133,7 +1163,7 @@ mod tests {
             // Exporting what was imported writes the same bytes again.
             let again = dir.path().join(format!("again-{prefix}"));
             export_diffusers(&back.into_checkpoint(), true, &again).unwrap();
-            for file in [UNET_WEIGHTS, UNET_CONFIG, SCHEDULER_CONFIG] {
+            for file in [UNET_WEIGHTS, UNET_CONFIG, SCHEDULER_CONFIG, RUN_SETTINGS] {
                 assert_eq!(
                     fs::read(out.join(file)).unwrap(),
                     fs::read(again.join(file)).unwrap(),
