@@ -734,7 +734,7 @@ impl RunConfig {
         check(t.steps >= 1, "train.steps", t.steps, "≥ 1")?;
         check(t.batch >= 1, "train.batch", t.batch, "≥ 1")?;
         check(
-            t.grad_accum >= 1 && t.batch % t.grad_accum == 0,
+            t.grad_accum >= 1 && t.batch.is_multiple_of(t.grad_accum),
             "train.grad_accum",
             t.grad_accum,
             &format!("≥ 1 and a divisor of train.batch ({})", t.batch),

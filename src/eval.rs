@@ -541,7 +541,7 @@ pub fn to_u8_images(images: &Tensor) -> Tensor {
 
 /// An image count as FID scores are labelled: 10000 → "10k", 500 → "500".
 pub fn count_label(n: usize) -> String {
-    if n > 0 && n % 1000 == 0 {
+    if n > 0 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()

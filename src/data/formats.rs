@@ -185,7 +185,7 @@ pub fn idx_files(path: &Path, split: Split) -> Result<Vec<PathBuf>> {
                 path.display(),
                 files
                     .iter()
-                    .map(|f| name_of(f))
+                    .map(name_of)
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -294,7 +294,7 @@ pub fn cifar_files(dir: &Path, variant: Cifar, split: Split) -> Result<Vec<PathB
 pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar, pixels: &mut Vec<u8>) -> Result<()> {
     let labels = variant.label_bytes();
     let record = labels + CIFAR_SHAPE.bytes();
-    if bytes.is_empty() || bytes.len() % record != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
         bail!("{}: {} bytes is not a whole number of {} records ({record} bytes each: {labels} label byte(s) + 3×32×32 pixels)", name.display(), bytes.len(), variant.name());
     }
     pixels.reserve(bytes.len() / record * CIFAR_SHAPE.bytes());

@@ -123,7 +123,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             device = crate::device::resolve(&format!("cuda:{index}"))?;
         }
     }
-    let leader = launch.as_ref().map_or(true, |l| l.rank == 0);
+    let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
     if leader {
         check_run_dir(&run_dir, resume.is_some())?;
     }
@@ -215,7 +215,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
 /// The global batch must split evenly into ranks and each rank's share into micro-batches.
 fn check_divides(config: &RunConfig, world: usize) -> Result<()> {
     let t = &config.train;
-    if t.batch % (world * t.grad_accum) != 0 {
+    if !t.batch.is_multiple_of(world * t.grad_accum) {
         bail!(
             "train.batch = {} is the global batch: it must be a multiple of the {world} processes × train.grad_accum = {} ({})",
             t.batch,
@@ -236,7 +236,7 @@ fn run_loop(
 ) -> Result<RunSummary> {
     let config = trainer.config.clone();
     let tc = &config.train;
-    let leader = trainer.group().map_or(true, |g| g.is_leader());
+    let leader = trainer.group().is_none_or(|g| g.is_leader());
     let loader_options = LoaderOptions {
         batch: tc.batch,
         seed: tc.seed,
@@ -340,7 +340,7 @@ fn run_loop(
         let interrupted = match trainer.group() {
             // All ranks stop after the same step: they agree on logged steps, which keeps the
             // host-device round trip off the others.
-            Some(group) if step % tc.log_every == 0 || step == stop => group
+            Some(group) if step.is_multiple_of(tc.log_every) || step == stop => group
                 .any(interrupt.load(Ordering::SeqCst))
                 .map_err(|e| save_and_fail(trainer, loader.position(), e))?,
             Some(_) => false,
@@ -360,7 +360,7 @@ fn run_loop(
                 interrupted: true,
             });
         }
-        if step % tc.log_every == 0 || step == stop {
+        if step.is_multiple_of(tc.log_every) || step == stop {
             let record = MetricsRecord {
                 step,
                 epoch: loader.position().epoch,
@@ -400,18 +400,21 @@ fn run_loop(
         // The checkpoint first: sampling a grid or measuring FID may fail (out of device
         // memory, a full disk), and then the run stops with its state saved if it still can be.
         let position = loader.position();
-        if config.checkpoint.every > 0 && step % config.checkpoint.every == 0 && step < stop {
+        if config.checkpoint.every > 0
+            && step.is_multiple_of(config.checkpoint.every)
+            && step < stop
+        {
             save(trainer, position)?;
             window = Window::new();
         }
-        if config.sample.every > 0 && step % config.sample.every == 0 && step < stop {
+        if config.sample.every > 0 && step.is_multiple_of(config.sample.every) && step < stop {
             write_samples(trainer, run_dir, grid_seed, &monitor)
                 .map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
         }
         if let Some(fid) = training_fid
             .as_ref()
-            .filter(|_| step % config.fid.every == 0)
+            .filter(|_| step.is_multiple_of(config.fid.every))
         {
             fid.measure(trainer, fid_seed, &mut monitor)
                 .map_err(|e| save_and_fail(trainer, position, e))?;

@@ -531,7 +531,7 @@ impl Trainer {
         if let Some(s) = &mut self.scaler {
             s.update(&found_inf);
         }
-        if (self.step + 1) % tc.ema_every == 0 {
+        if (self.step + 1).is_multiple_of(tc.ema_every) {
             let decay = ema_decay(tc, self.step / tc.ema_every);
             tch::no_grad(|| ops::foreach_lerp_(&self.ema_params, &self.params, 1.0 - decay))?;
         }
