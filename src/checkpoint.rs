@@ -206,7 +206,12 @@ fn prune(dir: &Path, keep: usize, pin_every: u64) -> Result<()> {
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(".step-") && name.ends_with(".tmp") {
+        // Leftovers of a save that was killed: a temporary file, or weights whose sidecar was
+        // never written (no checkpoint without it).
+        let orphan_weights = name.starts_with("step-")
+            && name.ends_with(".safetensors")
+            && !entry.path().with_extension("json").exists();
+        if (name.starts_with(".step-") && name.ends_with(".tmp")) || orphan_weights {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -393,6 +398,11 @@ mod tests {
             if step == 2 {
                 fs::write(dir.path().join("step-00000002.keep"), b"").unwrap();
             }
+            if step == 4 {
+                // A save killed between the weights and the sidecar left weights alone.
+                fs::write(dir.path().join("step-00000003.safetensors"), b"part").unwrap();
+                fs::remove_file(sidecar_path(dir.path(), 3)).unwrap();
+            }
             save(
                 dir.path(),
                 &sample_tensors(),
@@ -416,7 +426,9 @@ mod tests {
                 "step-00000007.json"
             ]
         );
-        assert!(!dir.path().join("step-00000001.safetensors").exists());
+        for gone in ["step-00000001.safetensors", "step-00000003.safetensors"] {
+            assert!(!dir.path().join(gone).exists(), "{gone}");
+        }
         // Truncate the newest weights file: loading the folder falls back to the previous one.
         let newest = dir.path().join("step-00000007.safetensors");
         let bytes = fs::read(&newest).unwrap();

@@ -231,11 +231,11 @@ fn install_signal_handlers(run_dir: &Path) -> Result<Arc<AtomicBool>> {
         let prefix = crate::distributed::message_prefix();
         Box::leak(format!("{prefix}{text}\n").into_boxed_str()).as_bytes()
     };
-    let stopping = "stopping after this step with a checkpoint (Ctrl-C again quits without one)";
+    let stopping = "stopping after this step (or the grid or FID under way) with a checkpoint; Ctrl-C again quits without one";
     let on_sigint = line(format!("interrupt: {stopping}"));
     let on_sigterm = line(format!("SIGTERM: {stopping}"));
     let quitting = line(format!(
-        "second interrupt: quitting without a checkpoint of this step; checkpoints already in {} stay valid",
+        "second interrupt: quitting now, without a checkpoint of the step under way; those already in {} stay valid",
         run_dir.join("checkpoints").display()
     ));
     let write = |bytes: &[u8]| {

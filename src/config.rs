@@ -788,9 +788,27 @@ impl RunConfig {
             data.color_jitter,
             "in [0, 0.5]",
         )?;
-        check(data.prefetch >= 1, "data.prefetch", data.prefetch, "≥ 1")?;
+        // Each worker is a thread, each prefetched batch a buffer.
+        check(
+            data.workers <= 256,
+            "data.workers",
+            data.workers,
+            "≤ 256 (0: one per core)",
+        )?;
+        check(
+            (1..=64).contains(&data.prefetch),
+            "data.prefetch",
+            data.prefetch,
+            "in [1, 64]",
+        )?;
         let s = &self.sample;
-        check(s.num >= 1, "sample.num", s.num, "≥ 1")?;
+        // A grid of at most 32 × 32 images; `ddpm sample` makes any number.
+        check(
+            (1..=1024).contains(&s.num),
+            "sample.num",
+            s.num,
+            "in [1, 1024]",
+        )?;
         check(
             s.steps >= 1 && s.steps <= d.timesteps,
             "sample.steps",
@@ -1181,6 +1199,8 @@ mod tests {
             ),
             ("train.device", Box::new(|c| c.train.device = "tpu".into())),
             ("train.grad_accum", Box::new(|c| c.train.grad_accum = 3)),
+            ("data.workers", Box::new(|c| c.data.workers = 100_000)),
+            ("sample.num", Box::new(|c| c.sample.num = 100_000_000_000)),
         ];
         for (key, mutate) in cases {
             let mut c = RunConfig::preset("tiny").unwrap();

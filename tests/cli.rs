@@ -207,6 +207,35 @@ fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
 }
 
 #[test]
+fn sigint_during_a_grid_stops_after_it_without_another_step() {
+    let dir = tempfile::tempdir().unwrap();
+    // A grid of 1000 DDPM steps takes seconds; the steps take milliseconds.
+    std::fs::write(dir.path().join("grid.toml"), "[model]\nchannels = 16\nimage_size = 8\n[train]\nsteps = 1000\nbatch = 4\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 2\nnum = 16\nsampler = \"ddpm\"\n[checkpoint]\nevery = 0\n").unwrap();
+    let (mut child, mut lines) = start_training(
+        &["train", "--config", "grid.toml", "--out", "run"],
+        dir.path(),
+    );
+    let sampling = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with("sampling"));
+    assert!(sampling.is_some_and(|l| l.contains("at step 2")));
+    unsafe { libc_kill(child.id() as i32, 2) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("interrupted after step 2")),
+        "{rest:?}"
+    );
+    assert!(!rest.iter().any(|l| l.starts_with("step ")), "{rest:?}");
+    assert!(dir
+        .path()
+        .join("run/checkpoints/step-00000002.json")
+        .exists());
+}
+
+#[test]
 fn a_second_sigint_quits_at_once_without_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     // Steps of about a second on two cores: the second signal comes well within the step.
@@ -235,7 +264,7 @@ fn a_second_sigint_quits_at_once_without_a_checkpoint() {
     assert_eq!(child.wait().unwrap().code(), Some(130));
     assert!(
         rest.iter()
-            .any(|l| l.contains("second interrupt: quitting without a checkpoint")),
+            .any(|l| l.contains("second interrupt: quitting now, without a checkpoint")),
         "{rest:?}"
     );
     assert!(

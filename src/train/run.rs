@@ -302,6 +302,32 @@ fn run_loop(
                 }
             }
         };
+    // Stops with a checkpoint of the last finished step (written now, unless it already is).
+    let stop_interrupted = |trainer: &Trainer,
+                            position: Position,
+                            monitor: &mut Monitor|
+     -> Result<RunSummary> {
+        let step = trainer.step;
+        let path = match step == saved_step.get() && leader {
+            true => Some(checkpoint::sidecar_path(&checkpoints, step)),
+            false => save(trainer, position)?,
+        };
+        monitor.finish();
+        if let Some(path) = &path {
+            crate::say!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
+        }
+        Ok(RunSummary {
+            final_checkpoint: path,
+            final_grid: None,
+            steps: step,
+            seconds: monitor.seconds(),
+            interrupted: true,
+        })
+    };
+    // A single process stops as soon as a signal comes, also after a grid or FID measurement
+    // (ranks only stop together, after a logged step).
+    let interrupted_alone =
+        |trainer: &Trainer| trainer.group().is_none() && interrupt.load(Ordering::SeqCst);
     if trainer.step == 0 && leader {
         // What the model learns from, next to what it makes.
         let first = data::Sampler::new(dataset.len(), tc.seed, position)
@@ -347,18 +373,7 @@ fn run_loop(
             None => interrupt.load(Ordering::SeqCst),
         };
         if interrupted {
-            let path = save(trainer, loader.position())?;
-            monitor.finish();
-            if let Some(path) = &path {
-                crate::say!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
-            }
-            return Ok(RunSummary {
-                final_checkpoint: path,
-                final_grid: None,
-                steps: step,
-                seconds: monitor.seconds(),
-                interrupted: true,
-            });
+            return stop_interrupted(trainer, loader.position(), &mut monitor);
         }
         if step.is_multiple_of(tc.log_every) || step == stop {
             let record = MetricsRecord {
@@ -420,8 +435,14 @@ fn run_loop(
                 .map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
         }
+        if interrupted_alone(trainer) {
+            return stop_interrupted(trainer, position, &mut monitor);
+        }
     }
     let final_checkpoint = save(trainer, loader.position())?;
+    if interrupted_alone(trainer) {
+        return stop_interrupted(trainer, loader.position(), &mut monitor);
+    }
     let final_grid = match leader {
         true => Some(
             write_samples(trainer, run_dir, grid_seed, &monitor)
