@@ -330,8 +330,21 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     checked
         .validate()
         .context("the sampling settings (--steps, --eta) for this checkpoint")?;
-    if args.settings.eta.is_some() && settings.sampler == crate::config::SamplerKind::Ddpm {
-        crate::say!("note: --eta applies to DDIM; the DDPM sampler ignores it");
+    if settings.sampler == crate::config::SamplerKind::Ddpm {
+        let ignored: Vec<&str> = [
+            (args.settings.eta.is_some(), "--eta"),
+            (args.settings.steps.is_some(), "--steps"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect();
+        if !ignored.is_empty() {
+            crate::say!(
+                "note: {} applies to DDIM; the DDPM sampler takes all {} steps",
+                ignored.join(" and "),
+                config.diffusion.timesteps
+            );
+        }
     }
     // Before sampling, which may take long: the destinations can be written.
     if let Some(grid) = &args.grid {
@@ -366,8 +379,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         args.seed,
         device,
         args.batch,
-        |i, x| {
-            if args.animation.is_some() && ((i + 1) % every == 0 || i + 1 == total_steps) {
+        |done, x| {
+            if args.animation.is_some() && (done % every == 0 || done == total_steps) {
                 frames.push(crate::monitor::grid_image(&x.clamp(-1.0, 1.0)));
             }
         },

@@ -50,8 +50,9 @@ pub fn ddim_step(
     (ab_prev.sqrt() * x0 + dir * eps, sigma)
 }
 
-/// Generates images [n, C, H, W] in [−1, 1]. `on_step` sees x after each denoising step
-/// (for trajectories); the result is the same for the same seed, batch and settings.
+/// Generates images [n, C, H, W] in [−1, 1]. `on_step(steps_done, x)` sees the first batch's
+/// x_T, then x after each denoising step (for trajectories); the result is the same for the same
+/// seed, batch and settings.
 pub fn sample(
     denoiser: &Denoiser,
     settings: &SampleConfig,
@@ -72,13 +73,14 @@ pub fn sample(
         let b = (n - done).min(batch as i64);
         tch::manual_seed(crate::rng::mix(seed, &[chunk as u64]) as i64);
         let mut x = Tensor::randn([b, c, h, w], (Kind::Float, device));
-        let mut step_index = 0;
+        let mut steps_done = 0;
         let mut report = |x: &Tensor| {
             if chunk == 0 {
-                on_step(step_index, x);
+                on_step(steps_done, x);
             }
-            step_index += 1;
+            steps_done += 1;
         };
+        report(&x);
         match settings.sampler {
             SamplerKind::Ddpm => {
                 let s = denoiser.schedule;
@@ -201,7 +203,7 @@ mod tests {
     }
 
     #[test]
-    fn trajectory_reports_every_step() {
+    fn trajectory_reports_x_t_then_every_step() {
         let (vs, config) = tiny_denoiser();
         let model = UNet::new(&vs.root(), &config.model);
         let schedule = NoiseSchedule::from_config(&config.diffusion);
@@ -215,10 +217,11 @@ mod tests {
             steps: 4,
             ..config.sample.clone()
         };
-        let mut seen = 0;
-        let _ = sample(&d, &settings, [1, 1, 28, 28], 0, Device::Cpu, 1, |_, _| {
-            seen += 1
+        let mut seen = Vec::new();
+        let _ = sample(&d, &settings, [1, 1, 28, 28], 0, Device::Cpu, 1, |i, _| {
+            seen.push(i)
         });
-        assert_eq!(seen, 4);
+        // x_T, then after each of the 4 steps.
+        assert_eq!(seen, [0, 1, 2, 3, 4]);
     }
 }
