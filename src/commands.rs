@@ -446,7 +446,7 @@ fn check_output_folder(folder: &Path) -> Result<()> {
         .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
         .count();
     if images > 0 {
-        bail!("--out-dir {} already holds {images} PNG images: choose an empty folder (mixed sets would skew a FID), or remove them", folder.display());
+        bail!("--out-dir {} already holds {images} PNG image(s): choose an empty folder (mixed sets would skew a FID), or remove them", folder.display());
     }
     check_writable(folder).with_context(|| format!("--out-dir {}", folder.display()))
 }
@@ -572,6 +572,11 @@ pub fn fid(args: FidArgs) -> Result<()> {
         "FID of {count} generated images against {} real ones: {score}",
         real.len()
     );
+    if count < 2048 {
+        // Fewer images than Inception features: the covariance is singular and the score
+        // far above its large-N value.
+        crate::say!("note: with fewer than 2048 images FID is biased high; compare scores only at the same N (10k or 50k are usual)");
+    }
     println!("FID@{} = {score:.2}", eval::count_label(count as usize));
     Ok(())
 }

@@ -70,7 +70,7 @@ pub fn detect_format(path: &Path) -> Result<DataFormat> {
         if name.contains("idx3-ubyte") {
             return Ok(DataFormat::Idx);
         }
-        bail!("data path {} is a file but not an IDX image file (*idx3-ubyte or *idx3-ubyte.gz); give a folder, CIFAR-10 folder or IDX file", path.display());
+        bail!("data path {} is a file whose name is not an IDX image file's (*idx3-ubyte or *idx3-ubyte.gz): give an image folder, a CIFAR-10/100 folder or an IDX file (--data-format idx reads an IDX file of another name)", path.display());
     }
     if path.join("data_batch_1.bin").exists() || path.join("test_batch.bin").exists() {
         return Ok(DataFormat::Cifar10);

@@ -164,7 +164,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
     if trainer.step >= stop {
         if leader {
-            crate::say!("{} is at step {} and this run stops at step {stop}: nothing to train (raise --steps, or --stop-at, to continue)", run_dir.display(), trainer.step);
+            crate::say!("{} is at step {} and this run stops at step {stop}: nothing to train (raise --steps or --epochs, and --stop-at if given, to continue)", run_dir.display(), trainer.step);
         }
         return Ok(RunSummary {
             final_checkpoint: None,
@@ -176,6 +176,13 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     }
     if leader && config.train.precision == crate::config::Precision::Fp16 && !device.is_cuda() {
         crate::say!("note: fp16 on a CPU runs many times slower than f32 (no fp16 arithmetic there); use f32");
+    }
+    if leader && dataset.len() < config.train.batch {
+        crate::say!(
+            "note: the batch ({}) is larger than the dataset ({} images): every batch repeats images",
+            config.train.batch,
+            dataset.len()
+        );
     }
     let _lock = match leader {
         true => Some(prepare_run_dir(&run_dir, &config)?),
