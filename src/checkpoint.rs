@@ -208,9 +208,11 @@ fn prune(dir: &Path, keep: usize, pin_every: u64) -> Result<()> {
         let name = name.to_string_lossy();
         // Leftovers of a save that was killed: a temporary file, or weights whose sidecar was
         // never written (no checkpoint without it).
-        let orphan_weights = name.starts_with("step-")
-            && name.ends_with(".safetensors")
-            && !entry.path().with_extension("json").exists();
+        let orphan_weights = name
+            .strip_prefix("step-")
+            .and_then(|n| n.strip_suffix(".safetensors"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|step| !sidecar_path(dir, step).exists());
         if (name.starts_with(".step-") && name.ends_with(".tmp")) || orphan_weights {
             let _ = fs::remove_file(entry.path());
         }

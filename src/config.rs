@@ -645,6 +645,27 @@ impl RunConfig {
         toml::to_string_pretty(self).expect("a RunConfig always serialises")
     }
 
+    /// What a training run allocates, checked before it starts: each data worker is a thread,
+    /// each prefetched batch a buffer, and a grid of more than 32 × 32 images would take long
+    /// and show little (`ddpm sample` makes any number). Not part of `validate`, so that any
+    /// checkpoint stays readable.
+    pub fn check_run_resources(&self) -> Result<()> {
+        let (data, s) = (&self.data, &self.sample);
+        check(
+            data.workers <= 256,
+            "data.workers",
+            data.workers,
+            "≤ 256 (0: one per core)",
+        )?;
+        check(
+            data.prefetch <= 64,
+            "data.prefetch",
+            data.prefetch,
+            "in [1, 64]",
+        )?;
+        check(s.num <= 1024, "sample.num", s.num, "in [1, 1024]")
+    }
+
     /// Checks every key against its allowed range; the error names key, value and what is allowed.
     pub fn validate(&self) -> Result<()> {
         // Flags take any u64; the config is written as TOML, whose integers are i64.
@@ -788,27 +809,9 @@ impl RunConfig {
             data.color_jitter,
             "in [0, 0.5]",
         )?;
-        // Each worker is a thread, each prefetched batch a buffer.
-        check(
-            data.workers <= 256,
-            "data.workers",
-            data.workers,
-            "≤ 256 (0: one per core)",
-        )?;
-        check(
-            (1..=64).contains(&data.prefetch),
-            "data.prefetch",
-            data.prefetch,
-            "in [1, 64]",
-        )?;
+        check(data.prefetch >= 1, "data.prefetch", data.prefetch, "≥ 1")?;
         let s = &self.sample;
-        // A grid of at most 32 × 32 images; `ddpm sample` makes any number.
-        check(
-            (1..=1024).contains(&s.num),
-            "sample.num",
-            s.num,
-            "in [1, 1024]",
-        )?;
+        check(s.num >= 1, "sample.num", s.num, "≥ 1")?;
         check(
             s.steps >= 1 && s.steps <= d.timesteps,
             "sample.steps",
@@ -1199,13 +1202,28 @@ mod tests {
             ),
             ("train.device", Box::new(|c| c.train.device = "tpu".into())),
             ("train.grad_accum", Box::new(|c| c.train.grad_accum = 3)),
-            ("data.workers", Box::new(|c| c.data.workers = 100_000)),
-            ("sample.num", Box::new(|c| c.sample.num = 100_000_000_000)),
         ];
         for (key, mutate) in cases {
             let mut c = RunConfig::preset("tiny").unwrap();
             mutate(&mut c);
             let err = format!("{:#}", c.validate().unwrap_err());
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn runs_refuse_what_they_cannot_allocate_but_checkpoints_stay_valid() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut RunConfig)>)> = vec![
+            ("data.workers", Box::new(|c| c.data.workers = 100_000)),
+            ("data.prefetch", Box::new(|c| c.data.prefetch = 1000)),
+            ("sample.num", Box::new(|c| c.sample.num = 100_000_000_000)),
+        ];
+        for (key, mutate) in cases {
+            let mut c = RunConfig::preset("tiny").unwrap();
+            c.check_run_resources().unwrap();
+            mutate(&mut c);
+            c.validate().unwrap();
+            let err = format!("{:#}", c.check_run_resources().unwrap_err());
             assert!(err.contains(key), "{key}: {err}");
         }
     }

@@ -844,10 +844,18 @@ impl DiffusersModel {
         let scheduler: SchedulerConfig = read_json(&scheduler_path)?;
         let settings_path = dir.join(RUN_SETTINGS);
         let (mut config, settings_source) = match settings_path.is_file() {
-            true => (
-                RunConfig::from_toml_file(&settings_path, None)?,
-                format!("the exported run's {}", settings_path.display()),
-            ),
+            true => {
+                let mut exported = RunConfig::from_toml_file(&settings_path, None)?;
+                // Paths and devices of the machine it was exported on are not this one's.
+                let here = RunConfig::preset(&exported.preset)?;
+                exported.data.path = here.data.path;
+                exported.train.device = here.train.device;
+                exported.fid.inception = here.fid.inception;
+                (
+                    exported,
+                    format!("the exported run's {}", settings_path.display()),
+                )
+            }
             false => {
                 let base = base_config(&model);
                 let source = format!("the {} preset", base.preset);

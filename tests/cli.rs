@@ -238,8 +238,8 @@ fn sigint_during_a_grid_stops_after_it_without_another_step() {
 #[test]
 fn a_second_sigint_quits_at_once_without_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    // Steps of about a second on two cores: the second signal comes well within the step.
-    std::fs::write(dir.path().join("slow.toml"), "[model]\nchannels = 64\n[train]\nsteps = 100000\nbatch = 32\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n[checkpoint]\nevery = 0\n").unwrap();
+    // Steps of about half a second on two cores: the second signal comes well within the step.
+    std::fs::write(dir.path().join("slow.toml"), "[model]\nchannels = 64\n[train]\nsteps = 100000\nbatch = 64\nlog_every = 1\ndevice = \"cpu\"\n[sample]\nevery = 0\n[checkpoint]\nevery = 0\n").unwrap();
     let (mut child, mut lines) = start_training(
         &[
             "train",
@@ -583,7 +583,7 @@ fn sample_checks_its_flags_and_destinations_before_sampling() {
         (&["--eta", "2", "--out", "g.png"], "--eta"),
         (&["--steps", "5000", "--out", "g.png"], "sample.steps"),
         (&["--out", "g.jpg"], ".png"),
-        (&["--out-dir", "s"], "already holds 2 PNG images"),
+        (&["--out-dir", "s"], "already holds 2 PNG image(s)"),
         (&["--out-dir", "small.toml"], "small.toml"),
     ] {
         let out = sample(args);

@@ -110,6 +110,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         launch,
     } = options;
     config.validate()?;
+    config.check_run_resources()?;
     let mut device = crate::device::resolve(&config.train.device)?;
     if let Some(launch) = &launch {
         check_divides(&config, launch.world)?;
@@ -135,7 +136,10 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         config.train.steps = (epochs * dataset.len() as u64)
             .div_ceil(config.train.batch as u64)
             .max(1);
-        let resumed_steps = resume.as_ref().map(|c| c.sidecar.config.train.steps);
+        let resumed_steps = resume
+            .as_ref()
+            .filter(|_| leader)
+            .map(|c| c.sidecar.config.train.steps);
         if let Some(before) = resumed_steps.filter(|&s| s != config.train.steps) {
             crate::say!(
                 "changed on resume: train.steps: {before} → {} ({epochs} epoch{} of {} images)",
@@ -259,7 +263,8 @@ fn run_loop(
     };
     let checkpoints = run_dir.join("checkpoints");
     // The step whose state is on disk already (or the untrained start).
-    let saved_step = Cell::new(trainer.step);
+    let on_disk = |step| checkpoint::sidecar_path(&checkpoints, step).is_file();
+    let saved_step = Cell::new(Some(trainer.step).filter(|&step| leader && on_disk(step)));
     let save = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
         if !leader {
             return Ok(None);
@@ -271,7 +276,7 @@ fn run_loop(
             position,
             &config,
         )?;
-        saved_step.set(trainer.step);
+        saved_step.set(Some(trainer.step));
         Ok(Some(path))
     };
     // A failure that leaves the weights as they were after the last step (unreadable data, a
@@ -283,7 +288,7 @@ fn run_loop(
             if !leader || step == 0 {
                 return e;
             }
-            if step == saved_step.get() {
+            if saved_step.get() == Some(step) {
                 return e.context(format!(
                     "training stopped at step {step}; its checkpoint {} is saved",
                     checkpoint::sidecar_path(&checkpoints, step).display()
@@ -296,8 +301,8 @@ fn run_loop(
                 )),
                 Err(save_error) => {
                     let newest = match saved_step.get() {
-                        0 => String::new(),
-                        saved => format!(
+                        None => String::new(),
+                        Some(saved) => format!(
                             "; the newest is {}",
                             checkpoint::sidecar_path(&checkpoints, saved).display()
                         ),
@@ -315,7 +320,7 @@ fn run_loop(
                             monitor: &mut Monitor|
      -> Result<RunSummary> {
         let step = trainer.step;
-        let path = match step == saved_step.get() && leader {
+        let path = match saved_step.get() == Some(step) {
             true => Some(checkpoint::sidecar_path(&checkpoints, step)),
             false => save(trainer, position)?,
         };
@@ -409,7 +414,7 @@ fn run_loop(
                 let mut position = loader.position();
                 if leader {
                     position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
-                    saved_step.set(trainer.step);
+                    saved_step.set(Some(trainer.step));
                 }
                 position = trainer.sync_from_leader(position)?;
                 loader = Loader::new(dataset.clone(), position, loader_options);
@@ -429,10 +434,16 @@ fn run_loop(
             save(trainer, position)?;
             window = Window::new();
         }
+        if interrupted_alone(trainer) {
+            return stop_interrupted(trainer, position, &mut monitor);
+        }
         if config.sample.every > 0 && step.is_multiple_of(config.sample.every) && step < stop {
             write_samples(trainer, run_dir, grid_seed, &monitor)
                 .map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
+        }
+        if interrupted_alone(trainer) {
+            return stop_interrupted(trainer, position, &mut monitor);
         }
         if let Some(fid) = training_fid
             .as_ref()
@@ -448,7 +459,23 @@ fn run_loop(
     }
     let final_checkpoint = save(trainer, loader.position())?;
     if interrupted_alone(trainer) {
-        return stop_interrupted(trainer, loader.position(), &mut monitor);
+        if trainer.step < config.train.steps {
+            return stop_interrupted(trainer, loader.position(), &mut monitor);
+        }
+        // Every step is done: only the final grid is skipped.
+        monitor.finish();
+        crate::say!(
+            "interrupted before the final grid: all {} steps are done; `ddpm sample --checkpoint {}` makes samples",
+            trainer.step,
+            run_dir.display()
+        );
+        return Ok(RunSummary {
+            final_checkpoint,
+            final_grid: None,
+            steps: trainer.step,
+            seconds: monitor.seconds(),
+            interrupted: true,
+        });
     }
     let final_grid = match leader {
         true => Some(
