@@ -468,7 +468,7 @@ pub fn model_summary(
     config_file: Option<&Path>,
     checkpoint: Option<&Path>,
 ) -> Result<String> {
-    let checkpoint = checkpoint.map(Checkpoint::load).transpose()?;
+    let checkpoint = checkpoint.map(open_checkpoint).transpose()?;
     let config = resolve_config(
         preset,
         config_file,

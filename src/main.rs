@@ -132,7 +132,8 @@ enum Command {
         preset: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
-        /// A checkpoint (its .json or .safetensors) or a run directory: the network it holds
+        /// A checkpoint (its .json or .safetensors), a run directory or a diffusers pipeline
+        /// folder: the network it holds
         #[arg(long, conflicts_with_all = ["preset", "config"])]
         checkpoint: Option<PathBuf>,
     },

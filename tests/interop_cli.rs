@@ -42,6 +42,14 @@ fn import_sample_and_export_a_diffusers_pipeline() {
 
     let out = ddpm(&["import", "--from", fixture, "--out", "run"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
+    // The folder and its import describe the same network.
+    let summary = |from: &str| {
+        let out = ddpm(&["model", "--checkpoint", from], dir.path());
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        text[text.find("preset:").unwrap()..].to_string()
+    };
+    assert_eq!(summary(fixture), summary("run"));
     assert!(
         dir.path().join("run/config.toml").exists()
             && dir
