@@ -325,8 +325,14 @@ fn run_loop(
             false => save(trainer, position)?,
         };
         monitor.finish();
-        if let Some(path) = &path {
-            crate::say!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display());
+        match &path {
+            // Every step is done: only the final grid is skipped.
+            Some(_) if step >= config.train.steps => crate::say!(
+                "interrupted before the final grid: all {step} steps are done; `ddpm sample --checkpoint {}` makes samples",
+                run_dir.display()
+            ),
+            Some(path) => crate::say!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display()),
+            None => {}
         }
         Ok(RunSummary {
             final_checkpoint: path,
@@ -459,23 +465,7 @@ fn run_loop(
     }
     let final_checkpoint = save(trainer, loader.position())?;
     if interrupted_alone(trainer) {
-        if trainer.step < config.train.steps {
-            return stop_interrupted(trainer, loader.position(), &mut monitor);
-        }
-        // Every step is done: only the final grid is skipped.
-        monitor.finish();
-        crate::say!(
-            "interrupted before the final grid: all {} steps are done; `ddpm sample --checkpoint {}` makes samples",
-            trainer.step,
-            run_dir.display()
-        );
-        return Ok(RunSummary {
-            final_checkpoint,
-            final_grid: None,
-            steps: trainer.step,
-            seconds: monitor.seconds(),
-            interrupted: true,
-        });
+        return stop_interrupted(trainer, loader.position(), &mut monitor);
     }
     let final_grid = match leader {
         true => Some(
