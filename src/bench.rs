@@ -110,8 +110,9 @@ pub fn sampling(
         0,
         device,
         batch,
+        None,
         |_, _| {},
-    );
+    )?;
     synchronize(device);
     reset_peak(device)?;
     let started = Instant::now();
@@ -122,8 +123,9 @@ pub fn sampling(
         0,
         device,
         batch,
+        None,
         |_, _| {},
-    );
+    )?;
     let _ = images.sum(Kind::Float).double_value(&[]);
     synchronize(device);
     let seconds = started.elapsed().as_secs_f64();

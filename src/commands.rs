@@ -77,7 +77,9 @@ pub fn train(args: TrainArgs) -> Result<bool> {
             }
         }
     }
-    let interrupt = install_signal_handlers(&run_dir)?;
+    let launch = crate::distributed::Launch::from_env()?;
+    let interrupt =
+        install_signal_handlers(&run_dir, launch.as_ref().is_some_and(|l| l.world > 1))?;
     let summary = train::run(RunOptions {
         config,
         run_dir,
@@ -86,7 +88,7 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         epochs: args.overrides.epochs,
         stop_at: args.stop_at,
         interrupt: Some(interrupt),
-        launch: crate::distributed::Launch::from_env()?,
+        launch,
     })?;
     if let Some(checkpoint) = summary.final_checkpoint.filter(|_| !summary.interrupted) {
         let plural = if summary.steps == 1 { "" } else { "s" };
@@ -220,9 +222,10 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
 }
 
 /// The first SIGINT or SIGTERM sets the returned flag, asking the run to stop after its current
-/// step with a checkpoint, and says so at once (a step, or a grid, may take a while); a second
-/// SIGINT quits at once, saying what stays in `run_dir`.
-fn install_signal_handlers(run_dir: &Path) -> Result<Arc<AtomicBool>> {
+/// step with a checkpoint (`ranks`: after the next logged step, where they agree), and says so
+/// at once (a step may take a while); a second SIGINT quits at once, saying what stays in
+/// `run_dir`.
+fn install_signal_handlers(run_dir: &Path, ranks: bool) -> Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));
     // Written from the handlers, which may only call async-signal-safe functions: the lines
@@ -231,7 +234,10 @@ fn install_signal_handlers(run_dir: &Path) -> Result<Arc<AtomicBool>> {
         let prefix = crate::distributed::message_prefix();
         Box::leak(format!("{prefix}{text}\n").into_boxed_str()).as_bytes()
     };
-    let stopping = "stopping after this step (or the grid or FID under way) with a checkpoint; Ctrl-C again quits without one";
+    let stopping = match ranks {
+        true => "all ranks stop after the next logged step (train.log_every), with a checkpoint; Ctrl-C again quits without one",
+        false => "stopping after this step with a checkpoint (a grid or FID measurement under way is abandoned); Ctrl-C again quits without one",
+    };
     let on_sigint = line(format!("interrupt: {stopping}"));
     let on_sigterm = line(format!("SIGTERM: {stopping}"));
     let quitting = line(format!(
@@ -379,12 +385,13 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         args.seed,
         device,
         args.batch,
+        None,
         |done, x| {
             if args.animation.is_some() && (done % every == 0 || done == total_steps) {
                 frames.push(crate::monitor::grid_image(&x.clamp(-1.0, 1.0)));
             }
         },
-    );
+    )?;
     crate::say!(
         "sampled {} images in {:.1} s ({}, {} weights, step {})",
         args.num,
@@ -565,8 +572,9 @@ pub fn fid(args: FidArgs) -> Result<()> {
         &real,
         args.batch,
         &eval::statistics_cache_dir()?,
+        None,
     )?;
-    let fake_statistics = inception.statistics(&fake, args.batch, "fake")?;
+    let fake_statistics = inception.statistics(&fake, args.batch, "fake", None)?;
     let score = eval::frechet_distance(&real_statistics, &fake_statistics)?;
     crate::say!(
         "FID of {count} generated images against {} real ones: {score}",
@@ -614,8 +622,9 @@ fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
         args.seed,
         device,
         args.batch,
+        None,
         |_, _| {},
-    );
+    )?;
     crate::say!(
         "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
         started.elapsed().as_secs_f64(),

@@ -11,6 +11,7 @@
 use std::fs;
 use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -157,12 +158,14 @@ impl Inception {
     }
 
     /// Mean and covariance of the features of u8 images [N, C, H, W], `batch` images per
-    /// forward pass; `what` names the set in the progress display and the timing line.
+    /// forward pass; `what` names the set in the progress display and the timing line. Once
+    /// `stop` is set, it ends after the batch under way with [`crate::Interrupted`].
     pub fn statistics(
         &self,
         images: &impl ImageBatches,
         batch: usize,
         what: &str,
+        stop: Option<&AtomicBool>,
     ) -> Result<Statistics> {
         let n = images.count();
         let batch = batch.max(1);
@@ -172,6 +175,10 @@ impl Inception {
         // Without a terminal for the bar, a line every half minute says how far it got.
         let mut next_line = started + LOG_INTERVAL;
         for start in (0..n).step_by(batch) {
+            if let Err(interrupted) = crate::check_stop(stop) {
+                progress.finish_and_clear();
+                return Err(interrupted.into());
+            }
             let features = self.features(&images.batch(start, batch.min(n - start))?)?;
             moments
                 .get_or_insert_with(|| Moments::around(&features))
@@ -426,12 +433,13 @@ impl ImageBatches for crate::data::Dataset {
 }
 
 /// Statistics of real images: reused from `dir` when these exact pixels were scored before,
-/// else computed and stored there (a failure to store is only a warning).
+/// else computed (until `stop` is set) and stored there (a failure to store is only a warning).
 pub fn cached_statistics(
     inception: &Inception,
     images: &impl ImageBatches,
     batch: usize,
     dir: &Path,
+    stop: Option<&AtomicBool>,
 ) -> Result<Statistics> {
     let path = dir.join(format!("{}.safetensors", statistics_key(images)?));
     if path.is_file() {
@@ -443,7 +451,7 @@ pub fn cached_statistics(
             Err(e) => crate::say!("warning: computing the real statistics again: {e:#}"),
         }
     }
-    let statistics = inception.statistics(images, batch, "real")?;
+    let statistics = inception.statistics(images, batch, "real", stop)?;
     match statistics.save(&path) {
         Ok(()) => crate::say!("real: statistics cached in {}", path.display()),
         Err(e) => crate::say!("warning: real statistics not cached: {e:#}"),

@@ -18,6 +18,20 @@ macro_rules! say {
     }};
 }
 
+/// The error of long work (sampling, Inception features) abandoned because a stop was asked
+/// for: callers tell it apart from a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
+/// Fails with [`Interrupted`] once `stop` (set by a signal handler) is set; `None` never stops.
+pub fn check_stop(stop: Option<&std::sync::atomic::AtomicBool>) -> Result<(), Interrupted> {
+    match stop.is_some_and(|flag| flag.load(std::sync::atomic::Ordering::SeqCst)) {
+        true => Err(Interrupted),
+        false => Ok(()),
+    }
+}
+
 pub mod bench;
 pub mod checkpoint;
 pub mod commands;

@@ -1,11 +1,14 @@
 //! Samplers: DDPM ancestral sampling over all T steps and DDIM over any subsequence, both
 //! deterministic for a given seed.
+use std::sync::atomic::AtomicBool;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DdpmVariance, Prediction, SampleConfig, SamplerKind};
 use crate::model::UNet;
 use crate::objective::to_eps_and_x0;
 use crate::schedule::NoiseSchedule;
+use crate::{check_stop, Interrupted};
 
 /// A trained network with what sampling needs to interpret its output.
 pub struct Denoiser<'a> {
@@ -52,7 +55,9 @@ pub fn ddim_step(
 
 /// Generates images [n, C, H, W] in [−1, 1]. `on_step(steps_done, x)` sees the first batch's
 /// x_T, then x after each denoising step (for trajectories); the result is the same for the same
-/// seed, batch and settings.
+/// seed, batch and settings. Once `stop` is set, sampling ends at the next step with
+/// [`Interrupted`].
+#[allow(clippy::too_many_arguments)]
 pub fn sample(
     denoiser: &Denoiser,
     settings: &SampleConfig,
@@ -60,8 +65,9 @@ pub fn sample(
     seed: u64,
     device: Device,
     batch: usize,
+    stop: Option<&AtomicBool>,
     mut on_step: impl FnMut(usize, &Tensor),
-) -> Tensor {
+) -> Result<Tensor, Interrupted> {
     let _guard = tch::no_grad_guard();
     let [n, c, h, w] = shape;
     let mut outputs = Vec::new();
@@ -79,8 +85,9 @@ pub fn sample(
                 on_step(steps_done, x);
             }
             steps_done += 1;
+            check_stop(stop)
         };
-        report(&x);
+        report(&x)?;
         match settings.sampler {
             SamplerKind::Ddpm => {
                 let s = denoiser.schedule;
@@ -96,7 +103,7 @@ pub fn sample(
                     } else {
                         mean
                     };
-                    report(&x);
+                    report(&x)?;
                 }
             }
             SamplerKind::Ddim => {
@@ -116,14 +123,14 @@ pub fn sample(
                     } else {
                         next
                     };
-                    report(&x);
+                    report(&x)?;
                 }
             }
         }
         outputs.push(x.clamp(-1.0, 1.0));
         done += b;
     }
-    Tensor::cat(&outputs, 0)
+    Ok(Tensor::cat(&outputs, 0))
 }
 
 #[cfg(test)]
@@ -189,9 +196,39 @@ mod tests {
                 steps: 5,
                 ..config.sample.clone()
             };
-            let a = sample(&d, &settings, [3, 1, 28, 28], 7, Device::Cpu, 2, |_, _| {});
-            let b = sample(&d, &settings, [3, 1, 28, 28], 7, Device::Cpu, 2, |_, _| {});
-            let c = sample(&d, &settings, [3, 1, 28, 28], 8, Device::Cpu, 2, |_, _| {});
+            let a = sample(
+                &d,
+                &settings,
+                [3, 1, 28, 28],
+                7,
+                Device::Cpu,
+                2,
+                None,
+                |_, _| {},
+            )
+            .unwrap();
+            let b = sample(
+                &d,
+                &settings,
+                [3, 1, 28, 28],
+                7,
+                Device::Cpu,
+                2,
+                None,
+                |_, _| {},
+            )
+            .unwrap();
+            let c = sample(
+                &d,
+                &settings,
+                [3, 1, 28, 28],
+                8,
+                Device::Cpu,
+                2,
+                None,
+                |_, _| {},
+            )
+            .unwrap();
             assert_eq!(a.size(), vec![3, 1, 28, 28]);
             assert!(a.equal(&b), "{sampler:?} eta={eta} not deterministic");
             assert!(
@@ -203,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn trajectory_reports_x_t_then_every_step() {
+    fn trajectory_reports_x_t_then_every_step_and_a_stop_ends_it() {
         let (vs, config) = tiny_denoiser();
         let model = UNet::new(&vs.root(), &config.model);
         let schedule = NoiseSchedule::from_config(&config.diffusion);
@@ -218,10 +255,37 @@ mod tests {
             ..config.sample.clone()
         };
         let mut seen = Vec::new();
-        let _ = sample(&d, &settings, [1, 1, 28, 28], 0, Device::Cpu, 1, |i, _| {
-            seen.push(i)
-        });
+        let _ = sample(
+            &d,
+            &settings,
+            [1, 1, 28, 28],
+            0,
+            Device::Cpu,
+            1,
+            None,
+            |i, _| seen.push(i),
+        );
         // x_T, then after each of the 4 steps.
         assert_eq!(seen, [0, 1, 2, 3, 4]);
+
+        // A stop asked for during step 2 ends sampling before step 3.
+        let (stop, mut seen) = (AtomicBool::new(false), Vec::new());
+        let stopped = sample(
+            &d,
+            &settings,
+            [1, 1, 28, 28],
+            0,
+            Device::Cpu,
+            1,
+            Some(&stop),
+            |i, _| {
+                seen.push(i);
+                if i == 2 {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            },
+        );
+        assert!(stopped.is_err());
+        assert_eq!(seen, [0, 1, 2]);
     }
 }

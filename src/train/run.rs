@@ -342,10 +342,11 @@ fn run_loop(
             interrupted: true,
         })
     };
-    // A single process stops as soon as a signal comes, also after a grid or FID measurement
+    // A single process stops as soon as a signal comes, also during a grid or FID measurement
     // (ranks only stop together, after a logged step).
     let interrupted_alone =
         |trainer: &Trainer| trainer.group().is_none() && interrupt.load(Ordering::SeqCst);
+    let abandon_on_signal = trainer.group().is_none().then_some(&*interrupt);
     if trainer.step == 0 && leader {
         // What the model learns from, next to what it makes.
         let first = data::Sampler::new(dataset.len(), tc.seed, position)
@@ -357,7 +358,12 @@ fn run_loop(
         )?;
     }
     let training_fid = match leader {
-        true => TrainingFid::prepare(&config, &dataset, trainer.device)?,
+        true => match TrainingFid::prepare(&config, &dataset, trainer.device, abandon_on_signal) {
+            Err(e) if e.is::<crate::Interrupted>() => {
+                return stop_interrupted(trainer, position, &mut monitor)
+            }
+            prepared => prepared?,
+        },
         false => None,
     };
     let mut window = Window::new();
@@ -443,24 +449,25 @@ fn run_loop(
         if interrupted_alone(trainer) {
             return stop_interrupted(trainer, position, &mut monitor);
         }
+        // A signal abandons a grid or FID measurement under way: its step is saved already.
         if config.sample.every > 0 && step.is_multiple_of(config.sample.every) && step < stop {
-            write_samples(trainer, run_dir, grid_seed, &monitor)
-                .map_err(|e| save_and_fail(trainer, position, e))?;
+            let grid = write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal);
+            if interrupted_alone(trainer) {
+                return stop_interrupted(trainer, position, &mut monitor);
+            }
+            grid.map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
-        }
-        if interrupted_alone(trainer) {
-            return stop_interrupted(trainer, position, &mut monitor);
         }
         if let Some(fid) = training_fid
             .as_ref()
             .filter(|_| step.is_multiple_of(config.fid.every))
         {
-            fid.measure(trainer, fid_seed, &mut monitor)
-                .map_err(|e| save_and_fail(trainer, position, e))?;
+            let measured = fid.measure(trainer, fid_seed, &mut monitor, abandon_on_signal);
+            if interrupted_alone(trainer) {
+                return stop_interrupted(trainer, position, &mut monitor);
+            }
+            measured.map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
-        }
-        if interrupted_alone(trainer) {
-            return stop_interrupted(trainer, position, &mut monitor);
         }
     }
     let final_checkpoint = save(trainer, loader.position())?;
@@ -468,10 +475,13 @@ fn run_loop(
         return stop_interrupted(trainer, loader.position(), &mut monitor);
     }
     let final_grid = match leader {
-        true => Some(
-            write_samples(trainer, run_dir, grid_seed, &monitor)
-                .map_err(|e| save_and_fail(trainer, loader.position(), e))?,
-        ),
+        true => {
+            let grid = write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal);
+            if interrupted_alone(trainer) {
+                return stop_interrupted(trainer, loader.position(), &mut monitor);
+            }
+            Some(grid.map_err(|e| save_and_fail(trainer, loader.position(), e))?)
+        }
         false => None,
     };
     monitor.finish();
@@ -526,7 +536,12 @@ struct TrainingFid {
 }
 
 impl TrainingFid {
-    fn prepare(config: &RunConfig, dataset: &Dataset, device: Device) -> Result<Option<Self>> {
+    fn prepare(
+        config: &RunConfig,
+        dataset: &Dataset,
+        device: Device,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Option<Self>> {
         use crate::eval;
         if config.fid.every == 0 {
             return Ok(None);
@@ -544,16 +559,26 @@ impl TrainingFid {
             dataset,
             config.fid.batch,
             &eval::statistics_cache_dir()?,
+            stop,
         )?;
         Ok(Some(TrainingFid { inception, real }))
     }
 
-    /// FID of `fid.num` EMA samples against the real data; recorded in the metrics.
-    fn measure(&self, trainer: &Trainer, seed: u64, monitor: &mut Monitor) -> Result<()> {
+    /// FID of `fid.num` EMA samples against the real data (until `stop` is set); recorded in
+    /// the metrics.
+    fn measure(
+        &self,
+        trainer: &Trainer,
+        seed: u64,
+        monitor: &mut Monitor,
+        stop: Option<&AtomicBool>,
+    ) -> Result<()> {
         let started = Instant::now();
         let fid = &trainer.config.fid;
-        let images = crate::eval::to_u8_images(&trainer.sample(true, fid.num, seed));
-        let statistics = self.inception.statistics(&images, fid.batch, "fake")?;
+        let images = crate::eval::to_u8_images(&trainer.sample(true, fid.num, seed, stop)?);
+        let statistics = self
+            .inception
+            .statistics(&images, fid.batch, "fake", stop)?;
         let score = crate::eval::frechet_distance(&self.real, &statistics)?;
         monitor.record_fid(
             trainer.step,
@@ -595,12 +620,14 @@ fn peak_memory_gib(device: Device) -> Result<Option<f64>> {
 
 /// Samples the run's fixed noise with the EMA and the raw weights and writes them side by side
 /// as `samples/step-N.png` and `samples/latest.png`; refreshes the training animation
-/// (`samples/training.gif`), the loss plot (`loss.png`) and `report.html`.
+/// (`samples/training.gif`), the loss plot (`loss.png`) and `report.html`. Abandoned, writing
+/// nothing, once `stop` is set.
 fn write_samples(
     trainer: &Trainer,
     run_dir: &Path,
     seed: u64,
     monitor: &Monitor,
+    stop: Option<&AtomicBool>,
 ) -> Result<PathBuf> {
     let started = Instant::now();
     let s = &trainer.config.sample;
@@ -613,8 +640,8 @@ fn write_samples(
         "sampling {} images ({}, {steps} steps) with EMA and raw weights at step {}…",
         s.num, s.sampler, trainer.step
     ));
-    let ema = crate::monitor::grid_image(&trainer.sample(true, s.num, seed));
-    let raw = crate::monitor::grid_image(&trainer.sample(false, s.num, seed));
+    let ema = crate::monitor::grid_image(&trainer.sample(true, s.num, seed, stop)?);
+    let raw = crate::monitor::grid_image(&trainer.sample(false, s.num, seed, stop)?);
     let samples = run_dir.join("samples");
     let path = samples.join(format!("step-{:08}.png", trainer.step));
     crate::monitor::save_png(

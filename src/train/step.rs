@@ -2,6 +2,8 @@
 //! the chosen precision over the micro-batches (eager or as a CUDA graph), gradients averaged
 //! over the ranks, clipped, fused AdamW with the LR schedule, EMA; and the state a checkpoint
 //! holds.
+use std::sync::atomic::AtomicBool;
+
 use anyhow::{bail, Context, Result};
 use sha2::Digest;
 use tch::nn::VarStore;
@@ -644,8 +646,14 @@ impl Trainer {
         Ok(())
     }
 
-    /// Samples with the EMA (default) or raw weights.
-    pub fn sample(&self, ema: bool, n: usize, seed: u64) -> Tensor {
+    /// Samples with the EMA or raw weights, until `stop` is set.
+    pub fn sample(
+        &self,
+        ema: bool,
+        n: usize,
+        seed: u64,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Tensor, crate::Interrupted> {
         let model = if ema { &self.ema_model } else { &self.model };
         let denoiser = Denoiser {
             model,
@@ -660,6 +668,7 @@ impl Trainer {
             seed,
             self.device,
             n.min(256),
+            stop,
             |_, _| {},
         )
     }
