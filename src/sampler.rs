@@ -18,13 +18,18 @@ pub struct Denoiser<'a> {
 }
 
 impl Denoiser<'_> {
-    /// (ε̂, x̂₀ clipped to [−1, 1]) at timestep t.
+    /// (ε̂, x̂₀) at timestep t, x̂₀ clipped to [−1, 1] and ε̂ the noise that x_t implies with that
+    /// x̂₀, so that a DDIM step at η = 1 is DDPM's posterior step also where clipping acts.
     fn predict(&self, x: &Tensor, t: usize) -> (Tensor, Tensor) {
         let ab = self.schedule.alphas_cumprod[t];
         let ts = Tensor::full([x.size()[0]], t as i64, (Kind::Int64, x.device()));
         let out = self.model.forward(x, &ts, false);
         let (eps, x0) = to_eps_and_x0(self.prediction, &out, x, ab.sqrt(), (1.0 - ab).sqrt());
-        (eps, x0.clamp(-1.0, 1.0))
+        let clipped = x0.clamp(-1.0, 1.0);
+        // (x_t − √ᾱ x̂₀_clipped)/√(1−ᾱ), written as a correction that is exactly 0 where
+        // nothing was clipped (dividing again would add rounding error at small t).
+        let eps = eps + (&x0 - &clipped) * (ab.sqrt() / (1.0 - ab).sqrt());
+        (eps, clipped)
     }
 }
 
@@ -236,6 +241,46 @@ mod tests {
                 "{sampler:?}: different seeds gave the same images"
             );
             assert!(a.max().double_value(&[]) <= 1.0 && a.min().double_value(&[]) >= -1.0);
+        }
+    }
+
+    #[test]
+    fn ddim_at_eta_one_over_all_steps_is_ddpm_with_the_posterior_variance() {
+        let _rng = crate::rng::exclusive();
+        let (vs, config) = tiny_denoiser();
+        let model = UNet::new(&vs.root(), &config.model);
+        let schedule = NoiseSchedule::from_config(&config.diffusion);
+        // An untrained network: x̂₀ falls outside [−1, 1] and is clipped at many steps.
+        for prediction in [Prediction::Epsilon, Prediction::X0, Prediction::V] {
+            let d = Denoiser {
+                model: &model,
+                schedule: &schedule,
+                prediction,
+            };
+            let run = |sampler, steps| {
+                let settings = SampleConfig {
+                    sampler,
+                    steps,
+                    eta: 1.0,
+                    ddpm_variance: DdpmVariance::Posterior,
+                    ..config.sample.clone()
+                };
+                sample(
+                    &d,
+                    &settings,
+                    [4, 1, 28, 28],
+                    3,
+                    Device::Cpu,
+                    4,
+                    None,
+                    |_, _| {},
+                )
+                .unwrap()
+            };
+            let ddpm = run(SamplerKind::Ddpm, 0);
+            let ddim = run(SamplerKind::Ddim, schedule.timesteps());
+            let gap = (ddpm - ddim).abs().max().double_value(&[]);
+            assert!(gap < 1e-4, "{prediction:?}: {gap}");
         }
     }
 
