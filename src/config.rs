@@ -675,10 +675,10 @@ impl RunConfig {
         }
         let m = &self.model;
         check(
-            m.channels >= 2 && m.channels % 2 == 0,
+            m.channels >= 4 && m.channels % 2 == 0,
             "model.channels",
             m.channels,
-            "an even number ≥ 2 (the time embedding is half sines, half cosines)",
+            "an even number ≥ 4 (the time embedding is half sines, half cosines, of at least two frequencies)",
         )?;
         check(
             !m.channel_mult.is_empty() && m.channel_mult.iter().all(|&c| c >= 1),
@@ -1192,6 +1192,8 @@ mod tests {
             ),
             ("train.batch", Box::new(|c| c.train.batch = 0)),
             ("model.channels", Box::new(|c| c.model.channels = 7)),
+            // One frequency: its exponent divides by zero and the network outputs NaN.
+            ("model.channels", Box::new(|c| c.model.channels = 2)),
             (
                 "model.image_size",
                 Box::new(|c| c.model.image_size = ImageSize::Square(30)),

@@ -11,17 +11,19 @@ pub use step::{load_for_sampling, StepOutput, Trainer};
 
 use crate::config::{LrSchedule, TrainConfig};
 
-/// Learning rate before optimizer step `step` (0-based): linear warm-up from lr/warmup to lr,
-/// then constant or cosine-annealed to `min_lr` at the run's last step.
+/// Learning rate of optimizer step `step` (0-based), by n = step + 1, the steps done with it:
+/// linear warm-up lr·n/warmup up to n = warmup, then constant, or cosine-annealed from lr to
+/// `min_lr`, which the run's last step (n = steps) reaches.
 pub fn learning_rate(config: &TrainConfig, step: u64) -> f64 {
-    if step < config.warmup_steps {
-        return config.lr * (step + 1) as f64 / config.warmup_steps as f64;
+    let n = step + 1;
+    if n <= config.warmup_steps {
+        return config.lr * n as f64 / config.warmup_steps as f64;
     }
     match config.lr_schedule {
         LrSchedule::Constant => config.lr,
         LrSchedule::Cosine => {
             let span = config.steps.saturating_sub(config.warmup_steps).max(1) as f64;
-            let progress = ((step - config.warmup_steps) as f64 / span).min(1.0);
+            let progress = ((n - config.warmup_steps) as f64 / span).min(1.0);
             config.min_lr
                 + (config.lr - config.min_lr)
                     * 0.5
@@ -77,13 +79,16 @@ mod tests {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-15;
         assert!(close(learning_rate(&t, 0), 2e-6));
         assert!(close(learning_rate(&t, 49), 1e-4));
+        // The peak at the last warm-up step, then down from it.
         assert!(close(learning_rate(&t, 99), 2e-4));
-        assert!(close(learning_rate(&t, 100), 2e-4));
+        let first = 1e-5 + (2e-4 - 1e-5) * 0.5 * (1.0 + (std::f64::consts::PI / 1000.0).cos());
+        assert!(close(learning_rate(&t, 100), first));
         // Halfway through the cosine part: the midpoint of lr and min_lr.
-        assert!(close(learning_rate(&t, 600), (2e-4 + 1e-5) / 2.0));
-        assert!(close(learning_rate(&t, 1100), 1e-5));
+        assert!(close(learning_rate(&t, 599), (2e-4 + 1e-5) / 2.0));
+        // The last step (1100 of 1100) trains at min_lr.
+        assert!(close(learning_rate(&t, 1099), 1e-5));
         let q = 1e-5 + (2e-4 - 1e-5) * 0.5 * (1.0 + (std::f64::consts::PI * 0.25).cos());
-        assert!(close(learning_rate(&t, 350), q));
+        assert!(close(learning_rate(&t, 349), q));
         t.lr_schedule = LrSchedule::Constant;
         assert!(close(learning_rate(&t, 1000), 2e-4));
     }
