@@ -29,17 +29,27 @@ fn group_norm(vs: nn::Path, channels: i64) -> nn::GroupNorm {
 }
 
 fn conv(vs: nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64) -> nn::Conv2D {
-    nn::conv2d(
-        vs,
-        cin,
-        cout,
-        kernel,
-        nn::ConvConfig {
-            stride,
-            padding: kernel / 2,
-            ..Default::default()
-        },
-    )
+    nn::conv2d(vs, cin, cout, kernel, conv_config(kernel, stride))
+}
+
+fn conv_config(kernel: i64, stride: i64) -> nn::ConvConfig {
+    nn::ConvConfig {
+        stride,
+        padding: kernel / 2,
+        ..Default::default()
+    }
+}
+
+/// A convolution whose weights and bias start at zero, as the last layer of each residual
+/// branch and of the network are in Ho et al.'s UNet: every block starts as the identity and the
+/// output at 0, which keeps the first steps of training stable.
+fn zero_conv(vs: nn::Path, cin: i64, cout: i64, kernel: i64) -> nn::Conv2D {
+    let config = nn::ConvConfig {
+        ws_init: nn::Init::Const(0.0),
+        bs_init: nn::Init::Const(0.0),
+        ..conv_config(kernel, 1)
+    };
+    nn::conv2d(vs, cin, cout, kernel, config)
 }
 
 /// SiLU(GroupNorm(x)): with `fused`, one kernel each way where it applies (a contiguous f32 or
@@ -86,7 +96,7 @@ impl ResBlock {
             conv1: conv(&vs / "conv1", cin, cout, 3, 1),
             temb_proj: nn::linear(&vs / "temb_proj", temb_ch, cout, Default::default()),
             norm2: group_norm(&vs / "norm2", cout),
-            conv2: conv(&vs / "conv2", cout, cout, 3, 1),
+            conv2: zero_conv(&vs / "conv2", cout, cout, 3),
             nin_shortcut: (cin != cout).then(|| conv(&vs / "nin_shortcut", cin, cout, 1, 1)),
             dropout,
         }
@@ -121,7 +131,7 @@ impl AttnBlock {
             q: conv(&vs / "q", ch, ch, 1, 1),
             k: conv(&vs / "k", ch, ch, 1, 1),
             v: conv(&vs / "v", ch, ch, 1, 1),
-            proj_out: conv(&vs / "proj_out", ch, ch, 1, 1),
+            proj_out: zero_conv(&vs / "proj_out", ch, ch, 1),
         }
     }
 
@@ -274,7 +284,7 @@ impl UNet {
         }
 
         let norm_out = group_norm(vs / "norm_out", block_in);
-        let conv_out = conv(vs / "conv_out", block_in, config.in_channels, 3, 1);
+        let conv_out = zero_conv(vs / "conv_out", block_in, config.in_channels, 3);
         UNet {
             config: config.clone(),
             temb_dense,
@@ -444,6 +454,33 @@ mod tests {
             let y = net.forward(&x, &Tensor::from_slice(&[0i64, 999]), false);
             assert_eq!(y.size(), x.size(), "size {size}");
         }
+    }
+
+    #[test]
+    fn a_new_network_starts_with_identity_blocks_and_zero_output() {
+        let _guard = tch::no_grad_guard();
+        let config = RunConfig::preset("mnist").unwrap().model;
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = UNet::new(&vs.root(), &config);
+        let last_of_branch = |name: &str| {
+            name.contains("conv2.") || name.contains("proj_out.") || name.starts_with("conv_out.")
+        };
+        let mut zeroed = 0;
+        for (name, t) in vs.variables() {
+            let is_zero = t.abs().max().double_value(&[]) == 0.0;
+            if last_of_branch(&name) {
+                assert!(is_zero, "{name} starts nonzero");
+                zeroed += 1;
+            } else if name.ends_with("weight") && t.dim() == 4 {
+                assert!(!is_zero, "{name} starts at zero");
+            }
+        }
+        // Weight and bias of: 2 blocks per level down, 3 up (3 levels), 2 mid; attention at
+        // 14×14 on level 1 (2 down, 3 up) and mid; conv_out.
+        assert_eq!(zeroed, 2 * ((2 * 3 + 3 * 3 + 2) + (2 + 3 + 1) + 1));
+        let x = Tensor::randn([2, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let y = net.forward(&x, &Tensor::from_slice(&[3i64, 700]), false);
+        assert_eq!(y.abs().max().double_value(&[]), 0.0);
     }
 
     #[test]
