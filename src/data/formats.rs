@@ -312,6 +312,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut seen = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     let mut links = Vec::new();
+    let real_root = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     loop {
         let Some(d) = stack.pop() else {
             if links.is_empty() {
@@ -323,8 +324,18 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         };
         let root = d == dir;
         // A folder reached twice (a symbolic link to a parent, or two links to one place)
-        // would repeat its images.
-        if !seen.insert(fs::canonicalize(&d).unwrap_or_else(|_| d.clone())) {
+        // would repeat its images; a link to a folder above the data folder would bring in
+        // everything beside it.
+        let real = fs::canonicalize(&d).unwrap_or_else(|_| d.clone());
+        if !root && real_root.starts_with(&real) {
+            crate::say!(
+                "warning: skipping {}: a link to {}, which holds the data folder",
+                d.display(),
+                real.display()
+            );
+            continue;
+        }
+        if !seen.insert(real) {
             crate::say!(
                 "warning: skipping {}: a link to a folder already read",
                 d.display()

@@ -884,7 +884,7 @@ mod tests {
     #[test]
     fn folder_scan_skips_link_loops_and_run_directories() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
+        let root = &dir.path().join("data");
         let png = |path: &Path| {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             image::GrayImage::new(4, 4).save(path).unwrap();
@@ -893,6 +893,9 @@ mod tests {
         png(&root.join("nested/b.png"));
         // A link back to the root: followed once, it would repeat every image.
         std::os::unix::fs::symlink(root, root.join("nested/loop")).unwrap();
+        // A link above the root: it would bring in the images beside the data folder.
+        png(&dir.path().join("outside/o.png"));
+        std::os::unix::fs::symlink(dir.path(), root.join("nested/up")).unwrap();
         // A link to a real folder, listed under the folder's own path whichever comes first.
         png(&root.join("zz/c.png"));
         std::os::unix::fs::symlink(root.join("zz"), root.join("aa-link")).unwrap();
