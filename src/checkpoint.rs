@@ -166,7 +166,12 @@ pub fn save(
     };
     let path = sidecar_path(dir, step);
     write_atomic(&path, serde_json::to_string_pretty(&sidecar)?.as_bytes())?;
-    prune(dir, config.checkpoint.keep, config.checkpoint.pin_every)?;
+    prune(
+        dir,
+        step,
+        config.checkpoint.keep,
+        config.checkpoint.pin_every,
+    )?;
     Ok(path)
 }
 
@@ -189,20 +194,26 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// A checkpoint is pinned by `pin_every` or by a `step-N.keep` file beside it.
-fn is_pinned(sidecar: &Path, pin_every: u64) -> bool {
-    let step = sidecar
+/// The step in a sidecar's name (`step-N.json`).
+fn step_of(sidecar: &Path) -> Option<u64> {
+    sidecar
         .file_stem()
         .and_then(|s| s.to_str())
         .and_then(|s| s.strip_prefix("step-"))
-        .and_then(|s| s.parse::<u64>().ok());
-    let by_interval = matches!(step, Some(s) if pin_every > 0 && s % pin_every == 0);
+        .and_then(|s| s.parse::<u64>().ok())
+}
+
+/// A checkpoint is pinned by `pin_every` or by a `step-N.keep` file beside it.
+fn is_pinned(sidecar: &Path, pin_every: u64) -> bool {
+    let by_interval = matches!(step_of(sidecar), Some(s) if pin_every > 0 && s % pin_every == 0);
     by_interval || sidecar.with_extension("keep").exists()
 }
 
-/// Removes all but the newest `keep` unpinned checkpoints, and the temporary files of writes
-/// that a killed process left behind.
-fn prune(dir: &Path, keep: usize, pin_every: u64) -> Result<()> {
+/// Removes all but the newest `keep` unpinned checkpoints up to `step` (the one just written),
+/// and the temporary files of writes that a killed process left behind. Later checkpoints are
+/// ones a resume passed over as damaged: they neither count nor go (a save of their step
+/// replaces them), so that they can never push out the checkpoints that are good.
+fn prune(dir: &Path, step: u64, keep: usize, pin_every: u64) -> Result<()> {
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -219,7 +230,7 @@ fn prune(dir: &Path, keep: usize, pin_every: u64) -> Result<()> {
     }
     let unpinned: Vec<PathBuf> = list(dir)?
         .into_iter()
-        .filter(|p| !is_pinned(p, pin_every))
+        .filter(|p| !is_pinned(p, pin_every) && step_of(p).is_some_and(|s| s <= step))
         .collect();
     for old in &unpinned[..unpinned.len().saturating_sub(keep)] {
         if let Ok(sidecar) = read_sidecar(old) {
@@ -431,6 +442,23 @@ mod tests {
         for gone in ["step-00000001.safetensors", "step-00000003.safetensors"] {
             assert!(!dir.path().join(gone).exists(), "{gone}");
         }
+        // A save of an earlier step (a resume that passed over damaged later checkpoints) keeps
+        // the newest up to its step; the later ones do not count, and stay.
+        config.checkpoint.keep = 1;
+        save(
+            dir.path(),
+            &sample_tensors(),
+            4,
+            Position::default(),
+            &config,
+        )
+        .unwrap();
+        let steps: Vec<u64> = list(dir.path())
+            .unwrap()
+            .iter()
+            .filter_map(|p| step_of(p))
+            .collect();
+        assert_eq!(steps, [2, 4, 5, 6, 7]);
         // Truncate the newest weights file: loading the folder falls back to the previous one.
         let newest = dir.path().join("step-00000007.safetensors");
         let bytes = fs::read(&newest).unwrap();
