@@ -137,6 +137,55 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// The file a trainer holds locked in its run directory, holding its process id.
+pub const LOCK_FILE: &str = ".lock";
+
+/// One trainer per run directory: a second one (a job started twice, a restart while the first
+/// still runs) would interleave its checkpoints and metrics with the first's.
+pub fn lock_run_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::io::Write;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            write!(file, "{}", std::process::id())?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "run directory {} is in use by another ddpm process (pid {}): wait for it to end, or stop it",
+            dir.display(),
+            std::fs::read_to_string(&path).unwrap_or_default().trim()
+        ),
+        // Some cluster filesystems have no file locks: train unguarded rather than not at all.
+        Err(std::fs::TryLockError::Error(e)) => {
+            crate::say!("warning: cannot lock {} ({e}); nothing stops a second trainer on this run directory", path.display());
+            Ok(file)
+        }
+    }
+}
+
+/// The process id of the trainer that holds `run_dir` now, if one does.
+pub fn training_process(run_dir: &Path) -> Option<String> {
+    let path = run_dir.join(LOCK_FILE);
+    let file = fs::File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Err(std::fs::TryLockError::WouldBlock) => Some(
+            fs::read_to_string(&path)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    }
+}
+
 /// Saves a checkpoint into `dir` and removes all but the newest `checkpoint.keep` that are not
 /// pinned.
 pub fn save(
@@ -194,6 +243,27 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// Weights files `step-N.safetensors` in `dir` without their sidecar: saves killed before they
+/// finished.
+fn unfinished_saves(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            name.to_string_lossy()
+                .strip_prefix("step-")
+                .and_then(|n| n.strip_suffix(".safetensors"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|step| !sidecar_path(dir, step).exists())
+        })
+        .map(|entry| entry.path())
+        .collect();
+    found.sort();
+    found
+}
+
 /// The step in a sidecar's name (`step-N.json`).
 fn step_of(sidecar: &Path) -> Option<u64> {
     sidecar
@@ -214,19 +284,17 @@ fn is_pinned(sidecar: &Path, pin_every: u64) -> bool {
 /// ones a resume passed over as damaged: they neither count nor go (a save of their step
 /// replaces them), so that they can never push out the checkpoints that are good.
 fn prune(dir: &Path, step: u64, keep: usize, pin_every: u64) -> Result<()> {
+    // Leftovers of a save that was killed: a temporary file, or weights whose sidecar was never
+    // written (no checkpoint without it).
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        // Leftovers of a save that was killed: a temporary file, or weights whose sidecar was
-        // never written (no checkpoint without it).
-        let orphan_weights = name
-            .strip_prefix("step-")
-            .and_then(|n| n.strip_suffix(".safetensors"))
-            .and_then(|n| n.parse::<u64>().ok())
-            .is_some_and(|step| !sidecar_path(dir, step).exists());
-        if (name.starts_with(".step-") && name.ends_with(".tmp")) || orphan_weights {
+        if name.starts_with(".step-") && name.ends_with(".tmp") {
             let _ = fs::remove_file(entry.path());
         }
+    }
+    for weights in unfinished_saves(dir) {
+        let _ = fs::remove_file(weights);
     }
     let unpinned: Vec<PathBuf> = list(dir)?
         .into_iter()
@@ -287,15 +355,27 @@ impl Checkpoint {
                     true => dir.parent().unwrap_or(&dir),
                     false => &dir,
                 };
+                if let Some(pid) = training_process(run) {
+                    bail!("no checkpoint found in {}: the run is still training (pid {pid}) and has not written its first one yet", dir.display());
+                }
+                let unfinished = unfinished_saves(&dir);
+                let unfinished = match unfinished.first() {
+                    None => String::new(),
+                    Some(first) => format!(
+                        " ({} weights file(s) without their .json sidecar, e.g. {}: saves that never finished, which cannot be resumed and which a new run replaces)",
+                        unfinished.len(),
+                        first.display()
+                    ),
+                };
                 match run.join("config.toml").is_file() {
                     // A run stopped before its first checkpoint: its configuration restarts it.
                     true => bail!(
-                        "no checkpoint found in {}: the run stopped before its first one; start it again with `ddpm train --config {} --out {}`",
+                        "no checkpoint found in {}{unfinished}: the run stopped before its first one; start it again with `ddpm train --config {} --out {}`",
                         dir.display(),
                         run.join("config.toml").display(),
                         run.display()
                     ),
-                    false => bail!("no checkpoint found in {}", dir.display()),
+                    false => bail!("no checkpoint found in {}{unfinished}", dir.display()),
                 }
             }
             for candidate in candidates.iter().rev() {

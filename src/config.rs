@@ -725,7 +725,13 @@ impl RunConfig {
             )?;
         }
         let d = &self.diffusion;
-        check(d.timesteps >= 2, "diffusion.timesteps", d.timesteps, "≥ 2")?;
+        // The schedule tables hold a few f64 per step; 10⁵ covers every published T by far.
+        check(
+            (2..=100_000).contains(&d.timesteps),
+            "diffusion.timesteps",
+            d.timesteps,
+            "in [2, 100000]",
+        )?;
         check(
             d.beta_start > 0.0 && d.beta_start < 1.0,
             "diffusion.beta_start",
@@ -1189,6 +1195,10 @@ mod tests {
             (
                 "diffusion.timesteps",
                 Box::new(|c| c.diffusion.timesteps = 1),
+            ),
+            (
+                "diffusion.timesteps",
+                Box::new(|c| c.diffusion.timesteps = 10_000_000_000),
             ),
             ("train.batch", Box::new(|c| c.train.batch = 0)),
             ("model.channels", Box::new(|c| c.model.channels = 7)),

@@ -198,6 +198,16 @@ fn sigint_finishes_the_step_writes_a_checkpoint_and_exits() {
         .find(|l| l.starts_with("interrupted after step"))
         .expect("an interruption message");
     assert!(message.contains("--resume"), "{message}");
+    // The step it stopped after is logged (log_every = 1), so a resume keeps its line.
+    let step: u64 = message["interrupted after step ".len()..]
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], step, "{metrics}");
     let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("run/checkpoints"))
         .unwrap()
         .flatten()
@@ -608,8 +618,10 @@ fn a_grid_that_cannot_be_written_stops_the_run_with_a_checkpoint_of_its_step() {
         let dir = tempfile::tempdir().unwrap();
         let config = format!("[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\nevery = 2\n[checkpoint]\nevery = {checkpoint_every}\n");
         std::fs::write(dir.path().join("small.toml"), config).unwrap();
-        // A folder where the step-2 grid goes: the grid cannot be written there.
+        // A folder where the step-2 grid goes, left in the run directory of an earlier start
+        // (its lock file marks it as one): the grid cannot be written there.
         std::fs::create_dir_all(dir.path().join("r/samples/step-00000002.png")).unwrap();
+        std::fs::write(dir.path().join("r/.lock"), "").unwrap();
         let args = [
             "train",
             "--config",

@@ -44,13 +44,39 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
-/// A new run never takes over a directory that holds checkpoints.
+/// A new run never takes over a directory that holds checkpoints, nor a folder of other files
+/// (it would overwrite any of them named like its own, and its outputs would mix with them).
 fn check_run_dir(dir: &Path, resuming: bool) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {} is a file, not a run directory", dir.display());
     }
-    if !resuming && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
+    if resuming {
+        return Ok(());
+    }
+    if !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
         bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
+    }
+    // Every run takes its directory's lock file first: without one, the files are not a run's.
+    if dir.is_dir() && !dir.join(checkpoint::LOCK_FILE).exists() {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !names.is_empty() {
+            names.sort();
+            let more = names.len().saturating_sub(3);
+            names.truncate(3);
+            let more = match more {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            bail!(
+                "--out {} already holds files that are not a ddpm run's ({}{more}): choose a new or empty folder",
+                dir.display(),
+                names.join(", ")
+            );
+        }
     }
     Ok(())
 }
@@ -60,40 +86,9 @@ fn check_run_dir(dir: &Path, resuming: bool) -> Result<()> {
 fn prepare_run_dir(dir: &Path, config: &RunConfig) -> Result<std::fs::File> {
     std::fs::create_dir_all(dir.join("samples"))
         .with_context(|| format!("cannot create run directory {}", dir.display()))?;
-    let lock = lock_run_dir(dir)?;
+    let lock = checkpoint::lock_run_dir(dir)?;
     checkpoint::write_atomic(&dir.join("config.toml"), config.to_toml().as_bytes())?;
     Ok(lock)
-}
-
-/// One trainer per run directory: a second one (a job started twice, a restart while the first
-/// still runs) would interleave its checkpoints and metrics with the first's.
-fn lock_run_dir(dir: &Path) -> Result<std::fs::File> {
-    use std::io::Write;
-    let path = dir.join(".lock");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => {
-            file.set_len(0)?;
-            write!(file, "{}", std::process::id())?;
-            Ok(file)
-        }
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "run directory {} is in use by another ddpm process (pid {}): wait for it to end, or stop it",
-            dir.display(),
-            std::fs::read_to_string(&path).unwrap_or_default().trim()
-        ),
-        // Some cluster filesystems have no file locks: train unguarded rather than not at all.
-        Err(std::fs::TryLockError::Error(e)) => {
-            crate::say!("warning: cannot lock {} ({e}); nothing stops a second trainer on this run directory", path.display());
-            Ok(file)
-        }
-    }
 }
 
 /// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
@@ -133,9 +128,16 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         &LoadOptions::of(&config, strict_data),
     )?);
     if let Some(epochs) = epochs {
-        config.train.steps = (epochs * dataset.len() as u64)
-            .div_ceil(config.train.batch as u64)
-            .max(1);
+        let images = epochs
+            .checked_mul(dataset.len() as u64)
+            .filter(|&n| n <= i64::MAX as u64)
+            .with_context(|| {
+                format!(
+                    "--epochs {epochs} of {} images is more images than a run can count",
+                    dataset.len()
+                )
+            })?;
+        config.train.steps = images.div_ceil(config.train.batch as u64).max(1);
         let resumed_steps = resume
             .as_ref()
             .filter(|_| leader)
@@ -387,19 +389,17 @@ fn run_loop(
         let out = trainer.apply_gradients(loss)?;
         window.images += tc.batch;
         let step = trainer.step;
+        let logged = step.is_multiple_of(tc.log_every) || step == stop;
         let interrupted = match trainer.group() {
             // All ranks stop after the same step: they agree on logged steps, which keeps the
             // host-device round trip off the others.
-            Some(group) if step.is_multiple_of(tc.log_every) || step == stop => group
+            Some(group) if logged => group
                 .any(interrupt.load(Ordering::SeqCst))
                 .map_err(|e| save_and_fail(trainer, loader.position(), e))?,
             Some(_) => false,
             None => interrupt.load(Ordering::SeqCst),
         };
-        if interrupted {
-            return stop_interrupted(trainer, loader.position(), &mut monitor);
-        }
-        if step.is_multiple_of(tc.log_every) || step == stop {
+        if logged {
             let record = MetricsRecord {
                 step,
                 epoch: loader.position().epoch,
@@ -419,6 +419,12 @@ fn run_loop(
                 .record(&record)
                 .map_err(|e| save_and_fail(trainer, position, e))?;
             window = Window::new();
+        }
+        // After the step's metrics line, which a resume from its checkpoint keeps.
+        if interrupted {
+            return stop_interrupted(trainer, loader.position(), &mut monitor);
+        }
+        if logged {
             // Every rank sees the same averaged gradients, so all roll back together.
             let bad = trainer.consecutive_skipped_steps();
             if tc.max_bad_steps > 0 && bad >= tc.max_bad_steps {
@@ -771,6 +777,24 @@ mod tests {
             roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err()
         );
         assert!(err.contains("no checkpoint to roll back to"), "{err}");
+    }
+
+    #[test]
+    fn a_new_run_takes_only_an_empty_folder_or_a_run_directory_without_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        check_run_dir(&out, false).unwrap();
+        std::fs::create_dir(&out).unwrap();
+        check_run_dir(&out, false).unwrap();
+        std::fs::write(out.join("report.html"), "mine").unwrap();
+        let e = format!("{:#}", check_run_dir(&out, false).unwrap_err());
+        assert!(
+            e.contains("report.html") && e.contains("not a ddpm run"),
+            "{e}"
+        );
+        // An earlier start that wrote no checkpoint.
+        std::fs::write(out.join(checkpoint::LOCK_FILE), "").unwrap();
+        check_run_dir(&out, false).unwrap();
     }
 
     #[test]
