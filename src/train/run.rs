@@ -84,9 +84,12 @@ fn check_run_dir(dir: &Path, resuming: bool) -> Result<()> {
 /// Creates the run directory, takes it for this process (the returned lock, held while the
 /// file stays open) and records the configuration, once the run is sure to start.
 fn prepare_run_dir(dir: &Path, config: &RunConfig) -> Result<std::fs::File> {
-    std::fs::create_dir_all(dir.join("samples"))
+    // The lock file first: it is what marks the folder as a run directory to a restart.
+    std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create run directory {}", dir.display()))?;
     let lock = checkpoint::lock_run_dir(dir)?;
+    std::fs::create_dir_all(dir.join("samples"))
+        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
     checkpoint::write_atomic(&dir.join("config.toml"), config.to_toml().as_bytes())?;
     Ok(lock)
 }
