@@ -486,6 +486,13 @@ impl Monitor {
         Ok(())
     }
 
+    /// Moves the progress bar to `step`; its message (loss, LR, …) changes with each record.
+    pub fn step_done(&self, step: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+        }
+    }
+
     /// Appends an FID measurement to `metrics.jsonl` (the report's FID table reads it).
     pub fn record_fid(&mut self, step: u64, fid: f64, images: usize, seconds: f64) -> Result<()> {
         let line = serde_json::json!({ "step": step, "fid": fid, "fid_images": images, "fid_seconds": seconds, "wall_seconds": self.seconds() });

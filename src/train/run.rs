@@ -392,6 +392,7 @@ fn run_loop(
         let out = trainer.apply_gradients(loss)?;
         window.images += tc.batch;
         let step = trainer.step;
+        monitor.step_done(step);
         let logged = step.is_multiple_of(tc.log_every) || step == stop;
         let interrupted = match trainer.group() {
             // All ranks stop after the same step: they agree on logged steps, which keeps the
