@@ -183,15 +183,10 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             interrupted: false,
         });
     }
-    if leader && config.train.precision == crate::config::Precision::Fp16 && !device.is_cuda() {
-        crate::say!("note: fp16 on a CPU runs many times slower than f32 (no fp16 arithmetic there); use f32");
-    }
-    if leader && dataset.len() < config.train.batch {
-        crate::say!(
-            "note: the batch ({}) is larger than the dataset ({} images): every batch repeats images",
-            config.train.batch,
-            dataset.len()
-        );
+    if leader {
+        for note in setting_notes(&config, device, dataset.len(), stop_at) {
+            crate::say!("note: {note}");
+        }
     }
     let _lock = match leader {
         true => Some(prepare_run_dir(&run_dir, &config)?),
@@ -229,6 +224,49 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
 }
 
 /// The global batch must split evenly into ranks and each rank's share into micro-batches.
+/// Settings that work, but not as a user may think they do.
+fn setting_notes(
+    config: &RunConfig,
+    device: Device,
+    images: usize,
+    stop_at: Option<u64>,
+) -> Vec<String> {
+    use crate::config::{LrSchedule, Precision};
+    let tc = &config.train;
+    let mut notes = Vec::new();
+    if !device.is_cuda() {
+        match tc.precision {
+            Precision::Fp16 => notes.push("fp16 on a CPU runs many times slower than f32 (no fp16 arithmetic there); use f32".to_string()),
+            Precision::Bf16 | Precision::Bf16Pure => notes.push(format!("{} on a CPU without bf16 arithmetic runs slower than f32 (about 30% on the development CPU)", tc.precision.name())),
+            Precision::Tf32 => notes.push("tf32 changes CUDA matrix products only: on this device it trains as f32".to_string()),
+            Precision::F32 => {}
+        }
+        if tc.channels_last {
+            notes.push(
+                "train.channels_last is for GPUs: on a CPU it makes the step slower".to_string(),
+            );
+        }
+    }
+    if images < tc.batch {
+        notes.push(format!("the batch ({}) is larger than the dataset ({images} images): every batch repeats images", tc.batch));
+    }
+    if tc.warmup_steps > tc.steps {
+        notes.push(format!("the warm-up ({} steps) is longer than the run ({} steps): the learning rate never reaches train.lr", tc.warmup_steps, tc.steps));
+    }
+    if tc.lr_schedule == LrSchedule::Constant && tc.min_lr > 0.0 {
+        notes.push(
+            "train.min_lr applies to the cosine schedule only; this one is constant".to_string(),
+        );
+    }
+    if let Some(stop_at) = stop_at.filter(|&s| s > tc.steps) {
+        notes.push(format!(
+            "--stop-at {stop_at} is beyond the run's {} steps: it ends at step {}",
+            tc.steps, tc.steps
+        ));
+    }
+    notes
+}
+
 fn check_divides(config: &RunConfig, world: usize) -> Result<()> {
     let t = &config.train;
     if !t.batch.is_multiple_of(world * t.grad_accum) {
@@ -781,6 +819,29 @@ mod tests {
             roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err()
         );
         assert!(err.contains("no checkpoint to roll back to"), "{err}");
+    }
+
+    #[test]
+    fn surprising_settings_get_a_note_and_usual_ones_none() {
+        let mut c = tiny(8);
+        assert!(setting_notes(&c, Device::Cpu, 5000, None).is_empty());
+        c.train.precision = Precision::Tf32;
+        c.train.warmup_steps = c.train.steps + 1;
+        c.train.lr_schedule = crate::config::LrSchedule::Constant;
+        c.train.min_lr = 1e-6;
+        let notes = setting_notes(&c, Device::Cpu, 4, Some(c.train.steps + 1));
+        for expected in [
+            "tf32",
+            "larger than the dataset",
+            "warm-up",
+            "min_lr",
+            "--stop-at",
+        ] {
+            assert!(
+                notes.iter().any(|n| n.contains(expected)),
+                "{expected}: {notes:?}"
+            );
+        }
     }
 
     #[test]
