@@ -91,10 +91,14 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         launch,
     })?;
     if let Some(checkpoint) = summary.final_checkpoint.filter(|_| !summary.interrupted) {
-        let plural = if summary.steps == 1 { "" } else { "s" };
+        let trained = summary.steps - summary.first_step;
+        let plural = if trained == 1 { "" } else { "s" };
+        let resumed = match summary.first_step {
+            0 => String::new(),
+            first => format!(" (from step {first}, to {})", summary.steps),
+        };
         crate::say!(
-            "done: {} step{plural} in {:.0} s",
-            summary.steps,
+            "done: {trained} step{plural}{resumed} in {:.0} s",
             summary.seconds
         );
         crate::say!("checkpoint: {}", checkpoint.display());
@@ -406,7 +410,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     }
     if let Some(folder) = &args.folder {
         crate::monitor::save_individual(&images, folder, 0)?;
-        crate::say!("images: {}/000000.png …", folder.display());
+        crate::say!("images: {} …", folder.join("000000.png").display());
     }
     if let Some(path) = &args.animation {
         crate::monitor::save_animation(&frames, path, 80)?;

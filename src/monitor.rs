@@ -452,7 +452,12 @@ impl Monitor {
 
     /// Wall time of the run, including the time before a resume.
     pub fn seconds(&self) -> f64 {
-        self.earlier_seconds + self.started.elapsed().as_secs_f64()
+        self.earlier_seconds + self.session_seconds()
+    }
+
+    /// Wall time since this monitor started.
+    pub fn session_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
     }
 
     pub fn record(&mut self, record: &MetricsRecord) -> Result<()> {

@@ -39,7 +39,10 @@ pub struct RunSummary {
     pub final_checkpoint: Option<PathBuf>,
     /// None when interrupted: sampling would delay the exit.
     pub final_grid: Option<PathBuf>,
+    /// The step it ended at, and the one this process started from.
     pub steps: u64,
+    pub first_step: u64,
+    /// Time this process spent, from the start of training.
     pub seconds: f64,
     pub interrupted: bool,
 }
@@ -179,6 +182,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             final_checkpoint: None,
             final_grid: None,
             steps: trainer.step,
+            first_step: trainer.step,
             seconds: 0.0,
             interrupted: false,
         });
@@ -290,6 +294,7 @@ fn run_loop(
 ) -> Result<RunSummary> {
     let config = trainer.config.clone();
     let tc = &config.train;
+    let first_step = trainer.step;
     let leader = trainer.group().is_none_or(|g| g.is_leader());
     let loader_options = LoaderOptions {
         batch: tc.batch,
@@ -381,7 +386,8 @@ fn run_loop(
             final_checkpoint: path,
             final_grid: None,
             steps: step,
-            seconds: monitor.seconds(),
+            first_step,
+            seconds: monitor.session_seconds(),
             interrupted: true,
         })
     };
@@ -549,7 +555,8 @@ fn run_loop(
         final_checkpoint,
         final_grid,
         steps: trainer.step,
-        seconds: monitor.seconds(),
+        first_step,
+        seconds: monitor.session_seconds(),
         interrupted: false,
     })
 }
