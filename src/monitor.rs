@@ -308,7 +308,7 @@ pub fn write_report(
         .collect();
     let summary = last.map_or("no metrics yet".to_string(), |r| {
         format!(
-            "step {} of {} · loss {:.4} · lr {:.2e} · {:.0} img/s · {:.0} s",
+            "step {} of {} · loss {:.4} · lr {:.2e} · {:.0} img/s · {:.0} s of training by then",
             r["step"],
             config.train.steps,
             r["loss"].as_f64().unwrap_or(f64::NAN),
@@ -335,6 +335,7 @@ pub fn write_report(
 <h2>Loss</h2><img src="loss.png" alt="loss curve">
 <h2>Latest samples (EMA | raw)</h2><img src="{latest}" alt="latest samples">
 <h2>Training so far</h2><img src="samples/training.gif" alt="sample grids over training">
+<h2>What the model learns from (after augmentation)</h2><img src="samples/data.png" alt="training images">
 <h2>FID</h2>{fid}
 <h2>Configuration</h2><pre>{config}</pre>
 </body></html>

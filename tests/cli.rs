@@ -105,9 +105,17 @@ fn train_resume_and_sample_end_to_end() {
         );
     }
     assert_eq!(record["loss_by_quarter"].as_array().unwrap().len(), 4);
-    assert!(std::fs::read_to_string(run.join("report.html"))
-        .unwrap()
-        .contains("loss.png"));
+    // The report shows the loss, the grids, their animation and the data, all from the run.
+    let report = std::fs::read_to_string(run.join("report.html")).unwrap();
+    let shown: Vec<&str> = report
+        .split("src=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    assert_eq!(shown.len(), 4, "{shown:?}");
+    for image in shown {
+        assert!(run.join(image).is_file(), "{image}");
+    }
 
     // `model` describes the trained network: the one of its configuration.
     let model = |args: &[&str]| {
