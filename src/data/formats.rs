@@ -386,6 +386,15 @@ fn is_run_directory(dir: &Path) -> bool {
     dir.join("config.toml").is_file() && dir.join("samples").is_dir()
 }
 
+/// Whether an image file holds colour, read from its header (false when it cannot be read).
+pub fn is_colour(path: &Path) -> bool {
+    image::ImageReader::open(path)
+        .and_then(|reader| reader.with_guessed_format())
+        .ok()
+        .and_then(|reader| reader.into_decoder().ok())
+        .is_some_and(|decoder| image::ImageDecoder::color_type(&decoder).has_color())
+}
+
 /// Decodes an image file (the first frame of a GIF) and fits it to `shape` into `dst`.
 pub fn decode_into(path: &Path, shape: Shape, dst: &mut [u8]) -> std::result::Result<(), String> {
     let reader = image::ImageReader::open(path)

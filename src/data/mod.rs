@@ -209,7 +209,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             bail!("the dataset {description} holds no images");
         }
         if records.shape.channels == 3 && shape.channels == 1 {
-            crate::say!("note: {description} is in colour; model.in_channels = 1 trains on it in grayscale (--channels 3 keeps the colour)");
+            note_grayscale(&description);
         }
         let pixels = if records.shape == shape {
             records.pixels
@@ -282,6 +282,9 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             let dir = path.unwrap();
             let files = formats::image_files(dir)?;
             let description = format!("image folder {}", dir.display());
+            if shape.channels == 1 && formats::is_colour(&files[0]) {
+                note_grayscale(&description);
+            }
             if !should_cache(options.cache, files.len(), shape) {
                 return Ok(dataset(Images::Files(files), description, 0));
             }
@@ -318,6 +321,10 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
         }
         DataFormat::Auto => unreachable!("resolved above"),
     }
+}
+
+fn note_grayscale(description: &str) {
+    crate::say!("note: {description} is in colour; model.in_channels = 1 trains on it in grayscale (--channels 3 keeps the colour)");
 }
 
 /// Whether `count` images of `shape` are decoded once into memory.
@@ -912,6 +919,21 @@ mod tests {
             names(image_files(root).unwrap()),
             ["a.png", "nested/b.png", "zz/c.png"]
         );
+    }
+
+    #[test]
+    fn colour_is_read_from_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rgb, gray, text) = (
+            dir.path().join("rgb.png"),
+            dir.path().join("gray.png"),
+            dir.path().join("text.png"),
+        );
+        image::RgbImage::new(3, 2).save(&rgb).unwrap();
+        image::GrayImage::new(3, 2).save(&gray).unwrap();
+        std::fs::write(&text, "not an image").unwrap();
+        assert!(formats::is_colour(&rgb));
+        assert!(!formats::is_colour(&gray) && !formats::is_colour(&text));
     }
 
     #[test]

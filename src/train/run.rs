@@ -255,7 +255,8 @@ fn setting_notes(
         notes.push(format!("the batch ({}) is larger than the dataset ({images} images): every batch repeats images", tc.batch));
     }
     if tc.warmup_steps > tc.steps {
-        notes.push(format!("the warm-up ({} steps) is longer than the run ({} steps): the learning rate never reaches train.lr", tc.warmup_steps, tc.steps));
+        let steps = |n: u64| format!("{n} step{}", if n == 1 { "" } else { "s" });
+        notes.push(format!("the warm-up ({}) is longer than the run ({}): the learning rate never reaches train.lr", steps(tc.warmup_steps), steps(tc.steps)));
     }
     if tc.lr_schedule == LrSchedule::Constant && tc.min_lr > 0.0 {
         notes.push(
