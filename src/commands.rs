@@ -741,19 +741,8 @@ pub struct BenchArgs {
     pub data: Option<PathBuf>,
     #[arg(long, default_value = "cifar10", value_parser = clap::builder::PossibleValuesParser::new(crate::config::PRESETS))]
     pub preset: String,
-    /// Base channels
-    #[arg(long = "ch")]
-    pub channels: Option<i64>,
-    /// Channel multipliers, e.g. 1,2,2,2
-    #[arg(long = "ch-mult")]
-    pub channel_mult: Option<String>,
-    #[arg(long)]
-    pub num_res_blocks: Option<i64>,
-    /// Attention resolutions, e.g. 16 (empty: none)
-    #[arg(long = "attn-res")]
-    pub attention_resolutions: Option<String>,
-    #[arg(long)]
-    pub dropout: Option<f64>,
+    #[command(flatten)]
+    pub network: crate::config::NetworkArgs,
     /// Image size, N or HxW
     #[arg(long)]
     pub size: Option<crate::config::ImageSize>,
@@ -803,37 +792,11 @@ pub struct BenchArgs {
     pub step_ms: f64,
 }
 
-fn parse_list(flag: &str, text: &str) -> Result<Vec<i64>> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(|v| {
-            v.parse::<i64>().map_err(|_| {
-                anyhow::anyhow!("{flag}: {v:?} is not an integer (expected e.g. 1,2,2,2)")
-            })
-        })
-        .collect()
-}
-
 /// Runs a benchmark and returns its `RESULT` line.
 pub fn bench(args: BenchArgs) -> Result<String> {
     let mut config = RunConfig::preset(&args.preset)?;
     let m = &mut config.model;
-    if let Some(v) = args.channels {
-        m.channels = v;
-    }
-    if let Some(v) = &args.channel_mult {
-        m.channel_mult = parse_list("--ch-mult", v)?;
-    }
-    if let Some(v) = args.num_res_blocks {
-        m.num_res_blocks = v;
-    }
-    if let Some(v) = &args.attention_resolutions {
-        m.attention_resolutions = parse_list("--attn-res", v)?;
-    }
-    if let Some(v) = args.dropout {
-        m.dropout = v;
-    }
+    args.network.apply(m);
     if let Some(v) = args.size {
         m.image_size = v;
     }

@@ -721,7 +721,7 @@ impl RunConfig {
                 sizes.contains(r),
                 "model.attention_resolutions",
                 r,
-                &format!("feature-map sizes of this model: {sizes:?}"),
+                &format!("feature-map sizes of this model: {sizes:?}; --attn-res sets them"),
             )?;
         }
         let d = &self.diffusion;
@@ -879,6 +879,67 @@ pub fn unit_interval(text: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// A comma-separated list of integers on the command line, e.g. `1,2,2,2`; empty: none.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntList(pub Vec<i64>);
+
+impl FromStr for IntList {
+    type Err = String;
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| format!("{v:?} is not an integer (expected e.g. 1,2,2,2)"))
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map(IntList)
+    }
+}
+
+/// Flags that shape the network, named as the PyTorch baseline script names them (`train` and
+/// `bench` take them alike).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct NetworkArgs {
+    /// Base channels [model.channels]
+    #[arg(long = "ch")]
+    pub base_channels: Option<i64>,
+    /// Channel multiplier per level, e.g. 1,2,2,2 [model.channel_mult]
+    #[arg(long = "ch-mult")]
+    pub channel_mult: Option<IntList>,
+    /// Residual blocks per level [model.num_res_blocks]
+    #[arg(long)]
+    pub num_res_blocks: Option<i64>,
+    /// Feature-map sizes with self-attention, e.g. 16 or 16,8 ("": none)
+    /// [model.attention_resolutions]
+    #[arg(long = "attn-res")]
+    pub attention_resolutions: Option<IntList>,
+    /// [model.dropout]
+    #[arg(long)]
+    pub dropout: Option<f64>,
+}
+
+impl NetworkArgs {
+    pub fn apply(&self, m: &mut ModelConfig) {
+        if let Some(v) = self.base_channels {
+            m.channels = v;
+        }
+        if let Some(IntList(v)) = &self.channel_mult {
+            m.channel_mult = v.clone();
+        }
+        if let Some(v) = self.num_res_blocks {
+            m.num_res_blocks = v;
+        }
+        if let Some(IntList(v)) = &self.attention_resolutions {
+            m.attention_resolutions = v.clone();
+        }
+        if let Some(v) = self.dropout {
+            m.dropout = v;
+        }
+    }
+}
+
 /// Command-line overrides of configuration keys; each flag sets the key named in its help.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct Overrides {
@@ -897,6 +958,8 @@ pub struct Overrides {
     /// Training size, N or HxW [model.image_size]
     #[arg(long)]
     pub image_size: Option<ImageSize>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
     /// Optimizer steps [train.steps]
     #[arg(long)]
     pub steps: Option<u64>,
@@ -1000,6 +1063,18 @@ pub struct Overrides {
     /// Sample grid interval in steps [sample.every]
     #[arg(long)]
     pub sample_every: Option<u64>,
+    /// Images per sample grid [sample.num]
+    #[arg(long)]
+    pub sample_num: Option<usize>,
+    /// Sampler of the grids [sample.sampler]
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerKind>,
+    /// DDIM steps of the grids [sample.steps]
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    /// DDIM η of the grids: 0 deterministic, 1 as stochastic as DDPM [sample.eta]
+    #[arg(long)]
+    pub eta: Option<f64>,
     /// Checkpoint interval in steps [checkpoint.every]
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -1033,6 +1108,7 @@ impl Overrides {
         set(&mut c.data.split, &self.split);
         set(&mut c.model.in_channels, &self.channels);
         set(&mut c.model.image_size, &self.image_size);
+        self.network.apply(&mut c.model);
         set(&mut c.train.steps, &self.steps);
         set(&mut c.train.batch, &self.batch);
         set(&mut c.train.grad_accum, &self.grad_accum);
@@ -1066,6 +1142,10 @@ impl Overrides {
         set(&mut c.data.prefetch, &self.prefetch);
         set(&mut c.data.cache, &self.data_cache);
         set(&mut c.sample.every, &self.sample_every);
+        set(&mut c.sample.num, &self.sample_num);
+        set(&mut c.sample.sampler, &self.sampler);
+        set(&mut c.sample.steps, &self.sample_steps);
+        set(&mut c.sample.eta, &self.eta);
         set(&mut c.checkpoint.every, &self.checkpoint_every);
         set(&mut c.checkpoint.keep, &self.keep);
         set(&mut c.checkpoint.pin_every, &self.pin_every);
@@ -1186,6 +1266,41 @@ mod tests {
             assert!(err.contains(named) && err.contains(expected), "{err}");
             assert!(!err.contains("line"), "{err}");
         }
+    }
+
+    #[test]
+    fn network_and_grid_flags_set_their_keys() {
+        assert_eq!("1, 2,4".parse::<IntList>().unwrap().0, [1, 2, 4]);
+        assert!("".parse::<IntList>().unwrap().0.is_empty());
+        assert!("1,x".parse::<IntList>().unwrap_err().contains("\"x\""));
+        let flags = Overrides {
+            network: NetworkArgs {
+                base_channels: Some(48),
+                channel_mult: Some(IntList(vec![1, 3])),
+                num_res_blocks: Some(3),
+                attention_resolutions: Some(IntList(vec![])),
+                dropout: Some(0.2),
+            },
+            sample_num: Some(9),
+            sampler: Some(SamplerKind::Ddpm),
+            sample_steps: Some(7),
+            eta: Some(0.5),
+            ..Default::default()
+        };
+        let mut c = RunConfig::preset("mnist").unwrap();
+        flags.apply(&mut c);
+        let m = &c.model;
+        assert_eq!(
+            (m.channels, &m.channel_mult[..], m.num_res_blocks, m.dropout),
+            (48, &[1, 3][..], 3, 0.2)
+        );
+        assert!(m.attention_resolutions.is_empty());
+        let s = &c.sample;
+        assert_eq!(
+            (s.num, s.sampler, s.steps, s.eta),
+            (9, SamplerKind::Ddpm, 7, 0.5)
+        );
+        c.validate().unwrap();
     }
 
     #[test]

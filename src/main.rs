@@ -248,3 +248,22 @@ fn without_cpp_backtrace(message: &str) -> String {
         .map_or(message, |(said, _)| said)
         .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn no_two_flags_of_a_command_share_an_id() {
+        // Flattened argument groups may repeat a field name; clap only checks that in debug
+        // builds, and a release build would mix the two flags' values.
+        let cli = <super::Cli as clap::CommandFactory>::command();
+        for command in cli.get_subcommands() {
+            let mut ids: Vec<&str> = command
+                .get_arguments()
+                .map(|a| a.get_id().as_str())
+                .collect();
+            ids.sort();
+            let repeated: Vec<_> = ids.windows(2).filter(|w| w[0] == w[1]).collect();
+            assert!(repeated.is_empty(), "{}: {repeated:?}", command.get_name());
+        }
+    }
+}
