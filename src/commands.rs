@@ -853,6 +853,10 @@ pub fn bench(args: BenchArgs) -> Result<String> {
         let batches = r.images / config.train.batch;
         return Ok(format!("RESULT framework=ddpm bench=data size={} channels={} batch={} workers={workers} cache={} images={} load_s={:.2} img_per_s={:.0} step_ms={} wait_s={:.3} wait_ms_per_step_after_first={:.3} data=\"{}\"", m.image_size, m.in_channels, config.train.batch, format!("{:?}", options.cache).to_lowercase(), r.images, r.load_seconds, r.images_per_second, args.step_ms, r.wait_seconds, (r.wait_after_first_seconds * 1000.0 / (batches.max(2) - 1) as f64).max(0.0), r.description));
     }
+    if args.what == "sample" {
+        // Fewer images than a batch are one smaller batch: report what ran.
+        config.train.batch = config.train.batch.min(args.num);
+    }
     let result = match args.what.as_str() {
         "train" => crate::bench::train_step(&config, device, args.warmup, args.steps)?,
         "sample" => crate::bench::sampling(
