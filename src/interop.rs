@@ -743,6 +743,9 @@ pub fn export_diffusers(checkpoint: &Checkpoint, ema: bool, out: &Path) -> Resul
             out.display()
         );
     }
+    if holds_files {
+        crate::say!("replacing the earlier export in {}", out.display());
+    }
     for sub in ["unet", "scheduler"] {
         fs::create_dir_all(out.join(sub))
             .with_context(|| format!("cannot create {}", out.join(sub).display()))?;
