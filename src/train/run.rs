@@ -47,37 +47,44 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
-/// A new run never takes over a directory that holds checkpoints, nor a folder of other files
-/// (it would overwrite any of them named like its own, and its outputs would mix with them).
-fn check_run_dir(dir: &Path, resuming: bool) -> Result<()> {
+/// What a run writes at the top of its directory.
+const RUN_FILES: [&str; 6] = [
+    "config.toml",
+    "metrics.jsonl",
+    "report.html",
+    "loss.png",
+    "samples",
+    "checkpoints",
+];
+
+/// A new run never takes over a directory that holds checkpoints, nor overwrites files of the
+/// same names that are not a run's, nor writes into its own data folder (its grids would
+/// become training data). Other files (a job's log, say) may share the folder.
+fn check_run_dir(dir: &Path, resuming: bool, data: Option<&Path>) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {} is a file, not a run directory", dir.display());
     }
-    if resuming {
+    if resuming || !dir.is_dir() {
         return Ok(());
     }
     if !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
         bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
     }
-    // Every run takes its directory's lock file first: without one, the files are not a run's.
-    if dir.is_dir() && !dir.join(checkpoint::LOCK_FILE).exists() {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
+    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if data.is_some_and(|data| same(dir, data)) {
+        bail!("--out {} is the data folder: the run's grids and plots would become training data; choose another --out", dir.display());
+    }
+    // Every run takes its directory's lock file first: without one, these files are not a run's.
+    if !dir.join(checkpoint::LOCK_FILE).exists() {
+        let taken: Vec<&str> = RUN_FILES
+            .into_iter()
+            .filter(|name| dir.join(name).exists())
             .collect();
-        if !names.is_empty() {
-            names.sort();
-            let more = names.len().saturating_sub(3);
-            names.truncate(3);
-            let more = match more {
-                0 => String::new(),
-                n => format!(" and {n} more"),
-            };
+        if !taken.is_empty() {
             bail!(
-                "--out {} already holds files that are not a ddpm run's ({}{more}): choose a new or empty folder",
+                "--out {} already holds {} that a run would overwrite, and is not a ddpm run directory: choose a new or empty folder",
                 dir.display(),
-                names.join(", ")
+                taken.join(", ")
             );
         }
     }
@@ -127,7 +134,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     }
     let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
     if leader {
-        check_run_dir(&run_dir, resume.is_some())?;
+        check_run_dir(&run_dir, resume.is_some(), config.data_path().as_deref())?;
     }
     let dataset = Arc::new(data::load(
         config.data_path().as_deref(),
@@ -363,7 +370,8 @@ fn run_loop(
                 }
             }
         };
-    // Stops with a checkpoint of the last finished step (written now, unless it already is).
+    // Stops with a checkpoint of the last finished step (written now, unless it already is);
+    // before the first step there is nothing to save.
     let stop_interrupted = |trainer: &Trainer,
                             position: Position,
                             monitor: &mut Monitor|
@@ -371,9 +379,13 @@ fn run_loop(
         let step = trainer.step;
         let path = match saved_step.get() == Some(step) {
             true => Some(checkpoint::sidecar_path(&checkpoints, step)),
+            false if step == 0 => None,
             false => save(trainer, position)?,
         };
         monitor.finish();
+        if step == 0 && leader {
+            crate::say!("interrupted before the first step: nothing was trained or saved; the same command starts the run again");
+        }
         match &path {
             // Every step is done: only the final grid is skipped.
             Some(_) if step >= config.train.steps => crate::say!(
@@ -853,21 +865,29 @@ mod tests {
     }
 
     #[test]
-    fn a_new_run_takes_only_an_empty_folder_or_a_run_directory_without_checkpoints() {
+    fn a_new_run_overwrites_no_other_files_and_not_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        check_run_dir(&out, false).unwrap();
+        check_run_dir(&out, false, None).unwrap();
         std::fs::create_dir(&out).unwrap();
-        check_run_dir(&out, false).unwrap();
+        // A job's log may come first.
+        std::fs::write(out.join("job.log"), "started").unwrap();
+        check_run_dir(&out, false, None).unwrap();
         std::fs::write(out.join("report.html"), "mine").unwrap();
-        let e = format!("{:#}", check_run_dir(&out, false).unwrap_err());
+        let e = format!("{:#}", check_run_dir(&out, false, None).unwrap_err());
         assert!(
             e.contains("report.html") && e.contains("not a ddpm run"),
             "{e}"
         );
         // An earlier start that wrote no checkpoint.
         std::fs::write(out.join(checkpoint::LOCK_FILE), "").unwrap();
-        check_run_dir(&out, false).unwrap();
+        check_run_dir(&out, false, None).unwrap();
+        // Not the data folder, however it is named.
+        let e = format!(
+            "{:#}",
+            check_run_dir(&out, false, Some(&out.join("."))).unwrap_err()
+        );
+        assert!(e.contains("data folder"), "{e}");
     }
 
     #[test]
