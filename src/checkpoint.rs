@@ -281,8 +281,8 @@ fn is_pinned(sidecar: &Path, pin_every: u64) -> bool {
 
 /// Removes all but the newest `keep` unpinned checkpoints up to `step` (the one just written),
 /// and the temporary files of writes that a killed process left behind. Later checkpoints are
-/// ones a resume passed over as damaged: they neither count nor go (a save of their step
-/// replaces them), so that they can never push out the checkpoints that are good.
+/// ones a resume passed over as damaged: they do not count, so that they never push out good
+/// ones, and are removed once checked damaged (a later one that is intact stays).
 fn prune(dir: &Path, step: u64, keep: usize, pin_every: u64) -> Result<()> {
     // Leftovers of a save that was killed: a temporary file, or weights whose sidecar was never
     // written (no checkpoint without it).
@@ -296,18 +296,31 @@ fn prune(dir: &Path, step: u64, keep: usize, pin_every: u64) -> Result<()> {
     for weights in unfinished_saves(dir) {
         let _ = fs::remove_file(weights);
     }
-    let unpinned: Vec<PathBuf> = list(dir)?
+    let (earlier, later): (Vec<PathBuf>, Vec<PathBuf>) = list(dir)?
         .into_iter()
-        .filter(|p| !is_pinned(p, pin_every) && step_of(p).is_some_and(|s| s <= step))
-        .collect();
-    for old in &unpinned[..unpinned.len().saturating_sub(keep)] {
-        if let Ok(sidecar) = read_sidecar(old) {
-            let _ = fs::remove_file(dir.join(sidecar.tensors_file));
-        }
-        fs::remove_file(old)
-            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        .filter(|p| !is_pinned(p, pin_every))
+        .partition(|p| step_of(p).is_some_and(|s| s <= step));
+    for old in &earlier[..earlier.len().saturating_sub(keep)] {
+        remove_checkpoint(dir, old)?;
+    }
+    for damaged in later.iter().filter(|p| Checkpoint::load_file(p).is_err()) {
+        remove_checkpoint(dir, damaged)?;
     }
     Ok(())
+}
+
+/// Removes a checkpoint's weights (named by its sidecar, or by its step when the sidecar cannot
+/// be read) and then its sidecar.
+fn remove_checkpoint(dir: &Path, sidecar: &Path) -> Result<()> {
+    let weights = match read_sidecar(sidecar) {
+        Ok(s) => Some(s.tensors_file),
+        Err(_) => step_of(sidecar).map(|step| format!("step-{step:08}.safetensors")),
+    };
+    if let Some(weights) = weights {
+        let _ = fs::remove_file(dir.join(weights));
+    }
+    fs::remove_file(sidecar)
+        .with_context(|| format!("cannot remove old checkpoint {}", sidecar.display()))
 }
 
 pub fn read_sidecar(path: &Path) -> Result<Sidecar> {
@@ -523,8 +536,9 @@ mod tests {
             assert!(!dir.path().join(gone).exists(), "{gone}");
         }
         // A save of an earlier step (a resume that passed over damaged later checkpoints) keeps
-        // the newest up to its step; the later ones do not count, and stay.
+        // the newest up to its step; the later ones do not count, and go if damaged.
         config.checkpoint.keep = 1;
+        fs::write(sidecar_path(dir.path(), 6), b"{\"format_version\": 1, \"st").unwrap();
         save(
             dir.path(),
             &sample_tensors(),
@@ -538,7 +552,8 @@ mod tests {
             .iter()
             .filter_map(|p| step_of(p))
             .collect();
-        assert_eq!(steps, [2, 4, 5, 6, 7]);
+        assert_eq!(steps, [2, 4, 5, 7]);
+        assert!(!dir.path().join("step-00000006.safetensors").exists());
         // Truncate the newest weights file: loading the folder falls back to the previous one.
         let newest = dir.path().join("step-00000007.safetensors");
         let bytes = fs::read(&newest).unwrap();
@@ -550,10 +565,10 @@ mod tests {
             format!("{err:#}").contains("step-00000007.safetensors"),
             "{err:#}"
         );
-        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 6);
-        // A truncated sidecar is passed over the same way.
-        fs::write(sidecar_path(dir.path(), 6), b"{\"format_version\": 1, \"st").unwrap();
         assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 5);
+        // A truncated sidecar is passed over the same way.
+        fs::write(sidecar_path(dir.path(), 5), b"{\"format_version\": 1, \"st").unwrap();
+        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 4);
     }
 
     #[test]
