@@ -176,12 +176,14 @@ pub fn training_process(run_dir: &Path) -> Option<String> {
     let path = run_dir.join(LOCK_FILE);
     let file = fs::File::open(&path).ok()?;
     match file.try_lock_shared() {
+        // This process's own lock (a trainer reading its own run) is not another's.
         Err(std::fs::TryLockError::WouldBlock) => Some(
             fs::read_to_string(&path)
                 .unwrap_or_default()
                 .trim()
                 .to_string(),
-        ),
+        )
+        .filter(|pid| *pid != std::process::id().to_string()),
         _ => None,
     }
 }

@@ -326,6 +326,11 @@ pub fn write_report(
     } else {
         format!("<table><tr><th>step</th><th>images</th><th>FID</th></tr>{fid_rows}</table>")
     };
+    // Written at step 0: a run resumed into a new directory has none.
+    let data = match run_dir.join("samples").join("data.png").is_file() {
+        true => "\n<h2>What the model learns from (after augmentation)</h2><img src=\"samples/data.png\" alt=\"training images\">",
+        false => "",
+    };
     let page = format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>ddpm run: {preset}</title>
@@ -334,8 +339,7 @@ pub fn write_report(
 <p>{summary}</p>
 <h2>Loss</h2><img src="loss.png" alt="loss curve">
 <h2>Latest samples (EMA | raw)</h2><img src="{latest}" alt="latest samples">
-<h2>Training so far</h2><img src="samples/training.gif" alt="sample grids over training">
-<h2>What the model learns from (after augmentation)</h2><img src="samples/data.png" alt="training images">
+<h2>Training so far</h2><img src="samples/training.gif" alt="sample grids over training">{data}
 <h2>FID</h2>{fid}
 <h2>Configuration</h2><pre>{config}</pre>
 </body></html>

@@ -328,11 +328,11 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         // everything beside it.
         let real = fs::canonicalize(&d).unwrap_or_else(|_| d.clone());
         if !root && real_root.starts_with(&real) {
-            crate::say!(
-                "warning: skipping {}: a link to {}, which holds the data folder",
-                d.display(),
-                real.display()
-            );
+            let target = match real == real_root {
+                true => "the data folder itself".to_string(),
+                false => format!("{}, which holds the data folder", real.display()),
+            };
+            crate::say!("warning: skipping {}: a link to {target}", d.display());
             continue;
         }
         if !seen.insert(real) {

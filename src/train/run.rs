@@ -234,7 +234,6 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     )
 }
 
-/// The global batch must split evenly into ranks and each rank's share into micro-batches.
 /// Settings that work, but not as a user may think they do.
 fn setting_notes(
     config: &RunConfig,
@@ -279,6 +278,7 @@ fn setting_notes(
     notes
 }
 
+/// The global batch must split evenly into ranks and each rank's share into micro-batches.
 fn check_divides(config: &RunConfig, world: usize) -> Result<()> {
     let t = &config.train;
     if !t.batch.is_multiple_of(world * t.grad_accum) {
