@@ -169,11 +169,6 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     if let Some(checkpoint) = resume.as_ref().filter(|_| leader) {
         trainer.load_state(checkpoint)?;
         position = checkpoint.sidecar.position;
-        crate::say!(
-            "resumed from {} at step {}",
-            checkpoint.path.display(),
-            trainer.step
-        );
     }
     if let Some(launch) = &launch {
         trainer.join(ProcessGroup::join(launch, device)?)?;
@@ -203,6 +198,15 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         true => Some(prepare_run_dir(&run_dir, &config)?),
         false => None,
     };
+    // Once the run directory is this process's: a resume refused for a live trainer says only
+    // that.
+    if let Some(checkpoint) = resume.as_ref().filter(|_| leader) {
+        crate::say!(
+            "resumed from {} at step {}",
+            checkpoint.path.display(),
+            checkpoint.sidecar.step
+        );
+    }
     if leader {
         crate::say!(
             "training {} on {} ({} images{}) on {}{}: {} parameters, {} step{} of batch {}",
