@@ -201,39 +201,20 @@ mod tests {
                 steps: 5,
                 ..config.sample.clone()
             };
-            let a = sample(
-                &d,
-                &settings,
-                [3, 1, 28, 28],
-                7,
-                Device::Cpu,
-                2,
-                None,
-                |_, _| {},
-            )
-            .unwrap();
-            let b = sample(
-                &d,
-                &settings,
-                [3, 1, 28, 28],
-                7,
-                Device::Cpu,
-                2,
-                None,
-                |_, _| {},
-            )
-            .unwrap();
-            let c = sample(
-                &d,
-                &settings,
-                [3, 1, 28, 28],
-                8,
-                Device::Cpu,
-                2,
-                None,
-                |_, _| {},
-            )
-            .unwrap();
+            let with_seed = |seed| {
+                sample(
+                    &d,
+                    &settings,
+                    [3, 1, 28, 28],
+                    seed,
+                    Device::Cpu,
+                    2,
+                    None,
+                    |_, _| {},
+                )
+                .unwrap()
+            };
+            let (a, b, c) = (with_seed(7), with_seed(7), with_seed(8));
             assert_eq!(a.size(), vec![3, 1, 28, 28]);
             assert!(a.equal(&b), "{sampler:?} eta={eta} not deterministic");
             assert!(
