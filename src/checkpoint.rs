@@ -42,6 +42,16 @@ pub fn sidecar_path(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("step-{step:08}.json"))
 }
 
+/// The name of step `step`'s weights file, beside its sidecar.
+fn weights_name(step: u64) -> String {
+    format!("step-{step:08}.safetensors")
+}
+
+/// Whether two paths name the same existing file or folder.
+pub fn same_place(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
 /// Serialises named tensors into safetensors bytes (any device, any supported dtype).
 pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
@@ -161,7 +171,7 @@ pub fn lock_run_dir(dir: &Path) -> Result<std::fs::File> {
         Err(std::fs::TryLockError::WouldBlock) => bail!(
             "run directory {} is in use by another ddpm process (pid {}): wait for it to end, or stop it",
             dir.display(),
-            std::fs::read_to_string(&path).unwrap_or_default().trim()
+            lock_holder(&path)
         ),
         // Some cluster filesystems have no file locks: train unguarded rather than not at all.
         Err(std::fs::TryLockError::Error(e)) => {
@@ -171,19 +181,23 @@ pub fn lock_run_dir(dir: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// The process id a lock file holds.
+fn lock_holder(lock: &Path) -> String {
+    fs::read_to_string(lock)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 /// The process id of the trainer that holds `run_dir` now, if one does.
 pub fn training_process(run_dir: &Path) -> Option<String> {
     let path = run_dir.join(LOCK_FILE);
     let file = fs::File::open(&path).ok()?;
     match file.try_lock_shared() {
         // This process's own lock (a trainer reading its own run) is not another's.
-        Err(std::fs::TryLockError::WouldBlock) => Some(
-            fs::read_to_string(&path)
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        )
-        .filter(|pid| *pid != std::process::id().to_string()),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Some(lock_holder(&path)).filter(|pid| *pid != std::process::id().to_string())
+        }
         _ => None,
     }
 }
@@ -200,7 +214,7 @@ pub fn save(
     fs::create_dir_all(dir)
         .with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
     let bytes = to_safetensors(tensors)?;
-    let tensors_file = format!("step-{step:08}.safetensors");
+    let tensors_file = weights_name(step);
     write_atomic(&dir.join(&tensors_file), &bytes)?;
     let sidecar = Sidecar {
         format_version: FORMAT_VERSION,
@@ -252,21 +266,17 @@ fn unfinished_saves(dir: &Path) -> Vec<PathBuf> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|entry| {
-            let name = entry.file_name();
-            name.to_string_lossy()
-                .strip_prefix("step-")
-                .and_then(|n| n.strip_suffix(".safetensors"))
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|step| !sidecar_path(dir, step).exists())
-        })
         .map(|entry| entry.path())
+        .filter(|path| {
+            path.extension().is_some_and(|e| e == "safetensors")
+                && step_of(path).is_some_and(|step| !sidecar_path(dir, step).exists())
+        })
         .collect();
     found.sort();
     found
 }
 
-/// The step in a sidecar's name (`step-N.json`).
+/// The step in a checkpoint file's name (`step-N.json`, `step-N.safetensors`).
 fn step_of(sidecar: &Path) -> Option<u64> {
     sidecar
         .file_stem()
@@ -316,7 +326,7 @@ fn prune(dir: &Path, step: u64, keep: usize, pin_every: u64) -> Result<()> {
 fn remove_checkpoint(dir: &Path, sidecar: &Path) -> Result<()> {
     let weights = match read_sidecar(sidecar) {
         Ok(s) => Some(s.tensors_file),
-        Err(_) => step_of(sidecar).map(|step| format!("step-{step:08}.safetensors")),
+        Err(_) => step_of(sidecar).map(weights_name),
     };
     if let Some(weights) = weights {
         let _ = fs::remove_file(dir.join(weights));

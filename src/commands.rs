@@ -118,10 +118,7 @@ fn default_run_dir(config: &RunConfig) -> PathBuf {
 fn check_resume_target(checkpoint: &Checkpoint, run_dir: &Path, named_file: bool) -> Result<()> {
     let step = checkpoint.sidecar.step;
     let own_dir = run_dir_of(&checkpoint.path);
-    let same_run = match (own_dir.canonicalize(), run_dir.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
+    let same_run = crate::checkpoint::same_place(&own_dir, run_dir);
     let existing = crate::checkpoint::list(&run_dir.join("checkpoints"))?;
     if !same_run && !existing.is_empty() {
         bail!(
@@ -471,7 +468,6 @@ fn check_writable(folder: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The architecture summary of a preset or config file, with the exact parameter count.
 /// The network of a preset, a config file or a checkpoint: its architecture and exact parameter
 /// count.
 pub fn model_summary(

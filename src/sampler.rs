@@ -234,7 +234,7 @@ mod tests {
         // and is clipped at many steps, for every prediction.
         tch::no_grad(|| {
             for (_, mut t) in vs.variables() {
-                let _ = t.copy_(&(t.randn_like() * 0.3));
+                t.copy_(&(t.randn_like() * 0.3));
             }
         });
         let schedule = NoiseSchedule::from_config(&config.diffusion);

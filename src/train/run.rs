@@ -70,8 +70,7 @@ fn check_run_dir(dir: &Path, resuming: bool, data: Option<&Path>) -> Result<()> 
     if !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
         bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
     }
-    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
-    if data.is_some_and(|data| same(dir, data)) {
+    if data.is_some_and(|data| checkpoint::same_place(dir, data)) {
         bail!("--out {} is the data folder: the run's grids and plots would become training data; choose another --out", dir.display());
     }
     // Every run takes its directory's lock file first: without one, these files are not a run's.
@@ -410,9 +409,8 @@ fn run_loop(
     };
     // A single process stops as soon as a signal comes, also during a grid or FID measurement
     // (ranks only stop together, after a logged step).
-    let interrupted_alone =
-        |trainer: &Trainer| trainer.group().is_none() && interrupt.load(Ordering::SeqCst);
     let abandon_on_signal = trainer.group().is_none().then_some(&*interrupt);
+    let interrupted_alone = || crate::check_stop(abandon_on_signal).is_err();
     if trainer.step == 0 && leader {
         // What the model learns from, next to what it makes.
         let first = data::Sampler::new(dataset.len(), tc.seed, position)
@@ -517,13 +515,13 @@ fn run_loop(
             save(trainer, position)?;
             window = Window::new();
         }
-        if interrupted_alone(trainer) {
+        if interrupted_alone() {
             return stop_interrupted(trainer, position, &mut monitor);
         }
         // A signal abandons a grid or FID measurement under way: its step is saved already.
         if config.sample.every > 0 && step.is_multiple_of(config.sample.every) && step < stop {
             let grid = write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal);
-            if interrupted_alone(trainer) {
+            if interrupted_alone() {
                 return stop_interrupted(trainer, position, &mut monitor);
             }
             grid.map_err(|e| save_and_fail(trainer, position, e))?;
@@ -534,7 +532,7 @@ fn run_loop(
             .filter(|_| step.is_multiple_of(config.fid.every))
         {
             let measured = fid.measure(trainer, fid_seed, &mut monitor, abandon_on_signal);
-            if interrupted_alone(trainer) {
+            if interrupted_alone() {
                 return stop_interrupted(trainer, position, &mut monitor);
             }
             measured.map_err(|e| save_and_fail(trainer, position, e))?;
@@ -542,13 +540,13 @@ fn run_loop(
         }
     }
     let final_checkpoint = save(trainer, loader.position())?;
-    if interrupted_alone(trainer) {
+    if interrupted_alone() {
         return stop_interrupted(trainer, loader.position(), &mut monitor);
     }
     let final_grid = match leader {
         true => {
             let grid = write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal);
-            if interrupted_alone(trainer) {
+            if interrupted_alone() {
                 return stop_interrupted(trainer, loader.position(), &mut monitor);
             }
             Some(grid.map_err(|e| save_and_fail(trainer, loader.position(), e))?)
