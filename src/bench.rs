@@ -20,6 +20,9 @@ pub struct BenchResult {
     /// Peak (allocated, reserved) GiB on CUDA.
     pub peak_memory_gib: Option<(f64, f64)>,
     pub parameters: i64,
+    /// The levers as they ran (`auto` resolved).
+    pub cuda_graph: bool,
+    pub fused_norm_silu: bool,
 }
 
 fn synchronize(device: Device) {
@@ -46,7 +49,9 @@ fn peak_gib(device: Device) -> Result<Option<(f64, f64)>> {
     }
 }
 
-/// Times `steps` training steps on one fixed synthetic batch after `warmup` untimed ones.
+/// Times `steps` training steps on one fixed synthetic batch after `warmup` untimed ones. The
+/// peak memory covers the whole run, warm-up and CUDA graph capture included, as the PyTorch
+/// baseline's does.
 pub fn train_step(
     config: &RunConfig,
     device: Device,
@@ -54,6 +59,8 @@ pub fn train_step(
     steps: usize,
 ) -> Result<BenchResult> {
     let mut trainer = Trainer::new(config, device)?;
+    // Not sooner: libtorch refuses to reset the statistics of a device it has not used yet.
+    reset_peak(device)?;
     let m = &config.model;
     tch::manual_seed(0);
     let x0 = Tensor::rand(m.batch_shape(config.train.batch), (Kind::Float, device)) * 2.0 - 1.0;
@@ -61,7 +68,6 @@ pub fn train_step(
         trainer.step(&x0)?.loss.double_value(&[]);
     }
     synchronize(device);
-    reset_peak(device)?;
     let started = Instant::now();
     let mut last = None;
     for _ in 0..steps {
@@ -76,6 +82,8 @@ pub fn train_step(
         final_loss,
         peak_memory_gib: peak_gib(device)?,
         parameters: parameter_count(&trainer.vs),
+        cuda_graph: trainer.uses_cuda_graph(),
+        fused_norm_silu: trainer.uses_fused_norm_silu(),
     })
 }
 
@@ -136,6 +144,9 @@ pub fn sampling(
         final_loss: None,
         peak_memory_gib: peak_gib(device)?,
         parameters: parameter_count(&trainer.vs),
+        // Sampling runs eagerly.
+        cuda_graph: false,
+        fused_norm_silu: trainer.uses_fused_norm_silu(),
     })
 }
 
@@ -215,8 +226,8 @@ pub fn result_line(what: &str, config: &RunConfig, device: Device, result: &Benc
     line += &format!(
         " channels_last={} cuda_graph={} fused_norm_silu={} threads={}",
         config.train.channels_last as u8,
-        config.train.cuda_graph as u8,
-        config.train.fused_norm_silu as u8,
+        result.cuda_graph as u8,
+        result.fused_norm_silu as u8,
         tch::get_num_threads()
     );
     line

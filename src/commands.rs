@@ -753,12 +753,12 @@ pub struct BenchArgs {
     /// Channels-last memory order for weights and activations
     #[arg(long)]
     pub channels_last: bool,
-    /// Replay the forward and backward pass as a CUDA graph (training)
-    #[arg(long)]
-    pub cuda_graph: bool,
-    /// One fused kernel per GroupNorm+SiLU
-    #[arg(long)]
-    pub fused_norm_silu: bool,
+    /// Replay the forward and backward pass as a CUDA graph (training) [default: auto]
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "true")]
+    pub cuda_graph: Option<crate::config::Lever>,
+    /// One fused kernel per GroupNorm+SiLU [default: auto]
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "true")]
+    pub fused_norm_silu: Option<crate::config::Lever>,
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Untimed steps first
@@ -806,8 +806,12 @@ pub fn bench(args: BenchArgs) -> Result<String> {
         config.train.precision = v;
     }
     config.train.channels_last |= args.channels_last;
-    config.train.cuda_graph |= args.cuda_graph;
-    config.train.fused_norm_silu |= args.fused_norm_silu;
+    if let Some(lever) = args.cuda_graph {
+        config.train.cuda_graph = lever;
+    }
+    if let Some(lever) = args.fused_norm_silu {
+        config.train.fused_norm_silu = lever;
+    }
     config.train.device = args.device.clone();
     config.sample.steps = args.sample_steps;
     if args.what == "data" {

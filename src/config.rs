@@ -236,6 +236,64 @@ impl Precision {
     }
 }
 
+/// A speed lever's setting. `auto` (the default) uses it where it can run; `true` insists, and
+/// is refused where it cannot run; `false` leaves it off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lever {
+    #[default]
+    Auto,
+    #[value(name = "true", alias = "on")]
+    On,
+    #[value(name = "false", alias = "off")]
+    Off,
+}
+
+impl From<bool> for Lever {
+    fn from(on: bool) -> Self {
+        if on {
+            Lever::On
+        } else {
+            Lever::Off
+        }
+    }
+}
+
+impl Serialize for Lever {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Lever::Auto => serializer.serialize_str("auto"),
+            Lever::On => serializer.serialize_bool(true),
+            Lever::Off => serializer.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Lever {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        enum Word {
+            Auto,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "true, false or \"auto\"")]
+        enum Written {
+            Bool(bool),
+            Word(Word),
+        }
+        Ok(match Written::deserialize(deserializer)? {
+            Written::Bool(true) => Lever::On,
+            Written::Bool(false) => Lever::Off,
+            Written::Word(Word::Auto) => Lever::Auto,
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -274,11 +332,11 @@ pub struct TrainConfig {
     /// Record the forward and backward pass as a CUDA graph after a few steps and replay it:
     /// one launch instead of thousands of small kernels (CUDA, one process).
     #[serde(default)]
-    pub cuda_graph: bool,
+    pub cuda_graph: Lever,
     /// Run each GroupNorm+SiLU pair as one fused kernel, forward and backward (CUDA; f32 and
     /// bf16 activations in NCHW order).
     #[serde(default)]
-    pub fused_norm_silu: bool,
+    pub fused_norm_silu: Lever,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -587,8 +645,8 @@ impl RunConfig {
                 max_bad_steps: 10,
                 rollback_lr_factor: 0.5,
                 channels_last: false,
-                cuda_graph: false,
-                fused_norm_silu: false,
+                cuda_graph: Lever::Auto,
+                fused_norm_silu: Lever::Auto,
             },
             data: DataConfig {
                 path: String::new(),
@@ -1015,12 +1073,12 @@ pub struct Overrides {
     /// Channels-last memory order, true or false [train.channels_last]
     #[arg(long)]
     pub channels_last: Option<bool>,
-    /// Replay the forward and backward pass as a CUDA graph, true or false [train.cuda_graph]
-    #[arg(long)]
-    pub cuda_graph: Option<bool>,
-    /// One fused kernel per GroupNorm+SiLU, true or false [train.fused_norm_silu]
-    #[arg(long)]
-    pub fused_norm_silu: Option<bool>,
+    /// Replay the forward and backward pass as a CUDA graph [train.cuda_graph]
+    #[arg(long, value_enum)]
+    pub cuda_graph: Option<Lever>,
+    /// One fused kernel per GroupNorm+SiLU [train.fused_norm_silu]
+    #[arg(long, value_enum)]
+    pub fused_norm_silu: Option<Lever>,
     /// [train.seed]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -1367,6 +1425,32 @@ mod tests {
             e.contains("train.seed") && e.contains("9223372036854775808"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn levers_read_true_false_or_auto_and_write_back_the_same() {
+        let read = |value: &str| {
+            let text = format!("[train]\ncuda_graph = {value}\n");
+            RunConfig::from_toml_str(&text, None).map(|c| c.train.cuda_graph)
+        };
+        assert_eq!(read("true").unwrap(), Lever::On);
+        assert_eq!(read("false").unwrap(), Lever::Off);
+        assert_eq!(read("\"auto\"").unwrap(), Lever::Auto);
+        let error = format!("{:#}", read("\"yes\"").unwrap_err());
+        assert!(
+            error.contains("train.cuda_graph") && error.contains("true, false or \"auto\""),
+            "{error}"
+        );
+        assert_eq!(
+            RunConfig::preset("cifar10").unwrap().train.cuda_graph,
+            Lever::Auto
+        );
+        for lever in [Lever::On, Lever::Off, Lever::Auto] {
+            let mut c = RunConfig::preset("tiny").unwrap();
+            c.train.fused_norm_silu = lever;
+            let back = RunConfig::from_toml_str(&c.to_toml(), None).unwrap();
+            assert_eq!(back.train.fused_norm_silu, lever);
+        }
     }
 
     #[test]

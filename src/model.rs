@@ -304,6 +304,10 @@ impl UNet {
         self.fused_norm_silu = fused;
     }
 
+    pub fn fused_norm_silu(&self) -> bool {
+        self.fused_norm_silu
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

@@ -53,10 +53,10 @@ pub(super) struct Bf16Network {
 }
 
 impl Bf16Network {
-    pub(super) fn new(config: &RunConfig, device: Device) -> Result<Self> {
+    pub(super) fn new(config: &RunConfig, device: Device, fused_norm_silu: bool) -> Result<Self> {
         let mut vs = VarStore::new(device);
         let mut model = UNet::new(&vs.root(), &config.model);
-        model.set_fused_norm_silu(config.train.fused_norm_silu);
+        model.set_fused_norm_silu(fused_norm_silu);
         vs.bfloat16();
         let (_, params) = sorted_variables(&vs);
         if config.train.channels_last {

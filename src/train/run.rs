@@ -208,7 +208,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     }
     if leader {
         crate::say!(
-            "training {} on {} ({} images{}) on {}{}: {} parameters, {} step{} of batch {}",
+            "training {} on {} ({} images{}) on {}{} ({}): {} parameters, {} step{} of batch {}",
             config.preset,
             dataset.description,
             dataset.len(),
@@ -221,6 +221,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             launch
                 .as_ref()
                 .map_or(String::new(), |l| format!(" × {} processes", l.world)),
+            speed_settings(&config, &trainer),
             crate::model::parameter_count(&trainer.vs),
             config.train.steps,
             if config.train.steps == 1 { "" } else { "s" },
@@ -235,6 +236,21 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
         stop,
         interrupt.unwrap_or_default(),
     )
+}
+
+/// The precision and the levers in use, e.g. "bf16, CUDA graph, fused GroupNorm+SiLU".
+fn speed_settings(config: &RunConfig, trainer: &Trainer) -> String {
+    let mut settings = vec![config.train.precision.name()];
+    if trainer.uses_cuda_graph() {
+        settings.push("CUDA graph".into());
+    }
+    if trainer.uses_fused_norm_silu() {
+        settings.push("fused GroupNorm+SiLU".into());
+    }
+    if config.train.channels_last {
+        settings.push("channels-last".into());
+    }
+    settings.join(", ")
 }
 
 /// Settings that work, but not as a user may think they do.

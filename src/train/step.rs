@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use super::precision::{Bf16Network, LossScaler};
 use super::{ema_decay, learning_rate};
 use crate::checkpoint::Checkpoint;
-use crate::config::{Precision, RunConfig};
+use crate::config::{Lever, Precision, RunConfig};
 use crate::cuda_graph::GraphedComputation;
 use crate::data::{self, Position, Shard};
 use crate::distributed::{GradientReducer, ProcessGroup};
@@ -94,6 +94,16 @@ fn check_fused_norm_silu(config: &RunConfig, device: Device) -> Result<()> {
     ops::load_fused_kernels(device).context("preparing train.fused_norm_silu")
 }
 
+/// Whether the fused GroupNorm+SiLU kernels run: `true` is refused where they cannot, `auto`
+/// uses them where they can.
+fn uses_fused_norm_silu(config: &RunConfig, device: Device) -> Result<bool> {
+    match config.train.fused_norm_silu {
+        Lever::Off => Ok(false),
+        Lever::On => check_fused_norm_silu(config, device).map(|()| true),
+        Lever::Auto => Ok(check_fused_norm_silu(config, device).is_ok()),
+    }
+}
+
 /// Eager steps before the gradient computation is recorded as a CUDA graph: the first runs
 /// allocate the gradients and let cuDNN pick its algorithms.
 const GRAPH_WARMUP_STEPS: usize = 3;
@@ -147,15 +157,13 @@ impl Trainer {
         config.validate()?;
         // Step n draws from mix(seed, [n]); no step reaches u64::MAX.
         tch::manual_seed(crate::rng::mix(config.train.seed, &[u64::MAX]) as i64);
-        if config.train.fused_norm_silu {
-            check_fused_norm_silu(config, device)?;
-        }
+        let fused_norm_silu = uses_fused_norm_silu(config, device)?;
         let vs = VarStore::new(device);
         let mut model = UNet::new(&vs.root(), &config.model);
         let mut ema_vs = VarStore::new(device);
         let mut ema_model = UNet::new(&ema_vs.root(), &config.model);
-        model.set_fused_norm_silu(config.train.fused_norm_silu);
-        ema_model.set_fused_norm_silu(config.train.fused_norm_silu);
+        model.set_fused_norm_silu(fused_norm_silu);
+        ema_model.set_fused_norm_silu(fused_norm_silu);
         ema_vs.copy(&vs)?;
         ema_vs.freeze();
         let (names, params) = sorted_variables(&vs);
@@ -180,7 +188,7 @@ impl Trainer {
             tch::Cuda::cudnn_set_benchmark(true);
         }
         let bf16 = match config.train.precision {
-            Precision::Bf16Pure => Some(Bf16Network::new(config, device)?),
+            Precision::Bf16Pure => Some(Bf16Network::new(config, device, fused_norm_silu)?),
             _ => None,
         };
         // With bf16-pure the f32 gradients are sums made here, not autograd's.
@@ -188,14 +196,16 @@ impl Trainer {
             .is_some()
             .then(|| params.iter().map(Tensor::zeros_like).collect());
         let graphed = match config.train.cuda_graph {
-            true if !device.is_cuda() => {
+            Lever::On if !device.is_cuda() => {
                 bail!(
                     "train.cuda_graph needs a CUDA device; this run is on {}",
                     crate::device::name(device)
                 )
             }
-            true => Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?),
-            false => None,
+            Lever::On | Lever::Auto if device.is_cuda() => {
+                Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?)
+            }
+            _ => None,
         };
         Ok(Trainer {
             config: config.clone(),
@@ -234,11 +244,24 @@ impl Trainer {
         }
     }
 
+    /// Whether the gradient computation is recorded and replayed as a CUDA graph.
+    pub fn uses_cuda_graph(&self) -> bool {
+        self.graphed.is_some()
+    }
+
+    /// Whether GroupNorm+SiLU pairs run as one fused kernel.
+    pub fn uses_fused_norm_silu(&self) -> bool {
+        self.model.fused_norm_silu()
+    }
+
     /// Trains data-parallel with the other ranks of `group` from now on: each step takes this
     /// rank's share of the global batch and the gradients are averaged over the ranks.
     pub fn join(&mut self, group: ProcessGroup) -> Result<()> {
         if self.graphed.is_some() {
-            bail!("train.cuda_graph is for one process; with several ranks, leave it off");
+            if self.config.train.cuda_graph == Lever::On {
+                bail!("train.cuda_graph is for one process; with several ranks, leave it off");
+            }
+            self.graphed = None;
         }
         // With bf16-pure the f32 gradients are sums made outside autograd, so they are averaged
         // after backward (see accumulate_gradients) rather than by the reducer during it.
@@ -697,7 +720,8 @@ pub fn load_for_sampling(
     let mut vs = VarStore::new(device);
     let mut model = UNet::new(&vs.root(), &config.model);
     // The fused kernels compute what libtorch's ops do: used where they load, else not.
-    let fused = config.train.fused_norm_silu && ops::load_fused_kernels(device).is_ok();
+    let fused =
+        config.train.fused_norm_silu != Lever::Off && ops::load_fused_kernels(device).is_ok();
     model.set_fused_norm_silu(fused);
     let prefix = if ema { "ema." } else { "model." };
     tch::no_grad(|| -> Result<()> {
@@ -851,21 +875,26 @@ mod tests {
     }
 
     #[test]
-    fn cuda_only_options_are_refused_off_cuda() {
+    fn cuda_levers_are_refused_off_cuda_and_auto_leaves_them_off() {
         let mut c = tiny(8);
-        c.train.cuda_graph = true;
+        c.train.cuda_graph = Lever::On;
         let error = Trainer::new(&c, Device::Cpu).err().unwrap().to_string();
         assert!(
             error.contains("train.cuda_graph needs a CUDA device"),
             "{error}"
         );
-        c.train.cuda_graph = false;
-        c.train.fused_norm_silu = true;
+        c.train.cuda_graph = Lever::Off;
+        c.train.fused_norm_silu = Lever::On;
         let error = Trainer::new(&c, Device::Cpu).err().unwrap().to_string();
         assert!(
             error.contains("train.fused_norm_silu needs a CUDA device"),
             "{error}"
         );
+        // `auto`, the default, leaves both off where they cannot run.
+        c.train.fused_norm_silu = Lever::Auto;
+        c.train.cuda_graph = Lever::Auto;
+        let trainer = Trainer::new(&c, Device::Cpu).unwrap();
+        assert!(!trainer.uses_cuda_graph() && !trainer.uses_fused_norm_silu());
     }
 
     /// Needs a CUDA device: `cargo test --release -- --ignored` (tools/gpu-check.sh runs the
@@ -895,8 +924,8 @@ mod tests {
                 c.train.batch = 8;
                 c.train.grad_accum = 2;
                 c.train.precision = precision;
-                c.train.cuda_graph = graph;
-                c.train.fused_norm_silu = fused;
+                c.train.cuda_graph = graph.into();
+                c.train.fused_norm_silu = fused.into();
                 c
             };
             let train = |graph: bool, fused: bool| -> (Vec<f64>, Tensor) {
