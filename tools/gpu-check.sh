@@ -5,10 +5,11 @@
 #
 # Prepare here (the GPU machine has no Rust toolchain):
 #   bash tools/gpu-prepare.sh path/to/torch_unet_bench.py
-# Run there, from the folder holding .gpu/ (OUT: where results go), in two parts of about four
-# minutes each, so that each fits one call with room for a rerun:
+# Run there, from the folder holding .gpu/ (OUT: where results go), in parts:
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 1   # CUDA tests, the targets: ddpm vs PyTorch
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 2   # the levers one by one, channels-last, sampling
+#   OUT=/tmp/out bash .gpu/gpu-check.sh 3   # a short `ddpm train` with a resume
+# or all three at once (about eight minutes): OUT=/tmp/out bash .gpu/gpu-check.sh
 # Back here, the README's tables: python3 tools/gpu_table.py /tmp/out/summary.txt
 set -uo pipefail
 part=${1:-all}
@@ -18,12 +19,20 @@ mkdir -p "$out"
 TL=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH=$TL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 log=$out/results-$part.txt
-run() { echo "+ $*" | tee -a "$log"; "$@" 2>>"$out/stderr-$part.txt" | tee -a "$log"; }
+# Each command gets a time limit (LIMIT seconds, 120 unless set), so that one hang costs only
+# its own minutes, and its exit status is logged.
+run() {
+    echo "+ $*" | tee -a "$log"
+    timeout -k 5 "${LIMIT:-120}" "$@" 2>>"$out/stderr-$part.txt" | tee -a "$log"
+    echo "rc=${PIPESTATUS[0]}" | tee -a "$log"
+}
 ddpm=$here/ddpm
 base=$here/torch_unet_bench.py
 ddim=$here/torch_ddim_bench.py
-# Training step, cifar10 preset, batch 128, 32x32.
+# Training step, cifar10 preset, batch 128, 32x32. CUDA graphs and the fused GroupNorm+SiLU
+# kernels are on by default on CUDA (`auto`); `eager` turns both off.
 train() { run "$ddpm" bench train --preset cifar10 --batch 128 --device cuda --warmup 10 --steps 50 "$@"; }
+eager=(--cuda-graph false --fused-norm-silu false)
 torch_train() { run python3 "$base" --device cuda --batch 128 --warmup 10 --steps 50 "$@"; }
 # DDIM-50 on 1,024 images at 32x32, f32 with TF32 on both sides (ddpm samples in f32).
 sample() { run "$ddpm" bench sample --preset cifar10 --batch 256 --num 1024 --sample-steps 50 --precision tf32 --device cuda "$@"; }
@@ -32,30 +41,41 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 date -u | tee -a "$log"
 if [[ $part == 1 || $part == all ]]; then
     # The tests that need a CUDA device: fused kernels against libtorch's ops, CUDA graphs and
-    # fused kernels against eager training.
-    run "$here/ddpm-tests" --ignored --test-threads 1
-    train --precision tf32
+    # fused kernels against eager training. Then the targets, eager and with the defaults.
+    LIMIT=180 run "$here/ddpm-tests" --ignored --test-threads 1
+    train --precision tf32 "${eager[@]}"
     torch_train --precision f32 --tf32
-    train --precision bf16
+    train --precision tf32
+    train --precision bf16 "${eager[@]}"
     torch_train --precision bf16
-    torch_train --precision bf16 --compile
-    train --precision bf16-pure --fused-norm-silu --cuda-graph
-    train --precision tf32 --fused-norm-silu --cuda-graph
+    LIMIT=240 torch_train --precision bf16 --compile
+    train --precision bf16
+    train --precision bf16-pure
 fi
 if [[ $part == 2 || $part == all ]]; then
-    # Each lever alone: bf16 without autocast's per-op casts, fused GroupNorm+SiLU, CUDA graphs,
-    # channels-last memory order.
-    train --precision fp16
-    train --precision bf16-pure
-    train --precision bf16-pure --fused-norm-silu
-    train --precision bf16-pure --cuda-graph
-    train --precision bf16 --fused-norm-silu --cuda-graph
-    train --precision tf32 --cuda-graph
-    train --precision bf16-pure --channels-last --cuda-graph
-    train --precision bf16 --channels-last
-    torch_train --precision bf16 --channels-last
+    # Sampling, then each lever alone: bf16 without autocast's per-op casts, fused
+    # GroupNorm+SiLU, CUDA graphs, channels-last memory order.
+    sample --fused-norm-silu false
     sample
-    sample --fused-norm-silu
     run python3 "$ddim" --unet-script "$base" --device cuda --batch 256 --num 1024 --sample-steps 50 --precision f32 --tf32
+    train --precision fp16
+    train --precision bf16-pure "${eager[@]}"
+    train --precision bf16-pure --cuda-graph false
+    train --precision bf16-pure --fused-norm-silu false
+    train --precision tf32 --fused-norm-silu false
+    train --precision bf16-pure --channels-last --fused-norm-silu false
+    train --precision bf16 --channels-last --cuda-graph false
+    torch_train --precision bf16 --channels-last
+fi
+if [[ $part == 3 || $part == all ]]; then
+    # End to end on the GPU: a short run on the bundled digits (the levers on by default), a
+    # grid, then a resume that must continue from the checkpoint.
+    runs=$(mktemp -d)
+    run "$ddpm" train --preset mnist --device cuda --precision bf16-pure --steps 600 --stop-at 300 \
+        --sample-every 300 --sample-num 64 --sample-steps 50 --checkpoint-every 300 \
+        --log-every 100 --out "$runs/gpu"
+    run "$ddpm" train --resume "$runs/gpu" --device cuda
+    cp "$runs/gpu/samples/latest.png" "$out/gpu-grid.png" 2>/dev/null
+    tail -n 3 "$runs/gpu/metrics.jsonl" | tee -a "$log"
 fi
 grep -h RESULT "$out"/results-*.txt > "$out/summary.txt"

@@ -18,11 +18,14 @@ def flag(fields, key):
 
 def label(r):
     who = "PyTorch" if r["framework"] == "torch" else "ddpm"
-    precision = {"f32": "f32", "tf32": "f32+TF32"}.get(r["precision"], r["precision"])
+    precision = {"f32": "f32", "tf32": "f32+TF32", "bf16": "bf16 autocast"}.get(r["precision"], r["precision"])
     if flag(r, "tf32") and precision == "f32":
         precision = "f32+TF32"
-    extras = [name.replace("_", " ") for name in
-              ("compile", "channels_last", "cuda_graph", "fused_norm_silu") if flag(r, name)]
+    names = {"compile": "torch.compile", "channels_last": "channels-last",
+             "cuda_graph": "CUDA graph", "fused_norm_silu": "fused norm"}
+    extras = [text for key, text in names.items() if flag(r, key)]
+    if not (flag(r, "compile") or flag(r, "cuda_graph")):
+        precision += ", eager"
     return " ".join([who, precision] + (["+ " + ", ".join(extras)] if extras else []))
 
 
@@ -34,13 +37,15 @@ def baseline(rows, **want):
 
 
 def table(rows, references):
-    head = ["configuration", "img/s", "ms/step", "peak GiB"] + [name for name, _ in references]
+    # Both peaks: a CUDA graph's replays allocate nothing, so its memory shows as reserved only.
+    head = ["configuration", "img/s", "ms/step", "peak alloc. GiB", "peak reserved GiB"]
+    head += [name for name, _ in references]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         speed = float(r["img_per_s"])
         ratios = [f"{speed / ref:.2f}" if ref else "–" for _, ref in references]
-        memory = r.get("mem_peak_alloc_gib", "–")
-        lines.append("| " + " | ".join([label(r), f"{speed:.0f}", r["ms_per_step"], memory] + ratios) + " |")
+        memory = [r.get(key, "–") for key in ("mem_peak_alloc_gib", "mem_peak_reserved_gib")]
+        lines.append("| " + " | ".join([label(r), f"{speed:.0f}", r["ms_per_step"]] + memory + ratios) + " |")
     return "\n".join(lines)
 
 
