@@ -764,6 +764,22 @@ fn bench_prints_one_machine_readable_line_per_run() {
             .is_finite(),
         "{train}"
     );
+    // The levers default to auto (off on a CPU) and the line says what ran; a lever given
+    // alone means true, which a CPU refuses.
+    assert_eq!(field(&train, "cuda_graph"), "0");
+    assert_eq!(field(&train, "fused_norm_silu"), "0");
+    let tiny_step = [
+        "bench", "train", "--preset", "tiny", "--ch", "16", "--size", "8", "--batch", "4",
+        "--warmup", "0", "--steps", "1", "--device", "cpu",
+    ];
+    let off = result(&[&tiny_step[..], &["--cuda-graph", "false"]].concat());
+    assert_eq!(field(&off, "cuda_graph"), "0");
+    let on = ddpm(&[&tiny_step[..], &["--cuda-graph"]].concat(), dir.path());
+    assert!(
+        !on.status.success() && stderr(&on).contains("train.cuda_graph needs a CUDA device"),
+        "{}",
+        stderr(&on)
+    );
     // The data benchmark builds no network, so any image size goes, even one the preset's
     // network could not take (cifar10 attends at 16×16).
     let data = result(&["bench", "data", "--size", "8", "--batch", "64"]);
