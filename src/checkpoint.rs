@@ -485,6 +485,7 @@ mod tests {
             Position {
                 epoch: 3,
                 index: 40,
+                images: Some(50),
             },
             &config,
         )
@@ -495,7 +496,8 @@ mod tests {
             loaded.sidecar.position,
             Position {
                 epoch: 3,
-                index: 40
+                index: 40,
+                images: Some(50),
             }
         );
         assert_eq!(loaded.sidecar.config, config);

@@ -354,6 +354,19 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
         log.contains("1 unreadable image file(s) were skipped"),
         "{log}"
     );
+    // A resume on a folder that has grown says that the data order changes.
+    for i in 10..12u32 {
+        image::RgbImage::new(12, 10)
+            .save(images.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let out = ddpm(&["train", "--resume", "run", "--steps", "4"], dir.path());
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("note: the data has 13 images now and had 11 at step 3"),
+        "{log}"
+    );
     // Where the corrupt file comes in depends on the seed: after a step, that step's state is
     // checkpointed; before any, nothing is written and the same --out can be used again.
     let (mut before_any_step, mut after_a_step) = (false, false);

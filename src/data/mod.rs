@@ -449,6 +449,10 @@ fn substitute_failed(mut pixels: Vec<u8>, n: usize, failed: &[(usize, String)]) 
 pub struct Position {
     pub epoch: u64,
     pub index: usize,
+    /// The size of the dataset the order is of: a resume on data of another size continues in
+    /// another order. None in checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<usize>,
 }
 
 /// Draws batches in a shuffled order that depends only on the seed and the epoch, so a run
@@ -465,6 +469,7 @@ impl Sampler {
     /// Continues from `position`; one past the end of a (smaller) dataset starts the next epoch.
     pub fn new(len: usize, seed: u64, mut position: Position) -> Self {
         position.index = position.index.min(len);
+        position.images = Some(len);
         let order = epoch_order(len, seed, position.epoch);
         Sampler {
             len,
@@ -486,6 +491,7 @@ impl Sampler {
                 self.position = Position {
                     epoch: self.position.epoch + 1,
                     index: 0,
+                    images: Some(self.len),
                 };
                 self.order = epoch_order(self.len, self.seed, self.position.epoch);
             }
@@ -1172,7 +1178,14 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(loader.next_batch().unwrap().size(), [4, 3, 4, 4]);
         }
-        assert_eq!(loader.position(), Position { epoch: 1, index: 2 });
+        assert_eq!(
+            loader.position(),
+            Position {
+                epoch: 1,
+                index: 2,
+                images: Some(dataset.len())
+            }
+        );
         assert_eq!(
             loader_batches(&dataset, loader.position(), options(2, Shard::WHOLE), 3),
             expected[2..]

@@ -205,6 +205,14 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             checkpoint.path.display(),
             checkpoint.sidecar.step
         );
+        let then = checkpoint.sidecar.position.images;
+        if let Some(then) = then.filter(|&then| then != dataset.len()) {
+            crate::say!(
+                "note: the data has {} images now and had {then} at step {}: the run goes on in another data order than it would have had",
+                dataset.len(),
+                checkpoint.sidecar.step
+            );
+        }
     }
     if leader {
         crate::say!(
@@ -823,7 +831,11 @@ mod tests {
         let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
         let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         trainer.step(&clean).unwrap();
-        let position = Position { epoch: 0, index: 4 };
+        let position = Position {
+            epoch: 0,
+            index: 4,
+            images: Some(4),
+        };
         checkpoint::save(
             dir.path(),
             &trainer.state_tensors(),

@@ -372,9 +372,11 @@ impl Trainer {
         let counters = Vec::<i64>::try_from(&counters.to_device(Device::Cpu))?;
         self.step = counters[0] as u64;
         self.lr_scale = lr_scale.double_value(&[0]);
+        // The dataset size is the same on every rank (check_agreement).
         Ok(Position {
             epoch: counters[1] as u64,
             index: counters[2] as usize,
+            ..position
         })
     }
 
