@@ -29,8 +29,16 @@ pub fn resolve_config(
         (None, None, Some(checkpoint)) => checkpoint.sidecar.config.clone(),
         (None, None, None) => RunConfig::preset("tiny")?,
     };
+    let before_flags = config.clone();
     overrides.apply(&mut config);
-    config.validate()?;
+    if let Err(error) = config.validate() {
+        // A value the file holds, not one a flag gave: name the file.
+        let same = |e: anyhow::Error| e.to_string() == error.to_string();
+        if let Some(file) = config_file.filter(|_| before_flags.validate().is_err_and(same)) {
+            return Err(error.context(format!("in config file {}", file.display())));
+        }
+        return Err(error);
+    }
     Ok(config)
 }
 

@@ -43,6 +43,26 @@ fn config_errors_name_the_key_before_any_work() {
         "{}",
         stderr(&out)
     );
+    // A value out of range names the file it comes from, and only then.
+    std::fs::write(dir.path().join("zero.toml"), "[train]\nbatch = 0\n").unwrap();
+    let zero_batch = |extra: &[&str]| {
+        let args = [
+            &["train", "--config", "zero.toml", "--out", "run"][..],
+            extra,
+        ]
+        .concat();
+        stderr(&ddpm(&args, dir.path()))
+    };
+    let from_file = zero_batch(&[]);
+    assert!(
+        from_file.contains("in config file zero.toml") && from_file.contains("train.batch"),
+        "{from_file}"
+    );
+    let from_flag = zero_batch(&["--batch", "4", "--ema-decay", "1.5"]);
+    assert!(
+        from_flag.contains("train.ema_decay") && !from_flag.contains("zero.toml"),
+        "{from_flag}"
+    );
 
     let out = ddpm(
         &["train", "--data", "no/such/folder", "--out", "run"],
