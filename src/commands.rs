@@ -761,10 +761,10 @@ pub struct BenchArgs {
     /// Channels-last memory order for weights and activations
     #[arg(long)]
     pub channels_last: bool,
-    /// Replay the forward and backward pass as a CUDA graph (training) [default: auto]
+    /// Replay the forward and backward pass as a CUDA graph (training); alone: true [default: auto]
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "true")]
     pub cuda_graph: Option<crate::config::Lever>,
-    /// One fused kernel per GroupNorm+SiLU [default: auto]
+    /// One fused kernel per GroupNorm+SiLU; alone: true [default: auto]
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "true")]
     pub fused_norm_silu: Option<crate::config::Lever>,
     #[arg(long, default_value = "auto")]

@@ -242,9 +242,9 @@ impl Precision {
 pub enum Lever {
     #[default]
     Auto,
-    #[value(name = "true", alias = "on")]
+    #[value(name = "true")]
     On,
-    #[value(name = "false", alias = "off")]
+    #[value(name = "false")]
     Off,
 }
 
@@ -1073,11 +1073,11 @@ pub struct Overrides {
     /// Channels-last memory order, true or false [train.channels_last]
     #[arg(long)]
     pub channels_last: Option<bool>,
-    /// Replay the forward and backward pass as a CUDA graph [train.cuda_graph]
-    #[arg(long, value_enum)]
+    /// Replay the forward and backward pass as a CUDA graph; alone: true [train.cuda_graph]
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "true")]
     pub cuda_graph: Option<Lever>,
-    /// One fused kernel per GroupNorm+SiLU [train.fused_norm_silu]
-    #[arg(long, value_enum)]
+    /// One fused kernel per GroupNorm+SiLU; alone: true [train.fused_norm_silu]
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "true")]
     pub fused_norm_silu: Option<Lever>,
     /// [train.seed]
     #[arg(long)]

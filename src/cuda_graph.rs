@@ -62,7 +62,9 @@ impl CudaGraph {
             let value = result.map_err(panic_error)??;
             ended.map(|()| value)
         })
-        .map_err(|e| anyhow!("recording a CUDA graph failed: {e:#}"))
+        .map_err(|e| {
+            anyhow!("recording a CUDA graph failed (set train.cuda_graph = false, or --cuda-graph false, to train without): {e:#}")
+        })
     }
 
     fn replay(&self) -> Result<()> {
@@ -125,7 +127,7 @@ impl GraphedComputation {
                 self.replay(outputs)
             }
             None if self.capture_failed => {
-                bail!("an earlier CUDA graph recording failed; run without train.cuda_graph")
+                bail!("an earlier CUDA graph recording failed; set train.cuda_graph = false (--cuda-graph false)")
             }
             None => {
                 let recorded: Vec<Tensor> = inputs.iter().map(Tensor::copy).collect();

@@ -76,31 +76,48 @@ pub(super) fn defined_gradients(params: &[Tensor], names: &[String]) -> Result<V
     Ok(grads)
 }
 
-/// Refuses train.fused_norm_silu where the fused kernels would not run (they take NCHW f32 or
-/// bf16 activations on CUDA), and compiles them for the device.
-fn check_fused_norm_silu(config: &RunConfig, device: Device) -> Result<()> {
+/// Why the fused GroupNorm+SiLU kernels cannot run in this configuration (they take NCHW f32 or
+/// bf16 activations on CUDA), if they cannot.
+fn fused_norm_silu_unsuitable(config: &RunConfig, device: Device) -> Option<String> {
     if !device.is_cuda() {
-        bail!(
+        Some(format!(
             "train.fused_norm_silu needs a CUDA device; this run is on {}",
             crate::device::name(device)
-        );
+        ))
+    } else if config.train.channels_last {
+        Some("train.fused_norm_silu takes NCHW activations: turn train.channels_last off".into())
+    } else if config.train.precision == Precision::Fp16 {
+        Some("train.fused_norm_silu takes f32 or bf16 activations, not fp16".into())
+    } else {
+        None
     }
-    if config.train.channels_last {
-        bail!("train.fused_norm_silu takes NCHW activations: turn train.channels_last off");
-    }
-    if config.train.precision == Precision::Fp16 {
-        bail!("train.fused_norm_silu takes f32 or bf16 activations, not fp16");
-    }
-    ops::load_fused_kernels(device).context("preparing train.fused_norm_silu")
 }
 
-/// Whether the fused GroupNorm+SiLU kernels run: `true` is refused where they cannot, `auto`
-/// uses them where they can.
+/// Compiles the fused kernels for a CUDA device where `auto` asks for them; a failure (no NVRTC,
+/// a driver error) is said, not hidden, and the run goes on without them.
+fn fused_kernels_load(device: Device) -> bool {
+    match ops::load_fused_kernels(device) {
+        Ok(()) => true,
+        Err(error) => {
+            crate::say!("note: training and sampling run without the fused GroupNorm+SiLU kernels (train.fused_norm_silu = false hides this note): {error:#}");
+            false
+        }
+    }
+}
+
+/// Whether the fused GroupNorm+SiLU kernels run in training: `true` is refused where they
+/// cannot, `auto` uses them where they can.
 fn uses_fused_norm_silu(config: &RunConfig, device: Device) -> Result<bool> {
+    let unsuitable = fused_norm_silu_unsuitable(config, device);
     match config.train.fused_norm_silu {
         Lever::Off => Ok(false),
-        Lever::On => check_fused_norm_silu(config, device).map(|()| true),
-        Lever::Auto => Ok(check_fused_norm_silu(config, device).is_ok()),
+        Lever::On => match unsuitable {
+            Some(reason) => bail!(reason),
+            None => ops::load_fused_kernels(device)
+                .context("preparing train.fused_norm_silu")
+                .map(|()| true),
+        },
+        Lever::Auto => Ok(unsuitable.is_none() && fused_kernels_load(device)),
     }
 }
 
@@ -202,10 +219,12 @@ impl Trainer {
                     crate::device::name(device)
                 )
             }
-            Lever::On | Lever::Auto if device.is_cuda() => {
+            Lever::On => Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?),
+            // A build without the CUDA headers has no graphs (and says so when they are asked for).
+            Lever::Auto if device.is_cuda() && ops::built_with_cuda() => {
                 Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?)
             }
-            _ => None,
+            Lever::Auto | Lever::Off => None,
         };
         Ok(Trainer {
             config: config.clone(),
@@ -721,9 +740,11 @@ pub fn load_for_sampling(
     let config = &checkpoint.sidecar.config;
     let mut vs = VarStore::new(device);
     let mut model = UNet::new(&vs.root(), &config.model);
-    // The fused kernels compute what libtorch's ops do: used where they load, else not.
-    let fused =
-        config.train.fused_norm_silu != Lever::Off && ops::load_fused_kernels(device).is_ok();
+    // The fused kernels compute what libtorch's ops do: used on CUDA unless turned off (sampling
+    // runs in f32 and NCHW, whatever the training precision and layout).
+    let fused = config.train.fused_norm_silu != Lever::Off
+        && device.is_cuda()
+        && fused_kernels_load(device);
     model.set_fused_norm_silu(fused);
     let prefix = if ema { "ema." } else { "model." };
     tch::no_grad(|| -> Result<()> {
