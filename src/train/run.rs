@@ -700,13 +700,14 @@ impl Window {
     }
 }
 
-/// Peak CUDA memory allocated since the last call, in GiB; None on other devices.
+/// Peak CUDA memory reserved since the last call, in GiB; None on other devices. Reserved, not
+/// allocated: a CUDA graph's replays allocate nothing, so its pool shows only there.
 fn peak_memory_gib(device: Device) -> Result<Option<f64>> {
     match device {
         Device::Cuda(index) => {
-            let (allocated, _) = ops::cuda_peak_memory(index)?;
+            let (_, reserved) = ops::cuda_peak_memory(index)?;
             ops::reset_cuda_peak_memory(index)?;
-            Ok(Some(allocated as f64 / (1u64 << 30) as f64))
+            Ok(Some(reserved as f64 / (1u64 << 30) as f64))
         }
         _ => Ok(None),
     }
