@@ -104,6 +104,12 @@ char *ddpm_channels_last(at::Tensor *tensor, at::Tensor **out) {
   DDPM_TRY({ *out = new at::Tensor(tensor->contiguous(at::MemoryFormat::ChannelsLast)); })
 }
 
+// *out = a copy of tensor in page-locked host memory, from libtorch's caching host allocator
+// (which keeps a block until the copies from it that were queued have run).
+char *ddpm_pin_memory(at::Tensor *tensor, at::Tensor **out) {
+  DDPM_TRY({ *out = new at::Tensor(tensor->pin_memory()); })
+}
+
 // targets[i] = sources[i], converting the dtype where they differ.
 char *ddpm_foreach_copy_(at::Tensor **targets, at::Tensor **sources, size_t n) {
   DDPM_TRY({ at::_foreach_copy_(list(targets, n), list(sources, n), false); })

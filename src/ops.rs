@@ -60,6 +60,7 @@ extern "C" {
         -> *mut c_char;
     fn ddpm_to_channels_last_(tensors: *const CTensor, n: usize) -> *mut c_char;
     fn ddpm_channels_last(tensor: CTensor, out: *mut CTensor) -> *mut c_char;
+    fn ddpm_pin_memory(tensor: CTensor, out: *mut CTensor) -> *mut c_char;
     fn ddpm_amp_unscale_(
         grads: *const CTensor,
         n: usize,
@@ -275,6 +276,15 @@ pub fn channels_last(tensor: &Tensor) -> Result<Tensor> {
     Ok(unsafe { Tensor::from_ptr(out as *mut _) })
 }
 
+/// A copy of the CPU tensor in page-locked memory, from which a copy to a CUDA device can be
+/// queued without waiting for the device (needs a CUDA build and device).
+pub fn pinned(tensor: &Tensor) -> Result<Tensor> {
+    let mut out: CTensor = std::ptr::null_mut();
+    check(unsafe { ddpm_pin_memory(ptr(tensor), &mut out) })?;
+    // SAFETY: on success the binding hands over a heap-allocated at::Tensor.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
 /// tᵢ = 0
 pub fn foreach_zero_(tensors: &[Tensor]) -> Result<()> {
     let p = ptrs(tensors);
@@ -399,6 +409,16 @@ mod tests {
         }
         let error = compile_fused_kernels("sm_1").unwrap_err().to_string();
         assert!(error.contains("sm_1"), "{error}");
+    }
+
+    #[test]
+    fn pinned_copies_the_values_or_says_why_it_cannot() {
+        let t = Tensor::from_slice(&[1u8, 2, 250]);
+        match pinned(&t) {
+            Ok(p) => assert!(p.equal(&t)),
+            // Page-locked memory comes from the CUDA driver.
+            Err(e) => assert!(!tch::Cuda::is_available(), "{e:#}"),
+        }
     }
 
     /// Needs a CUDA device (tools/gpu-check.sh runs the ignored tests there).

@@ -513,9 +513,19 @@ fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 
 /// u8 images → f32 in [−1, 1] on `device`.
 pub fn to_model_space(images: &Tensor, device: Device) -> Tensor {
-    let mut x = images.to_device(device).to_kind(Kind::Float);
+    let mut x = to_device_queued(images, device).to_kind(Kind::Float);
     let _ = x.g_mul_scalar_(1.0 / 127.5).g_sub_scalar_(1.0);
     x
+}
+
+/// `tensor` on `device`. To a CUDA device through page-locked memory, so that the copy is queued
+/// behind the work already queued instead of waiting for it: a plain copy from pageable memory
+/// synchronises the stream, which left the device idle while each training step was queued.
+fn to_device_queued(tensor: &Tensor, device: Device) -> Tensor {
+    match device.is_cuda().then(|| crate::ops::pinned(tensor)) {
+        Some(Ok(pinned)) => pinned.to_device_(device, pinned.kind(), true, false),
+        _ => tensor.to_device(device),
+    }
 }
 
 /// Random horizontal flips and (when `jitter` > 0) brightness, contrast and saturation jitter
@@ -569,6 +579,22 @@ pub fn augment_share(x: &Tensor, hflip: bool, jitter: f64, shard: Shard) -> Tens
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    /// Needs a CUDA device (tools/gpu-check.sh runs the ignored tests there).
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn images_reach_a_cuda_device_as_on_the_cpu_whatever_their_source_does_next() {
+        assert!(tch::Cuda::is_available(), "no CUDA device");
+        let device = Device::Cuda(0);
+        // Queued behind a long computation, so that the copy has not run when the source changes.
+        let busy = Tensor::randn([4096, 4096], (Kind::Float, device));
+        let _ = busy.matmul(&busy).matmul(&busy);
+        let mut images = Tensor::randint(256, [64, 3, 32, 32], (Kind::Uint8, Device::Cpu));
+        let expected = to_model_space(&images, Device::Cpu);
+        let on_device = to_model_space(&images, device);
+        let _ = images.fill_(0);
+        assert!(on_device.to_device(Device::Cpu).equal(&expected));
+    }
 
     fn options(channels: i64, size: i64) -> LoadOptions {
         LoadOptions {
