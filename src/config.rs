@@ -1361,9 +1361,12 @@ mod tests {
         c.validate().unwrap();
     }
 
+    /// One change to a configuration.
+    type Change = Box<dyn Fn(&mut RunConfig)>;
+
     #[test]
     fn bad_values_name_key_value_and_range() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut RunConfig)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             ("train.ema_decay", Box::new(|c| c.train.ema_decay = 1.0)),
             (
                 "diffusion.timesteps",
@@ -1398,7 +1401,7 @@ mod tests {
 
     #[test]
     fn runs_refuse_what_they_cannot_allocate_but_checkpoints_stay_valid() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut RunConfig)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             ("data.workers", Box::new(|c| c.data.workers = 100_000)),
             ("data.prefetch", Box::new(|c| c.data.prefetch = 1000)),
             ("sample.num", Box::new(|c| c.sample.num = 100_000_000_000)),

@@ -19,6 +19,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Train a model; everything the run writes goes into one run directory (--out)
     #[command(allow_negative_numbers = true)]

@@ -39,6 +39,10 @@ impl Records {
         self.pixels.len() / self.shape.bytes()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Writes record `index` at `shape` into `dst`.
     pub fn fit_into(&self, index: usize, shape: Shape, dst: &mut [u8]) {
         let n = self.shape.bytes();
