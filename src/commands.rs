@@ -16,12 +16,33 @@ use crate::train::{self, RunOptions};
 
 /// Builds a run's configuration: the TOML file's or the preset's when given (a new run, or
 /// `--resume auto` in a job script whose file describes the run), else the resumed checkpoint's,
-/// else the tiny preset's; then the command-line overrides; then validation.
+/// else the tiny preset's; then the command-line overrides; then validation (and, for a training
+/// run, its resource limits).
 pub fn resolve_config(
     preset: Option<&str>,
     config_file: Option<&Path>,
     resume: Option<&Checkpoint>,
     overrides: &Overrides,
+) -> Result<RunConfig> {
+    resolve_checked_config(preset, config_file, resume, overrides, RunConfig::validate)
+}
+
+fn resolve_training_config(args: &TrainArgs, resume: Option<&Checkpoint>) -> Result<RunConfig> {
+    resolve_checked_config(
+        args.preset.as_deref(),
+        args.config_file.as_deref(),
+        resume,
+        &args.overrides,
+        |c| c.validate().and_then(|()| c.check_run_resources()),
+    )
+}
+
+fn resolve_checked_config(
+    preset: Option<&str>,
+    config_file: Option<&Path>,
+    resume: Option<&Checkpoint>,
+    overrides: &Overrides,
+    check: impl Fn(&RunConfig) -> Result<()>,
 ) -> Result<RunConfig> {
     let mut config = match (config_file, preset, resume) {
         (Some(file), _, _) => RunConfig::from_toml_file(file, preset)?,
@@ -31,10 +52,10 @@ pub fn resolve_config(
     };
     let before_flags = config.clone();
     overrides.apply(&mut config);
-    if let Err(error) = config.validate() {
+    if let Err(error) = check(&config) {
         // A value the file holds, not one a flag gave: name the file.
         let same = |e: anyhow::Error| e.to_string() == error.to_string();
-        if let Some(file) = config_file.filter(|_| before_flags.validate().is_err_and(same)) {
+        if let Some(file) = config_file.filter(|_| check(&before_flags).is_err_and(same)) {
             return Err(error.context(format!("in config file {}", file.display())));
         }
         return Err(error);
@@ -62,12 +83,7 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         bail!("--resume continues a run with the configuration in its checkpoint; --config and --preset are for new runs (change a resumed run's settings with flags, e.g. --steps)");
     }
     let resume = resolve_resume(&args)?;
-    let config = resolve_config(
-        args.preset.as_deref(),
-        args.config_file.as_deref(),
-        resume.as_ref(),
-        &args.overrides,
-    )?;
+    let config = resolve_training_config(&args, resume.as_ref())?;
     let run_dir = match (&args.out, &resume) {
         (Some(out), _) => out.clone(),
         (None, Some(checkpoint)) => run_dir_of(&checkpoint.path),
@@ -216,12 +232,7 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
         Some(path) if path == Path::new("auto") => {
             let dir = match &args.out {
                 Some(out) => out.clone(),
-                None => default_run_dir(&resolve_config(
-                    args.preset.as_deref(),
-                    args.config_file.as_deref(),
-                    None,
-                    &args.overrides,
-                )?),
+                None => default_run_dir(&resolve_training_config(args, None)?),
             };
             let found = !crate::checkpoint::list(&dir.join("checkpoints"))?.is_empty();
             found.then(|| Checkpoint::load(&dir)).transpose()

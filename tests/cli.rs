@@ -58,6 +58,16 @@ fn config_errors_name_the_key_before_any_work() {
         from_file.contains("in config file zero.toml") && from_file.contains("train.batch"),
         "{from_file}"
     );
+    std::fs::write(dir.path().join("big.toml"), "[sample]\nnum = 5000\n").unwrap();
+    let out = ddpm(
+        &["train", "--config", "big.toml", "--out", "run"],
+        dir.path(),
+    );
+    assert!(
+        stderr(&out).contains("in config file big.toml") && stderr(&out).contains("sample.num"),
+        "{}",
+        stderr(&out)
+    );
     let from_flag = zero_batch(&["--batch", "4", "--ema-decay", "1.5"]);
     assert!(
         from_flag.contains("train.ema_decay") && !from_flag.contains("zero.toml"),
@@ -341,6 +351,10 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
         .unwrap();
     }
     std::fs::write(images.join("5-corrupt.png"), b"\x89PNG\r\n\x1a\n").unwrap();
+    // A grayscale image first in name order, among colour ones.
+    image::GrayImage::new(12, 10)
+        .save(images.join("00-gray.png"))
+        .unwrap();
     let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\n";
     std::fs::write(dir.path().join("small.toml"), config).unwrap();
     let train = |extra: &[&str], out: &str| {
@@ -367,6 +381,10 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("decoded as read"), "{log}");
     assert!(
+        log.contains("is in colour; model.in_channels = 1 trains on it in grayscale"),
+        "{log}"
+    );
+    assert!(
         log.contains("skipping") && log.contains("5-corrupt.png"),
         "{log}"
     );
@@ -384,7 +402,7 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
     let log = stderr(&out);
     assert!(out.status.success(), "{log}");
     assert!(
-        log.contains("note: the data has 13 images now and had 11 at step 3"),
+        log.contains("note: the data has 14 images now and had 12 at step 3"),
         "{log}"
     );
     // Where the corrupt file comes in depends on the seed: after a step, that step's state is

@@ -282,7 +282,8 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             let dir = path.unwrap();
             let files = formats::image_files(dir)?;
             let description = format!("image folder {}", dir.display());
-            if shape.channels == 1 && formats::is_colour(&files[0]) {
+            // A few headers: the first file may be a grayscale one among colour photos.
+            if shape.channels == 1 && files.iter().take(16).any(|f| formats::is_colour(f)) {
                 note_grayscale(&description);
             }
             if !should_cache(options.cache, files.len(), shape) {
