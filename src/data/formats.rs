@@ -67,7 +67,12 @@ impl Records {
 
 pub fn detect_format(path: &Path) -> Result<DataFormat> {
     if !path.exists() {
-        bail!("data path {} does not exist", path.display());
+        // A relative path (from a flag or a config file) is taken from the working directory.
+        let from = match (path.is_relative(), std::env::current_dir()) {
+            (true, Ok(cwd)) => format!(" (relative to the working directory {})", cwd.display()),
+            _ => String::new(),
+        };
+        bail!("data path {} does not exist{from}", path.display());
     }
     if path.is_file() {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
