@@ -259,8 +259,9 @@ pub fn refresh_run_views(run_dir: &Path, config: &crate::config::RunConfig) -> R
         .filter_map(|p| image::open(p).ok())
         .map(|i| i.to_rgb8())
         .collect();
-    if let Some(first) = frames.first() {
-        let size = first.dimensions();
+    // The grids of the run's current layout (a resume may change sample.num).
+    if let Some(newest) = frames.last() {
+        let size = newest.dimensions();
         let same: Vec<image::RgbImage> = frames
             .iter()
             .filter(|f| f.dimensions() == size)
@@ -660,5 +661,26 @@ mod tests {
         .unwrap();
         use image::AnimationDecoder;
         assert_eq!(decoder.into_frames().count(), 2);
+    }
+
+    #[test]
+    fn the_animation_follows_the_newest_grid_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let samples = dir.path().join("samples");
+        fs::create_dir(&samples).unwrap();
+        // A resume changed sample.num after step 1: later grids have another size.
+        for (step, width) in [(1, 40), (2, 60), (3, 60)] {
+            image::RgbImage::new(width, 30)
+                .save(samples.join(format!("step-{step:08}.png")))
+                .unwrap();
+        }
+        let config = crate::config::RunConfig::preset("tiny").unwrap();
+        refresh_run_views(dir.path(), &config).unwrap();
+        let gif = fs::File::open(samples.join("training.gif")).unwrap();
+        let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(gif)).unwrap();
+        use image::AnimationDecoder;
+        let frames = decoder.into_frames().collect_frames().unwrap();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].buffer().width(), 60);
     }
 }
