@@ -599,6 +599,9 @@ pub fn fid(args: FidArgs) -> Result<()> {
         "FID of {count} generated images against {} real ones: {score}",
         real.len()
     );
+    if real.skipped() > 0 {
+        crate::say!("note: {} unreadable real image file(s) (named above) were counted as copies of others; remove them for an exact score", real.skipped());
+    }
     if count < 2048 {
         // Fewer images than Inception features: the covariance is singular and the score
         // far above its large-N value.

@@ -505,11 +505,14 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
         .find_map(|f| image_dimensions(f).ok())
         .with_context(|| format!("none of the images in {} can be read", dir.display()))?;
     let size = ImageSize::Rect([height as i64, width as i64]);
+    // Grayscale images (a 1-channel model's samples) stay grayscale, as sampled from the
+    // checkpoint they are, so that both score against the same real statistics.
+    let colour = files.iter().take(64).any(|f| data::is_colour(f));
     let set = data::load(
         Some(dir),
         &LoadOptions {
             format: DataFormat::Folder,
-            channels: 3,
+            channels: if colour { 3 } else { 1 },
             size,
             strict: false,
             split: crate::config::Split::Train,
@@ -859,6 +862,26 @@ mod tests {
         assert_eq!(
             statistics_key(&digits).unwrap(),
             statistics_key(&digits.all().unwrap()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_folder_of_grayscale_samples_loads_as_one_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..3u8 {
+            image::GrayImage::from_pixel(8, 6, image::Luma([i * 80]))
+                .save(dir.path().join(format!("{i}.png")))
+                .unwrap();
+        }
+        let gray = load_image_folder(dir.path(), None).unwrap();
+        assert_eq!(gray.size(), [3, 1, 6, 8]);
+        assert_eq!(gray.int64_value(&[2, 0, 0, 0]), 160);
+        image::RgbImage::from_pixel(8, 6, image::Rgb([200, 10, 10]))
+            .save(dir.path().join("3.png"))
+            .unwrap();
+        assert_eq!(
+            load_image_folder(dir.path(), None).unwrap().size(),
+            [4, 3, 6, 8]
         );
     }
 

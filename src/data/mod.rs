@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataCache, DataFormat, ImageSize, RunConfig, Split};
-pub use formats::{image_files, parse_cifar, parse_idx_images, Cifar, Records, Shape};
+pub use formats::{image_files, is_colour, parse_cifar, parse_idx_images, Cifar, Records, Shape};
 pub use loader::{Loader, LoaderOptions, Shard};
 
 /// What to load and how.
