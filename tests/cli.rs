@@ -322,7 +322,16 @@ fn a_second_sigint_quits_at_once_without_a_checkpoint() {
         !rest.iter().any(|l| l.starts_with("interrupted after step")),
         "{rest:?}"
     );
-    assert!(!dir.path().join("run/checkpoints").exists());
+    // No checkpoint (on a busy machine the step may have ended and a save begun, which the
+    // second signal cuts short before its sidecar is written).
+    let sidecars = std::fs::read_dir(dir.path().join("run/checkpoints"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(sidecars, 0);
     // Nothing to resume: the error says how to start the run again.
     let out = ddpm(&["train", "--resume", "run"], dir.path());
     let log = stderr(&out);
