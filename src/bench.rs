@@ -119,7 +119,7 @@ pub fn sampling(
         device,
         batch,
         None,
-        |_, _| {},
+        |_, _, _| {},
     )?;
     synchronize(device);
     reset_peak(device)?;
@@ -132,7 +132,7 @@ pub fn sampling(
         device,
         batch,
         None,
-        |_, _| {},
+        |_, _, _| {},
     )?;
     let _ = images.sum(Kind::Float).double_value(&[]);
     synchronize(device);

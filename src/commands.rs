@@ -391,13 +391,10 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     };
     let m = &config.model;
     let started = std::time::Instant::now();
-    let total_steps = if settings.sampler == crate::config::SamplerKind::Ddim {
-        settings.steps
-    } else {
-        config.diffusion.timesteps
-    };
+    let total_steps = sampler::step_count(&settings, config.diffusion.timesteps);
     let every = total_steps.div_ceil(60); // about 60 frames whatever the sampler
     let mut frames = Vec::new();
+    let mut progress = crate::monitor::SamplingProgress::new(args.num, args.batch, total_steps);
     let images = sampler::sample(
         &denoiser,
         &settings,
@@ -406,12 +403,15 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         device,
         args.batch,
         None,
-        |done, x| {
-            if args.animation.is_some() && (done % every == 0 || done == total_steps) {
+        |batch, done, x| {
+            progress.update(batch, done);
+            let frame = done % every == 0 || done == total_steps;
+            if args.animation.is_some() && batch == 0 && frame {
                 frames.push(crate::monitor::grid_image(&x.clamp(-1.0, 1.0)));
             }
         },
     )?;
+    progress.finish();
     crate::say!(
         "sampled {} images in {:.1} s ({}, {} weights, step {})",
         args.num,
@@ -637,6 +637,8 @@ fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
     };
     let (m, num) = (&config.model, args.num.unwrap_or(10_000));
     let started = std::time::Instant::now();
+    let steps = sampler::step_count(&config.sample, config.diffusion.timesteps);
+    let mut progress = crate::monitor::SamplingProgress::new(num, args.batch, steps);
     let images = sampler::sample(
         &denoiser,
         &config.sample,
@@ -645,8 +647,9 @@ fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
         device,
         args.batch,
         None,
-        |_, _| {},
+        |batch, done, _| progress.update(batch, done),
     )?;
+    progress.finish();
     crate::say!(
         "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
         started.elapsed().as_secs_f64(),

@@ -368,9 +368,69 @@ pub struct MetricsRecord {
     pub images_per_second: f64,
     /// Seconds of the interval spent waiting for data.
     pub data_wait_seconds: f64,
-    /// Peak memory allocated on the device since the last record, GiB (CUDA only).
+    /// Peak memory reserved on the device since the last record, GiB (CUDA only).
     pub device_memory_gib: Option<f64>,
     pub wall_seconds: f64,
+}
+
+/// How far a long sampling job is, on stderr: a bar on a terminal; otherwise (a log) a line per
+/// finished batch, at most every 10 s, when there are several batches.
+pub struct SamplingProgress {
+    bar: Option<ProgressBar>,
+    images: usize,
+    batch: usize,
+    steps: usize,
+    started: Instant,
+    last_line: Instant,
+}
+
+impl SamplingProgress {
+    /// `images` in batches of `batch`, `steps` denoising steps each.
+    pub fn new(images: usize, batch: usize, steps: usize) -> Self {
+        let batches = images.div_ceil(batch.max(1));
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new((batches * steps) as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {msg}  ETA {eta}").expect("valid template"),
+            );
+            bar
+        });
+        SamplingProgress {
+            bar,
+            images,
+            batch,
+            steps,
+            started: Instant::now(),
+            last_line: Instant::now(),
+        }
+    }
+
+    /// After `steps_done` denoising steps of batch `batch_index` (0: its starting noise).
+    pub fn update(&mut self, batch_index: usize, steps_done: usize) {
+        let images_done = (batch_index * self.batch + self.batch * steps_done / self.steps.max(1))
+            .min(self.images);
+        if let Some(bar) = &self.bar {
+            bar.set_position((batch_index * self.steps + steps_done) as u64);
+            bar.set_message(format!("{images_done}/{} images", self.images));
+        } else if steps_done == self.steps
+            && self.images > self.batch
+            && images_done < self.images
+            && self.last_line.elapsed().as_secs() >= 10
+        {
+            self.last_line = Instant::now();
+            crate::say!(
+                "sampled {images_done} of {} images ({:.0} s)",
+                self.images,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Appends metrics lines and drives the progress display (a bar on a terminal, plain lines

@@ -58,8 +58,16 @@ pub fn ddim_step(
     (ab_prev.sqrt() * x0 + dir * eps, sigma)
 }
 
-/// Generates images [n, C, H, W] in [−1, 1]. `on_step(steps_done, x)` sees the first batch's
-/// x_T, then x after each denoising step (for trajectories); the result is the same for the same
+/// The denoising steps `settings` take with a `timesteps`-step schedule.
+pub fn step_count(settings: &SampleConfig, timesteps: usize) -> usize {
+    match settings.sampler {
+        SamplerKind::Ddim => settings.steps,
+        SamplerKind::Ddpm => timesteps,
+    }
+}
+
+/// Generates images [n, C, H, W] in [−1, 1]. `on_step(batch, steps_done, x)` sees each batch's
+/// x_T, then x after each denoising step (for trajectories and progress); the result is the same for the same
 /// seed, batch and settings. Once `stop` is set, sampling ends at the next step with
 /// [`Interrupted`].
 #[allow(clippy::too_many_arguments)]
@@ -71,7 +79,7 @@ pub fn sample(
     device: Device,
     batch: usize,
     stop: Option<&AtomicBool>,
-    mut on_step: impl FnMut(usize, &Tensor),
+    mut on_step: impl FnMut(usize, usize, &Tensor),
 ) -> Result<Tensor, Interrupted> {
     let _guard = tch::no_grad_guard();
     let [n, c, h, w] = shape;
@@ -86,9 +94,7 @@ pub fn sample(
         let mut x = Tensor::randn([b, c, h, w], (Kind::Float, device));
         let mut steps_done = 0;
         let mut report = |x: &Tensor| {
-            if chunk == 0 {
-                on_step(steps_done, x);
-            }
+            on_step(chunk, steps_done, x);
             steps_done += 1;
             check_stop(stop)
         };
@@ -210,7 +216,7 @@ mod tests {
                     Device::Cpu,
                     2,
                     None,
-                    |_, _| {},
+                    |_, _, _| {},
                 )
                 .unwrap()
             };
@@ -260,7 +266,7 @@ mod tests {
                     Device::Cpu,
                     4,
                     None,
-                    |_, _| {},
+                    |_, _, _| {},
                 )
                 .unwrap()
             };
@@ -290,15 +296,16 @@ mod tests {
         let _ = sample(
             &d,
             &settings,
-            [1, 1, 28, 28],
+            [2, 1, 28, 28],
             0,
             Device::Cpu,
             1,
             None,
-            |i, _| seen.push(i),
+            |batch, i, _| seen.push((batch, i)),
         );
-        // x_T, then after each of the 4 steps.
-        assert_eq!(seen, [0, 1, 2, 3, 4]);
+        // Each batch: x_T, then after each of the 4 steps.
+        let each: Vec<(usize, usize)> = (0..2).flat_map(|b| (0..5).map(move |i| (b, i))).collect();
+        assert_eq!(seen, each);
 
         // A stop asked for during step 2 ends sampling before step 3.
         let (stop, mut seen) = (AtomicBool::new(false), Vec::new());
@@ -310,7 +317,7 @@ mod tests {
             Device::Cpu,
             1,
             Some(&stop),
-            |i, _| {
+            |_, i, _| {
                 seen.push(i);
                 if i == 2 {
                     stop.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -726,11 +726,7 @@ fn write_samples(
 ) -> Result<PathBuf> {
     let started = Instant::now();
     let s = &trainer.config.sample;
-    let steps = if s.sampler == crate::config::SamplerKind::Ddim {
-        s.steps
-    } else {
-        trainer.config.diffusion.timesteps
-    };
+    let steps = crate::sampler::step_count(s, trainer.config.diffusion.timesteps);
     monitor.note(&format!(
         "sampling {} images ({}, {steps} steps) with EMA and raw weights at step {}…",
         s.num, s.sampler, trainer.step

@@ -714,7 +714,7 @@ impl Trainer {
             self.device,
             n.min(256),
             stop,
-            |_, _| {},
+            |_, _, _| {},
         )
     }
 }
