@@ -472,6 +472,15 @@ fn keep_records_up_to(path: &Path, step: u64) -> Result<f64> {
     Ok(seconds)
 }
 
+/// The console's loss: an exponential average of the logged losses (a non-finite one shows
+/// as it is, and the average starts again after it).
+fn smooth(previous: Option<f64>, loss: f64) -> f64 {
+    match previous {
+        Some(s) if loss.is_finite() => 0.7 * s + 0.3 * loss,
+        _ => loss,
+    }
+}
+
 impl Monitor {
     /// Continues `metrics.jsonl` from `start_step`: records of later steps (from a run that went
     /// on past its last checkpoint before it stopped) are dropped, and the wall clock goes on
@@ -479,6 +488,10 @@ impl Monitor {
     pub fn new(run_dir: &Path, start_step: u64, total_steps: u64) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
         let earlier = keep_records_up_to(&path, start_step)?;
+        // The console's smoothed loss goes on as it would have without the interruption.
+        let smoothed_loss = read_loss_history(&path)
+            .into_iter()
+            .fold(None, |smoothed, (_, loss)| Some(smooth(smoothed, loss)));
         let metrics = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -500,7 +513,7 @@ impl Monitor {
             bar,
             started: Instant::now(),
             earlier_seconds: earlier,
-            smoothed_loss: None,
+            smoothed_loss,
         })
     }
 
@@ -532,10 +545,7 @@ impl Monitor {
         };
         writeln!(metrics, "{}", serde_json::to_string(record)?)
             .context("cannot append to metrics.jsonl")?;
-        let smoothed = match self.smoothed_loss {
-            Some(s) if record.loss.is_finite() => 0.7 * s + 0.3 * record.loss,
-            _ => record.loss,
-        };
+        let smoothed = smooth(self.smoothed_loss, record.loss);
         self.smoothed_loss = Some(smoothed);
         let mut text = format!(
             "smoothed loss {smoothed:.4}  lr {:.2e}  grad {:.3}  {:.0} img/s",
@@ -641,7 +651,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = dir.path().join("metrics.jsonl");
         let line = |step: u64, wall: f64| {
-            format!("{{\"step\":{step},\"loss\":1.0,\"wall_seconds\":{wall}}}\n")
+            let loss = 1.0 / step as f64;
+            format!("{{\"step\":{step},\"loss\":{loss},\"wall_seconds\":{wall}}}\n")
         };
         let fid = "{\"step\":100,\"fid\":30.0,\"wall_seconds\":61.0}\n";
         let text = [
@@ -663,6 +674,9 @@ mod tests {
             "{}",
             monitor.seconds()
         );
+        // The console's smoothed loss goes on from the kept records (steps 50 and 100).
+        let expected = 0.7 * (1.0 / 50.0) + 0.3 * (1.0 / 100.0);
+        assert!((monitor.smoothed_loss.unwrap() - expected).abs() < 1e-12);
     }
 
     #[test]
