@@ -106,7 +106,7 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         install_signal_handlers(&run_dir, launch.as_ref().is_some_and(|l| l.world > 1))?;
     let summary = train::run(RunOptions {
         config,
-        run_dir,
+        run_dir: run_dir.clone(),
         resume,
         strict_data: args.strict_data,
         epochs: args.overrides.epochs,
@@ -128,6 +128,14 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         crate::say!("checkpoint: {}", checkpoint.display());
         if let Some(grid) = &summary.final_grid {
             crate::say!("samples:    {}", grid.display());
+        }
+        if summary.steps < summary.total_steps {
+            crate::say!(
+                "stopped at step {} of {} (--stop-at): `ddpm train --resume {}` continues",
+                summary.steps,
+                summary.total_steps,
+                run_dir.display()
+            );
         }
     }
     Ok(summary.interrupted)
@@ -235,6 +243,12 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
                 None => default_run_dir(&resolve_training_config(args, None)?),
             };
             let found = !crate::checkpoint::list(&dir.join("checkpoints"))?.is_empty();
+            if !found {
+                crate::say!(
+                    "--resume auto: no checkpoint in {}, so a new run starts",
+                    dir.display()
+                );
+            }
             found.then(|| Checkpoint::load(&dir)).transpose()
         }
         Some(path) => Checkpoint::load(path).map(Some),

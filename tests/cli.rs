@@ -633,6 +633,30 @@ fn resume_never_overwrites_checkpoints_nor_changes_the_network() {
         log.contains("changed on resume: train.steps: 8 → 625 (1 epoch of 5000 images)"),
         "{log}"
     );
+    assert!(
+        log.contains("stopped at step 9 of 625 (--stop-at): `ddpm train --resume a` continues"),
+        "{log}"
+    );
+    // `--resume auto` where there is nothing to resume says that a new run starts.
+    let out = ddpm(
+        &[
+            "train",
+            "--resume",
+            "auto",
+            "--out",
+            "fresh",
+            "--config",
+            "small.toml",
+            "--steps",
+            "1",
+        ],
+        dir.path(),
+    );
+    assert!(
+        stderr(&out).contains("--resume auto: no checkpoint in fresh, so a new run starts"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

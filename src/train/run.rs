@@ -42,6 +42,8 @@ pub struct RunSummary {
     /// The step it ended at, and the one this process started from.
     pub steps: u64,
     pub first_step: u64,
+    /// The run's length (`train.steps`): more than `steps` when it stopped early.
+    pub total_steps: u64,
     /// Time this process spent, from the start of training.
     pub seconds: f64,
     pub interrupted: bool,
@@ -184,6 +186,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             final_grid: None,
             steps: trainer.step,
             first_step: trainer.step,
+            total_steps: config.train.steps,
             seconds: 0.0,
             interrupted: false,
         });
@@ -268,7 +271,7 @@ fn setting_notes(
     images: usize,
     stop_at: Option<u64>,
 ) -> Vec<String> {
-    use crate::config::{LrSchedule, Precision};
+    use crate::config::{DataFormat, LrSchedule, Precision};
     let tc = &config.train;
     let mut notes = Vec::new();
     if !device.is_cuda() {
@@ -283,6 +286,11 @@ fn setting_notes(
                 "train.channels_last is for GPUs: on a CPU it makes the step slower".to_string(),
             );
         }
+    }
+    let bundled = config.data.path.is_empty()
+        && matches!(config.data.format, DataFormat::Auto | DataFormat::Bundled);
+    if bundled && config.model.in_channels == 3 {
+        notes.push("a 3-channel model trains on the bundled digits, which are grayscale: give --data for your own images".to_string());
     }
     if images < tc.batch {
         notes.push(format!("the batch ({}) is larger than the dataset ({images} images): every batch repeats images", tc.batch));
@@ -427,6 +435,7 @@ fn run_loop(
             final_grid: None,
             steps: step,
             first_step,
+            total_steps: trainer.config.train.steps,
             seconds: monitor.session_seconds(),
             interrupted: true,
         })
@@ -595,6 +604,7 @@ fn run_loop(
         final_grid,
         steps: trainer.step,
         first_step,
+        total_steps: trainer.config.train.steps,
         seconds: monitor.session_seconds(),
         interrupted: false,
     })
