@@ -86,7 +86,7 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
-    /// Measure training-step or sampling speed on synthetic data; prints one `RESULT … img_per_s=…` line
+    /// Measure the training step or sampling (on synthetic data) or data loading (on a dataset); prints one `RESULT … img_per_s=…` line
     Bench(BenchArgs),
     /// Write a checkpoint as a Hugging Face diffusers pipeline folder (UNet2DModel + DDPMScheduler)
     Export {
