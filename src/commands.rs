@@ -255,6 +255,18 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
     }
 }
 
+/// A flag that SIGINT and SIGTERM set, so that sampling or a FID measurement stops at its next
+/// step and writes nothing (the error is [`crate::Interrupted`]); a second SIGINT quits at once.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    // Registered first, so it sees the flag as the earlier signal left it.
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag))?;
+    signal_hook::flag::register(SIGINT, Arc::clone(&flag))?;
+    signal_hook::flag::register(SIGTERM, Arc::clone(&flag))?;
+    Ok(flag)
+}
+
 /// The first SIGINT or SIGTERM sets the returned flag, asking the run to stop after its current
 /// step with a checkpoint (`ranks`: after the next logged step, where they agree), and says so
 /// at once (a step may take a while); a second SIGINT quits at once, saying what stays in
@@ -409,6 +421,14 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let every = total_steps.div_ceil(60); // about 60 frames whatever the sampler
     let mut frames = Vec::new();
     let mut progress = crate::monitor::SamplingProgress::new(args.num, args.batch, total_steps);
+    let stop = stop_on_signals()?;
+    crate::say!(
+        "sampling {} images ({}, {total_steps} steps) with the {} weights of step {}…",
+        args.num,
+        settings.sampler,
+        if args.ema { "EMA" } else { "raw" },
+        checkpoint.sidecar.step
+    );
     let images = sampler::sample(
         &denoiser,
         &settings,
@@ -416,7 +436,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         args.seed,
         device,
         args.batch,
-        None,
+        Some(&stop),
         |batch, done, x| {
             progress.update(batch, done);
             let frame = done % every == 0 || done == total_steps;
@@ -580,7 +600,8 @@ pub fn fid(args: FidArgs) -> Result<()> {
     // Published FID numbers use full f32 convolutions; libtorch would let cuDNN use TF32.
     crate::ops::set_tf32(false)?;
     let inception = eval::Inception::load(&inception_path, device)?;
-    let fake = fid_fake_images(&args, device)?;
+    let stop = stop_on_signals()?;
+    let fake = fid_fake_images(&args, device, &stop)?;
     let (count, channels, height, width) = fake.size4()?;
     // The real images are scored at the generated images' size and channels: what a model was
     // trained on.
@@ -605,9 +626,9 @@ pub fn fid(args: FidArgs) -> Result<()> {
         &real,
         args.batch,
         &eval::statistics_cache_dir()?,
-        None,
+        Some(&stop),
     )?;
-    let fake_statistics = inception.statistics(&fake, args.batch, "fake", None)?;
+    let fake_statistics = inception.statistics(&fake, args.batch, "fake", Some(&stop))?;
     let score = eval::frechet_distance(&real_statistics, &fake_statistics)?;
     crate::say!(
         "FID of {count} generated images against {} real ones: {score}",
@@ -627,7 +648,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
 
 /// The generated images as u8 [N, C, H, W]: sampled from a checkpoint with its own sampler
 /// settings and EMA weights, or read from a folder.
-fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
+fn fid_fake_images(args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<tch::Tensor> {
     let is_checkpoint = args.fake.is_file()
         || args.fake.join("checkpoints").is_dir()
         || !crate::checkpoint::list(&args.fake)?.is_empty();
@@ -660,7 +681,7 @@ fn fid_fake_images(args: &FidArgs, device: Device) -> Result<tch::Tensor> {
         args.seed,
         device,
         args.batch,
-        None,
+        Some(stop),
         |batch, done, _| progress.update(batch, done),
     )?;
     progress.finish();

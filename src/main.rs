@@ -235,6 +235,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A signal stopped sampling or a FID measurement before anything was written.
+        Err(e) if e.is::<ddpm::Interrupted>() => {
+            ddpm::say!("interrupted: nothing was written");
+            ExitCode::from(130)
+        }
         Err(e) => {
             ddpm::say!("error: {}", without_cpp_backtrace(&format!("{e:#}")));
             ExitCode::FAILURE

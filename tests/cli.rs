@@ -460,6 +460,19 @@ fn start_training(
     std::process::Child,
     std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
 ) {
+    start_command(args, cwd, "step ")
+}
+
+/// Starts `ddpm args…` in `cwd` and returns once it has logged a line starting with `cue`, with
+/// the rest of its stderr to read.
+fn start_command(
+    args: &[&str],
+    cwd: &Path,
+    cue: &str,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_ddpm"))
         .args(args)
@@ -469,7 +482,7 @@ fn start_training(
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     for line in lines.by_ref() {
-        if line.unwrap().starts_with("step ") {
+        if line.unwrap().starts_with(cue) {
             break;
         }
     }
@@ -700,6 +713,25 @@ fn sample_checks_its_flags_and_destinations_before_sampling() {
             "{args:?} sampled before failing: {log}"
         );
     }
+    // SIGTERM during sampling stops it at the next step, writing nothing.
+    let (mut child, _) = start_command(
+        &[
+            "sample",
+            "--checkpoint",
+            "r",
+            "--device",
+            "cpu",
+            "--num",
+            "100000",
+            "--out",
+            "big.png",
+        ],
+        dir.path(),
+        "sampling ",
+    );
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(!dir.path().join("big.png").exists());
 }
 
 #[test]
