@@ -445,7 +445,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
             }
         },
     )?;
-    progress.finish();
+    drop(progress);
     crate::say!(
         "sampled {} images in {:.1} s ({}, {} weights, step {})",
         args.num,
@@ -684,7 +684,7 @@ fn fid_fake_images(args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<
         Some(stop),
         |batch, done, _| progress.update(batch, done),
     )?;
-    progress.finish();
+    drop(progress);
     crate::say!(
         "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
         started.elapsed().as_secs_f64(),

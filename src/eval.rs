@@ -490,8 +490,9 @@ fn statistics_key(images: &impl ImageBatches) -> Result<String> {
     Ok(hex(&digest[..16]))
 }
 
-/// The images of a folder as RGB u8 [N, 3, H, W] at the first image's size (others are fitted
-/// to it), the first `num` in sorted order when given.
+/// The images of a folder as u8 [N, C, H, W] at the first image's size (others are fitted to
+/// it), the first `num` in sorted order when given: 3 channels for colour images, 1 for
+/// grayscale ones.
 pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
     let files = data::image_files(dir)?;
     if files.is_empty() {
@@ -507,7 +508,7 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
     let size = ImageSize::Rect([height as i64, width as i64]);
     // Grayscale images (a 1-channel model's samples) stay grayscale, as sampled from the
     // checkpoint they are, so that both score against the same real statistics.
-    let colour = files.iter().take(64).any(|f| data::is_colour(f));
+    let colour = data::any_colour(&files);
     let set = data::load(
         Some(dir),
         &LoadOptions {

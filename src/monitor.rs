@@ -425,8 +425,11 @@ impl SamplingProgress {
             );
         }
     }
+}
 
-    pub fn finish(&self) {
+/// Cleared however sampling ends (done, interrupted or failed).
+impl Drop for SamplingProgress {
+    fn drop(&mut self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

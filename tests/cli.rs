@@ -390,7 +390,7 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("decoded as read"), "{log}");
     assert!(
-        log.contains("is in colour; model.in_channels = 1 trains on it in grayscale"),
+        log.contains("is in colour and is read in grayscale, at 1 channel"),
         "{log}"
     );
     assert!(

@@ -395,6 +395,12 @@ fn is_run_directory(dir: &Path) -> bool {
     dir.join("config.toml").is_file() && dir.join("samples").is_dir()
 }
 
+/// Whether a folder's images are in colour, from the headers of its first few files (a set is
+/// read as one, so a few decide; the first alone may be a grayscale one among colour photos).
+pub fn any_colour(files: &[std::path::PathBuf]) -> bool {
+    files.iter().take(16).any(|f| is_colour(f))
+}
+
 /// Whether an image file holds colour, read from its header (false when it cannot be read).
 pub fn is_colour(path: &Path) -> bool {
     image::ImageReader::open(path)

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataCache, DataFormat, ImageSize, RunConfig, Split};
-pub use formats::{image_files, is_colour, parse_cifar, parse_idx_images, Cifar, Records, Shape};
+pub use formats::{any_colour, image_files, parse_cifar, parse_idx_images, Cifar, Records, Shape};
 pub use loader::{Loader, LoaderOptions, Shard};
 
 /// What to load and how.
@@ -282,8 +282,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             let dir = path.unwrap();
             let files = formats::image_files(dir)?;
             let description = format!("image folder {}", dir.display());
-            // A few headers: the first file may be a grayscale one among colour photos.
-            if shape.channels == 1 && files.iter().take(16).any(|f| formats::is_colour(f)) {
+            if shape.channels == 1 && formats::any_colour(&files) {
                 note_grayscale(&description);
             }
             if !should_cache(options.cache, files.len(), shape) {
@@ -325,7 +324,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
 }
 
 fn note_grayscale(description: &str) {
-    crate::say!("note: {description} is in colour; model.in_channels = 1 trains on it in grayscale (--channels 3 keeps the colour)");
+    crate::say!("note: {description} is in colour and is read in grayscale, at 1 channel (to train in colour: --channels 3)");
 }
 
 /// Whether `count` images of `shape` are decoded once into memory.
@@ -523,9 +522,20 @@ pub fn to_model_space(images: &Tensor, device: Device) -> Tensor {
 /// behind the work already queued instead of waiting for it: a plain copy from pageable memory
 /// synchronises the stream, which left the device idle while each training step was queued.
 fn to_device_queued(tensor: &Tensor, device: Device) -> Tensor {
-    match device.is_cuda().then(|| crate::ops::pinned(tensor)) {
-        Some(Ok(pinned)) => pinned.to_device_(device, pinned.kind(), true, false),
-        _ => tensor.to_device(device),
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Set once pinning has failed: it is not tried again, and the note is said once.
+    static UNPINNED: AtomicBool = AtomicBool::new(false);
+    if !device.is_cuda() || UNPINNED.load(Ordering::Relaxed) {
+        return tensor.to_device(device);
+    }
+    match crate::ops::pinned(tensor) {
+        Ok(pinned) => pinned.to_device_(device, pinned.kind(), true, false),
+        Err(error) => {
+            if !UNPINNED.swap(true, Ordering::Relaxed) {
+                crate::say!("note: batches go to the device without page-locked memory, each copy waiting for the device: {error:#}");
+            }
+            tensor.to_device(device)
+        }
     }
 }
 
@@ -587,14 +597,20 @@ mod tests {
     fn images_reach_a_cuda_device_as_on_the_cpu_whatever_their_source_does_next() {
         assert!(tch::Cuda::is_available(), "no CUDA device");
         let device = Device::Cuda(0);
-        // Queued behind a long computation, so that the copy has not run when the source changes.
+        // Queued behind a long computation, so that the first copy has not run when the source
+        // changes and the next batch goes through page-locked memory (which must not be the
+        // first one's buffer while its copy waits).
         let busy = Tensor::randn([4096, 4096], (Kind::Float, device));
-        let _ = busy.matmul(&busy).matmul(&busy);
-        let mut images = Tensor::randint(256, [64, 3, 32, 32], (Kind::Uint8, Device::Cpu));
-        let expected = to_model_space(&images, Device::Cpu);
-        let on_device = to_model_space(&images, device);
-        let _ = images.fill_(0);
-        assert!(on_device.to_device(Device::Cpu).equal(&expected));
+        let _ = busy.matmul(&busy).matmul(&busy).matmul(&busy);
+        let shape = [64, 3, 32, 32];
+        let mut first = Tensor::randint(256, shape, (Kind::Uint8, Device::Cpu));
+        let second = Tensor::randint(256, shape, (Kind::Uint8, Device::Cpu));
+        let expected = [first.copy(), second.copy()].map(|x| to_model_space(&x, Device::Cpu));
+        let on_device = [&first, &second].map(|x| to_model_space(x, device));
+        let _ = first.fill_(0);
+        for (got, want) in on_device.iter().zip(&expected) {
+            assert!(got.to_device(Device::Cpu).equal(want));
+        }
     }
 
     fn options(channels: i64, size: i64) -> LoadOptions {
