@@ -420,7 +420,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let total_steps = sampler::step_count(&settings, config.diffusion.timesteps);
     let every = total_steps.div_ceil(60); // about 60 frames whatever the sampler
     let mut frames = Vec::new();
-    let mut progress = crate::monitor::SamplingProgress::new(args.num, args.batch, total_steps);
+    let mut progress = crate::monitor::ImageProgress::new("sampling", args.num);
     let stop = stop_on_signals()?;
     crate::say!(
         "sampling {} images ({}, {total_steps} steps) with the {} weights of step {}…",
@@ -438,7 +438,13 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         args.batch,
         Some(&stop),
         |batch, done, x| {
-            progress.update(batch, done);
+            progress.set(sampler::images_done(
+                batch,
+                done,
+                args.batch,
+                total_steps,
+                args.num,
+            ));
             let frame = done % every == 0 || done == total_steps;
             if args.animation.is_some() && batch == 0 && frame {
                 frames.push(crate::monitor::grid_image(&x.clamp(-1.0, 1.0)));
@@ -673,7 +679,7 @@ fn fid_fake_images(args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<
     let (m, num) = (&config.model, args.num.unwrap_or(10_000));
     let started = std::time::Instant::now();
     let steps = sampler::step_count(&config.sample, config.diffusion.timesteps);
-    let mut progress = crate::monitor::SamplingProgress::new(num, args.batch, steps);
+    let mut progress = crate::monitor::ImageProgress::new("fake: sampling", num);
     let images = sampler::sample(
         &denoiser,
         &config.sample,
@@ -682,7 +688,7 @@ fn fid_fake_images(args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<
         device,
         args.batch,
         Some(stop),
-        |batch, done, _| progress.update(batch, done),
+        |batch, done, _| progress.set(sampler::images_done(batch, done, args.batch, steps, num)),
     )?;
     drop(progress);
     crate::say!(

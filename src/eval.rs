@@ -9,19 +9,19 @@
 //! resized as f32 in [0, 255] to 299×299 with its `nv_bilinear` (TF1's resize_bilinear), then
 //! mapped to the network's range [−1, 127/128] (v/128 − 1).
 use std::fs;
-use std::io::{self, IsTerminal};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::config::{DataFormat, ImageSize};
 use crate::data::{self, LoadOptions};
+use crate::monitor::ImageProgress;
 
 /// The Inception file: its name, size and SHA-1, and the package that ships it.
 pub const INCEPTION_FILE: &str = "default_1.pt";
@@ -169,32 +169,18 @@ impl Inception {
     ) -> Result<Statistics> {
         let n = images.count();
         let batch = batch.max(1);
-        let progress = progress_bar(n as u64, what);
+        let mut progress = ImageProgress::new(&format!("{what}: Inception features"), n);
         let started = Instant::now();
         let mut moments: Option<Moments> = None;
-        // Without a terminal for the bar, a line every half minute says how far it got.
-        let mut next_line = started + LOG_INTERVAL;
         for start in (0..n).step_by(batch) {
-            if let Err(interrupted) = crate::check_stop(stop) {
-                progress.finish_and_clear();
-                return Err(interrupted.into());
-            }
+            crate::check_stop(stop)?;
             let features = self.features(&images.batch(start, batch.min(n - start))?)?;
             moments
                 .get_or_insert_with(|| Moments::around(&features))
                 .add(&features);
-            progress.inc(features.size()[0] as u64);
-            if progress.is_hidden() && Instant::now() >= next_line {
-                let done = start + features.size()[0] as usize;
-                let rate = done as f64 / started.elapsed().as_secs_f64();
-                crate::say!(
-                    "{what}: Inception features of {done}/{n} images ({rate:.1} images/s, about {:.0} s left)",
-                    (n - done) as f64 / rate
-                );
-                next_line += LOG_INTERVAL;
-            }
+            progress.set(start + features.size()[0] as usize);
         }
-        progress.finish_and_clear();
+        drop(progress);
         let seconds = started.elapsed().as_secs_f64();
         crate::say!(
             "{what}: Inception features of {n} images in {seconds:.1} s ({:.1} images/s)",
@@ -564,22 +550,6 @@ pub fn count_label(n: usize) -> String {
     } else {
         n.to_string()
     }
-}
-
-/// How often progress is logged when stderr is not a terminal.
-const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-
-fn progress_bar(total: u64, what: &str) -> ProgressBar {
-    if !io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix}: Inception {bar:30} {pos}/{len} images  ETA {eta}")
-            .expect("valid template"),
-    );
-    bar.set_prefix(what.to_string());
-    bar
 }
 
 #[cfg(test)]

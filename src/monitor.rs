@@ -373,62 +373,60 @@ pub struct MetricsRecord {
     pub wall_seconds: f64,
 }
 
-/// How far a long sampling job is, on stderr: a bar on a terminal; otherwise (a log) a line per
-/// finished batch, at most every 10 s, when there are several batches.
-pub struct SamplingProgress {
+/// How far long work over images is (sampling, Inception features), on stderr: a bar on a
+/// terminal; in a log, a line every half minute with the rate and the time left. Cleared however
+/// the work ends (done, interrupted or failed).
+pub struct ImageProgress {
     bar: Option<ProgressBar>,
-    images: usize,
-    batch: usize,
-    steps: usize,
+    what: String,
+    total: usize,
     started: Instant,
-    last_line: Instant,
+    next_line: Instant,
 }
 
-impl SamplingProgress {
-    /// `images` in batches of `batch`, `steps` denoising steps each.
-    pub fn new(images: usize, batch: usize, steps: usize) -> Self {
-        let batches = images.div_ceil(batch.max(1));
+impl ImageProgress {
+    const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// `what` names the work, e.g. "sampling" or "real: Inception features".
+    pub fn new(what: &str, total: usize) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new((batches * steps) as u64);
+            let bar = ProgressBar::new(total as u64);
             bar.set_style(
-                ProgressStyle::with_template("{bar:30} {msg}  ETA {eta}").expect("valid template"),
+                ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} images  ETA {eta}")
+                    .expect("valid template"),
             );
+            bar.set_prefix(what.to_string());
             bar
         });
-        SamplingProgress {
+        let started = Instant::now();
+        ImageProgress {
             bar,
-            images,
-            batch,
-            steps,
-            started: Instant::now(),
-            last_line: Instant::now(),
+            what: what.to_string(),
+            total,
+            started,
+            next_line: started + Self::LOG_INTERVAL,
         }
     }
 
-    /// After `steps_done` denoising steps of batch `batch_index` (0: its starting noise).
-    pub fn update(&mut self, batch_index: usize, steps_done: usize) {
-        let images_done = (batch_index * self.batch + self.batch * steps_done / self.steps.max(1))
-            .min(self.images);
+    /// `done` of the images are finished.
+    pub fn set(&mut self, done: usize) {
+        let done = done.min(self.total);
         if let Some(bar) = &self.bar {
-            bar.set_position((batch_index * self.steps + steps_done) as u64);
-            bar.set_message(format!("{images_done}/{} images", self.images));
-        } else if steps_done == self.steps
-            && self.images > self.batch
-            && images_done < self.images
-            && self.last_line.elapsed().as_secs() >= 10
-        {
-            self.last_line = Instant::now();
+            bar.set_position(done as u64);
+        } else if done > 0 && done < self.total && Instant::now() >= self.next_line {
+            self.next_line += Self::LOG_INTERVAL;
+            let rate = done as f64 / self.started.elapsed().as_secs_f64();
             crate::say!(
-                "sampled {images_done} of {} images ({:.0} s)",
-                self.images,
-                self.started.elapsed().as_secs_f64()
+                "{}: {done}/{} images ({rate:.1} images/s, about {:.0} s left)",
+                self.what,
+                self.total,
+                (self.total - done) as f64 / rate
             );
         }
     }
 }
 
-/// Cleared however sampling ends (done, interrupted or failed).
-impl Drop for SamplingProgress {
+impl Drop for ImageProgress {
     fn drop(&mut self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

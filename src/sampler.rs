@@ -66,6 +66,18 @@ pub fn step_count(settings: &SampleConfig, timesteps: usize) -> usize {
     }
 }
 
+/// How many of `total` images sampling has done after `steps_done` of the `steps` steps of
+/// batch `batch_index` (batches of `batch`), counting a batch's steps as fractions of its images.
+pub fn images_done(
+    batch_index: usize,
+    steps_done: usize,
+    batch: usize,
+    steps: usize,
+    total: usize,
+) -> usize {
+    (batch_index * batch + batch * steps_done / steps.max(1)).min(total)
+}
+
 /// Generates images [n, C, H, W] in [−1, 1]. `on_step(batch, steps_done, x)` sees each batch's
 /// x_T, then x after each denoising step (for trajectories and progress); the result is the same for the same
 /// seed, batch and settings. Once `stop` is set, sampling ends at the next step with
@@ -150,6 +162,15 @@ mod tests {
     use crate::config::RunConfig;
     use crate::schedule::linear_betas;
     use tch::nn;
+
+    #[test]
+    fn images_done_counts_steps_as_shares_of_their_batch() {
+        // 300 images in batches of 64 (the last one 44), 10 steps each.
+        assert_eq!(images_done(0, 0, 64, 10, 300), 0);
+        assert_eq!(images_done(0, 5, 64, 10, 300), 32);
+        assert_eq!(images_done(1, 10, 64, 10, 300), 128);
+        assert_eq!(images_done(4, 10, 64, 10, 300), 300);
+    }
 
     #[test]
     fn ddim_timesteps_are_evenly_spaced_and_end_at_zero() {
