@@ -243,7 +243,9 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
                 None => default_run_dir(&resolve_training_config(args, None)?),
             };
             let found = !crate::checkpoint::list(&dir.join("checkpoints"))?.is_empty();
-            if !found {
+            // Said once, by the process that writes the run (rank 0 of several).
+            let leader = crate::distributed::Launch::from_env()?.is_none_or(|l| l.rank == 0);
+            if !found && leader {
                 crate::say!(
                     "--resume auto: no checkpoint in {}, so a new run starts",
                     dir.display()
