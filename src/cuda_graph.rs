@@ -166,6 +166,43 @@ mod tests {
         assert!(error.to_string().contains("need a CUDA device"), "{error}");
     }
 
+    /// Needs a CUDA device. Dropout inside a recorded step must draw a new mask at each replay
+    /// (libtorch's graph-safe random state), or a graphed model would train with one mask.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn random_draws_in_a_graph_change_from_replay_to_replay() {
+        assert!(tch::Cuda::is_available(), "no CUDA device");
+        let device = Device::Cuda(0);
+        let ones = Tensor::ones([1 << 16], (tch::Kind::Float, device));
+        let mut graphed = GraphedComputation::new(device, 1).unwrap();
+        let masks: Vec<Tensor> = (0..4)
+            .map(|_| {
+                let out = graphed
+                    .run(&[ones.shallow_clone()], |x| {
+                        Ok(vec![x[0].dropout(0.5, true)])
+                    })
+                    .unwrap();
+                out[0].ne(0.0).to_kind(tch::Kind::Float)
+            })
+            .collect();
+        assert!(
+            graphed.recorded.is_some(),
+            "the computation was not recorded"
+        );
+        for (i, mask) in masks.iter().enumerate() {
+            let kept = mask.mean(tch::Kind::Float).double_value(&[]);
+            assert!((kept - 0.5).abs() < 0.02, "call {i} kept {kept}");
+        }
+        // Warm-up, recording (replayed once), then two replays: no two masks alike.
+        for i in 0..masks.len() {
+            for j in i + 1..masks.len() {
+                let same = masks[i].eq_tensor(&masks[j]).to_kind(tch::Kind::Float);
+                let agreement = same.mean(tch::Kind::Float).double_value(&[]);
+                assert!(agreement < 0.6, "calls {i} and {j} agree on {agreement}");
+            }
+        }
+    }
+
     #[test]
     fn a_panic_becomes_an_error_with_its_message() {
         let payload = catch_unwind(|| panic!("shape mismatch in conv2d")).unwrap_err();

@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 1   # CUDA tests, the targets: ddpm vs PyTorch
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 2   # the levers one by one, channels-last, sampling
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 3   # a short `ddpm train` with a resume
-# or all three at once (about eight minutes): OUT=/tmp/out bash .gpu/gpu-check.sh
+# or all three at once (about ten minutes): OUT=/tmp/out bash .gpu/gpu-check.sh
 # Back here, the README's tables: python3 tools/gpu_table.py /tmp/out/summary.txt
 set -uo pipefail
 part=${1:-all}
