@@ -81,20 +81,37 @@ pub fn detect_format(path: &Path) -> Result<DataFormat> {
         }
         bail!("data path {} is a file whose name is not an IDX image file's (*idx3-ubyte or *idx3-ubyte.gz): give an image folder, a CIFAR-10/100 folder or an IDX file (--data-format idx reads an IDX file of another name)", path.display());
     }
-    if path.join("data_batch_1.bin").exists() || path.join("test_batch.bin").exists() {
-        return Ok(DataFormat::Cifar10);
-    }
-    if path.join("train.bin").exists() || path.join("test.bin").exists() {
-        return Ok(DataFormat::Cifar100);
-    }
-    if fs::read_dir(path)
+    let has = |name: &str| path.join(name).exists();
+    let has_idx = fs::read_dir(path)
         .with_context(|| format!("cannot list {}", path.display()))?
         .flatten()
-        .any(|e| e.file_name().to_string_lossy().contains("idx3-ubyte"))
-    {
-        return Ok(DataFormat::Idx);
+        .any(|e| e.file_name().to_string_lossy().contains("idx3-ubyte"));
+    let found: Vec<(DataFormat, &str)> = [
+        (
+            has("data_batch_1.bin") || has("test_batch.bin"),
+            (DataFormat::Cifar10, "cifar10"),
+        ),
+        (
+            has("train.bin") || has("test.bin"),
+            (DataFormat::Cifar100, "cifar100"),
+        ),
+        (has_idx, (DataFormat::Idx, "idx")),
+    ]
+    .into_iter()
+    .filter_map(|(present, format)| present.then_some(format))
+    .collect();
+    match found[..] {
+        [] => Ok(DataFormat::Folder),
+        [(format, _)] => Ok(format),
+        _ => {
+            let names: Vec<&str> = found.iter().map(|(_, name)| *name).collect();
+            bail!(
+                "data folder {} holds the files of several datasets ({}): choose one with --data-format (data.format)",
+                path.display(),
+                names.join(", ")
+            )
+        }
     }
-    Ok(DataFormat::Folder)
 }
 
 /// Resizes on the shorter side and centre-crops (Catmull-Rom filter) to `shape`, converts to

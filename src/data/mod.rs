@@ -732,6 +732,28 @@ mod tests {
     }
 
     #[test]
+    fn a_folder_holding_two_datasets_is_not_guessed_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = dir.path().join("train-images-idx3-ubyte");
+        std::fs::write(&idx, idx_bytes(2, 2, 2, &[7; 8])).unwrap();
+        // One CIFAR-10 record: a label byte and 3×32×32 pixels.
+        std::fs::write(dir.path().join("data_batch_1.bin"), vec![1; 1 + 3072]).unwrap();
+        let e = format!(
+            "{:#}",
+            load(Some(dir.path()), &options(1, 2)).err().unwrap()
+        );
+        assert!(
+            e.contains("cifar10, idx") && e.contains("--data-format"),
+            "{e}"
+        );
+        let idx_only = LoadOptions {
+            format: DataFormat::Idx,
+            ..options(1, 2)
+        };
+        assert_eq!(load(Some(dir.path()), &idx_only).unwrap().len(), 2);
+    }
+
+    #[test]
     fn settings_that_would_be_ignored_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         image::RgbImage::new(4, 4)
