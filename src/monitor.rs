@@ -203,14 +203,20 @@ fn axis_number(v: f64) -> String {
     }
 }
 
-/// Reads (step, loss) from a `metrics.jsonl`; a step logged twice (a resumed run replaying it)
-/// keeps its last value. Lines cut short by a crash are ignored.
+/// Reads (step, loss) from a `metrics.jsonl` (NaN where the loss was not finite); a step logged
+/// twice (a resumed run replaying it) keeps its last value. Lines cut short by a crash are
+/// ignored.
 pub fn read_loss_history(metrics: &Path) -> Vec<(u64, f64)> {
     let text = fs::read_to_string(metrics).unwrap_or_default();
     let mut by_step = std::collections::BTreeMap::new();
     for line in text.lines() {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+            // A non-finite loss is written as null.
+            let loss = match &v["loss"] {
+                serde_json::Value::Null if v.get("loss").is_some() => Some(f64::NAN),
+                loss => loss.as_f64(),
+            };
+            if let (Some(step), Some(loss)) = (v["step"].as_u64(), loss) {
                 by_step.insert(step, loss);
             }
         }
@@ -473,11 +479,27 @@ fn keep_records_up_to(path: &Path, step: u64) -> Result<f64> {
     Ok(seconds)
 }
 
+/// Opens `metrics.jsonl` to go on after `step` (records of later steps dropped); returns the
+/// file, the wall time of the last record kept, and the console's smoothed loss as it stood
+/// then.
+fn continue_metrics(path: &Path, step: u64) -> Result<(fs::File, f64, Option<f64>)> {
+    let seconds = keep_records_up_to(path, step)?;
+    let smoothed_loss = read_loss_history(path)
+        .into_iter()
+        .fold(None, |smoothed, (_, loss)| Some(smooth(smoothed, loss)));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    Ok((file, seconds, smoothed_loss))
+}
+
 /// The console's loss: an exponential average of the logged losses (a non-finite one shows
 /// as it is, and the average starts again after it).
 fn smooth(previous: Option<f64>, loss: f64) -> f64 {
     match previous {
-        Some(s) if loss.is_finite() => 0.7 * s + 0.3 * loss,
+        Some(s) if s.is_finite() && loss.is_finite() => 0.7 * s + 0.3 * loss,
         _ => loss,
     }
 }
@@ -488,16 +510,7 @@ impl Monitor {
     /// from the last one kept.
     pub fn new(run_dir: &Path, start_step: u64, total_steps: u64) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
-        let earlier = keep_records_up_to(&path, start_step)?;
-        // The console's smoothed loss goes on as it would have without the interruption.
-        let smoothed_loss = read_loss_history(&path)
-            .into_iter()
-            .fold(None, |smoothed, (_, loss)| Some(smooth(smoothed, loss)));
-        let metrics = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let (metrics, earlier, smoothed_loss) = continue_metrics(&path, start_step)?;
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps);
             bar.set_style(
@@ -516,6 +529,22 @@ impl Monitor {
             earlier_seconds: earlier,
             smoothed_loss,
         })
+    }
+
+    /// Goes back to `step` after a rollback: the records of the steps after it leave
+    /// `metrics.jsonl` (as on a resume from that step), and the console's smoothed loss is
+    /// taken up from there. The wall clock goes on.
+    pub fn rewind(&mut self, run_dir: &Path, step: u64) -> Result<()> {
+        if self.metrics.is_none() {
+            return Ok(());
+        }
+        let (metrics, _, smoothed_loss) = continue_metrics(&run_dir.join("metrics.jsonl"), step)?;
+        self.metrics = Some(metrics);
+        self.smoothed_loss = smoothed_loss;
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+        }
+        Ok(())
     }
 
     /// A monitor that writes and prints nothing.
@@ -678,6 +707,52 @@ mod tests {
         // The console's smoothed loss goes on from the kept records (steps 50 and 100).
         let expected = 0.7 * (1.0 / 50.0) + 0.3 * (1.0 / 100.0);
         assert!((monitor.smoothed_loss.unwrap() - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_rollback_rewinds_the_records_and_the_smoothed_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = dir.path().join("metrics.jsonl");
+        let mut monitor = Monitor::new(dir.path(), 0, 400).unwrap();
+        let record = |step: u64, loss: f64| MetricsRecord {
+            step,
+            epoch: 0,
+            loss,
+            loss_by_quarter: [None; 4],
+            lr: 1e-4,
+            grad_norm: 1.0,
+            loss_scale: None,
+            skipped_steps: 0,
+            images_per_second: 10.0,
+            data_wait_seconds: 0.0,
+            device_memory_gib: None,
+            wall_seconds: step as f64,
+        };
+        for (step, loss) in [(100, 0.5), (200, f64::NAN), (300, 0.25), (400, f64::NAN)] {
+            monitor.record(&record(step, loss)).unwrap();
+        }
+        // A non-finite loss is logged as null and starts the console's average again.
+        assert_eq!(
+            read_loss_history(&metrics)
+                .iter()
+                .map(|&(step, loss)| (step, loss.is_nan()))
+                .collect::<Vec<_>>(),
+            [(100, false), (200, true), (300, false), (400, true)]
+        );
+        monitor.rewind(dir.path(), 300).unwrap();
+        assert_eq!(monitor.smoothed_loss, Some(0.25));
+        monitor.record(&record(400, 0.125)).unwrap();
+        let steps: Vec<u64> = read_loss_history(&metrics).iter().map(|r| r.0).collect();
+        assert_eq!(steps, [100, 200, 300, 400]);
+        let text = fs::read_to_string(&metrics).unwrap();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(
+            text.lines().last().unwrap().contains("\"loss\":0.125"),
+            "{text}"
+        );
+        // The same history, read afresh on a resume, gives the same smoothed loss.
+        let resumed = Monitor::new(dir.path(), 400, 500).unwrap();
+        assert_eq!(resumed.smoothed_loss, monitor.smoothed_loss);
     }
 
     #[test]

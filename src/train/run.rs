@@ -528,6 +528,7 @@ fn run_loop(
                 let mut position = loader.position();
                 if leader {
                     position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
+                    monitor.rewind(run_dir, trainer.step)?;
                     saved_step.set(Some(trainer.step));
                 }
                 position = trainer.sync_from_leader(position)?;
