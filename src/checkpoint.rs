@@ -393,9 +393,10 @@ impl Checkpoint {
                     ),
                 };
                 match run.join("config.toml").is_file() {
-                    // A run stopped before its first checkpoint: its configuration restarts it.
+                    // A run stopped before its first checkpoint (or whose checkpoints were
+                    // removed): its configuration restarts it.
                     true => bail!(
-                        "no checkpoint found in {}{unfinished}: the run stopped before its first one; start it again with `ddpm train --config {} --out {}`",
+                        "no checkpoint found in {}{unfinished}: none was written (the run stopped before its first) or they were removed; start it again from step 0 with `ddpm train --config {} --out {}`",
                         dir.display(),
                         run.join("config.toml").display(),
                         run.display()

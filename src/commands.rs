@@ -33,7 +33,11 @@ fn resolve_training_config(args: &TrainArgs, resume: Option<&Checkpoint>) -> Res
         args.config_file.as_deref(),
         resume,
         &args.overrides,
-        |c| c.validate().and_then(|()| c.check_run_resources()),
+        |c| {
+            c.validate()?;
+            c.check_run_resources()?;
+            crate::train::check_levers(c, crate::device::resolve(&c.train.device)?)
+        },
     )
 }
 
@@ -425,8 +429,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let mut progress = crate::monitor::ImageProgress::new("sampling", args.num);
     let stop = stop_on_signals()?;
     crate::say!(
-        "sampling {} images ({}, {total_steps} steps) with the {} weights of step {}…",
-        args.num,
+        "sampling {} ({}, {total_steps} steps) with the {} weights of step {}…",
+        crate::monitor::images(args.num),
         settings.sampler,
         if args.ema { "EMA" } else { "raw" },
         checkpoint.sidecar.step
@@ -455,8 +459,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     )?;
     drop(progress);
     crate::say!(
-        "sampled {} images in {:.1} s ({}, {} weights, step {})",
-        args.num,
+        "sampled {} in {:.1} s ({}, {} weights, step {})",
+        crate::monitor::images(args.num),
         started.elapsed().as_secs_f64(),
         settings.sampler,
         if args.ema { "EMA" } else { "raw" },

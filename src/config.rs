@@ -226,13 +226,19 @@ pub enum Precision {
     Fp16,
 }
 
+/// The name config files and the command line use for a setting's value, e.g. "bf16-pure".
+pub fn value_name(value: &impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .expect("every value has a name")
+        .get_name()
+        .to_string()
+}
+
 impl Precision {
     /// The name config files and the command line use, e.g. "bf16-pure".
     pub fn name(self) -> String {
-        clap::ValueEnum::to_possible_value(&self)
-            .expect("every precision has a name")
-            .get_name()
-            .to_string()
+        value_name(&self)
     }
 }
 
@@ -365,11 +371,7 @@ pub enum Split {
 
 impl std::fmt::Display for Split {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Split::Train => "train",
-            Split::Test => "test",
-            Split::All => "all",
-        })
+        f.write_str(&value_name(self))
     }
 }
 
@@ -769,7 +771,7 @@ impl RunConfig {
             "model.image_size",
             m.image_size,
             &format!(
-                "sides divisible by 2^(levels-1) = {factor} for {} levels",
+                "positive sides divisible by 2^(levels-1) = {factor} for {} levels",
                 m.channel_mult.len()
             ),
         )?;

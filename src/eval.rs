@@ -183,7 +183,8 @@ impl Inception {
         drop(progress);
         let seconds = started.elapsed().as_secs_f64();
         crate::say!(
-            "{what}: Inception features of {n} images in {seconds:.1} s ({:.1} images/s)",
+            "{what}: Inception features of {} in {seconds:.1} s ({:.1} images/s)",
+            crate::monitor::images(n),
             n as f64 / seconds
         );
         moments

@@ -2,7 +2,7 @@
 //! folders of individual PNGs).
 use std::fs;
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
@@ -244,22 +244,59 @@ pub fn save_animation(frames: &[image::RgbImage], path: &Path, frame_ms: u32) ->
     crate::checkpoint::write_atomic(path, &bytes)
 }
 
+/// The sample grids `samples/step-N.png` in `samples`, with their steps, oldest first.
+fn grids(samples: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut grids: Vec<(u64, PathBuf)> = fs::read_dir(samples)
+        .with_context(|| format!("cannot list {}", samples.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png") && p.is_file())
+        .filter_map(|p| {
+            let step = p
+                .file_stem()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            Some((step, p))
+        })
+        .collect();
+    grids.sort();
+    Ok(grids)
+}
+
+/// Removes the grids of steps after `step`, drawn by a run that went on past the checkpoint it
+/// is continued from (they are drawn again), so that the animation and `latest.png` show the
+/// steps this run has.
+fn drop_grids_after(run_dir: &Path, step: u64) -> Result<()> {
+    let samples = run_dir.join("samples");
+    if !samples.is_dir() {
+        return Ok(());
+    }
+    let grids_then = grids(&samples)?;
+    if grids_then.iter().all(|&(s, _)| s <= step) {
+        return Ok(());
+    }
+    for (_, path) in grids_then.iter().filter(|&&(s, _)| s > step) {
+        fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    let latest = samples.join("latest.png");
+    match grids_then.iter().rev().find(|&&(s, _)| s <= step) {
+        Some((_, newest)) => fs::copy(newest, &latest).map(drop),
+        None => fs::remove_file(&latest).or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        }),
+    }
+    .with_context(|| format!("cannot write {}", latest.display()))
+}
+
 /// Rebuilds what a run directory shows from what it holds: the training animation
 /// (`samples/training.gif`, every `samples/step-N.png` in order), the loss plot (`loss.png`) and
 /// `report.html`.
 pub fn refresh_run_views(run_dir: &Path, config: &crate::config::RunConfig) -> Result<()> {
     let samples = run_dir.join("samples");
-    let mut grids: Vec<std::path::PathBuf> = fs::read_dir(&samples)
-        .with_context(|| format!("cannot list {}", samples.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-                && p.extension().is_some_and(|e| e == "png")
-        })
-        .collect();
-    grids.sort();
+    let grids: Vec<PathBuf> = grids(&samples)?.into_iter().map(|(_, p)| p).collect();
     let frames: Vec<image::RgbImage> = grids
         .iter()
         .filter_map(|p| image::open(p).ok())
@@ -293,7 +330,7 @@ fn html_escape(text: &str) -> String {
 pub fn write_report(
     run_dir: &Path,
     config: &crate::config::RunConfig,
-    latest: Option<&std::path::PathBuf>,
+    latest: Option<&PathBuf>,
 ) -> Result<()> {
     let text = fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
     let records: Vec<serde_json::Value> = text
@@ -355,6 +392,14 @@ pub fn write_report(
         config = html_escape(&config.to_toml()),
     );
     crate::checkpoint::write_atomic(&run_dir.join("report.html"), page.as_bytes())
+}
+
+/// "1 image", "64 images".
+pub fn images(n: usize) -> String {
+    match n {
+        1 => "1 image".into(),
+        n => format!("{n} images"),
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -505,12 +550,13 @@ fn smooth(previous: Option<f64>, loss: f64) -> f64 {
 }
 
 impl Monitor {
-    /// Continues `metrics.jsonl` from `start_step`: records of later steps (from a run that went
-    /// on past its last checkpoint before it stopped) are dropped, and the wall clock goes on
-    /// from the last one kept.
+    /// Continues `metrics.jsonl` from `start_step`: records and sample grids of later steps
+    /// (from a run that went on past its last checkpoint before it stopped) are dropped, and the
+    /// wall clock goes on from the last record kept.
     pub fn new(run_dir: &Path, start_step: u64, total_steps: u64) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
         let (metrics, earlier, smoothed_loss) = continue_metrics(&path, start_step)?;
+        drop_grids_after(run_dir, start_step)?;
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps);
             bar.set_style(
@@ -531,14 +577,15 @@ impl Monitor {
         })
     }
 
-    /// Goes back to `step` after a rollback: the records of the steps after it leave
-    /// `metrics.jsonl` (as on a resume from that step), and the console's smoothed loss is
-    /// taken up from there. The wall clock goes on.
+    /// Goes back to `step` after a rollback: the records and grids of the steps after it go
+    /// (as on a resume from that step), and the console's smoothed loss is taken up from
+    /// there. The wall clock goes on.
     pub fn rewind(&mut self, run_dir: &Path, step: u64) -> Result<()> {
         if self.metrics.is_none() {
             return Ok(());
         }
         let (metrics, _, smoothed_loss) = continue_metrics(&run_dir.join("metrics.jsonl"), step)?;
+        drop_grids_after(run_dir, step)?;
         self.metrics = Some(metrics);
         self.smoothed_loss = smoothed_loss;
         if let Some(bar) = &self.bar {
@@ -694,11 +741,32 @@ mod tests {
         ]
         .concat();
         fs::write(&metrics, text).unwrap();
+        // Grids at steps 50, 100 and 150; latest.png is step 150's.
+        let samples = dir.path().join("samples");
+        fs::create_dir(&samples).unwrap();
+        for step in [50u64, 100, 150] {
+            fs::write(
+                samples.join(format!("step-{step:08}.png")),
+                step.to_string(),
+            )
+            .unwrap();
+        }
+        fs::write(samples.join("latest.png"), "150").unwrap();
         let monitor = Monitor::new(dir.path(), 100, 200).unwrap();
         assert_eq!(
             fs::read_to_string(&metrics).unwrap(),
             [line(50, 30.0), line(100, 60.0), fid.into()].concat()
         );
+        let kept: Vec<u64> = grids(&samples).unwrap().iter().map(|g| g.0).collect();
+        assert_eq!(kept, [50, 100]);
+        assert_eq!(
+            fs::read_to_string(samples.join("latest.png")).unwrap(),
+            "100"
+        );
+        // From the start, no grid is left.
+        Monitor::new(dir.path(), 0, 200).unwrap();
+        assert!(grids(&samples).unwrap().is_empty());
+        assert!(!samples.join("latest.png").exists());
         assert!(
             (61.0..70.0).contains(&monitor.seconds()),
             "{}",

@@ -68,6 +68,32 @@ fn config_errors_name_the_key_before_any_work() {
         "{}",
         stderr(&out)
     );
+    // A speed lever this machine cannot run, from a file, names the file too.
+    std::fs::write(
+        dir.path().join("graph.toml"),
+        "[train]\ndevice = \"cpu\"\ncuda_graph = true\n",
+    )
+    .unwrap();
+    let out = ddpm(
+        &["train", "--config", "graph.toml", "--out", "run"],
+        dir.path(),
+    );
+    assert!(
+        stderr(&out).contains("in config file graph.toml")
+            && stderr(&out).contains("train.cuda_graph needs a CUDA device"),
+        "{}",
+        stderr(&out)
+    );
+    // A data format with no data to read in it is refused, not trained on the bundled digits.
+    let out = ddpm(
+        &["train", "--data-format", "cifar10", "--out", "run"],
+        dir.path(),
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("data.format = \"cifar10\" needs data.path"),
+        "{}",
+        stderr(&out)
+    );
     let from_flag = zero_batch(&["--batch", "4", "--ema-decay", "1.5"]);
     assert!(
         from_flag.contains("train.ema_decay") && !from_flag.contains("zero.toml"),

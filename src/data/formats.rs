@@ -321,6 +321,13 @@ pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar, pixels: &mut Vec<u
     let labels = variant.label_bytes();
     let record = labels + CIFAR_SHAPE.bytes();
     if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
+        if bytes.is_empty() {
+            bail!(
+                "{} is empty: a {} file holds records of {record} bytes",
+                name.display(),
+                variant.name()
+            );
+        }
         bail!("{}: {} bytes is not a whole number of {} records ({record} bytes each: {labels} label byte(s) + 3×32×32 pixels)", name.display(), bytes.len(), variant.name());
     }
     pixels.reserve(bytes.len() / record * CIFAR_SHAPE.bytes());

@@ -179,7 +179,11 @@ impl Dataset {
 /// cached folders are decoded into memory now, other folders when batches are read.
 pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
     let format = match (path, options.format) {
-        (None, _) => DataFormat::Bundled,
+        (None, DataFormat::Auto | DataFormat::Bundled) => DataFormat::Bundled,
+        (None, format) => bail!(
+            "data.format = \"{}\" needs data.path (--data); without one, training uses the bundled digits",
+            crate::config::value_name(&format)
+        ),
         (Some(p), DataFormat::Bundled) => bail!(
             "data.format = \"bundled\" trains on the bundled digits and would ignore data.path ({}): drop one of the two",
             p.display()

@@ -7,7 +7,7 @@ mod run;
 mod step;
 
 pub use run::{run, RunOptions, RunSummary};
-pub use step::{load_for_sampling, StepOutput, Trainer};
+pub use step::{check_levers, load_for_sampling, StepOutput, Trainer};
 
 use crate::config::{LrSchedule, TrainConfig};
 

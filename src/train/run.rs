@@ -739,8 +739,10 @@ fn write_samples(
     let s = &trainer.config.sample;
     let steps = crate::sampler::step_count(s, trainer.config.diffusion.timesteps);
     monitor.note(&format!(
-        "sampling {} images ({}, {steps} steps) with EMA and raw weights at step {}…",
-        s.num, s.sampler, trainer.step
+        "sampling {} ({}, {steps} steps) with EMA and raw weights at step {}…",
+        crate::monitor::images(s.num),
+        s.sampler,
+        trainer.step
     ));
     let ema = crate::monitor::grid_image(&trainer.sample(true, s.num, seed, stop)?);
     let raw = crate::monitor::grid_image(&trainer.sample(false, s.num, seed, stop)?);

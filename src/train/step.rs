@@ -107,17 +107,31 @@ fn fused_kernels_load(device: Device) -> bool {
 
 /// Whether the fused GroupNorm+SiLU kernels run in training: `true` is refused where they
 /// cannot, `auto` uses them where they can.
+/// Refuses the speed levers set to `true` where they cannot run on `device`.
+pub fn check_levers(config: &RunConfig, device: Device) -> Result<()> {
+    if config.train.cuda_graph == Lever::On && !device.is_cuda() {
+        bail!(
+            "train.cuda_graph needs a CUDA device; this run is on {}",
+            crate::device::name(device)
+        );
+    }
+    match fused_norm_silu_unsuitable(config, device) {
+        Some(reason) if config.train.fused_norm_silu == Lever::On => bail!(reason),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the model runs the fused kernels; `true` where they cannot run was refused by
+/// `check_levers`.
 fn uses_fused_norm_silu(config: &RunConfig, device: Device) -> Result<bool> {
-    let unsuitable = fused_norm_silu_unsuitable(config, device);
     match config.train.fused_norm_silu {
         Lever::Off => Ok(false),
-        Lever::On => match unsuitable {
-            Some(reason) => bail!(reason),
-            None => ops::load_fused_kernels(device)
-                .context("preparing train.fused_norm_silu")
-                .map(|()| true),
-        },
-        Lever::Auto => Ok(unsuitable.is_none() && fused_kernels_load(device)),
+        Lever::On => ops::load_fused_kernels(device)
+            .context("preparing train.fused_norm_silu")
+            .map(|()| true),
+        Lever::Auto => {
+            Ok(fused_norm_silu_unsuitable(config, device).is_none() && fused_kernels_load(device))
+        }
     }
 }
 
@@ -172,6 +186,7 @@ pub(super) fn sorted_variables(vs: &VarStore) -> (Vec<String>, Vec<Tensor>) {
 impl Trainer {
     pub fn new(config: &RunConfig, device: Device) -> Result<Self> {
         config.validate()?;
+        check_levers(config, device)?;
         // Step n draws from mix(seed, [n]); no step reaches u64::MAX.
         tch::manual_seed(crate::rng::mix(config.train.seed, &[u64::MAX]) as i64);
         let fused_norm_silu = uses_fused_norm_silu(config, device)?;
@@ -213,12 +228,6 @@ impl Trainer {
             .is_some()
             .then(|| params.iter().map(Tensor::zeros_like).collect());
         let graphed = match config.train.cuda_graph {
-            Lever::On if !device.is_cuda() => {
-                bail!(
-                    "train.cuda_graph needs a CUDA device; this run is on {}",
-                    crate::device::name(device)
-                )
-            }
             Lever::On => Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?),
             // A build without the CUDA headers has no graphs (and says so when they are asked for).
             Lever::Auto if device.is_cuda() && ops::built_with_cuda() => {
