@@ -196,8 +196,23 @@ fn resume_changes(before: &RunConfig, after: &RunConfig) -> Result<Vec<String>> 
             || (key.starts_with("diffusion.")
                 && !matches!(key, "diffusion.loss_weighting" | "diffusion.min_snr_gamma"))
     };
-    if let Some((key, old, new)) = changes.iter().find(|(key, _, _)| fixed(key)) {
-        bail!("the checkpoint was trained with {key} = {old}; it cannot be resumed with {key} = {new} (a different {key} needs a new run)");
+    let refused: Vec<_> = changes.iter().filter(|(key, _, _)| fixed(key)).collect();
+    if !refused.is_empty() {
+        // Every one at once, so that a user fixes them in one go.
+        let list = |value: fn(&(String, String, String)) -> &String| {
+            refused
+                .iter()
+                .map(|change| format!("{} = {}", change.0, value(change)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let keys: Vec<&str> = refused.iter().map(|change| change.0.as_str()).collect();
+        bail!(
+            "the checkpoint was trained with {}; it cannot be resumed with {} (a different {} needs a new run)",
+            list(|change| &change.1),
+            list(|change| &change.2),
+            keys.join(" or ")
+        );
     }
     Ok(changes
         .into_iter()
@@ -943,4 +958,38 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     Ok(crate::bench::result_line(
         &args.what, &config, device, &result,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_lists_the_changes_and_refuses_every_network_change_at_once() {
+        let before = RunConfig::preset("tiny").unwrap();
+        let mut after = before.clone();
+        after.train.lr *= 2.0;
+        after.diffusion.loss_weighting = crate::config::LossWeighting::Snr;
+        let changes = resume_changes(&before, &after).unwrap();
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(
+            changes.iter().any(|c| c.starts_with("train.lr: ")),
+            "{changes:?}"
+        );
+        after.model.channels *= 2;
+        after.model.num_res_blocks += 1;
+        let e = resume_changes(&before, &after).unwrap_err().to_string();
+        let m = &before.model;
+        assert!(
+            e.contains(&format!(
+                "trained with model.channels = {}, model.num_res_blocks = {};",
+                m.channels, m.num_res_blocks
+            )) && e.contains(&format!(
+                "resumed with model.channels = {}, model.num_res_blocks = {} (",
+                m.channels * 2,
+                m.num_res_blocks + 1
+            )) && e.contains("a different model.channels or model.num_res_blocks needs a new run"),
+            "{e}"
+        );
+    }
 }
