@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 use serde::Serialize;
@@ -61,7 +61,13 @@ pub fn save_grid(images: &Tensor, path: &Path) -> Result<()> {
 
 /// Writes a PNG atomically.
 pub fn save_png(image: &image::RgbImage, path: &Path) -> Result<()> {
-    crate::checkpoint::write_atomic(path, &encode_png(image)?)
+    let png = encode_png(
+        image.as_raw(),
+        image.width(),
+        image.height(),
+        image::ExtendedColorType::Rgb8,
+    )?;
+    crate::checkpoint::write_atomic(path, &png)
 }
 
 /// Writes each image as `{prefix}{index:06}.png` into `dir` (what FID tools read).
@@ -70,19 +76,19 @@ pub fn save_individual(images: &Tensor, dir: &Path, first_index: usize) -> Resul
     let (n, c, h, w) = images.size4().expect("NCHW images");
     let pixels = Vec::<u8>::try_from(to_u8_nhwc(images).flatten(0, -1)).expect("u8 pixels");
     let per = (c * h * w) as usize;
+    let colour = match c {
+        1 => image::ExtendedColorType::L8,
+        _ => image::ExtendedColorType::Rgb8,
+    };
     for i in 0..n as usize {
-        let data = pixels[i * per..(i + 1) * per].to_vec();
         let path = dir.join(format!("{:06}.png", first_index + i));
-        let result = if c == 1 {
-            image::GrayImage::from_raw(w as u32, h as u32, data)
-                .unwrap()
-                .save(&path)
-        } else {
-            image::RgbImage::from_raw(w as u32, h as u32, data)
-                .unwrap()
-                .save(&path)
-        };
-        result.with_context(|| format!("cannot write {}", path.display()))?;
+        let png = encode_png(&pixels[i * per..(i + 1) * per], w as u32, h as u32, colour)?;
+        // Encoded in memory and written in one call, so that a full disk is an error here (an
+        // encoder writing through a buffered file loses the last write's error when it drops).
+        if let Err(e) = fs::write(&path, png) {
+            let _ = fs::remove_file(&path);
+            bail!("cannot write {}: {e}", path.display());
+        }
     }
     Ok(())
 }
@@ -98,10 +104,19 @@ fn ensure_font() {
     });
 }
 
-fn encode_png(image: &image::RgbImage) -> Result<Vec<u8>> {
+fn encode_png(
+    pixels: &[u8],
+    width: u32,
+    height: u32,
+    colour: image::ExtendedColorType,
+) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    image.write_to(
+    image::write_buffer_with_format(
         &mut std::io::Cursor::new(&mut bytes),
+        pixels,
+        width,
+        height,
+        colour,
         image::ImageFormat::Png,
     )?;
     Ok(bytes)
@@ -186,8 +201,10 @@ pub fn save_loss_plot(points: &[(u64, f64)], path: &Path) -> Result<()> {
         };
         draw().map_err(|e| anyhow!("drawing the loss plot: {e}"))?;
     }
-    let image = image::RgbImage::from_raw(w, h, buffer).expect("buffer of the right size");
-    crate::checkpoint::write_atomic(path, &encode_png(&image)?)
+    save_png(
+        &image::RgbImage::from_raw(w, h, buffer).expect("buffer of the right size"),
+        path,
+    )
 }
 
 /// A loss-axis label: three significant digits at most, without float noise.
@@ -775,6 +792,30 @@ mod tests {
         // The console's smoothed loss goes on from the kept records (steps 50 and 100).
         let expected = 0.7 * (1.0 / 50.0) + 0.3 * (1.0 / 100.0);
         assert!((monitor.smoothed_loss.unwrap() - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn individual_images_are_written_whole_or_the_failure_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = Tensor::rand([3, 1, 5, 4], (Kind::Float, Device::Cpu)) * 2 - 1;
+        save_individual(&images, dir.path(), 7).unwrap();
+        let third = image::open(dir.path().join("000009.png")).unwrap();
+        assert_eq!((third.width(), third.height()), (4, 5));
+        assert_eq!(third.color(), image::ColorType::L8);
+        let expected = to_u8_nhwc(&images.narrow(0, 2, 1)).flatten(0, -1);
+        assert_eq!(third.into_bytes(), Vec::<u8>::try_from(expected).unwrap());
+        // A device that is always full (as a disk can be): the write fails, naming the file.
+        #[cfg(target_os = "linux")]
+        {
+            std::os::unix::fs::symlink("/dev/full", dir.path().join("000000.png")).unwrap();
+            let e = save_individual(&images, dir.path(), 0)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("000000.png") && e.contains("No space left"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
