@@ -337,6 +337,12 @@ pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar, pixels: &mut Vec<u
     Ok(())
 }
 
+/// Whether a path names an image file by its extension (what an image folder is read for).
+pub fn is_image_file(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
+}
+
 /// Every image file under `dir`, recursively, in sorted order. Folders reached through
 /// symbolic links are read after all real ones, so a folder that is also linked is listed
 /// under its real path, whatever order the file system lists entries in.
@@ -397,9 +403,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
                     true => links.push(path),
                     false => stack.push(path),
                 }
-            } else if path.extension().is_some_and(|e| {
-                IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())
-            }) {
+            } else if is_image_file(&path) {
                 files.push(path);
             }
         }

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataCache, DataFormat, ImageSize, RunConfig, Split};
-pub use formats::{any_colour, image_files, parse_cifar, parse_idx_images, Cifar, Records, Shape};
+pub use formats::{
+    any_colour, image_files, is_image_file, parse_cifar, parse_idx_images, Cifar, Records, Shape,
+};
 pub use loader::{Loader, LoaderOptions, Shard};
 
 /// What to load and how.

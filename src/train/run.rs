@@ -60,8 +60,9 @@ const RUN_FILES: [&str; 6] = [
 ];
 
 /// A new run never takes over a directory that holds checkpoints, nor overwrites files of the
-/// same names that are not a run's, nor writes into its own data folder (its grids would
-/// become training data). Other files (a job's log, say) may share the folder.
+/// same names that are not a run's, nor writes into its own data folder or a folder of images
+/// or subfolders (a mistyped --out: its grids would mix with them). Other files (a job's log,
+/// say) may share the folder.
 fn check_run_dir(dir: &Path, resuming: bool, data: Option<&Path>) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {} is a file, not a run directory", dir.display());
@@ -86,6 +87,29 @@ fn check_run_dir(dir: &Path, resuming: bool, data: Option<&Path>) -> Result<()> 
                 "--out {} already holds {} that a run would overwrite, and is not a ddpm run directory: choose a new or empty folder",
                 dir.display(),
                 taken.join(", ")
+            );
+        }
+        let mut others: Vec<String> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.is_dir() || data::is_image_file(path))
+            .map(|path| {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                match path.is_dir() {
+                    true => format!("{name}/"),
+                    false => name.into_owned(),
+                }
+            })
+            .collect();
+        if !others.is_empty() {
+            others.sort();
+            let shown = others.len().min(3);
+            bail!(
+                "--out {} holds images or folders ({}{}) and is not a ddpm run directory: choose a new or empty folder (other files, such as a job's log, may share it)",
+                dir.display(),
+                others[..shown].join(", "),
+                if others.len() > shown { ", …" } else { "" }
             );
         }
     }
@@ -913,6 +937,15 @@ mod tests {
         // A job's log may come first.
         std::fs::write(out.join("job.log"), "started").unwrap();
         check_run_dir(&out, false, None).unwrap();
+        // Nor a folder of images (a dataset, say) or of subfolders.
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(images.join("cats")).unwrap();
+        std::fs::write(images.join("a.PNG"), "").unwrap();
+        let e = format!("{:#}", check_run_dir(&images, false, None).unwrap_err());
+        assert!(
+            e.contains("(a.PNG, cats/)") && e.contains("not a ddpm run"),
+            "{e}"
+        );
         std::fs::write(out.join("report.html"), "mine").unwrap();
         let e = format!("{:#}", check_run_dir(&out, false, None).unwrap_err());
         assert!(
