@@ -87,7 +87,8 @@ pub fn train(args: TrainArgs) -> Result<bool> {
         bail!("--resume continues a run with the configuration in its checkpoint; --config and --preset are for new runs (change a resumed run's settings with flags, e.g. --steps)");
     }
     let resume = resolve_resume(&args)?;
-    let config = resolve_training_config(&args, resume.as_ref())?;
+    let mut config = resolve_training_config(&args, resume.as_ref())?;
+    config.make_data_path_absolute()?;
     let run_dir = match (&args.out, &resume) {
         (Some(out), _) => out.clone(),
         (None, Some(checkpoint)) => run_dir_of(&checkpoint.path),

@@ -911,6 +911,17 @@ impl RunConfig {
     pub fn data_path(&self) -> Option<PathBuf> {
         (!self.data.path.is_empty()).then(|| PathBuf::from(&self.data.path))
     }
+
+    /// Makes a relative data path absolute (from the working directory), so that the run's
+    /// configuration and checkpoints name the same data wherever the run is resumed from.
+    pub fn make_data_path_absolute(&mut self) -> Result<()> {
+        if let Some(path) = self.data_path().filter(|p| p.is_relative()) {
+            let absolute = std::path::absolute(&path)
+                .with_context(|| format!("cannot make data path {} absolute", path.display()))?;
+            self.data.path = absolute.to_string_lossy().into_owned();
+        }
+        Ok(())
+    }
 }
 
 /// A command-line count that must be at least 1.
@@ -1274,6 +1285,20 @@ fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_data_path_is_made_absolute_from_the_working_directory() {
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.make_data_path_absolute().unwrap();
+        assert_eq!(c.data.path, "", "the bundled set stays the bundled set");
+        c.data.path = "images/cats".into();
+        c.make_data_path_absolute().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(PathBuf::from(&c.data.path), cwd.join("images/cats"));
+        let before = c.data.path.clone();
+        c.make_data_path_absolute().unwrap();
+        assert_eq!(c.data.path, before);
+    }
 
     #[test]
     fn presets_are_valid() {
