@@ -404,16 +404,10 @@ impl Checkpoint {
                     false => bail!("no checkpoint found in {}{unfinished}", dir.display()),
                 }
             }
-            for candidate in candidates.iter().rev() {
-                match Self::load_file(candidate) {
-                    Ok(c) => return Ok(c),
-                    Err(e) => crate::say!(
-                        "warning: skipping damaged checkpoint {}: {e:#}",
-                        candidate.display()
-                    ),
-                }
+            match Self::newest_up_to(&dir, u64::MAX)? {
+                Some(checkpoint) => return Ok(checkpoint),
+                None => bail!("every checkpoint in {} is damaged", dir.display()),
             }
-            bail!("every checkpoint in {} is damaged", dir.display());
         }
         let sidecar = if path.extension().is_some_and(|e| e == "safetensors") {
             path.with_extension("json")
@@ -421,6 +415,26 @@ impl Checkpoint {
             path.to_path_buf()
         };
         Self::load_file(&sidecar)
+    }
+
+    /// The newest valid checkpoint in `dir` of a step up to `step`; damaged ones are named in a
+    /// warning and passed over. None if there is none.
+    pub fn newest_up_to(dir: &Path, step: u64) -> Result<Option<Self>> {
+        let candidates = list(dir)?;
+        let eligible = candidates
+            .iter()
+            .rev()
+            .filter(|p| step_of(p).is_some_and(|s| s <= step));
+        for candidate in eligible {
+            match Self::load_file(candidate) {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) => crate::say!(
+                    "warning: skipping damaged checkpoint {}: {e:#}",
+                    candidate.display()
+                ),
+            }
+        }
+        Ok(None)
     }
 
     fn load_file(sidecar_path: &Path) -> Result<Self> {

@@ -845,7 +845,13 @@ impl RunConfig {
             t.adam_beta2,
             "in [0, 1)",
         )?;
-        check(t.adam_eps > 0.0, "train.adam_eps", t.adam_eps, "> 0")?;
+        // The optimizer computes in f32, where a smaller ε is 0 and 0/0 makes NaN weights.
+        check(
+            t.adam_eps >= f32::MIN_POSITIVE as f64,
+            "train.adam_eps",
+            t.adam_eps,
+            "≥ 1.2e-38 (f32's smallest normal number)",
+        )?;
         check(
             t.weight_decay >= 0.0,
             "train.weight_decay",
@@ -1395,6 +1401,7 @@ mod tests {
     fn bad_values_name_key_value_and_range() {
         let cases: Vec<(&str, Change)> = vec![
             ("train.ema_decay", Box::new(|c| c.train.ema_decay = 1.0)),
+            ("train.adam_eps", Box::new(|c| c.train.adam_eps = 1e-50)),
             (
                 "diffusion.timesteps",
                 Box::new(|c| c.diffusion.timesteps = 1),

@@ -650,10 +650,16 @@ fn roll_back(
     if rollbacks > MAX_ROLLBACKS {
         bail!("gradients are still non-finite after {MAX_ROLLBACKS} rollbacks (step {step}); lower --lr or check the data");
     }
-    let checkpoint = Checkpoint::load(checkpoints).with_context(|| format!("{bad} steps in a row had non-finite gradients (step {step}) and there is no checkpoint to roll back to; lower --lr"))?;
+    // Back to before the streak: a checkpoint written during it may hold what went wrong.
+    let last_good = step.saturating_sub(bad);
+    let Some(checkpoint) = Checkpoint::newest_up_to(checkpoints, last_good)? else {
+        bail!("{bad} steps in a row had non-finite gradients (steps {} to {step}) and there is no checkpoint from before them to roll back to; lower --lr or check the data", last_good + 1);
+    };
+    // The scale goes on falling with each rollback (the checkpoint holds the one of its step).
+    let lr_scale = trainer.lr_scale * trainer.config.train.rollback_lr_factor;
     trainer.load_state(&checkpoint)?;
-    trainer.lr_scale *= trainer.config.train.rollback_lr_factor;
-    monitor.note(&format!("warning: {bad} steps in a row had non-finite gradients at step {step}; rolled back to step {} ({}) with the learning rate scaled by {}", trainer.step, checkpoint.path.display(), trainer.lr_scale));
+    trainer.lr_scale = lr_scale;
+    monitor.note(&format!("warning: {bad} steps in a row had non-finite gradients at step {step}; rolled back to step {} ({}) with the learning rate scaled by {lr_scale}", trainer.step, checkpoint.path.display()));
     Ok(checkpoint.sidecar.position)
 }
 
@@ -882,6 +888,11 @@ mod tests {
         let poisoned = Tensor::full([4, 1, 8, 8], f64::NAN, (Kind::Float, Device::Cpu));
         for _ in 0..3 {
             trainer.step(&poisoned).unwrap();
+            if trainer.step == 2 {
+                // A checkpoint inside the streak is passed over.
+                let state = trainer.state_tensors();
+                checkpoint::save(dir.path(), &state, 2, position, &c).unwrap();
+            }
         }
         assert_eq!(trainer.consecutive_skipped_steps(), 3);
         assert_eq!(trainer.skipped_steps(), 3);
@@ -896,13 +907,22 @@ mod tests {
         assert!(flat(&trainer.params).equal(&saved));
         let out = trainer.step(&clean).unwrap();
         assert!((out.lr - 0.5 * learning_rate(&c.train, 1)).abs() < 1e-15);
-        // Without a checkpoint there is nothing to return to: a clear error.
+        // Each further rollback lowers the rate again.
+        trainer.step(&poisoned).unwrap();
+        roll_back(&mut trainer, dir.path(), 1, 2, &monitor).unwrap();
+        assert_eq!((trainer.step, trainer.lr_scale), (2, 0.25));
+        // Without a checkpoint from before the streak there is nothing to return to.
         let empty = tempfile::tempdir().unwrap();
         let err = format!(
             "{:#}",
             roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err()
         );
-        assert!(err.contains("no checkpoint to roll back to"), "{err}");
+        assert!(
+            err.contains(
+                "no checkpoint from before them to roll back to; lower --lr or check the data"
+            ) && !err.contains("no such"),
+            "{err}"
+        );
     }
 
     #[test]
