@@ -354,7 +354,8 @@ pub fn write_report(
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let last = records.last();
+    // The newest training record (an FID record has no loss).
+    let last = records.iter().rev().find(|r| r.get("loss").is_some());
     let fid_rows: String = records
         .iter()
         .filter(|r| r["fid"].is_number())
@@ -816,6 +817,24 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn the_report_headline_takes_the_newest_training_record_not_an_fid_one() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("metrics.jsonl"),
+            "{\"step\":20,\"loss\":0.5,\"lr\":0.0001,\"images_per_second\":228.0,\"wall_seconds\":14.0}\n\
+             {\"step\":20,\"fid\":372.4,\"fid_images\":4,\"wall_seconds\":15.0}\n",
+        )
+        .unwrap();
+        let config = crate::config::RunConfig::preset("tiny").unwrap();
+        write_report(dir.path(), &config, None).unwrap();
+        let page = fs::read_to_string(dir.path().join("report.html")).unwrap();
+        assert!(
+            page.contains("loss 0.5000 · lr 1.00e-4 · 228 img/s") && page.contains("372.400"),
+            "{page}"
+        );
     }
 
     #[test]
