@@ -315,7 +315,11 @@ fn prune(dir: &Path, step: u64, keep: usize, pin_every: u64) -> Result<()> {
     for old in &earlier[..earlier.len().saturating_sub(keep)] {
         remove_checkpoint(dir, old)?;
     }
-    for damaged in later.iter().filter(|p| Checkpoint::load_file(p).is_err()) {
+    let newer_format = |p: &Path| format_version(p).is_some_and(|v| v > FORMAT_VERSION);
+    for damaged in later
+        .iter()
+        .filter(|p| !newer_format(p) && Checkpoint::load_file(p).is_err())
+    {
         remove_checkpoint(dir, damaged)?;
     }
     Ok(())
@@ -333,6 +337,13 @@ fn remove_checkpoint(dir: &Path, sidecar: &Path) -> Result<()> {
     }
     fs::remove_file(sidecar)
         .with_context(|| format!("cannot remove old checkpoint {}", sidecar.display()))
+}
+
+/// The format version a sidecar declares, if it can be read (whatever else it holds).
+fn format_version(sidecar: &Path) -> Option<u32> {
+    let text = fs::read_to_string(sidecar).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value["format_version"].as_u64()?.try_into().ok()
 }
 
 pub fn read_sidecar(path: &Path) -> Result<Sidecar> {
@@ -426,6 +437,13 @@ impl Checkpoint {
             .rev()
             .filter(|p| step_of(p).is_some_and(|s| s <= step));
         for candidate in eligible {
+            // Not damage: passing over it would let this run's saves replace it.
+            if let Some(version) = format_version(candidate).filter(|&v| v > FORMAT_VERSION) {
+                bail!(
+                    "{} was written by a newer ddpm (checkpoint format {version}; this one reads format {FORMAT_VERSION}): resume with that version, or resume an older checkpoint of the run by its path into a new --out",
+                    candidate.display()
+                );
+            }
             match Self::load_file(candidate) {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) => crate::say!(
@@ -439,6 +457,14 @@ impl Checkpoint {
 
     fn load_file(sidecar_path: &Path) -> Result<Self> {
         let sidecar = read_sidecar(sidecar_path)?;
+        // The sidecar has no checksum of its own: its step must at least be its name's.
+        if let Some(named) = step_of(sidecar_path).filter(|&s| s != sidecar.step) {
+            bail!(
+                "{} is damaged: it records step {}, its name step {named}",
+                sidecar_path.display(),
+                sidecar.step
+            );
+        }
         let tensors_path = sidecar_path
             .parent()
             .unwrap_or(Path::new("."))
@@ -598,6 +624,31 @@ mod tests {
         // A truncated sidecar is passed over the same way.
         fs::write(sidecar_path(dir.path(), 5), b"{\"format_version\": 1, \"st").unwrap();
         assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 4);
+        // A sidecar whose step is not its name's is damaged.
+        let text = fs::read_to_string(sidecar_path(dir.path(), 4)).unwrap();
+        fs::write(
+            sidecar_path(dir.path(), 4),
+            text.replace("\"step\": 4,", "\"step\": 40,"),
+        )
+        .unwrap();
+        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 2);
+        // One from a newer ddpm is not damage: refused, and kept by saves of earlier steps.
+        let newer = sidecar_path(dir.path(), 9);
+        fs::write(&newer, b"{\"format_version\": 2, \"future\": true}").unwrap();
+        let err = format!("{:#}", Checkpoint::load(dir.path()).err().unwrap());
+        assert!(
+            err.contains("step-00000009.json was written by a newer ddpm (checkpoint format 2"),
+            "{err}"
+        );
+        save(
+            dir.path(),
+            &sample_tensors(),
+            8,
+            Position::default(),
+            &config,
+        )
+        .unwrap();
+        assert!(newer.exists());
     }
 
     #[test]

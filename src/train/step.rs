@@ -656,25 +656,17 @@ impl Trainer {
     pub fn load_state(&mut self, checkpoint: &Checkpoint) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             for (i, name) in self.names.iter().enumerate() {
-                copy_checked(
-                    &mut self.params[i],
-                    checkpoint.tensor(&format!("model.{name}"))?,
-                    name,
-                )?;
-                copy_checked(
-                    &mut self.ema_params[i],
-                    checkpoint.tensor(&format!("ema.{name}"))?,
-                    name,
-                )?;
-                copy_checked(
+                copy_from(checkpoint, &format!("model.{name}"), &mut self.params[i])?;
+                copy_from(checkpoint, &format!("ema.{name}"), &mut self.ema_params[i])?;
+                copy_from(
+                    checkpoint,
+                    &format!("adam.exp_avg.{name}"),
                     &mut self.exp_avgs[i],
-                    checkpoint.tensor(&format!("adam.exp_avg.{name}"))?,
-                    name,
                 )?;
-                copy_checked(
+                copy_from(
+                    checkpoint,
+                    &format!("adam.exp_avg_sq.{name}"),
                     &mut self.exp_avg_sqs[i],
-                    checkpoint.tensor(&format!("adam.exp_avg_sq.{name}"))?,
-                    name,
                 )?;
             }
             let step = checkpoint.tensor("adam.step")?;
@@ -728,10 +720,13 @@ impl Trainer {
     }
 }
 
-fn copy_checked(dst: &mut Tensor, src: &Tensor, name: &str) -> Result<()> {
+/// Copies the checkpoint's tensor `key` into `dst`, checking its shape.
+fn copy_from(checkpoint: &Checkpoint, key: &str, dst: &mut Tensor) -> Result<()> {
+    let src = checkpoint.tensor(key)?;
     if dst.size() != src.size() {
         bail!(
-            "checkpoint tensor {name} has shape {:?}, the model expects {:?}",
+            "{}: tensor {key} has shape {:?}, where the network its configuration describes has {:?} (a damaged or edited checkpoint)",
+            checkpoint.path.display(),
             src.size(),
             dst.size()
         );
@@ -758,11 +753,7 @@ pub fn load_for_sampling(
     let prefix = if ema { "ema." } else { "model." };
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in vs.variables() {
-            copy_checked(
-                &mut var,
-                checkpoint.tensor(&format!("{prefix}{name}"))?,
-                &name,
-            )?;
+            copy_from(checkpoint, &format!("{prefix}{name}"), &mut var)?;
         }
         Ok(())
     })?;
