@@ -254,15 +254,22 @@ impl Statistics {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let tensors = [
+        let mut tensors = self.tensors();
+        let digest = Sha256::digest(crate::checkpoint::to_safetensors(&tensors)?);
+        tensors.push(("sha256".into(), Tensor::from_slice(digest.as_slice())));
+        crate::checkpoint::write_atomic(path, &crate::checkpoint::to_safetensors(&tensors)?)
+    }
+
+    /// What `save` writes, besides the checksum of these.
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
             ("mean".to_string(), self.mean.shallow_clone()),
             ("covariance".to_string(), self.covariance.shallow_clone()),
             (
                 "count".to_string(),
                 Tensor::from_slice(&[self.count as i64]),
             ),
-        ];
-        crate::checkpoint::write_atomic(path, &crate::checkpoint::to_safetensors(&tensors)?)
+        ]
     }
 
     /// Reads statistics written by `save`, checking that their shapes and types fit together.
@@ -287,11 +294,20 @@ impl Statistics {
             covariance.size(),
             count.size()
         );
-        Ok(Statistics {
+        let statistics = Statistics {
             mean,
             covariance,
             count: count.int64_value(&[0]) as usize,
-        })
+        };
+        // A file's damage that keeps its shapes would change every score made with it.
+        let digest = Sha256::digest(crate::checkpoint::to_safetensors(&statistics.tensors())?);
+        let recorded = take("sha256")?;
+        ensure!(
+            recorded.kind() == Kind::Uint8 && Vec::<u8>::try_from(&recorded)? == digest.as_slice(),
+            "FID statistics {} are damaged: their SHA-256 does not match the one they record",
+            path.display()
+        );
+        Ok(statistics)
     }
 }
 
@@ -362,6 +378,10 @@ pub fn frechet_distance(a: &Statistics, b: &Statistics) -> Result<f64> {
     let trace = |m: &Tensor| m.trace().double_value(&[]);
     let distance = diff.dot(&diff).double_value(&[]) + trace(&a.covariance) + trace(&b.covariance)
         - 2.0 * trace_sqrt_product(&a.covariance, &b.covariance);
+    ensure!(
+        distance.is_finite(),
+        "the Fréchet distance is not finite ({distance}): the features of one set are not (a model whose samples are NaN?)"
+    );
     // A squared distance: rounding can only take identical sets a hair below zero.
     Ok(if distance < 0.0 { 0.0 } else { distance })
 }
@@ -801,6 +821,20 @@ mod tests {
                 && back.covariance.equal(&statistics.covariance)
                 && back.count == 20
         );
+        // One byte changed inside the covariance: same shapes, damaged statistics.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let end = bytes.len() - 100;
+        bytes[end] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = format!("{:#}", Statistics::load(&path).err().unwrap());
+        assert!(e.contains("s.safetensors are damaged"), "{e}");
+        // A distance that is not finite is an error, not a score.
+        let nan = Statistics {
+            mean: statistics.mean.full_like(f64::NAN),
+            covariance: statistics.covariance.shallow_clone(),
+            count: 20,
+        };
+        assert!(frechet_distance(&statistics, &nan).is_err());
         std::fs::write(&path, b"garbage").unwrap();
         assert!(Statistics::load(&path)
             .err()
