@@ -2,7 +2,6 @@
 //! replayed with one launch, so that the host no longer issues its thousands of small kernels
 //! one by one.
 use std::ffi::{c_int, c_void};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use anyhow::{anyhow, bail, Result};
 use tch::{Device, Tensor};
@@ -46,9 +45,9 @@ impl CudaGraph {
     /// before and before the work queued after.
     fn on_stream<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         check(unsafe { ddpm_cuda_graph_enter(self.0) })?;
-        let result = catch_unwind(AssertUnwindSafe(f));
+        let result = crate::catch_panics(f);
         let exited = check(unsafe { ddpm_cuda_graph_exit(self.0) });
-        let value = result.map_err(panic_error)??;
+        let value = result?;
         exited.map(|()| value)
     }
 
@@ -56,10 +55,10 @@ impl CudaGraph {
     fn capture<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.on_stream(|| {
             check(unsafe { ddpm_cuda_graph_capture_begin(self.0) })?;
-            let result = catch_unwind(AssertUnwindSafe(f));
+            let result = crate::catch_panics(f);
             // Ended whatever happened, so that the stream leaves capture mode.
             let ended = check(unsafe { ddpm_cuda_graph_capture_end(self.0) });
-            let value = result.map_err(panic_error)??;
+            let value = result?;
             ended.map(|()| value)
         })
         .map_err(|e| {
@@ -70,16 +69,6 @@ impl CudaGraph {
     fn replay(&self) -> Result<()> {
         check(unsafe { ddpm_cuda_graph_replay(self.0) })
     }
-}
-
-/// tch reports libtorch errors by panicking; inside a capture they become errors instead.
-fn panic_error(payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
-    let text = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic");
-    anyhow!("{text}")
 }
 
 /// A computation from input tensors to output tensors, run as a CUDA graph: eagerly (on the
@@ -201,11 +190,5 @@ mod tests {
                 assert!(agreement < 0.6, "calls {i} and {j} agree on {agreement}");
             }
         }
-    }
-
-    #[test]
-    fn a_panic_becomes_an_error_with_its_message() {
-        let payload = catch_unwind(|| panic!("shape mismatch in conv2d")).unwrap_err();
-        assert_eq!(panic_error(payload).to_string(), "shape mismatch in conv2d");
     }
 }

@@ -32,6 +32,54 @@ pub fn check_stop(stop: Option<&std::sync::atomic::AtomicBool>) -> Result<(), In
     }
 }
 
+thread_local! {
+    /// Set while `catch_panics` runs on this thread: the panic hook stays quiet, as the panic
+    /// becomes an error that is reported where it is handled.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic (tch reports libtorch errors, out-of-memory among them, by
+/// panicking) into an error with libtorch's message, without its C++ frames.
+pub fn catch_panics<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let was = CATCHING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(was));
+    result.unwrap_or_else(|payload| Err(panic_error(payload)))
+}
+
+/// Installs a panic hook that is silent for libtorch errors inside `catch_panics` (they are
+/// reported as errors) and otherwise the default one (a bug shows where it happened).
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let libtorch = info
+            .payload_as_str()
+            .is_some_and(|p| p.contains("Torch(\""));
+        if !(libtorch && CATCHING.with(|c| c.get())) {
+            default(info)
+        }
+    }));
+}
+
+/// The message of a panic: for a libtorch error unwrapped by tch, libtorch's own words.
+pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    match text.split_once("Torch(\"") {
+        Some((_, torch)) => {
+            // The error is shown as Rust's debug string: its newlines are escaped.
+            let said = ["\\nframe #", "\\nException raised from", "\")"]
+                .iter()
+                .fold(torch, |said, end| said.split(end).next().unwrap_or(said));
+            anyhow::anyhow!("libtorch: {}", said.replace("\\n", " "))
+        }
+        None => anyhow::anyhow!("{text}"),
+    }
+}
+
 pub mod bench;
 pub mod checkpoint;
 pub mod commands;
@@ -50,3 +98,24 @@ pub mod rng;
 pub mod sampler;
 pub mod schedule;
 pub mod train;
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn a_libtorch_panic_becomes_an_error_in_libtorch_words() {
+        let a = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
+        let e = super::catch_panics(|| Ok(a.matmul(&a)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("libtorch: mat1 and mat2 shapes cannot be multiplied")
+                && !e.contains("frame #")
+                && !e.contains("\\n"),
+            "{e}"
+        );
+        let e = super::catch_panics(|| -> anyhow::Result<()> { panic!("shape mismatch") });
+        assert_eq!(e.unwrap_err().to_string(), "shape mismatch");
+    }
+}

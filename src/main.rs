@@ -147,6 +147,23 @@ enum Command {
 fn main() -> ExitCode {
     let command = Cli::parse().command;
     ddpm::device::tune_host_allocator();
+    ddpm::install_panic_hook();
+    // libtorch's errors (out of memory, say) arrive as panics: reported like any error.
+    match ddpm::catch_panics(|| run(command)) {
+        Ok(code) => code,
+        // A signal stopped sampling or a FID measurement before anything was written.
+        Err(e) if e.is::<ddpm::Interrupted>() => {
+            ddpm::say!("interrupted: nothing was written");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            ddpm::say!("error: {}", without_cpp_backtrace(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
     let result = match command {
         Command::Train {
             preset,
@@ -166,7 +183,7 @@ fn main() -> ExitCode {
                 stop_at,
                 overrides,
             }) {
-                Ok(true) => return ExitCode::from(130),
+                Ok(true) => return Ok(ExitCode::from(130)),
                 other => other.map(|_| ()),
             }
         }
@@ -221,7 +238,7 @@ fn main() -> ExitCode {
             let grace = std::time::Duration::from_secs(30);
             match ddpm::distributed::launch_local(nproc, master_port, timeout, &args, grace) {
                 Ok(0) => Ok(()),
-                Ok(code) => return ExitCode::from(code.clamp(1, 255) as u8),
+                Ok(code) => return Ok(ExitCode::from(code.clamp(1, 255) as u8)),
                 Err(e) => Err(e),
             }
         }
@@ -233,18 +250,7 @@ fn main() -> ExitCode {
             .map(|s| print!("{s}")),
         Command::Fid(args) => commands::fid(args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        // A signal stopped sampling or a FID measurement before anything was written.
-        Err(e) if e.is::<ddpm::Interrupted>() => {
-            ddpm::say!("interrupted: nothing was written");
-            ExitCode::from(130)
-        }
-        Err(e) => {
-            ddpm::say!("error: {}", without_cpp_backtrace(&format!("{e:#}")));
-            ExitCode::FAILURE
-        }
-    }
+    result.map(|()| ExitCode::SUCCESS)
 }
 
 /// A libtorch error carries the C++ stack of where it was raised ("Exception raised from …"

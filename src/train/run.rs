@@ -502,8 +502,7 @@ fn run_loop(
         // Nothing is updated before the gradients are complete (and averaged over the ranks),
         // so a failure there (out of device memory, a lost rank) leaves the state of the step
         // before.
-        let loss = trainer
-            .accumulate_gradients(&x0)
+        let loss = crate::catch_panics(|| trainer.accumulate_gradients(&x0))
             .map_err(|e| save_and_fail(trainer, before, e))?;
         let out = trainer.apply_gradients(loss)?;
         window.images += tc.batch;
@@ -578,7 +577,9 @@ fn run_loop(
         }
         // A signal abandons a grid or FID measurement under way: its step is saved already.
         if config.sample.every > 0 && step.is_multiple_of(config.sample.every) && step < stop {
-            let grid = write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal);
+            let grid = crate::catch_panics(|| {
+                write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal)
+            });
             if interrupted_alone() {
                 return stop_interrupted(trainer, position, &mut monitor);
             }
@@ -589,7 +590,9 @@ fn run_loop(
             .as_ref()
             .filter(|_| step.is_multiple_of(config.fid.every))
         {
-            let measured = fid.measure(trainer, fid_seed, &mut monitor, abandon_on_signal);
+            let measured = crate::catch_panics(|| {
+                fid.measure(trainer, fid_seed, &mut monitor, abandon_on_signal)
+            });
             if interrupted_alone() {
                 return stop_interrupted(trainer, position, &mut monitor);
             }
@@ -603,7 +606,9 @@ fn run_loop(
     }
     let final_grid = match leader {
         true => {
-            let grid = write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal);
+            let grid = crate::catch_panics(|| {
+                write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal)
+            });
             if interrupted_alone() {
                 return stop_interrupted(trainer, loader.position(), &mut monitor);
             }
