@@ -529,13 +529,10 @@ fn check_output_file(path: &Path, extension: &str, flag: &str) -> Result<()> {
 fn check_output_folder(folder: &Path) -> Result<()> {
     std::fs::create_dir_all(folder)
         .with_context(|| format!("--out-dir {}: cannot create this folder", folder.display()))?;
-    let images = std::fs::read_dir(folder)
-        .with_context(|| format!("cannot list --out-dir {}", folder.display()))?
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
-        .count();
+    // Every image `ddpm fid` would read there (any format, in subfolders too); none is an error.
+    let images = crate::data::image_files(folder).map_or(0, |files| files.len());
     if images > 0 {
-        bail!("--out-dir {} already holds {images} PNG image(s): choose an empty folder (mixed sets would skew a FID), or remove them", folder.display());
+        bail!("--out-dir {} already holds {images} image(s) (in it or its subfolders): choose an empty folder (mixed sets would skew a FID), or remove them", folder.display());
     }
     check_writable(folder).with_context(|| format!("--out-dir {}", folder.display()))
 }

@@ -721,13 +721,24 @@ fn sample_checks_its_flags_and_destinations_before_sampling() {
         ddpm(&args, dir.path())
     };
     assert!(sample(&["--num", "2", "--out-dir", "s"]).status.success());
+    // Images of any format, in subfolders too, would mix into a FID over the folder.
+    std::fs::create_dir_all(dir.path().join("t/older")).unwrap();
+    std::fs::copy(
+        dir.path().join("s/000000.png"),
+        dir.path().join("t/older/a.png"),
+    )
+    .unwrap();
     for (args, expected) in [
-        (&["--num", "0", "--out", "g.png"][..], "--num"),
+        (
+            &["--out-dir", "t"][..],
+            "already holds 1 image(s) (in it or its subfolders)",
+        ),
+        (&["--num", "0", "--out", "g.png"], "--num"),
         (&["--batch", "0", "--out", "g.png"], "--batch"),
         (&["--eta", "2", "--out", "g.png"], "--eta"),
         (&["--steps", "5000", "--out", "g.png"], "sample.steps"),
         (&["--out", "g.jpg"], ".png"),
-        (&["--out-dir", "s"], "already holds 2 PNG image(s)"),
+        (&["--out-dir", "s"], "already holds 2 image(s)"),
         (&["--out-dir", "small.toml"], "small.toml"),
     ] {
         let out = sample(args);
