@@ -512,6 +512,21 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
         .iter()
         .find_map(|f| image_dimensions(f).ok())
         .with_context(|| format!("none of the images in {} can be read", dir.display()))?;
+    // Generated images share one size: others mean a folder holding something else too.
+    let other_sizes: Vec<(&std::path::PathBuf, (u32, u32))> = files
+        .iter()
+        .filter_map(|f| image_dimensions(f).ok().map(|d| (f, d)))
+        .filter(|&(_, d)| d != (width, height))
+        .collect();
+    if let Some((first, (w, h))) = other_sizes.first() {
+        crate::say!(
+            "warning: {} of the {} images in {} are not {width}×{height} like the first (e.g. {}: {w}×{h}) and are resized to it: is this one set of generated images?",
+            other_sizes.len(),
+            files.len(),
+            dir.display(),
+            first.display()
+        );
+    }
     let size = ImageSize::Rect([height as i64, width as i64]);
     // Grayscale images (a 1-channel model's samples) stay grayscale, as sampled from the
     // checkpoint they are, so that both score against the same real statistics.

@@ -416,7 +416,7 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("decoded as read"), "{log}");
     assert!(
-        log.contains("is in colour and is read in grayscale, at 1 channel"),
+        log.contains("is in colour and is read in grayscale, at the model's 1 channel"),
         "{log}"
     );
     assert!(

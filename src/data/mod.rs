@@ -330,7 +330,8 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
 }
 
 fn note_grayscale(description: &str) {
-    crate::say!("note: {description} is in colour and is read in grayscale, at 1 channel (to train in colour: --channels 3)");
+    // Said the same way to training and to FID (whose fake images set the channels).
+    crate::say!("note: {description} is in colour and is read in grayscale, at the model's 1 channel (a model trained with --channels 3 keeps the colour)");
 }
 
 /// Whether `count` images of `shape` are decoded once into memory.
