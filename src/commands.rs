@@ -105,6 +105,14 @@ pub fn train(args: TrainArgs) -> Result<bool> {
                 crate::say!("changed on resume: {change}");
             }
         }
+        let own_file = run_dir.join("config.toml");
+        let reads_own_file = args
+            .config_file
+            .as_deref()
+            .is_some_and(|f| crate::checkpoint::same_place(f, &own_file));
+        if !reads_own_file {
+            note_unread_run_config(&own_file, &checkpoint.sidecar.config);
+        }
     }
     let launch = crate::distributed::Launch::from_env()?;
     let interrupt =
@@ -180,6 +188,47 @@ fn check_resume_target(checkpoint: &Checkpoint, run_dir: &Path, named_file: bool
         );
     }
     Ok(())
+}
+
+/// A resume takes its settings from the checkpoint and flags; the run's `config.toml` records
+/// them and is rewritten. Edits made there would be lost without a word: say which.
+fn note_unread_run_config(file: &Path, checkpoint_config: &RunConfig) {
+    if !file.is_file() {
+        return;
+    }
+    let edited = match RunConfig::from_toml_file(file, None) {
+        Err(e) => {
+            let cause = e.root_cause().to_string();
+            format!(
+                "cannot be read ({})",
+                cause.lines().next().unwrap_or_default()
+            )
+        }
+        Ok(recorded) => {
+            let (Ok(recorded), Ok(saved)) = (
+                toml::Value::try_from(&recorded),
+                toml::Value::try_from(checkpoint_config),
+            ) else {
+                return;
+            };
+            let mut changes = Vec::new();
+            differences("", &saved, &recorded, &mut changes);
+            if changes.is_empty() {
+                return;
+            }
+            let listed: Vec<String> = changes
+                .iter()
+                .map(|(key, saved, in_file)| {
+                    format!("{key} = {in_file} there, {saved} in the checkpoint")
+                })
+                .collect();
+            format!("was edited ({})", listed.join("; "))
+        }
+    };
+    crate::say!(
+        "note: {} {edited}: a resume reads the checkpoint's settings and flags, not that file, which it rewrites (change settings with flags, e.g. --lr)",
+        file.display()
+    );
 }
 
 /// The settings a resume changes, as `key: old → new`; an error for those that change what

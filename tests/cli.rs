@@ -194,10 +194,22 @@ fn train_resume_and_sample_end_to_end() {
         stderr(&out)
     );
 
-    // Resume extends the run to 5 steps.
+    // Resume extends the run to 5 steps. An edit of the run's config.toml is not read (the
+    // checkpoint's settings are), and the note says so.
+    let recorded = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let edited = recorded.replace("ema_decay = 0.999\n", "ema_decay = 0.99\n");
+    assert_ne!(edited, recorded);
+    std::fs::write(run.join("config.toml"), edited).unwrap();
     let out = ddpm(&["train", "--resume", "run", "--steps", "5"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("at step 3"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "config.toml was edited (train.ema_decay = 0.99 there, 0.999 in the checkpoint)"
+        ),
+        "{}",
+        stderr(&out)
+    );
     assert!(run.join("checkpoints/step-00000005.json").exists());
 
     let out = ddpm(
