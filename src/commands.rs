@@ -635,10 +635,10 @@ pub struct FidArgs {
     #[arg(long)]
     pub fake: PathBuf,
     /// Images to sample from a checkpoint [default: 10000] or to take from a folder [default: all]
-    #[arg(long, value_parser = crate::config::positive_count)]
+    #[arg(long, value_parser = crate::config::positive_count::<usize>)]
     pub num: Option<usize>,
     /// Images per forward pass (sampling and Inception)
-    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count)]
+    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count::<usize>)]
     pub batch: usize,
     /// Sampling seed (checkpoints)
     #[arg(long, default_value_t = 0)]
@@ -880,7 +880,7 @@ pub struct BenchArgs {
     #[arg(long = "channels")]
     pub in_channels: Option<i64>,
     /// Images per step (training) or per forward pass (sampling)
-    #[arg(long, value_parser = crate::config::positive_count)]
+    #[arg(long, value_parser = crate::config::positive_count::<usize>)]
     pub batch: Option<usize>,
     #[arg(long, value_enum)]
     pub precision: Option<crate::config::Precision>,
@@ -899,13 +899,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub warmup: usize,
     /// Timed training steps
-    #[arg(long, default_value_t = 30, value_parser = crate::config::positive_count)]
+    #[arg(long, default_value_t = 30, value_parser = crate::config::positive_count::<usize>)]
     pub steps: usize,
     /// Images to sample
-    #[arg(long, default_value_t = 1024, value_parser = crate::config::positive_count)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::config::positive_count::<usize>)]
     pub num: usize,
     /// DDIM steps when sampling
-    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count)]
+    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count::<usize>)]
     pub sample_steps: usize,
     /// CPU threads for libtorch [default: libtorch's choice]
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]

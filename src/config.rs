@@ -931,9 +931,11 @@ impl RunConfig {
 }
 
 /// A command-line count that must be at least 1.
-pub fn positive_count(text: &str) -> std::result::Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
+pub fn positive_count<T: std::str::FromStr + PartialOrd + From<u8>>(
+    text: &str,
+) -> std::result::Result<T, String> {
+    match text.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
         _ => Err(format!("expected an integer ≥ 1, got {text:?}")),
     }
 }
@@ -1042,7 +1044,7 @@ pub struct Overrides {
     pub steps: Option<u64>,
     /// Run length in epochs over the data instead of --steps (in total, from step 0, also when
     /// resuming)
-    #[arg(long, conflicts_with = "steps", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, conflicts_with = "steps", value_parser = positive_count::<u64>)]
     pub epochs: Option<u64>,
     /// Images per optimizer step [train.batch]
     #[arg(long)]

@@ -54,7 +54,7 @@ enum Command {
         #[arg(long)]
         checkpoint: PathBuf,
         /// Number of images
-        #[arg(long, default_value_t = 64, value_parser = positive_count)]
+        #[arg(long, default_value_t = 64, value_parser = positive_count::<usize>)]
         num: usize,
         /// Write a PNG grid here
         #[arg(long)]
@@ -69,7 +69,7 @@ enum Command {
         #[arg(long, value_enum)]
         sampler: Option<SamplerKind>,
         /// DDIM steps, at most T [default: the checkpoint's sample.steps]
-        #[arg(long, value_parser = positive_count)]
+        #[arg(long, value_parser = positive_count::<usize>)]
         steps: Option<usize>,
         /// DDIM η in [0, 1]: 0 is deterministic
         #[arg(long, value_parser = unit_interval)]
@@ -77,7 +77,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Images per forward pass
-        #[arg(long, default_value_t = 256, value_parser = positive_count)]
+        #[arg(long, default_value_t = 256, value_parser = positive_count::<usize>)]
         batch: usize,
         /// ema or raw
         #[arg(long, default_value = "ema", value_parser = ["ema", "raw"])]
@@ -116,13 +116,13 @@ enum Command {
     /// --nproc-per-node N --no-python ddpm …), e.g. `ddpm launch --nproc 4 -- train --preset cifar10`
     Launch {
         /// Processes (one per GPU)
-        #[arg(long, value_parser = positive_count)]
+        #[arg(long, value_parser = positive_count::<usize>)]
         nproc: usize,
         /// The rendezvous port [default: a free one]
         #[arg(long)]
         master_port: Option<u16>,
         /// Seconds a rank waits for the others before giving up [default: 1800; DDPM_DIST_TIMEOUT]
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, value_parser = ddpm::config::positive_count::<u64>)]
         timeout: Option<u64>,
         /// The ddpm command line each process runs
         #[arg(last = true, required = true)]
