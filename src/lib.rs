@@ -61,6 +61,17 @@ pub fn install_panic_hook() {
     }));
 }
 
+/// An error's message with its causes, as shown to the user: a libtorch error carries the C++
+/// stack of where it was raised ("Exception raised from …" and a frame list), and what it says
+/// comes first and is all the user needs.
+pub fn error_text(error: &anyhow::Error) -> String {
+    let text = format!("{error:#}");
+    match text.split_once("\nException raised from") {
+        Some((said, _)) => said.to_string(),
+        None => text,
+    }
+}
+
 /// The message of a panic: for a libtorch error unwrapped by tch, libtorch's own words.
 pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
     let text = payload
@@ -117,5 +128,14 @@ mod tests {
         );
         let e = super::catch_panics(|| -> anyhow::Result<()> { panic!("shape mismatch") });
         assert_eq!(e.unwrap_err().to_string(), "shape mismatch");
+        // An error returned by libtorch (not raised as a panic) keeps its words, not its stack.
+        let e = a.f_matmul(&a).unwrap_err();
+        let text = super::error_text(&anyhow::Error::from(e).context("step 3"));
+        assert!(
+            text.starts_with("step 3: ")
+                && text.contains("cannot be multiplied")
+                && !text.contains("Exception raised"),
+            "{text}"
+        );
     }
 }

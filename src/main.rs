@@ -157,7 +157,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            ddpm::say!("error: {}", without_cpp_backtrace(&format!("{e:#}")));
+            ddpm::say!("error: {}", ddpm::error_text(&e));
             ExitCode::FAILURE
         }
     }
@@ -251,15 +251,6 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Fid(args) => commands::fid(args),
     };
     result.map(|()| ExitCode::SUCCESS)
-}
-
-/// A libtorch error carries the C++ stack of where it was raised ("Exception raised from …"
-/// and a frame list): what it says comes first and is all the user needs.
-fn without_cpp_backtrace(message: &str) -> String {
-    message
-        .split_once("\nException raised from")
-        .map_or(message, |(said, _)| said)
-        .to_string()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tch::Device;
 
 use super::step::Trainer;
@@ -403,14 +403,16 @@ fn run_loop(
             if !leader || step == 0 {
                 return e;
             }
+            // The cause first, then what became of the run.
+            let stopped = |outcome: String| anyhow!("{}; {outcome}", crate::error_text(&e));
             if saved_step.get() == Some(step) {
-                return e.context(format!(
+                return stopped(format!(
                     "training stopped at step {step}; its checkpoint {} is saved",
                     checkpoint::sidecar_path(&checkpoints, step).display()
                 ));
             }
             match save(trainer, position) {
-                Ok(path) => e.context(format!(
+                Ok(path) => stopped(format!(
                     "training stopped at step {step}; checkpoint {} written",
                     path.unwrap_or_default().display()
                 )),
@@ -418,13 +420,14 @@ fn run_loop(
                     let newest = match saved_step.get() {
                         None => String::new(),
                         Some(saved) => format!(
-                            "; the newest is {}",
+                            "; resume from {}, the newest",
                             checkpoint::sidecar_path(&checkpoints, saved).display()
                         ),
                     };
-                    e.context(format!(
+                    stopped(format!(
                         "training stopped at step {step}, and its checkpoint could not be \
-                         written either ({save_error:#}){newest}"
+                         written either ({}){newest}",
+                        crate::error_text(&save_error)
                     ))
                 }
             }
