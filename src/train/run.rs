@@ -384,6 +384,14 @@ fn run_loop(
         if !leader {
             return Ok(None);
         }
+        // Gradients are checked at every step, but an update can still overflow: a checkpoint
+        // must hold usable weights, as resumes and rollbacks trust it.
+        if !trainer.weights_are_finite() {
+            bail!(
+                "the weights are not finite at step {}: not saved as a checkpoint (lower --lr)",
+                trainer.step
+            );
+        }
         let path = checkpoint::save(
             &checkpoints,
             &trainer.state_tensors(),

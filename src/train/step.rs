@@ -620,6 +620,17 @@ impl Trainer {
         self.scaler.as_ref().map(|s| s.scale.double_value(&[0]))
     }
 
+    /// Whether every weight, raw and EMA, is finite (one read from the device).
+    pub fn weights_are_finite(&self) -> bool {
+        let non_finite = self
+            .params
+            .iter()
+            .chain(&self.ema_params)
+            .map(|p| p.isfinite().logical_not().sum(Kind::Int64))
+            .reduce(|a, b| a + b);
+        non_finite.is_none_or(|n| n.int64_value(&[]) == 0)
+    }
+
     /// Every tensor of the training state, named for the checkpoint.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
@@ -989,6 +1000,20 @@ mod tests {
                     "{variant}: {apart} apart, training moved {moved}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn weights_that_are_not_finite_are_found_raw_or_ema() {
+        let trainer = Trainer::new(&tiny(8), Device::Cpu).unwrap();
+        assert!(trainer.weights_are_finite());
+        for weights in [&trainer.params, &trainer.ema_params] {
+            let mut last = weights.last().unwrap().shallow_clone();
+            let kept = last.copy();
+            tch::no_grad(|| last.get(0).fill_(f64::INFINITY));
+            assert!(!trainer.weights_are_finite());
+            tch::no_grad(|| last.copy_(&kept));
+            assert!(trainer.weights_are_finite());
         }
     }
 
