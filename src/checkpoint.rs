@@ -325,6 +325,17 @@ fn prune(dir: &Path, step: u64, keep: usize, pin_every: u64) -> Result<()> {
     Ok(())
 }
 
+/// Removes the checkpoints in `dir` of steps after `step`.
+pub fn remove_after(dir: &Path, step: u64) -> Result<()> {
+    for later in list(dir)?
+        .iter()
+        .filter(|p| step_of(p).is_some_and(|s| s > step))
+    {
+        remove_checkpoint(dir, later)?;
+    }
+    Ok(())
+}
+
 /// Removes a checkpoint's weights (named by its sidecar, or by its step when the sidecar cannot
 /// be read) and then its sidecar.
 fn remove_checkpoint(dir: &Path, sidecar: &Path) -> Result<()> {
@@ -440,7 +451,7 @@ impl Checkpoint {
             // Not damage: passing over it would let this run's saves replace it.
             if let Some(version) = format_version(candidate).filter(|&v| v > FORMAT_VERSION) {
                 bail!(
-                    "{} was written by a newer ddpm (checkpoint format {version}; this one reads format {FORMAT_VERSION}): resume with that version, or resume an older checkpoint of the run by its path into a new --out",
+                    "{} was written by a newer ddpm (checkpoint format {version}; this one reads format {FORMAT_VERSION}): use that version, or name an older checkpoint file of the run",
                     candidate.display()
                 );
             }

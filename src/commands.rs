@@ -106,11 +106,8 @@ pub fn train(args: TrainArgs) -> Result<bool> {
             }
         }
         let own_file = run_dir.join("config.toml");
-        let reads_own_file = args
-            .config_file
-            .as_deref()
-            .is_some_and(|f| crate::checkpoint::same_place(f, &own_file));
-        if !reads_own_file {
+        // With --config or --preset (--resume auto), those give the settings, not the file.
+        if args.config_file.is_none() && args.preset.is_none() {
             note_unread_run_config(&own_file, &checkpoint.sidecar.config);
         }
     }
@@ -222,7 +219,10 @@ fn note_unread_run_config(file: &Path, checkpoint_config: &RunConfig) {
                     format!("{key} = {in_file} there, {saved} in the checkpoint")
                 })
                 .collect();
-            format!("was edited ({})", listed.join("; "))
+            format!(
+                "differs from the checkpoint's settings ({})",
+                listed.join("; ")
+            )
         }
     };
     crate::say!(

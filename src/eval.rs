@@ -301,7 +301,7 @@ impl Statistics {
         };
         // A file's damage that keeps its shapes would change every score made with it.
         let digest = Sha256::digest(crate::checkpoint::to_safetensors(&statistics.tensors())?);
-        let recorded = take("sha256")?;
+        let recorded = take("sha256").context("written by an older ddpm, without a checksum")?;
         ensure!(
             recorded.kind() == Kind::Uint8 && Vec::<u8>::try_from(&recorded)? == digest.as_slice(),
             "FID statistics {} are damaged: their SHA-256 does not match the one they record",

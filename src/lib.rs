@@ -81,11 +81,16 @@ pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
         .unwrap_or("unknown panic");
     match text.split_once("Torch(\"") {
         Some((_, torch)) => {
-            // The error is shown as Rust's debug string: its newlines are escaped.
-            let said = ["\\nframe #", "\\nException raised from", "\")"]
+            // The error is shown as Rust's debug string, escapes and all.
+            let torch = torch.strip_suffix("\")").unwrap_or(torch);
+            let said = ["\\nframe #", "\\nException raised from"]
                 .iter()
                 .fold(torch, |said, end| said.split(end).next().unwrap_or(said));
-            anyhow::anyhow!("libtorch: {}", said.replace("\\n", " "))
+            let said = said
+                .replace("\\n", " ")
+                .replace("\\\"", "\"")
+                .replace("\\\\", "\\");
+            anyhow::anyhow!("libtorch: {said}")
         }
         None => anyhow::anyhow!("{text}"),
     }
@@ -126,6 +131,9 @@ mod tests {
                 && !e.contains("\\n"),
             "{e}"
         );
+        let debug = r#"called `Result::unwrap()` on an `Err` value: Torch("\"addmm\" not implemented for 'Half'\nException raised from addmm at x.cpp")"#;
+        let e = super::panic_error(Box::new(debug.to_string())).to_string();
+        assert_eq!(e, "libtorch: \"addmm\" not implemented for 'Half'");
         let e = super::catch_panics(|| -> anyhow::Result<()> { panic!("shape mismatch") });
         assert_eq!(e.unwrap_err().to_string(), "shape mismatch");
         // An error returned by libtorch (not raised as a panic) keeps its words, not its stack.

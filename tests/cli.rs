@@ -205,7 +205,7 @@ fn train_resume_and_sample_end_to_end() {
     assert!(stderr(&out).contains("at step 3"), "{}", stderr(&out));
     assert!(
         stderr(&out).contains(
-            "config.toml was edited (train.ema_decay = 0.99 there, 0.999 in the checkpoint)"
+            "config.toml differs from the checkpoint's settings (train.ema_decay = 0.99 there, 0.999 in the checkpoint)"
         ),
         "{}",
         stderr(&out)

@@ -106,7 +106,7 @@ pub fn detect_format(path: &Path) -> Result<DataFormat> {
         _ => {
             let names: Vec<&str> = found.iter().map(|(_, name)| *name).collect();
             bail!(
-                "data folder {} holds the files of several datasets ({}): choose one with --data-format (data.format)",
+                "data folder {} holds the files of several datasets ({}): point at one dataset's own file or folder, or choose one with --data-format (data.format)",
                 path.display(),
                 names.join(", ")
             )

@@ -183,7 +183,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
     let format = match (path, options.format) {
         (None, DataFormat::Auto | DataFormat::Bundled) => DataFormat::Bundled,
         (None, format) => bail!(
-            "data.format = \"{}\" needs data.path (--data); without one, training uses the bundled digits",
+            "data.format = \"{}\" needs data.path (--data); for the bundled digits, data.format = \"bundled\" (--data-format bundled)",
             crate::config::value_name(&format)
         ),
         (Some(p), DataFormat::Bundled) => bail!(

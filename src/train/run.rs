@@ -63,14 +63,21 @@ const RUN_FILES: [&str; 6] = [
 /// same names that are not a run's, nor writes into its own data folder or a folder of images
 /// or subfolders (a mistyped --out: its grids would mix with them). Other files (a job's log,
 /// say) may share the folder.
-fn check_run_dir(dir: &Path, resuming: bool, data: Option<&Path>) -> Result<()> {
+fn check_run_dir(dir: &Path, resume: Option<&Checkpoint>, data: Option<&Path>) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("--out {} is a file, not a run directory", dir.display());
     }
-    if resuming || !dir.is_dir() {
+    // A resume in the checkpoint's own run directory continues it; into another folder, that
+    // folder is checked as a new run's (its checkpoints, if any, are that resume's own).
+    let in_place = resume.is_some_and(|c| {
+        c.path
+            .parent()
+            .is_some_and(|folder| checkpoint::same_place(folder, &dir.join("checkpoints")))
+    });
+    if in_place || !dir.is_dir() {
         return Ok(());
     }
-    if !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
+    if resume.is_none() && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
         bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
     }
     if data.is_some_and(|data| checkpoint::same_place(dir, data)) {
@@ -159,7 +166,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     }
     let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
     if leader {
-        check_run_dir(&run_dir, resume.is_some(), config.data_path().as_deref())?;
+        check_run_dir(&run_dir, resume.as_ref(), config.data_path().as_deref())?;
     }
     let dataset = Arc::new(data::load(
         config.data_path().as_deref(),
@@ -580,7 +587,14 @@ fn run_loop(
             && step.is_multiple_of(config.checkpoint.every)
             && step < stop
         {
-            save(trainer, position)?;
+            // Weights that overflowed are not saved; the non-finite steps that follow lead to a
+            // rollback to an earlier checkpoint.
+            match trainer.weights_are_finite() {
+                true => drop(save(trainer, position)?),
+                false => monitor.note(&format!(
+                    "warning: the weights are not finite at step {step}: no checkpoint written"
+                )),
+            }
             window = Window::new();
         }
         if interrupted_alone() {
@@ -653,7 +667,7 @@ fn run_loop(
 
 const MAX_ROLLBACKS: u32 = 5;
 
-/// After `bad` non-finite steps in a row: reload the newest valid checkpoint, lower the learning
+/// After `bad` non-finite steps in a row: reload a checkpoint from before them, lower the learning
 /// rate by `rollback_lr_factor`, and return the data position to continue from.
 fn roll_back(
     trainer: &mut Trainer,
@@ -666,11 +680,19 @@ fn roll_back(
     if rollbacks > MAX_ROLLBACKS {
         bail!("gradients are still non-finite after {MAX_ROLLBACKS} rollbacks (step {step}); lower --lr or check the data");
     }
-    // Back to before the streak: a checkpoint written during it may hold what went wrong.
+    // Back to before the streak where a checkpoint is (its data are then taken again at the
+    // lower rate); else to one written during it, which holds the same weights, as skipped
+    // steps change nothing and non-finite weights are never saved.
     let last_good = step.saturating_sub(bad);
-    let Some(checkpoint) = Checkpoint::newest_up_to(checkpoints, last_good)? else {
-        bail!("{bad} steps in a row had non-finite gradients (steps {} to {step}) and there is no checkpoint from before them to roll back to; lower --lr or check the data", last_good + 1);
+    let checkpoint = match Checkpoint::newest_up_to(checkpoints, last_good)? {
+        Some(before) => before,
+        None => match Checkpoint::newest_up_to(checkpoints, step)? {
+            Some(during) => during,
+            None => bail!("{bad} steps in a row had non-finite gradients (steps {} to {step}) and there is no checkpoint to roll back to; lower --lr or check the data", last_good + 1),
+        },
     };
+    // The checkpoints after it belong to the abandoned steps: a resume must not take them up.
+    checkpoint::remove_after(checkpoints, checkpoint.sidecar.step)?;
     // The scale goes on falling with each rollback (the checkpoint holds the one of its step).
     let lr_scale = trainer.lr_scale * trainer.config.train.rollback_lr_factor;
     trainer.load_state(&checkpoint)?;
@@ -920,13 +942,16 @@ mod tests {
         assert_eq!(trainer.step, 1);
         assert_eq!(trainer.lr_scale, 0.5);
         assert_eq!(trainer.consecutive_skipped_steps(), 0);
+        // The checkpoint of the abandoned steps is gone: a resume cannot take it up.
+        assert!(!checkpoint::sidecar_path(dir.path(), 2).exists());
         assert!(flat(&trainer.params).equal(&saved));
         let out = trainer.step(&clean).unwrap();
         assert!((out.lr - 0.5 * learning_rate(&c.train, 1)).abs() < 1e-15);
-        // Each further rollback lowers the rate again.
+        // Each further rollback lowers the rate again; with no checkpoint from before the
+        // streak (10 steps back), the newest one is taken.
         trainer.step(&poisoned).unwrap();
-        roll_back(&mut trainer, dir.path(), 1, 2, &monitor).unwrap();
-        assert_eq!((trainer.step, trainer.lr_scale), (2, 0.25));
+        roll_back(&mut trainer, dir.path(), 10, 2, &monitor).unwrap();
+        assert_eq!((trainer.step, trainer.lr_scale), (1, 0.25));
         // Without a checkpoint from before the streak there is nothing to return to.
         let empty = tempfile::tempdir().unwrap();
         let err = format!(
@@ -934,9 +959,8 @@ mod tests {
             roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err()
         );
         assert!(
-            err.contains(
-                "no checkpoint from before them to roll back to; lower --lr or check the data"
-            ) && !err.contains("no such"),
+            err.contains("no checkpoint to roll back to; lower --lr or check the data")
+                && !err.contains("no such"),
             "{err}"
         );
     }
@@ -968,33 +992,53 @@ mod tests {
     fn a_new_run_overwrites_no_other_files_and_not_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        check_run_dir(&out, false, None).unwrap();
+        check_run_dir(&out, None, None).unwrap();
         std::fs::create_dir(&out).unwrap();
         // A job's log may come first.
         std::fs::write(out.join("job.log"), "started").unwrap();
-        check_run_dir(&out, false, None).unwrap();
+        check_run_dir(&out, None, None).unwrap();
         // Nor a folder of images (a dataset, say) or of subfolders.
         let images = dir.path().join("images");
         std::fs::create_dir_all(images.join("cats")).unwrap();
         std::fs::write(images.join("a.PNG"), "").unwrap();
-        let e = format!("{:#}", check_run_dir(&images, false, None).unwrap_err());
+        let e = format!("{:#}", check_run_dir(&images, None, None).unwrap_err());
         assert!(
             e.contains("(a.PNG, cats/)") && e.contains("not a ddpm run"),
             "{e}"
         );
+        // A resume continues in its own run directory, and checks another one as a new run's.
+        let trainer = Trainer::new(&tiny(8), Device::Cpu).unwrap();
+        let own = dir.path().join("run");
+        let state = trainer.state_tensors();
+        checkpoint::save(
+            &own.join("checkpoints"),
+            &state,
+            0,
+            Position::default(),
+            &trainer.config,
+        )
+        .unwrap();
+        let resumed = Checkpoint::load(&own).unwrap();
+        std::fs::create_dir(own.join("logs")).unwrap();
+        check_run_dir(&own, Some(&resumed), None).unwrap();
+        let e = format!(
+            "{:#}",
+            check_run_dir(&images, Some(&resumed), None).unwrap_err()
+        );
+        assert!(e.contains("(a.PNG, cats/)"), "{e}");
         std::fs::write(out.join("report.html"), "mine").unwrap();
-        let e = format!("{:#}", check_run_dir(&out, false, None).unwrap_err());
+        let e = format!("{:#}", check_run_dir(&out, None, None).unwrap_err());
         assert!(
             e.contains("report.html") && e.contains("not a ddpm run"),
             "{e}"
         );
         // An earlier start that wrote no checkpoint.
         std::fs::write(out.join(checkpoint::LOCK_FILE), "").unwrap();
-        check_run_dir(&out, false, None).unwrap();
+        check_run_dir(&out, None, None).unwrap();
         // Not the data folder, however it is named.
         let e = format!(
             "{:#}",
-            check_run_dir(&out, false, Some(&out.join("."))).unwrap_err()
+            check_run_dir(&out, None, Some(&out.join("."))).unwrap_err()
         );
         assert!(e.contains("data folder"), "{e}");
     }

@@ -105,8 +105,6 @@ fn fused_kernels_load(device: Device) -> bool {
     }
 }
 
-/// Whether the fused GroupNorm+SiLU kernels run in training: `true` is refused where they
-/// cannot, `auto` uses them where they can.
 /// Refuses the speed levers set to `true` where they cannot run on `device`.
 pub fn check_levers(config: &RunConfig, device: Device) -> Result<()> {
     if config.train.cuda_graph == Lever::On && !device.is_cuda() {
