@@ -52,9 +52,7 @@ pub fn catch_panics<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let libtorch = info
-            .payload_as_str()
-            .is_some_and(|p| p.contains("Torch(\""));
+        let libtorch = payload_text(info.payload()).is_some_and(|p| p.contains("Torch(\""));
         if !(libtorch && CATCHING.with(|c| c.get())) {
             default(info)
         }
@@ -72,13 +70,17 @@ pub fn error_text(error: &anyhow::Error) -> String {
     }
 }
 
-/// The message of a panic: for a libtorch error unwrapped by tch, libtorch's own words.
-pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
-    let text = payload
+/// A panic's message, when it has one.
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
         .downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic");
+}
+
+/// The message of a panic: for a libtorch error unwrapped by tch, libtorch's own words.
+pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
+    let text = payload_text(payload.as_ref()).unwrap_or("unknown panic");
     match text.split_once("Torch(\"") {
         Some((_, torch)) => {
             // The error is shown as Rust's debug string, escapes and all.
