@@ -605,14 +605,17 @@ mod tests {
         // the newest up to its step; the later ones do not count, and go if damaged.
         config.checkpoint.keep = 1;
         fs::write(sidecar_path(dir.path(), 6), b"{\"format_version\": 1, \"st").unwrap();
-        save(
-            dir.path(),
-            &sample_tensors(),
-            4,
-            Position::default(),
-            &config,
-        )
-        .unwrap();
+        let save_at = |step: u64, config: &RunConfig| {
+            save(
+                dir.path(),
+                &sample_tensors(),
+                step,
+                Position::default(),
+                config,
+            )
+            .unwrap()
+        };
+        save_at(4, &config);
         let steps: Vec<u64> = list(dir.path())
             .unwrap()
             .iter()
@@ -651,14 +654,7 @@ mod tests {
             err.contains("step-00000009.json was written by a newer ddpm (checkpoint format 2"),
             "{err}"
         );
-        save(
-            dir.path(),
-            &sample_tensors(),
-            8,
-            Position::default(),
-            &config,
-        )
-        .unwrap();
+        save_at(8, &config);
         assert!(newer.exists());
     }
 
