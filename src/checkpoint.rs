@@ -276,10 +276,9 @@ fn unfinished_saves(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// The step in a checkpoint file's name (`step-N.json`, `step-N.safetensors`).
-fn step_of(sidecar: &Path) -> Option<u64> {
-    sidecar
-        .file_stem()
+/// The step in a file name `step-N.ext` (checkpoints, sample grids).
+pub fn step_of(path: &Path) -> Option<u64> {
+    path.file_stem()
         .and_then(|s| s.to_str())
         .and_then(|s| s.strip_prefix("step-"))
         .and_then(|s| s.parse::<u64>().ok())

@@ -268,15 +268,7 @@ fn grids(samples: &Path) -> Result<Vec<(u64, PathBuf)>> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "png") && p.is_file())
-        .filter_map(|p| {
-            let step = p
-                .file_stem()?
-                .to_str()?
-                .strip_prefix("step-")?
-                .parse()
-                .ok()?;
-            Some((step, p))
-        })
+        .filter_map(|p| Some((crate::checkpoint::step_of(&p)?, p)))
         .collect();
     grids.sort();
     Ok(grids)

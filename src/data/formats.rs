@@ -86,25 +86,22 @@ pub fn detect_format(path: &Path) -> Result<DataFormat> {
         .with_context(|| format!("cannot list {}", path.display()))?
         .flatten()
         .any(|e| e.file_name().to_string_lossy().contains("idx3-ubyte"));
-    let found: Vec<(DataFormat, &str)> = [
+    let found: Vec<DataFormat> = [
         (
             has("data_batch_1.bin") || has("test_batch.bin"),
-            (DataFormat::Cifar10, "cifar10"),
+            DataFormat::Cifar10,
         ),
-        (
-            has("train.bin") || has("test.bin"),
-            (DataFormat::Cifar100, "cifar100"),
-        ),
-        (has_idx, (DataFormat::Idx, "idx")),
+        (has("train.bin") || has("test.bin"), DataFormat::Cifar100),
+        (has_idx, DataFormat::Idx),
     ]
     .into_iter()
     .filter_map(|(present, format)| present.then_some(format))
     .collect();
     match found[..] {
         [] => Ok(DataFormat::Folder),
-        [(format, _)] => Ok(format),
+        [format] => Ok(format),
         _ => {
-            let names: Vec<&str> = found.iter().map(|(_, name)| *name).collect();
+            let names: Vec<String> = found.iter().map(crate::config::value_name).collect();
             bail!(
                 "data folder {} holds the files of several datasets ({}): point at one dataset's own file or folder, or choose one with --data-format (data.format)",
                 path.display(),
@@ -320,14 +317,14 @@ pub fn cifar_files(dir: &Path, variant: Cifar, split: Split) -> Result<Vec<PathB
 pub fn parse_cifar(bytes: &[u8], name: &Path, variant: Cifar, pixels: &mut Vec<u8>) -> Result<()> {
     let labels = variant.label_bytes();
     let record = labels + CIFAR_SHAPE.bytes();
-    if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
-        if bytes.is_empty() {
-            bail!(
-                "{} is empty: a {} file holds records of {record} bytes",
-                name.display(),
-                variant.name()
-            );
-        }
+    if bytes.is_empty() {
+        bail!(
+            "{} is empty: a {} file holds records of {record} bytes",
+            name.display(),
+            variant.name()
+        );
+    }
+    if !bytes.len().is_multiple_of(record) {
         bail!("{}: {} bytes is not a whole number of {} records ({record} bytes each: {labels} label byte(s) + 3×32×32 pixels)", name.display(), bytes.len(), variant.name());
     }
     pixels.reserve(bytes.len() / record * CIFAR_SHAPE.bytes());

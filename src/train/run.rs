@@ -387,17 +387,10 @@ fn run_loop(
     // The step whose state is on disk already (or the untrained start).
     let on_disk = |step| checkpoint::sidecar_path(&checkpoints, step).is_file();
     let saved_step = Cell::new(Some(trainer.step).filter(|&step| leader && on_disk(step)));
-    let save = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
+    // Writes a checkpoint whose weights are known to be finite.
+    let write_checkpoint = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
         if !leader {
             return Ok(None);
-        }
-        // Gradients are checked at every step, but an update can still overflow: a checkpoint
-        // must hold usable weights, as resumes and rollbacks trust it.
-        if !trainer.weights_are_finite() {
-            bail!(
-                "the weights are not finite at step {}: not saved as a checkpoint (lower --lr)",
-                trainer.step
-            );
         }
         let path = checkpoint::save(
             &checkpoints,
@@ -408,6 +401,17 @@ fn run_loop(
         )?;
         saved_step.set(Some(trainer.step));
         Ok(Some(path))
+    };
+    // Gradients are checked at every step, but an update can still overflow: a checkpoint must
+    // hold usable weights, as resumes and rollbacks trust it.
+    let save = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
+        if !trainer.weights_are_finite() {
+            bail!(
+                "the weights are not finite at step {}: not saved as a checkpoint (lower --lr)",
+                trainer.step
+            );
+        }
+        write_checkpoint(trainer, position)
     };
     // A failure that leaves the weights as they were after the last step (unreadable data, a
     // lost rank, no device memory left, an unwritable grid or metrics file) still leaves a
@@ -590,7 +594,7 @@ fn run_loop(
             // Weights that overflowed are not saved; the non-finite steps that follow lead to a
             // rollback to an earlier checkpoint.
             match trainer.weights_are_finite() {
-                true => drop(save(trainer, position)?),
+                true => drop(write_checkpoint(trainer, position)?),
                 false => monitor.note(&format!(
                     "warning: the weights are not finite at step {step}: no checkpoint written"
                 )),
