@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{RunConfig, SampleConfig, SamplerKind};
 use crate::model::parameter_count;
-use crate::sampler::{self, Denoiser};
+use crate::sampler;
 use crate::train::Trainer;
 
 /// One benchmark's figures.
@@ -25,30 +25,6 @@ pub struct BenchResult {
     pub fused_norm_silu: bool,
 }
 
-fn synchronize(device: Device) {
-    if let Device::Cuda(index) = device {
-        tch::Cuda::synchronize(index as i64);
-    }
-}
-
-fn reset_peak(device: Device) -> Result<()> {
-    if let Device::Cuda(index) = device {
-        crate::ops::reset_cuda_peak_memory(index)?;
-    }
-    Ok(())
-}
-
-fn peak_gib(device: Device) -> Result<Option<(f64, f64)>> {
-    const GIB: f64 = (1u64 << 30) as f64;
-    match device {
-        Device::Cuda(index) => {
-            let (allocated, reserved) = crate::ops::cuda_peak_memory(index)?;
-            Ok(Some((allocated as f64 / GIB, reserved as f64 / GIB)))
-        }
-        _ => Ok(None),
-    }
-}
-
 /// Times `steps` training steps on one fixed synthetic batch after `warmup` untimed ones. The
 /// peak memory covers the whole run, warm-up and CUDA graph capture included, as the PyTorch
 /// baseline's does.
@@ -60,27 +36,27 @@ pub fn train_step(
 ) -> Result<BenchResult> {
     let mut trainer = Trainer::new(config, device)?;
     // Not sooner: libtorch refuses to reset the statistics of a device it has not used yet.
-    reset_peak(device)?;
+    crate::device::reset_peak_memory(device)?;
     let m = &config.model;
     tch::manual_seed(0);
     let x0 = Tensor::rand(m.batch_shape(config.train.batch), (Kind::Float, device)) * 2.0 - 1.0;
     for _ in 0..warmup {
         trainer.step(&x0)?.loss.double_value(&[]);
     }
-    synchronize(device);
+    crate::device::synchronize(device);
     let started = Instant::now();
     let mut last = None;
     for _ in 0..steps {
         last = Some(trainer.step(&x0)?.loss);
     }
     let final_loss = last.map(|l| l.double_value(&[])); // waits for the queued work
-    synchronize(device);
+    crate::device::synchronize(device);
     let seconds = started.elapsed().as_secs_f64();
     Ok(BenchResult {
         images_per_second: (config.train.batch * steps) as f64 / seconds,
         ms_per_step: seconds * 1000.0 / steps as f64,
         final_loss,
-        peak_memory_gib: peak_gib(device)?,
+        peak_memory_gib: crate::device::peak_memory_gib(device)?,
         parameters: parameter_count(&trainer.vs),
         cuda_graph: trainer.uses_cuda_graph(),
         fused_norm_silu: trainer.uses_fused_norm_silu(),
@@ -96,11 +72,7 @@ pub fn sampling(
     ddim_steps: usize,
 ) -> Result<BenchResult> {
     let trainer = Trainer::new(config, device)?;
-    let denoiser = Denoiser {
-        model: &trainer.ema_model,
-        schedule: &trainer.schedule,
-        prediction: config.diffusion.prediction,
-    };
+    let denoiser = trainer.denoiser(true);
     let settings = SampleConfig {
         sampler: SamplerKind::Ddim,
         steps: ddim_steps,
@@ -121,8 +93,8 @@ pub fn sampling(
         None,
         |_, _, _| {},
     )?;
-    synchronize(device);
-    reset_peak(device)?;
+    crate::device::synchronize(device);
+    crate::device::reset_peak_memory(device)?;
     let started = Instant::now();
     let images = sampler::sample(
         &denoiser,
@@ -135,14 +107,14 @@ pub fn sampling(
         |_, _, _| {},
     )?;
     let _ = images.sum(Kind::Float).double_value(&[]);
-    synchronize(device);
+    crate::device::synchronize(device);
     let seconds = started.elapsed().as_secs_f64();
     let batches = num.div_ceil(batch);
     Ok(BenchResult {
         images_per_second: num as f64 / seconds,
         ms_per_step: seconds * 1000.0 / (batches * ddim_steps) as f64,
         final_loss: None,
-        peak_memory_gib: peak_gib(device)?,
+        peak_memory_gib: crate::device::peak_memory_gib(device)?,
         parameters: parameter_count(&trainer.vs),
         // Sampling runs eagerly.
         cuda_graph: false,
@@ -247,14 +219,29 @@ mod tests {
     use crate::config::ImageSize;
 
     #[test]
-    fn benchmarks_run_and_report_positive_rates() {
+    fn the_benchmark_times_the_real_training_step_and_its_figures_agree() {
+        let _rng = crate::rng::exclusive();
         let mut c = RunConfig::preset("tiny").unwrap();
         c.model.channels = 8;
         c.model.image_size = ImageSize::Square(8);
         c.model.channel_mult = vec![1, 2];
         c.train.batch = 4;
         let r = train_step(&c, Device::Cpu, 1, 2).unwrap();
-        assert!(r.images_per_second > 0.0 && r.final_loss.unwrap().is_finite());
+        // The loss after 1 + 2 steps on the fixed batch is a trainer's after the same steps.
+        let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
+        tch::manual_seed(0);
+        let x0 = Tensor::rand(c.model.batch_shape(4), (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let losses: Vec<f64> = (0..3)
+            .map(|_| trainer.step(&x0).unwrap().loss.double_value(&[]))
+            .collect();
+        assert_eq!(r.final_loss, Some(losses[2]));
+        assert_eq!(r.parameters, parameter_count(&trainer.vs));
+        // Images per second and milliseconds per step describe the same timing.
+        let implied = 4.0 * 1000.0 / r.ms_per_step;
+        assert!(
+            (r.images_per_second - implied).abs() < 1e-6 * implied,
+            "{r:?}"
+        );
         let line = result_line("train", &c, Device::Cpu, &r);
         assert!(
             line.starts_with(
@@ -262,8 +249,17 @@ mod tests {
             ),
             "{line}"
         );
-        assert!(line.contains(" img_per_s="));
+        assert!(
+            line.contains(&format!(" img_per_s={:.1} ", r.images_per_second))
+                && line.contains(&format!(" final_loss={:.5} ", losses[2])),
+            "{line}"
+        );
+        // 3 images in batches of 2 (2 batches) of 2 DDIM steps: 4 timed steps.
         let s = sampling(&c, Device::Cpu, 3, 2, 2).unwrap();
-        assert!(s.images_per_second > 0.0);
+        let implied = 3.0 * 1000.0 / (4.0 * s.ms_per_step);
+        assert!(
+            (s.images_per_second - implied).abs() < 1e-6 * implied,
+            "{s:?}"
+        );
     }
 }

@@ -10,8 +10,7 @@ use tch::Device;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Overrides, RunConfig, SampleConfig};
 use crate::model::{self, UNet};
-use crate::sampler::{self, Denoiser};
-use crate::schedule::NoiseSchedule;
+use crate::sampler;
 use crate::train::{self, RunOptions};
 
 /// Builds a run's configuration: the TOML file's or the preset's when given (a new run, or
@@ -91,24 +90,26 @@ pub fn train(args: TrainArgs) -> Result<bool> {
     config.make_data_path_absolute()?;
     let run_dir = match (&args.out, &resume) {
         (Some(out), _) => out.clone(),
-        (None, Some(checkpoint)) => run_dir_of(&checkpoint.path),
+        (None, Some(checkpoint)) => crate::run_dir::of_checkpoint(&checkpoint.path),
         (None, None) => default_run_dir(&config),
     };
     if let Some(checkpoint) = &resume {
         // Named as a file, a checkpoint may be older than others of its run; from a directory
         // (or `auto`) it is the newest valid one, and any later one is damaged.
         let named_file = args.resume.as_deref().is_some_and(Path::is_file);
-        check_resume_target(checkpoint, &run_dir, named_file)?;
-        for change in resume_changes(&checkpoint.sidecar.config, &config)? {
+        crate::run_dir::check_resume_target(checkpoint, &run_dir, named_file)?;
+        for change in crate::run_dir::resume_changes(&checkpoint.sidecar.config, &config)? {
             // --epochs sets train.steps once the data is loaded; the run reports that change.
             if !(args.overrides.epochs.is_some() && change.starts_with("train.steps:")) {
-                crate::say!("changed on resume: {change}");
+                tracing::info!("changed on resume: {change}");
             }
         }
-        let own_file = run_dir.join("config.toml");
         // With --config or --preset (--resume auto), those give the settings, not the file.
-        if args.config_file.is_none() && args.preset.is_none() {
-            note_unread_run_config(&own_file, &checkpoint.sidecar.config);
+        let from_run_dir = args.config_file.is_none() && args.preset.is_none();
+        if let Some(note) = crate::run_dir::unread_config_note(&run_dir, &checkpoint.sidecar.config)
+            .filter(|_| from_run_dir)
+        {
+            tracing::info!("note: {note}");
         }
     }
     let launch = crate::distributed::Launch::from_env()?;
@@ -131,16 +132,16 @@ pub fn train(args: TrainArgs) -> Result<bool> {
             0 => String::new(),
             first => format!(" (from step {first}, to {})", summary.steps),
         };
-        crate::say!(
+        tracing::info!(
             "done: {trained} step{plural}{resumed} in {:.0} s",
             summary.seconds
         );
-        crate::say!("checkpoint: {}", checkpoint.display());
+        tracing::info!("checkpoint: {}", checkpoint.display());
         if let Some(grid) = &summary.final_grid {
-            crate::say!("samples:    {}", grid.display());
+            tracing::info!("samples:    {}", grid.display());
         }
         if summary.steps < summary.total_steps {
-            crate::say!(
+            tracing::info!(
                 "stopped at step {} of {} (--stop-at): `ddpm train --resume {}` continues",
                 summary.steps,
                 summary.total_steps,
@@ -155,152 +156,6 @@ fn default_run_dir(config: &RunConfig) -> PathBuf {
     PathBuf::from("runs").join(&config.preset)
 }
 
-/// Refuses a resume that would overwrite checkpoints: into another run's directory, or from a
-/// checkpoint file older than the newest of its own run.
-fn check_resume_target(checkpoint: &Checkpoint, run_dir: &Path, named_file: bool) -> Result<()> {
-    let step = checkpoint.sidecar.step;
-    let own_dir = run_dir_of(&checkpoint.path);
-    let same_run = crate::checkpoint::same_place(&own_dir, run_dir);
-    let existing = crate::checkpoint::list(&run_dir.join("checkpoints"))?;
-    if !same_run && !existing.is_empty() {
-        bail!(
-            "{} already holds the checkpoints of another run: continue from {} into a new --out folder, or resume that run itself",
-            run_dir.display(),
-            checkpoint.path.display()
-        );
-    }
-    let later: Vec<u64> = existing
-        .iter()
-        .filter(|_| named_file)
-        .filter_map(|p| crate::checkpoint::read_sidecar(p).ok())
-        .map(|s| s.step)
-        .filter(|&s| s > step)
-        .collect();
-    if !later.is_empty() {
-        bail!(
-            "{} holds checkpoints after step {step} (steps {later:?}) that resuming from {} would overwrite: resume from the newest (--resume {}), or continue from this one into a new --out folder",
-            run_dir.display(),
-            checkpoint.path.display(),
-            run_dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// A resume takes its settings from the checkpoint and flags; the run's `config.toml` records
-/// them and is rewritten. Edits made there would be lost without a word: say which.
-fn note_unread_run_config(file: &Path, checkpoint_config: &RunConfig) {
-    if !file.is_file() {
-        return;
-    }
-    let edited = match RunConfig::from_toml_file(file, None) {
-        Err(e) => {
-            let cause = e.root_cause().to_string();
-            format!(
-                "cannot be read ({})",
-                cause.lines().next().unwrap_or_default()
-            )
-        }
-        Ok(recorded) => {
-            let (Ok(recorded), Ok(saved)) = (
-                toml::Value::try_from(&recorded),
-                toml::Value::try_from(checkpoint_config),
-            ) else {
-                return;
-            };
-            let mut changes = Vec::new();
-            differences("", &saved, &recorded, &mut changes);
-            if changes.is_empty() {
-                return;
-            }
-            let listed: Vec<String> = changes
-                .iter()
-                .map(|(key, saved, in_file)| {
-                    format!("{key} = {in_file} there, {saved} in the checkpoint")
-                })
-                .collect();
-            format!(
-                "differs from the checkpoint's settings ({})",
-                listed.join("; ")
-            )
-        }
-    };
-    crate::say!(
-        "note: {} {edited}: a resume reads the checkpoint's settings and flags, not that file, which it rewrites (change settings with flags, e.g. --lr)",
-        file.display()
-    );
-}
-
-/// The settings a resume changes, as `key: old → new`; an error for those that change what
-/// the network is or computes (model, noise schedule, prediction target), which the
-/// checkpoint's weights would no longer fit.
-fn resume_changes(before: &RunConfig, after: &RunConfig) -> Result<Vec<String>> {
-    let (before, after) = (
-        toml::Value::try_from(before)?,
-        toml::Value::try_from(after)?,
-    );
-    let mut changes = Vec::new();
-    differences("", &before, &after, &mut changes);
-    let fixed = |key: &str| {
-        key.starts_with("model.")
-            || (key.starts_with("diffusion.")
-                && !matches!(key, "diffusion.loss_weighting" | "diffusion.min_snr_gamma"))
-    };
-    let refused: Vec<_> = changes.iter().filter(|(key, _, _)| fixed(key)).collect();
-    if !refused.is_empty() {
-        // Every one at once, so that a user fixes them in one go.
-        let list = |value: fn(&(String, String, String)) -> &String| {
-            refused
-                .iter()
-                .map(|change| format!("{} = {}", change.0, value(change)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let keys: Vec<&str> = refused.iter().map(|change| change.0.as_str()).collect();
-        bail!(
-            "the checkpoint was trained with {}; it cannot be resumed with {} (a different {} needs a new run)",
-            list(|change| &change.1),
-            list(|change| &change.2),
-            keys.join(" or ")
-        );
-    }
-    Ok(changes
-        .into_iter()
-        .map(|(key, old, new)| format!("{key}: {old} → {new}"))
-        .collect())
-}
-
-/// (key, old, new) for every leaf that differs between two TOML values, keys dotted.
-fn differences(
-    prefix: &str,
-    a: &toml::Value,
-    b: &toml::Value,
-    out: &mut Vec<(String, String, String)>,
-) {
-    match (a, b) {
-        (toml::Value::Table(ta), toml::Value::Table(tb)) => {
-            let keys: std::collections::BTreeSet<&String> = ta.keys().chain(tb.keys()).collect();
-            for key in keys {
-                let name = if prefix.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                match (ta.get(key), tb.get(key)) {
-                    (Some(x), Some(y)) => differences(&name, x, y, out),
-                    (x, y) => out.push((name, shown(x), shown(y))),
-                }
-            }
-        }
-        _ if a != b => out.push((prefix.to_string(), a.to_string(), b.to_string())),
-        _ => {}
-    }
-}
-
-fn shown(value: Option<&toml::Value>) -> String {
-    value.map_or("(unset)".into(), toml::Value::to_string)
-}
-
 /// `--resume PATH` loads that checkpoint; `--resume auto` the newest valid one of the run
 /// directory, if it has any.
 fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
@@ -311,18 +166,20 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<Checkpoint>> {
                 Some(out) => out.clone(),
                 None => default_run_dir(&resolve_training_config(args, None)?),
             };
-            let found = !crate::checkpoint::list(&dir.join("checkpoints"))?.is_empty();
+            let found = crate::run_dir::has_checkpoints(&dir)?;
             // Said once, by the process that writes the run (rank 0 of several).
             let leader = crate::distributed::Launch::from_env()?.is_none_or(|l| l.rank == 0);
             if !found && leader {
-                crate::say!(
+                tracing::info!(
                     "--resume auto: no checkpoint in {}, so a new run starts",
                     dir.display()
                 );
             }
-            found.then(|| Checkpoint::load(&dir)).transpose()
+            found
+                .then(|| crate::run_dir::load_checkpoint(&dir))
+                .transpose()
         }
-        Some(path) => Checkpoint::load(path).map(Some),
+        Some(path) => crate::run_dir::load_checkpoint(path).map(Some),
     }
 }
 
@@ -389,25 +246,6 @@ fn install_signal_handlers(run_dir: &Path, ranks: bool) -> Result<Arc<AtomicBool
     Ok(flag)
 }
 
-/// The run directory a checkpoint path belongs to.
-fn run_dir_of(path: &Path) -> PathBuf {
-    // `Path::parent` of a bare name is "", which names no folder: "." does.
-    let parent = |p: &Path| match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let dir = if path.is_dir() {
-        path.to_path_buf()
-    } else {
-        parent(path)
-    };
-    if dir.file_name().is_some_and(|n| n == "checkpoints") {
-        parent(&dir)
-    } else {
-        dir
-    }
-}
-
 pub struct SampleArgs {
     pub checkpoint: PathBuf,
     pub num: usize,
@@ -462,7 +300,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         .filter_map(|(given, flag)| given.then_some(flag))
         .collect();
         if !ignored.is_empty() {
-            crate::say!(
+            tracing::info!(
                 "note: {} applies to DDIM; the DDPM sampler takes all {} steps",
                 ignored.join(" and "),
                 config.diffusion.timesteps
@@ -479,21 +317,15 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if let Some(folder) = &args.folder {
         check_output_folder(folder)?;
     }
-    let (_vs, model) = train::load_for_sampling(&checkpoint, args.ema, device)?;
-    let schedule = NoiseSchedule::from_config(&config.diffusion);
-    let denoiser = Denoiser {
-        model: &model,
-        schedule: &schedule,
-        prediction: config.diffusion.prediction,
-    };
+    let network = train::load_for_sampling(&checkpoint, args.ema, device)?;
     let m = &config.model;
     let started = std::time::Instant::now();
     let total_steps = sampler::step_count(&settings, config.diffusion.timesteps);
     let every = total_steps.div_ceil(60); // about 60 frames whatever the sampler
     let mut frames = Vec::new();
-    let mut progress = crate::monitor::ImageProgress::new("sampling", args.num);
+    let progress = crate::monitor::ImageProgress::new("sampling", args.num);
     let stop = stop_on_signals()?;
-    crate::say!(
+    tracing::info!(
         "sampling {} ({}, {total_steps} steps) with the {} weights of step {}…",
         crate::monitor::images(args.num),
         settings.sampler,
@@ -501,7 +333,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         checkpoint.sidecar.step
     );
     let images = sampler::sample(
-        &denoiser,
+        &network.denoiser(),
         &settings,
         m.batch_shape(args.num),
         args.seed,
@@ -523,7 +355,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         },
     )?;
     drop(progress);
-    crate::say!(
+    tracing::info!(
         "sampled {} in {:.1} s ({}, {} weights, step {})",
         crate::monitor::images(args.num),
         started.elapsed().as_secs_f64(),
@@ -533,15 +365,15 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     );
     if let Some(grid) = &args.grid {
         crate::monitor::save_grid(&images, grid)?;
-        crate::say!("grid: {}", grid.display());
+        tracing::info!("grid: {}", grid.display());
     }
     if let Some(folder) = &args.folder {
         crate::monitor::save_individual(&images, folder, 0)?;
-        crate::say!("images: {} …", folder.join("000000.png").display());
+        tracing::info!("images: {} …", folder.join("000000.png").display());
     }
     if let Some(path) = &args.animation {
         crate::monitor::save_animation(&frames, path, 80)?;
-        crate::say!("trajectory: {} ({} frames)", path.display(), frames.len());
+        tracing::info!("trajectory: {} ({} frames)", path.display(), frames.len());
     }
     Ok(())
 }
@@ -653,7 +485,7 @@ pub struct FidArgs {
 }
 
 /// Scores generated images against real ones and prints `FID@N = score`.
-pub fn fid(args: FidArgs) -> Result<()> {
+pub fn fid(args: FidArgs) -> Result<String> {
     use crate::eval;
     if args.num.is_some_and(|n| n < 2) {
         bail!("--num must be at least 2: FID compares covariances");
@@ -690,7 +522,7 @@ pub fn fid(args: FidArgs) -> Result<()> {
         workers: 0,
     };
     let real = crate::data::load(real_path, &options)?;
-    crate::say!(
+    tracing::info!(
         "real: {} images, {}, at {height}×{width}",
         real.len(),
         real.description
@@ -704,20 +536,22 @@ pub fn fid(args: FidArgs) -> Result<()> {
     )?;
     let fake_statistics = inception.statistics(&fake, args.batch, "fake", Some(&stop))?;
     let score = eval::frechet_distance(&real_statistics, &fake_statistics)?;
-    crate::say!(
+    tracing::info!(
         "FID of {count} generated images against {} real ones: {score}",
         real.len()
     );
     if real.skipped() > 0 {
-        crate::say!("note: {} unreadable real image file(s) (named above) were counted as copies of others; remove them for an exact score", real.skipped());
+        tracing::info!("note: {} unreadable real image file(s) (named above) were counted as copies of others; remove them for an exact score", real.skipped());
     }
     if count < 2048 {
         // Fewer images than Inception features: the covariance is singular and the score
         // far above its large-N value.
-        crate::say!("note: with fewer than 2048 images FID is biased high; compare scores only at the same N (10k or 50k are usual)");
+        tracing::info!("note: with fewer than 2048 images FID is biased high; compare scores only at the same N (10k or 50k are usual)");
     }
-    println!("FID@{} = {score:.2}", eval::count_label(count as usize));
-    Ok(())
+    Ok(format!(
+        "FID@{} = {score:.2}",
+        crate::monitor::count_label(count as usize)
+    ))
 }
 
 /// The generated images as u8 [N, C, H, W]: sampled from a checkpoint with its own sampler
@@ -728,28 +562,22 @@ fn fid_fake_images(args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<
         || !crate::checkpoint::list(&args.fake)?.is_empty();
     if !is_checkpoint {
         let images = crate::eval::load_image_folder(&args.fake, args.num)?;
-        crate::say!(
+        tracing::info!(
             "fake: {} images from {}",
             images.size()[0],
             args.fake.display()
         );
         return Ok(images);
     }
-    let checkpoint = Checkpoint::load(&args.fake)?;
+    let checkpoint = crate::run_dir::load_checkpoint(&args.fake)?;
     let config = &checkpoint.sidecar.config;
-    let (_vs, model) = train::load_for_sampling(&checkpoint, true, device)?;
-    let schedule = NoiseSchedule::from_config(&config.diffusion);
-    let denoiser = Denoiser {
-        model: &model,
-        schedule: &schedule,
-        prediction: config.diffusion.prediction,
-    };
+    let network = train::load_for_sampling(&checkpoint, true, device)?;
     let (m, num) = (&config.model, args.num.unwrap_or(10_000));
     let started = std::time::Instant::now();
     let steps = sampler::step_count(&config.sample, config.diffusion.timesteps);
-    let mut progress = crate::monitor::ImageProgress::new("fake: sampling", num);
+    let progress = crate::monitor::ImageProgress::new("fake: sampling", num);
     let images = sampler::sample(
-        &denoiser,
+        &network.denoiser(),
         &config.sample,
         m.batch_shape(num),
         args.seed,
@@ -759,14 +587,14 @@ fn fid_fake_images(args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<
         |batch, done, _| progress.set(sampler::images_done(batch, done, args.batch, steps, num)),
     )?;
     drop(progress);
-    crate::say!(
+    tracing::info!(
         "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
         started.elapsed().as_secs_f64(),
         config.sample.sampler,
         checkpoint.sidecar.step,
         checkpoint.path.display()
     );
-    Ok(crate::eval::to_u8_images(&images))
+    Ok(crate::data::from_model_space(&images))
 }
 
 /// One of our checkpoints (file, checkpoint folder or run directory), or a diffusers pipeline
@@ -775,28 +603,24 @@ fn open_checkpoint(path: &Path) -> Result<Checkpoint> {
     if crate::interop::is_diffusers_folder(path) {
         Ok(crate::interop::DiffusersModel::read(path)?.into_checkpoint())
     } else {
-        Checkpoint::load(path)
+        crate::run_dir::load_checkpoint(path)
     }
 }
 
 pub struct ExportArgs {
     /// A checkpoint or run directory.
     pub checkpoint: PathBuf,
-    pub format: crate::interop::ExportFormat,
+    /// The diffusers pipeline folder to write.
     pub out: PathBuf,
     /// EMA (true) or raw weights.
     pub ema: bool,
 }
 
-/// Writes a checkpoint's weights and noise schedule in another library's format.
+/// Writes a checkpoint's weights and noise schedule as a diffusers pipeline folder.
 pub fn export(args: ExportArgs) -> Result<()> {
-    let checkpoint = Checkpoint::load(&args.checkpoint)?;
-    match args.format {
-        crate::interop::ExportFormat::Diffusers => {
-            crate::interop::export_diffusers(&checkpoint, args.ema, &args.out)?
-        }
-    }
-    crate::say!(
+    let checkpoint = crate::run_dir::load_checkpoint(&args.checkpoint)?;
+    crate::interop::export_diffusers(&checkpoint, args.ema, &args.out)?;
+    tracing::info!(
         "exported the {} weights of {} (step {}) to {}",
         if args.ema { "EMA" } else { "raw" },
         checkpoint.path.display(),
@@ -842,18 +666,18 @@ pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
         Default::default(),
         config,
     )?;
-    crate::say!(
+    tracing::info!(
         "imported {} as {} ({} parameters; training and sampling settings of {})",
         from.display(),
         saved.display(),
         model::parameter_count(&trainer.vs),
         imported.settings_source
     );
-    crate::say!(
+    tracing::info!(
         "sample:    ddpm sample --checkpoint {} --out grid.png",
         run_dir.display()
     );
-    crate::say!(
+    tracing::info!(
         "fine-tune: ddpm train --resume {} --data PATH --steps N",
         run_dir.display()
     );
@@ -1005,38 +829,4 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     Ok(crate::bench::result_line(
         &args.what, &config, device, &result,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_resume_lists_the_changes_and_refuses_every_network_change_at_once() {
-        let before = RunConfig::preset("tiny").unwrap();
-        let mut after = before.clone();
-        after.train.lr *= 2.0;
-        after.diffusion.loss_weighting = crate::config::LossWeighting::Snr;
-        let changes = resume_changes(&before, &after).unwrap();
-        assert_eq!(changes.len(), 2, "{changes:?}");
-        assert!(
-            changes.iter().any(|c| c.starts_with("train.lr: ")),
-            "{changes:?}"
-        );
-        after.model.channels *= 2;
-        after.model.num_res_blocks += 1;
-        let e = resume_changes(&before, &after).unwrap_err().to_string();
-        let m = &before.model;
-        assert!(
-            e.contains(&format!(
-                "trained with model.channels = {}, model.num_res_blocks = {};",
-                m.channels, m.num_res_blocks
-            )) && e.contains(&format!(
-                "resumed with model.channels = {}, model.num_res_blocks = {} (",
-                m.channels * 2,
-                m.num_res_blocks + 1
-            )) && e.contains("a different model.channels or model.num_res_blocks needs a new run"),
-            "{e}"
-        );
-    }
 }

@@ -42,6 +42,33 @@ pub fn resolve(name: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// Waits for the device's queued work (CUDA; other devices run synchronously).
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// Peak CUDA memory (allocated, reserved) by libtorch's allocator, in GiB, since the last
+/// [`reset_peak_memory`]; None on other devices.
+pub fn peak_memory_gib(device: Device) -> Result<Option<(f64, f64)>> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    match device {
+        Device::Cuda(index) => {
+            let (allocated, reserved) = crate::ops::cuda_peak_memory(index)?;
+            Ok(Some((allocated as f64 / GIB, reserved as f64 / GIB)))
+        }
+        _ => Ok(None),
+    }
+}
+
+pub fn reset_peak_memory(device: Device) -> Result<()> {
+    if let Device::Cuda(index) = device {
+        crate::ops::reset_cuda_peak_memory(index)?;
+    }
+    Ok(())
+}
+
 /// Keeps freed host memory for reuse instead of returning it to the system after every large
 /// tensor: with glibc's defaults each step's activations (megabytes each) are mmapped and
 /// unmapped again, and the page faults cost ~10% of a CPU training step.

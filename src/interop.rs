@@ -44,13 +44,6 @@ const NORM_EPS: f64 = 1e-6;
 /// diffusers' `squaredcos_cap_v2` is the cosine schedule with this fixed offset s.
 const SQUAREDCOS_S: f64 = 0.008;
 
-/// Formats `ddpm export` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    /// A diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler)
-    Diffusers,
-}
-
 /// Whether `path` is a diffusers pipeline folder rather than one of our checkpoints.
 pub fn is_diffusers_folder(path: &Path) -> bool {
     path.join(UNET_CONFIG).is_file()
@@ -744,7 +737,7 @@ pub fn export_diffusers(checkpoint: &Checkpoint, ema: bool, out: &Path) -> Resul
         );
     }
     if holds_files {
-        crate::say!("replacing the earlier export in {}", out.display());
+        tracing::info!("replacing the earlier export in {}", out.display());
     }
     for sub in ["unet", "scheduler"] {
         fs::create_dir_all(out.join(sub))
@@ -1009,9 +1002,9 @@ mod tests {
         let checkpoint = DiffusersModel::read(&fixtures().join("tiny-pipeline"))
             .unwrap()
             .into_checkpoint();
-        let (_vs, net) = crate::train::load_for_sampling(&checkpoint, true, Device::Cpu).unwrap();
+        let network = crate::train::load_for_sampling(&checkpoint, true, Device::Cpu).unwrap();
         let io = fixture_tensors("parity.safetensors");
-        let ours = net.forward(&io["sample"], &io["timestep"], false);
+        let ours = network.model.forward(&io["sample"], &io["timestep"], false);
         let theirs = &io["output"];
         let relative =
             (&ours - theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[]);

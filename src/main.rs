@@ -1,4 +1,6 @@
 //! The `ddpm` command line. Parsing only: every subcommand is a library call.
+mod console;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -93,8 +95,9 @@ enum Command {
         /// A checkpoint (its .json or .safetensors) or a run directory (its newest checkpoint)
         #[arg(long)]
         checkpoint: PathBuf,
-        #[arg(long, value_enum, default_value = "diffusers")]
-        format: ddpm::interop::ExportFormat,
+        /// The format written: a diffusers DDPMPipeline folder, the one there is
+        #[arg(long, default_value = "diffusers", value_parser = ["diffusers"])]
+        format: String,
         /// The folder to write (unet/, scheduler/, model_index.json)
         #[arg(long)]
         out: PathBuf,
@@ -146,6 +149,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let command = Cli::parse().command;
+    console::install();
     ddpm::device::tune_host_allocator();
     ddpm::install_panic_hook();
     // libtorch's errors (out of memory, say) arrive as panics: reported like any error.
@@ -153,11 +157,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         // A signal stopped sampling or a FID measurement before anything was written.
         Err(e) if e.is::<ddpm::Interrupted>() => {
-            ddpm::say!("interrupted: nothing was written");
+            console::line("interrupted: nothing was written");
             ExitCode::from(130)
         }
         Err(e) => {
-            ddpm::say!("error: {}", ddpm::error_text(&e));
+            console::line(&format!("error: {}", ddpm::error_text(&e)));
             ExitCode::FAILURE
         }
     }
@@ -219,12 +223,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => commands::bench(args).map(|line| println!("{line}")),
         Command::Export {
             checkpoint,
-            format,
+            format: _,
             out,
             weights,
         } => commands::export(commands::ExportArgs {
             checkpoint,
-            format,
             out,
             ema: weights == "ema",
         }),
@@ -248,7 +251,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             checkpoint,
         } => commands::model_summary(preset.as_deref(), config.as_deref(), checkpoint.as_deref())
             .map(|s| print!("{s}")),
-        Command::Fid(args) => commands::fid(args),
+        Command::Fid(args) => commands::fid(args).map(|line| println!("{line}")),
     };
     result.map(|()| ExitCode::SUCCESS)
 }

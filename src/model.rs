@@ -308,10 +308,6 @@ impl UNet {
         self.fused_norm_silu
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
     /// x: [B, C, H, W] in model space, t: [B] timesteps (integer or float).
     pub fn forward(&self, x: &Tensor, t: &Tensor, train: bool) -> Tensor {
         let fused = self.fused_norm_silu;

@@ -17,6 +17,24 @@ pub struct Denoiser<'a> {
     pub prediction: Prediction,
 }
 
+/// A network loaded for sampling (from a checkpoint): it owns what a [`Denoiser`] borrows.
+pub struct SamplingNetwork {
+    pub vs: tch::nn::VarStore,
+    pub model: UNet,
+    pub schedule: NoiseSchedule,
+    pub prediction: Prediction,
+}
+
+impl SamplingNetwork {
+    pub fn denoiser(&self) -> Denoiser<'_> {
+        Denoiser {
+            model: &self.model,
+            schedule: &self.schedule,
+            prediction: self.prediction,
+        }
+    }
+}
+
 impl Denoiser<'_> {
     /// (ε̂, x̂₀) at timestep t, x̂₀ clipped to [−1, 1] and ε̂ the noise that x_t implies with that
     /// x̂₀, so that a DDIM step at η = 1 is DDPM's posterior step also where clipping acts.
@@ -231,25 +249,31 @@ mod tests {
         assert!((last.double_value(&[0]) + 0.2).abs() < 1e-15);
     }
 
-    fn tiny_denoiser() -> (nn::VarStore, RunConfig) {
+    fn tiny_config() -> RunConfig {
         let mut config = RunConfig::preset("tiny").unwrap();
         config.model.channels = 16;
         config.diffusion.timesteps = 20;
+        config
+    }
+
+    /// A new network of the tiny configuration, for sampling.
+    fn tiny_network(config: &RunConfig) -> SamplingNetwork {
         let vs = nn::VarStore::new(Device::Cpu);
-        (vs, config)
+        let model = UNet::new(&vs.root(), &config.model);
+        SamplingNetwork {
+            vs,
+            model,
+            schedule: NoiseSchedule::from_config(&config.diffusion),
+            prediction: config.diffusion.prediction,
+        }
     }
 
     #[test]
     fn sampling_is_deterministic_for_a_seed() {
         let _rng = crate::rng::exclusive();
-        let (vs, config) = tiny_denoiser();
-        let model = UNet::new(&vs.root(), &config.model);
-        let schedule = NoiseSchedule::from_config(&config.diffusion);
-        let d = Denoiser {
-            model: &model,
-            schedule: &schedule,
-            prediction: config.diffusion.prediction,
-        };
+        let config = tiny_config();
+        let network = tiny_network(&config);
+        let d = network.denoiser();
         for (sampler, eta) in [
             (SamplerKind::Ddim, 0.0),
             (SamplerKind::Ddim, 1.0),
@@ -302,8 +326,8 @@ mod tests {
     #[test]
     fn ddim_at_eta_one_over_all_steps_is_ddpm_with_the_posterior_variance() {
         let _rng = crate::rng::exclusive();
-        let (vs, config) = tiny_denoiser();
-        let model = UNet::new(&vs.root(), &config.model);
+        let config = tiny_config();
+        let SamplingNetwork { vs, model, .. } = tiny_network(&config);
         // Random weights (a new network's output layer is zero): x̂₀ falls outside [−1, 1]
         // and is clipped at many steps, for every prediction.
         tch::no_grad(|| {
@@ -347,14 +371,9 @@ mod tests {
 
     #[test]
     fn trajectory_reports_x_t_then_every_step_and_a_stop_ends_it() {
-        let (vs, config) = tiny_denoiser();
-        let model = UNet::new(&vs.root(), &config.model);
-        let schedule = NoiseSchedule::from_config(&config.diffusion);
-        let d = Denoiser {
-            model: &model,
-            schedule: &schedule,
-            prediction: config.diffusion.prediction,
-        };
+        let config = tiny_config();
+        let network = tiny_network(&config);
+        let d = network.denoiser();
         let settings = SampleConfig {
             sampler: SamplerKind::Ddim,
             steps: 4,

@@ -368,18 +368,18 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 true => "the data folder itself".to_string(),
                 false => format!("{}, which holds the data folder", real.display()),
             };
-            crate::say!("warning: skipping {}: a link to {target}", d.display());
+            tracing::warn!("skipping {}: a link to {target}", d.display());
             continue;
         }
         if !seen.insert(real) {
-            crate::say!(
-                "warning: skipping {}: a link to a folder already read",
-                d.display()
-            );
+            tracing::warn!("skipping {}: a link to a folder already read", d.display());
             continue;
         }
         if !root && is_run_directory(&d) {
-            crate::say!("warning: skipping {}: a ddpm run directory (its grids and plots are not training data)", d.display());
+            tracing::warn!(
+                "skipping {}: a ddpm run directory (its grids and plots are not training data)",
+                d.display()
+            );
             continue;
         }
         let entries = match fs::read_dir(&d) {
@@ -388,7 +388,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 return Err(e).with_context(|| format!("cannot list {}", d.display()))
             }
             Err(e) => {
-                crate::say!("warning: skipping {}: cannot list it: {e}", d.display());
+                tracing::warn!("skipping {}: cannot list it: {e}", d.display());
                 continue;
             }
         };

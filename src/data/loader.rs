@@ -37,6 +37,19 @@ pub struct LoaderOptions {
     pub shard: Shard,
 }
 
+impl LoaderOptions {
+    /// A training run's loader: its batch, seed and `data.workers`/`data.prefetch`.
+    pub fn of(config: &crate::config::RunConfig, shard: Shard) -> Self {
+        LoaderOptions {
+            batch: config.train.batch,
+            seed: config.train.seed,
+            workers: super::worker_count(config.data.workers),
+            prefetch: config.data.prefetch,
+            shard,
+        }
+    }
+}
+
 /// Hands out u8 batches [B, C, H, W] in the order of a `Sampler`, read by worker threads.
 pub struct Loader {
     shared: Arc<Shared>,

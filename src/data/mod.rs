@@ -168,7 +168,7 @@ impl Dataset {
                 }
                 Err(why) => {
                     if self.unreadable.lock().unwrap().insert(i) {
-                        crate::say!("warning: skipping {}: {why}", files[i].display());
+                        tracing::warn!("skipping {}: {why}", files[i].display());
                     }
                 }
             }
@@ -305,7 +305,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
                 );
             }
             for (i, why) in &failed {
-                crate::say!("warning: skipping {}: {why}", files[*i].display());
+                tracing::warn!("skipping {}: {why}", files[*i].display());
             }
             if failed.len() == files.len() {
                 bail!(
@@ -315,8 +315,8 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
                 );
             }
             if !failed.is_empty() {
-                crate::say!(
-                    "warning: skipped {} unreadable file(s) of {} in {}",
+                tracing::warn!(
+                    "skipped {} unreadable file(s) of {} in {}",
                     failed.len(),
                     files.len(),
                     dir.display()
@@ -331,7 +331,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
 
 fn note_grayscale(description: &str) {
     // Said the same way to training and to FID (whose fake images set the channels).
-    crate::say!("note: {description} is in colour and is read in grayscale, at the model's 1 channel (a model trained with --channels 3 keeps the colour)");
+    tracing::info!("note: {description} is in colour and is read in grayscale, at the model's 1 channel (a model trained with --channels 3 keeps the colour)");
 }
 
 /// Whether `count` images of `shape` are decoded once into memory.
@@ -525,6 +525,15 @@ pub fn to_model_space(images: &Tensor, device: Device) -> Tensor {
     x
 }
 
+/// Images in [−1, 1] → u8 on the CPU, rounded: how samples are written as PNGs (and scored, so
+/// that a checkpoint scores as the folder of its samples would).
+pub fn from_model_space(images: &Tensor) -> Tensor {
+    ((images.to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+}
+
 /// `tensor` on `device`. To a CUDA device through page-locked memory, so that the copy is queued
 /// behind the work already queued instead of waiting for it: a plain copy from pageable memory
 /// synchronises the stream, which left the device idle while each training step was queued.
@@ -539,7 +548,7 @@ fn to_device_queued(tensor: &Tensor, device: Device) -> Tensor {
         Ok(pinned) => pinned.to_device_(device, pinned.kind(), true, false),
         Err(error) => {
             if !UNPINNED.swap(true, Ordering::Relaxed) {
-                crate::say!("note: batches go to the device without page-locked memory, each copy waiting for the device: {error:#}");
+                tracing::info!("note: batches go to the device without page-locked memory, each copy waiting for the device: {error:#}");
             }
             tensor.to_device(device)
         }

@@ -1,12 +1,16 @@
 //! Training: one optimizer step ([`Trainer`]: forward/backward under the chosen precision,
-//! gradient accumulation and clipping, fused AdamW, EMA) and the run around it ([`run`]: data,
-//! sample grids, checkpoints, FID, rollbacks), with every random stream derived from
-//! (seed, step) so that resuming is exact.
+//! gradient accumulation and clipping, fused AdamW, EMA) and the run around it ([`run`]: the
+//! loop on one page, its periodic jobs in `jobs`, and what happens when things go wrong in
+//! `policy`), with every random stream derived from (seed, step) so that resuming is exact.
+mod jobs;
+mod optimizer;
+mod policy;
 mod precision;
 mod run;
 mod step;
 
-pub use run::{run, RunOptions, RunSummary};
+pub use policy::RunSummary;
+pub use run::{run, RunOptions};
 pub use step::{check_levers, load_for_sampling, StepOutput, Trainer};
 
 use crate::config::{LrSchedule, TrainConfig};

@@ -1,21 +1,21 @@
-//! The run: data loading, the step loop, metrics, sample grids, checkpoints, FID during
-//! training, interruption and rollbacks after persistent non-finite gradients.
-use std::cell::Cell;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+//! The run: setting it up, then the loop (one page) inside one failure boundary.
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use tch::Device;
 
+use super::jobs::Jobs;
+use super::policy::{self, FailureBoundary, Rollbacks, RunSummary, Signals, Stop};
 use super::step::Trainer;
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::Checkpoint;
 use crate::config::RunConfig;
 use crate::data::{self, Dataset, LoadOptions, Loader, LoaderOptions, Position};
 use crate::distributed::{Launch, ProcessGroup};
 use crate::monitor::{MetricsRecord, Monitor};
-use crate::ops;
+use crate::run_dir::{self, History, RunDir};
 
 /// How a run is started.
 pub struct RunOptions {
@@ -33,109 +33,6 @@ pub struct RunOptions {
     pub launch: Option<Launch>,
 }
 
-/// What a finished (or interrupted) run leaves behind.
-pub struct RunSummary {
-    /// None on ranks other than 0, which write nothing.
-    pub final_checkpoint: Option<PathBuf>,
-    /// None when interrupted: sampling would delay the exit.
-    pub final_grid: Option<PathBuf>,
-    /// The step it ended at, and the one this process started from.
-    pub steps: u64,
-    pub first_step: u64,
-    /// The run's length (`train.steps`): more than `steps` when it stopped early.
-    pub total_steps: u64,
-    /// Time this process spent, from the start of training.
-    pub seconds: f64,
-    pub interrupted: bool,
-}
-
-/// What a run writes at the top of its directory.
-const RUN_FILES: [&str; 6] = [
-    "config.toml",
-    "metrics.jsonl",
-    "report.html",
-    "loss.png",
-    "samples",
-    "checkpoints",
-];
-
-/// A new run never takes over a directory that holds checkpoints, nor overwrites files of the
-/// same names that are not a run's, nor writes into its own data folder or a folder of images
-/// or subfolders (a mistyped --out: its grids would mix with them). Other files (a job's log,
-/// say) may share the folder.
-fn check_run_dir(dir: &Path, resume: Option<&Checkpoint>, data: Option<&Path>) -> Result<()> {
-    if dir.exists() && !dir.is_dir() {
-        bail!("--out {} is a file, not a run directory", dir.display());
-    }
-    // A resume in the checkpoint's own run directory continues it; into another folder, that
-    // folder is checked as a new run's (its checkpoints, if any, are that resume's own).
-    let in_place = resume.is_some_and(|c| {
-        c.path
-            .parent()
-            .is_some_and(|folder| checkpoint::same_place(folder, &dir.join("checkpoints")))
-    });
-    if in_place || !dir.is_dir() {
-        return Ok(());
-    }
-    if resume.is_none() && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
-        bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
-    }
-    if data.is_some_and(|data| checkpoint::same_place(dir, data)) {
-        bail!("--out {} is the data folder: the run's grids and plots would become training data; choose another --out", dir.display());
-    }
-    // Every run takes its directory's lock file first: without one, these files are not a run's.
-    if !dir.join(checkpoint::LOCK_FILE).exists() {
-        let taken: Vec<&str> = RUN_FILES
-            .into_iter()
-            .filter(|name| dir.join(name).exists())
-            .collect();
-        if !taken.is_empty() {
-            bail!(
-                "--out {} already holds {} that a run would overwrite, and is not a ddpm run directory: choose a new or empty folder",
-                dir.display(),
-                taken.join(", ")
-            );
-        }
-        let mut others: Vec<String> = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .flatten()
-            .map(|entry| entry.path())
-            .filter(|path| path.is_dir() || data::is_image_file(path))
-            .map(|path| {
-                let name = path.file_name().unwrap_or_default().to_string_lossy();
-                match path.is_dir() {
-                    true => format!("{name}/"),
-                    false => name.into_owned(),
-                }
-            })
-            .collect();
-        if !others.is_empty() {
-            others.sort();
-            let shown = others.len().min(3);
-            bail!(
-                "--out {} holds images or folders ({}{}) and is not a ddpm run directory: choose a new or empty folder (other files, such as a job's log, may share it)",
-                dir.display(),
-                others[..shown].join(", "),
-                if others.len() > shown { ", …" } else { "" }
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Creates the run directory, takes it for this process (the returned lock, held while the
-/// file stays open) and records the configuration, once the run is sure to start.
-fn prepare_run_dir(dir: &Path, config: &RunConfig) -> Result<std::fs::File> {
-    // The lock file first: it is what marks the folder as a run directory to a restart.
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
-    let lock = checkpoint::lock_run_dir(dir)?;
-    std::fs::create_dir_all(dir.join("samples"))
-        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
-    checkpoint::write_atomic(&dir.join("config.toml"), config.to_toml().as_bytes())?;
-    Ok(lock)
-}
-
 /// Runs (or continues) training to `config.train.steps`, writing everything into the run dir.
 /// With a multi-process `launch`, this process trains its share of every batch; rank 0 writes.
 pub fn run(options: RunOptions) -> Result<RunSummary> {
@@ -151,137 +48,299 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     } = options;
     config.validate()?;
     config.check_run_resources()?;
-    let mut device = crate::device::resolve(&config.train.device)?;
-    if let Some(launch) = &launch {
-        check_divides(&config, launch.world)?;
-        if device.is_cuda() {
-            // One visible GPU per process (CUDA_VISIBLE_DEVICES, as SLURM sets) is cuda:0.
-            let index = if tch::Cuda::device_count() == 1 {
-                0
-            } else {
-                launch.local_rank
-            };
-            device = crate::device::resolve(&format!("cuda:{index}"))?;
-        }
-    }
+    let device = training_device(&config, launch.as_ref())?;
     let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
     if leader {
-        check_run_dir(&run_dir, resume.as_ref(), config.data_path().as_deref())?;
+        run_dir::check_new(&run_dir, resume.as_ref(), config.data_path().as_deref())?;
     }
     let dataset = Arc::new(data::load(
         config.data_path().as_deref(),
         &LoadOptions::of(&config, strict_data),
     )?);
     if let Some(epochs) = epochs {
-        let images = epochs
-            .checked_mul(dataset.len() as u64)
-            .filter(|&n| n <= i64::MAX as u64)
-            .with_context(|| {
-                format!(
-                    "--epochs {epochs} of {} images is more images than a run can count",
-                    dataset.len()
-                )
-            })?;
-        config.train.steps = images.div_ceil(config.train.batch as u64).max(1);
-        let resumed_steps = resume
-            .as_ref()
-            .filter(|_| leader)
-            .map(|c| c.sidecar.config.train.steps);
-        if let Some(before) = resumed_steps.filter(|&s| s != config.train.steps) {
-            crate::say!(
-                "changed on resume: train.steps: {before} → {} ({epochs} epoch{} of {} images)",
-                config.train.steps,
-                if epochs == 1 { "" } else { "s" },
-                dataset.len()
-            );
+        set_steps_from_epochs(
+            &mut config,
+            epochs,
+            &dataset,
+            resume.as_ref().filter(|_| leader),
+        )?;
+    }
+    let (mut trainer, mut position) =
+        start_trainer(&config, device, resume.as_ref(), launch.as_ref(), &dataset)?;
+    let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
+    if trainer.step >= stop {
+        if leader {
+            tracing::info!("{} is at step {} and this run stops at step {stop}: nothing to train (raise --steps or --epochs, and --stop-at if given, to continue)", run_dir.display(), trainer.step);
+        }
+        return Ok(RunSummary::untrained(trainer.step, config.train.steps));
+    }
+    let (mut run, history) = match leader {
+        true => {
+            for note in setting_notes(&config, device, dataset.len(), stop_at) {
+                tracing::info!("note: {note}");
+            }
+            let opened = RunDir::open(&run_dir, &config, trainer.step)?;
+            announce(&trainer, &dataset, resume.as_ref(), launch.as_ref());
+            opened
+        }
+        false => (RunDir::view(&run_dir, &config), History::default()),
+    };
+    let signals = Signals::new(interrupt.unwrap_or_default(), trainer.group().is_some());
+    let mut monitor = Monitor::new(
+        trainer.step,
+        config.train.steps,
+        history.seconds,
+        &history.losses,
+        !leader,
+    );
+    let boundary = FailureBoundary {
+        first_step: trainer.step,
+    };
+    let outcome = train_until(
+        stop,
+        &mut trainer,
+        &mut run,
+        &mut monitor,
+        &dataset,
+        &mut position,
+        &signals,
+    );
+    boundary.close(outcome, &trainer, &mut run, position, &monitor)
+}
+
+/// The loop: next batch → step → record → periodic jobs, until step `stop`; then the final
+/// checkpoint and grid. `position` follows the data position of the trainer's state.
+fn train_until(
+    stop: u64,
+    trainer: &mut Trainer,
+    run: &mut RunDir,
+    monitor: &mut Monitor,
+    dataset: &Arc<Dataset>,
+    position: &mut Position,
+    signals: &Signals,
+) -> Result<Option<PathBuf>, Stop> {
+    let config = trainer.config.clone();
+    let loader_options = LoaderOptions::of(&config, trainer.shard());
+    let mut loader = Loader::new(dataset.clone(), *position, loader_options);
+    let jobs = Jobs::prepare(trainer, run, dataset, *position, signals)?;
+    let mut rollbacks = Rollbacks::new();
+    let mut window = Window::new();
+    while trainer.step < stop {
+        let waiting = Instant::now();
+        let x0 = data::to_model_space(&loader.next_batch()?, trainer.device);
+        window.data_wait += waiting.elapsed().as_secs_f64();
+        // A failure before the update (out of device memory, a lost rank) leaves the state of
+        // the step before, which the boundary saves; one during the update leaves none to save.
+        let loss = crate::catch_panics(|| trainer.accumulate_gradients(&x0))?;
+        let out = trainer.apply_gradients(loss).map_err(Stop::Abandoned)?;
+        *position = loader.position();
+        window.images += config.train.batch;
+        monitor.step_done(trainer.step);
+        let logged = trainer.step.is_multiple_of(config.train.log_every) || trainer.step == stop;
+        if logged {
+            let record = window.record(trainer, &out, position.epoch, monitor.seconds())?;
+            run.append_metrics(&record)?;
+            monitor.show(&record);
+            window = Window::new();
+        }
+        // After the step's metrics line, which a resume from its checkpoint keeps.
+        if signals.stop_after_step(trainer, logged)? {
+            return Err(Stop::Interrupted);
+        }
+        if logged && rollbacks.due(trainer) {
+            *position = rollbacks.roll_back(trainer, run, monitor, *position)?;
+            loader = Loader::new(dataset.clone(), *position, loader_options);
+            continue;
+        }
+        if run.writes() && jobs.run_due(trainer, run, monitor, *position, stop, signals)? {
+            window = Window::new();
         }
     }
-    let mut trainer = Trainer::new(&config, device)?;
+    policy::save(trainer, run, *position).map_err(Stop::Abandoned)?;
+    let grid = jobs.final_grid(trainer, run, signals)?;
+    warn_of_skips(dataset, trainer);
+    Ok(grid)
+}
+
+/// Throughput bookkeeping between two metrics records.
+struct Window {
+    started: Instant,
+    images: usize,
+    data_wait: f64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            started: Instant::now(),
+            images: 0,
+            data_wait: 0.0,
+        }
+    }
+
+    /// The metrics record of the step just done, closing this window.
+    fn record(
+        &self,
+        trainer: &mut Trainer,
+        out: &super::StepOutput,
+        epoch: u64,
+        wall_seconds: f64,
+    ) -> Result<MetricsRecord> {
+        Ok(MetricsRecord {
+            step: trainer.step,
+            epoch,
+            loss: out.loss.double_value(&[]),
+            loss_by_quarter: trainer.take_error_by_quarter(),
+            lr: out.lr,
+            grad_norm: out.grad_norm.double_value(&[]),
+            loss_scale: trainer.loss_scale(),
+            skipped_steps: trainer.skipped_steps(),
+            images_per_second: self.images as f64 / self.started.elapsed().as_secs_f64(),
+            data_wait_seconds: self.data_wait,
+            // Reserved, not allocated: a CUDA graph's replays allocate nothing, so its pool shows
+            // only there.
+            device_memory_gib: peak_reserved_gib(trainer.device)?,
+            wall_seconds,
+        })
+    }
+}
+
+/// Peak CUDA memory reserved since the last call, in GiB.
+fn peak_reserved_gib(device: Device) -> Result<Option<f64>> {
+    let peak = crate::device::peak_memory_gib(device)?;
+    crate::device::reset_peak_memory(device)?;
+    Ok(peak.map(|(_, reserved)| reserved))
+}
+
+fn warn_of_skips(dataset: &Dataset, trainer: &Trainer) {
+    if dataset.skipped() > 0 {
+        tracing::warn!(
+            "{} unreadable image file(s) were skipped",
+            dataset.skipped()
+        );
+    }
+    if trainer.skipped_steps() > 0 {
+        tracing::warn!(
+            "{} step(s) were skipped for non-finite gradients",
+            trainer.skipped_steps()
+        );
+    }
+}
+
+/// The trainer, at the resumed checkpoint's state (rank 0) and then rank 0's on every rank,
+/// and the data position it continues from.
+fn start_trainer(
+    config: &RunConfig,
+    device: Device,
+    resume: Option<&Checkpoint>,
+    launch: Option<&Launch>,
+    dataset: &Dataset,
+) -> Result<(Trainer, Position)> {
+    let mut trainer = Trainer::new(config, device)?;
+    let leader = launch.is_none_or(|l| l.rank == 0);
     let mut position = Position::default();
-    if let Some(checkpoint) = resume.as_ref().filter(|_| leader) {
+    if let Some(checkpoint) = resume.filter(|_| leader) {
         trainer.load_state(checkpoint)?;
         position = checkpoint.sidecar.position;
     }
-    if let Some(launch) = &launch {
+    if let Some(launch) = launch {
         trainer.join(ProcessGroup::join(launch, device)?)?;
         trainer.check_agreement(dataset.len())?;
         position = trainer.sync_from_leader(position)?;
     }
-    let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
-    if trainer.step >= stop {
-        if leader {
-            crate::say!("{} is at step {} and this run stops at step {stop}: nothing to train (raise --steps or --epochs, and --stop-at if given, to continue)", run_dir.display(), trainer.step);
-        }
-        return Ok(RunSummary {
-            final_checkpoint: None,
-            final_grid: None,
-            steps: trainer.step,
-            first_step: trainer.step,
-            total_steps: config.train.steps,
-            seconds: 0.0,
-            interrupted: false,
-        });
-    }
-    if leader {
-        for note in setting_notes(&config, device, dataset.len(), stop_at) {
-            crate::say!("note: {note}");
-        }
-    }
-    let _lock = match leader {
-        true => Some(prepare_run_dir(&run_dir, &config)?),
-        false => None,
+    Ok((trainer, position))
+}
+
+/// The configured device; with several processes on CUDA, this rank's GPU.
+fn training_device(config: &RunConfig, launch: Option<&Launch>) -> Result<Device> {
+    let device = crate::device::resolve(&config.train.device)?;
+    let Some(launch) = launch else {
+        return Ok(device);
     };
-    // Once the run directory is this process's: a resume refused for a live trainer says only
-    // that.
-    if let Some(checkpoint) = resume.as_ref().filter(|_| leader) {
-        crate::say!(
-            "resumed from {} at step {}",
-            checkpoint.path.display(),
-            checkpoint.sidecar.step
+    check_divides(config, launch.world)?;
+    if !device.is_cuda() {
+        return Ok(device);
+    }
+    // One visible GPU per process (CUDA_VISIBLE_DEVICES, as SLURM sets) is cuda:0.
+    let index = match tch::Cuda::device_count() {
+        1 => 0,
+        _ => launch.local_rank,
+    };
+    crate::device::resolve(&format!("cuda:{index}"))
+}
+
+/// `--epochs`: the run's length in steps from the dataset's size (said when a resume changes it).
+fn set_steps_from_epochs(
+    config: &mut RunConfig,
+    epochs: u64,
+    dataset: &Dataset,
+    resume: Option<&Checkpoint>,
+) -> Result<()> {
+    let images = epochs
+        .checked_mul(dataset.len() as u64)
+        .filter(|&n| n <= i64::MAX as u64)
+        .with_context(|| {
+            format!(
+                "--epochs {epochs} of {} images is more images than a run can count",
+                dataset.len()
+            )
+        })?;
+    config.train.steps = images.div_ceil(config.train.batch as u64).max(1);
+    let before = resume.map(|c| c.sidecar.config.train.steps);
+    if let Some(before) = before.filter(|&s| s != config.train.steps) {
+        tracing::info!(
+            "changed on resume: train.steps: {before} → {} ({epochs} epoch{} of {} images)",
+            config.train.steps,
+            if epochs == 1 { "" } else { "s" },
+            dataset.len()
         );
+    }
+    Ok(())
+}
+
+/// Says what is trained, from where, on what (once the run directory is this process's: a
+/// resume refused for a live trainer says only that).
+fn announce(
+    trainer: &Trainer,
+    dataset: &Dataset,
+    resume: Option<&Checkpoint>,
+    launch: Option<&Launch>,
+) {
+    let config = &trainer.config;
+    if let Some(checkpoint) = resume {
+        let step = checkpoint.sidecar.step;
+        tracing::info!("resumed from {} at step {step}", checkpoint.path.display());
         let then = checkpoint.sidecar.position.images;
         if let Some(then) = then.filter(|&then| then != dataset.len()) {
-            crate::say!(
-                "note: the data has {} images now and had {then} at step {}: the run goes on in another data order than it would have had",
-                dataset.len(),
-                checkpoint.sidecar.step
+            tracing::info!(
+                "note: the data has {} images now and had {then} at step {step}: the run goes on in another data order than it would have had",
+                dataset.len()
             );
         }
     }
-    if leader {
-        crate::say!(
-            "training {} on {} ({} images{}) on {}{} ({}): {} parameters, {} step{} of batch {}",
-            config.preset,
-            dataset.description,
-            dataset.len(),
-            match (dataset.is_cached(), dataset.skipped()) {
-                (false, _) => ", decoded as read".to_string(),
-                (true, 0) => String::new(),
-                (true, unreadable) => format!(", {unreadable} of them unreadable"),
-            },
-            crate::device::name(device),
-            launch
-                .as_ref()
-                .map_or(String::new(), |l| format!(" × {} processes", l.world)),
-            speed_settings(&config, &trainer),
-            crate::model::parameter_count(&trainer.vs),
-            config.train.steps,
-            if config.train.steps == 1 { "" } else { "s" },
-            config.train.batch
-        );
-    }
-    run_loop(
-        &mut trainer,
-        dataset,
-        position,
-        &run_dir,
-        stop,
-        interrupt.unwrap_or_default(),
-    )
+    tracing::info!(
+        "training {} on {} ({} images{}) on {}{} ({}): {} parameters, {} step{} of batch {}",
+        config.preset,
+        dataset.description,
+        dataset.len(),
+        match (dataset.is_cached(), dataset.skipped()) {
+            (false, _) => ", decoded as read".to_string(),
+            (true, 0) => String::new(),
+            (true, unreadable) => format!(", {unreadable} of them unreadable"),
+        },
+        crate::device::name(trainer.device),
+        launch.map_or(String::new(), |l| format!(" × {} processes", l.world)),
+        speed_settings(trainer),
+        crate::model::parameter_count(&trainer.vs),
+        config.train.steps,
+        if config.train.steps == 1 { "" } else { "s" },
+        config.train.batch
+    );
 }
 
 /// The precision and the levers in use, e.g. "bf16, CUDA graph, fused GroupNorm+SiLU".
-fn speed_settings(config: &RunConfig, trainer: &Trainer) -> String {
+fn speed_settings(trainer: &Trainer) -> String {
+    let config = &trainer.config;
     let mut settings = vec![config.train.precision.name()];
     if trainer.uses_cuda_graph() {
         settings.push("CUDA graph".into());
@@ -358,481 +417,10 @@ fn check_divides(config: &RunConfig, world: usize) -> Result<()> {
     Ok(())
 }
 
-fn run_loop(
-    trainer: &mut Trainer,
-    dataset: Arc<Dataset>,
-    position: Position,
-    run_dir: &Path,
-    stop: u64,
-    interrupt: Arc<AtomicBool>,
-) -> Result<RunSummary> {
-    let config = trainer.config.clone();
-    let tc = &config.train;
-    let first_step = trainer.step;
-    let leader = trainer.group().is_none_or(|g| g.is_leader());
-    let loader_options = LoaderOptions {
-        batch: tc.batch,
-        seed: tc.seed,
-        workers: data::worker_count(config.data.workers),
-        prefetch: config.data.prefetch,
-        shard: trainer.shard(),
-    };
-    let mut loader = Loader::new(dataset.clone(), position, loader_options);
-    let mut monitor = if leader {
-        Monitor::new(run_dir, trainer.step, stop)?
-    } else {
-        Monitor::silent()
-    };
-    let checkpoints = run_dir.join("checkpoints");
-    // The step whose state is on disk already (or the untrained start).
-    let on_disk = |step| checkpoint::sidecar_path(&checkpoints, step).is_file();
-    let saved_step = Cell::new(Some(trainer.step).filter(|&step| leader && on_disk(step)));
-    // Writes a checkpoint whose weights are known to be finite.
-    let write_checkpoint = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
-        if !leader {
-            return Ok(None);
-        }
-        let path = checkpoint::save(
-            &checkpoints,
-            &trainer.state_tensors(),
-            trainer.step,
-            position,
-            &config,
-        )?;
-        saved_step.set(Some(trainer.step));
-        Ok(Some(path))
-    };
-    // Gradients are checked at every step, but an update can still overflow: a checkpoint must
-    // hold usable weights, as resumes and rollbacks trust it.
-    let save = |trainer: &Trainer, position: Position| -> Result<Option<PathBuf>> {
-        if !trainer.weights_are_finite() {
-            bail!(
-                "the weights are not finite at step {}: not saved as a checkpoint (lower --lr)",
-                trainer.step
-            );
-        }
-        write_checkpoint(trainer, position)
-    };
-    // A failure that leaves the weights as they were after the last step (unreadable data, a
-    // lost rank, no device memory left, an unwritable grid or metrics file) still leaves a
-    // checkpoint of them, when they are new; the error says where the run can resume from.
-    let save_and_fail =
-        |trainer: &Trainer, position: Position, e: anyhow::Error| -> anyhow::Error {
-            let step = trainer.step;
-            if !leader || step == 0 {
-                return e;
-            }
-            // The cause first, then what became of the run.
-            let stopped = |outcome: String| anyhow!("{}; {outcome}", crate::error_text(&e));
-            if saved_step.get() == Some(step) {
-                return stopped(format!(
-                    "training stopped at step {step}; its checkpoint {} is saved",
-                    checkpoint::sidecar_path(&checkpoints, step).display()
-                ));
-            }
-            match save(trainer, position) {
-                Ok(path) => stopped(format!(
-                    "training stopped at step {step}; checkpoint {} written",
-                    path.unwrap_or_default().display()
-                )),
-                Err(save_error) => {
-                    let newest = match saved_step.get() {
-                        None => String::new(),
-                        Some(saved) => format!(
-                            "; resume from {}, the newest",
-                            checkpoint::sidecar_path(&checkpoints, saved).display()
-                        ),
-                    };
-                    stopped(format!(
-                        "training stopped at step {step}, and its checkpoint could not be \
-                         written either ({}){newest}",
-                        crate::error_text(&save_error)
-                    ))
-                }
-            }
-        };
-    // Stops with a checkpoint of the last finished step (written now, unless it already is);
-    // before the first step there is nothing to save.
-    let stop_interrupted = |trainer: &Trainer,
-                            position: Position,
-                            monitor: &mut Monitor|
-     -> Result<RunSummary> {
-        let step = trainer.step;
-        let path = match saved_step.get() == Some(step) {
-            true => Some(checkpoint::sidecar_path(&checkpoints, step)),
-            false if step == 0 => None,
-            false => save(trainer, position)?,
-        };
-        monitor.finish();
-        if step == 0 && leader {
-            crate::say!("interrupted before the first step: nothing was trained or saved; the same command starts the run again");
-        }
-        match &path {
-            // Every step is done: only the final grid is skipped.
-            Some(_) if step >= config.train.steps => crate::say!(
-                "interrupted before the final grid: all {step} steps are done; `ddpm sample --checkpoint {}` makes samples",
-                run_dir.display()
-            ),
-            Some(path) => crate::say!("interrupted after step {step}: checkpoint {} written; continue with `ddpm train --resume {}`", path.display(), run_dir.display()),
-            None => {}
-        }
-        Ok(RunSummary {
-            final_checkpoint: path,
-            final_grid: None,
-            steps: step,
-            first_step,
-            total_steps: trainer.config.train.steps,
-            seconds: monitor.session_seconds(),
-            interrupted: true,
-        })
-    };
-    // A single process stops as soon as a signal comes, also during a grid or FID measurement
-    // (ranks only stop together, after a logged step).
-    let abandon_on_signal = trainer.group().is_none().then_some(&*interrupt);
-    let interrupted_alone = || crate::check_stop(abandon_on_signal).is_err();
-    if trainer.step == 0 && leader {
-        // What the model learns from, next to what it makes.
-        let first = data::Sampler::new(dataset.len(), tc.seed, position)
-            .next_indices(config.sample.num.min(dataset.len()));
-        let real = data::to_model_space(&dataset.batch(&first)?, Device::Cpu);
-        crate::monitor::save_grid(
-            &data::augment(&real, config.data.hflip, config.data.color_jitter),
-            &run_dir.join("samples").join("data.png"),
-        )?;
-    }
-    let training_fid = match leader {
-        true => match TrainingFid::prepare(&config, &dataset, trainer.device, abandon_on_signal) {
-            Err(e) if e.is::<crate::Interrupted>() => {
-                return stop_interrupted(trainer, position, &mut monitor)
-            }
-            prepared => prepared?,
-        },
-        false => None,
-    };
-    let mut window = Window::new();
-    let grid_seed = crate::rng::mix(tc.seed, &[0x6121D]);
-    let fid_seed = crate::rng::mix(tc.seed, &[0xF1D]);
-    let mut rollbacks = 0;
-    while trainer.step < stop {
-        let waiting = Instant::now();
-        let before = loader.position();
-        let images = loader
-            .next_batch()
-            .map_err(|e| save_and_fail(trainer, before, e))?;
-        let x0 = data::to_model_space(&images, trainer.device);
-        window.data_wait += waiting.elapsed().as_secs_f64();
-        // Nothing is updated before the gradients are complete (and averaged over the ranks),
-        // so a failure there (out of device memory, a lost rank) leaves the state of the step
-        // before.
-        let loss = crate::catch_panics(|| trainer.accumulate_gradients(&x0))
-            .map_err(|e| save_and_fail(trainer, before, e))?;
-        let out = trainer.apply_gradients(loss)?;
-        window.images += tc.batch;
-        let step = trainer.step;
-        monitor.step_done(step);
-        let logged = step.is_multiple_of(tc.log_every) || step == stop;
-        let interrupted = match trainer.group() {
-            // All ranks stop after the same step: they agree on logged steps, which keeps the
-            // host-device round trip off the others.
-            Some(group) if logged => group
-                .any(interrupt.load(Ordering::SeqCst))
-                .map_err(|e| save_and_fail(trainer, loader.position(), e))?,
-            Some(_) => false,
-            None => interrupt.load(Ordering::SeqCst),
-        };
-        if logged {
-            let record = MetricsRecord {
-                step,
-                epoch: loader.position().epoch,
-                loss: out.loss.double_value(&[]),
-                loss_by_quarter: trainer.take_error_by_quarter(),
-                lr: out.lr,
-                grad_norm: out.grad_norm.double_value(&[]),
-                loss_scale: trainer.loss_scale(),
-                skipped_steps: trainer.skipped_steps(),
-                images_per_second: window.images as f64 / window.started.elapsed().as_secs_f64(),
-                data_wait_seconds: window.data_wait,
-                device_memory_gib: peak_memory_gib(trainer.device)?,
-                wall_seconds: monitor.seconds(),
-            };
-            let position = loader.position();
-            monitor
-                .record(&record)
-                .map_err(|e| save_and_fail(trainer, position, e))?;
-            window = Window::new();
-        }
-        // After the step's metrics line, which a resume from its checkpoint keeps.
-        if interrupted {
-            return stop_interrupted(trainer, loader.position(), &mut monitor);
-        }
-        if logged {
-            // Every rank sees the same averaged gradients, so all roll back together.
-            let bad = trainer.consecutive_skipped_steps();
-            if tc.max_bad_steps > 0 && bad >= tc.max_bad_steps {
-                rollbacks += 1;
-                let mut position = loader.position();
-                if leader {
-                    position = roll_back(trainer, &checkpoints, bad, rollbacks, &monitor)?;
-                    monitor.rewind(run_dir, trainer.step)?;
-                    saved_step.set(Some(trainer.step));
-                }
-                position = trainer.sync_from_leader(position)?;
-                loader = Loader::new(dataset.clone(), position, loader_options);
-                continue;
-            }
-        }
-        if !leader {
-            continue;
-        }
-        // The checkpoint first: sampling a grid or measuring FID may fail (out of device
-        // memory, a full disk), and then the run stops with its state saved if it still can be.
-        let position = loader.position();
-        if config.checkpoint.every > 0
-            && step.is_multiple_of(config.checkpoint.every)
-            && step < stop
-        {
-            // Weights that overflowed are not saved; the non-finite steps that follow lead to a
-            // rollback to an earlier checkpoint.
-            match trainer.weights_are_finite() {
-                true => drop(write_checkpoint(trainer, position)?),
-                false => monitor.note(&format!(
-                    "warning: the weights are not finite at step {step}: no checkpoint written"
-                )),
-            }
-            window = Window::new();
-        }
-        if interrupted_alone() {
-            return stop_interrupted(trainer, position, &mut monitor);
-        }
-        // A signal abandons a grid or FID measurement under way: its step is saved already.
-        if config.sample.every > 0 && step.is_multiple_of(config.sample.every) && step < stop {
-            let grid = crate::catch_panics(|| {
-                write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal)
-            });
-            if interrupted_alone() {
-                return stop_interrupted(trainer, position, &mut monitor);
-            }
-            grid.map_err(|e| save_and_fail(trainer, position, e))?;
-            window = Window::new();
-        }
-        if let Some(fid) = training_fid
-            .as_ref()
-            .filter(|_| step.is_multiple_of(config.fid.every))
-        {
-            let measured = crate::catch_panics(|| {
-                fid.measure(trainer, fid_seed, &mut monitor, abandon_on_signal)
-            });
-            if interrupted_alone() {
-                return stop_interrupted(trainer, position, &mut monitor);
-            }
-            measured.map_err(|e| save_and_fail(trainer, position, e))?;
-            window = Window::new();
-        }
-    }
-    let final_checkpoint = save(trainer, loader.position())?;
-    if interrupted_alone() {
-        return stop_interrupted(trainer, loader.position(), &mut monitor);
-    }
-    let final_grid = match leader {
-        true => {
-            let grid = crate::catch_panics(|| {
-                write_samples(trainer, run_dir, grid_seed, &monitor, abandon_on_signal)
-            });
-            if interrupted_alone() {
-                return stop_interrupted(trainer, loader.position(), &mut monitor);
-            }
-            Some(grid.map_err(|e| save_and_fail(trainer, loader.position(), e))?)
-        }
-        false => None,
-    };
-    monitor.finish();
-    if dataset.skipped() > 0 {
-        monitor.note(&format!(
-            "warning: {} unreadable image file(s) were skipped",
-            dataset.skipped()
-        ));
-    }
-    if trainer.skipped_steps() > 0 {
-        monitor.note(&format!(
-            "warning: {} step(s) were skipped for non-finite gradients",
-            trainer.skipped_steps()
-        ));
-    }
-    Ok(RunSummary {
-        final_checkpoint,
-        final_grid,
-        steps: trainer.step,
-        first_step,
-        total_steps: trainer.config.train.steps,
-        seconds: monitor.session_seconds(),
-        interrupted: false,
-    })
-}
-
-const MAX_ROLLBACKS: u32 = 5;
-
-/// After `bad` non-finite steps in a row: reload a checkpoint from before them, lower the learning
-/// rate by `rollback_lr_factor`, and return the data position to continue from.
-fn roll_back(
-    trainer: &mut Trainer,
-    checkpoints: &Path,
-    bad: u64,
-    rollbacks: u32,
-    monitor: &Monitor,
-) -> Result<Position> {
-    let step = trainer.step;
-    if rollbacks > MAX_ROLLBACKS {
-        bail!("gradients are still non-finite after {MAX_ROLLBACKS} rollbacks (step {step}); lower --lr or check the data");
-    }
-    // Back to before the streak where a checkpoint is (its data are then taken again at the
-    // lower rate); else to one written during it, which holds the same weights, as skipped
-    // steps change nothing and non-finite weights are never saved.
-    let last_good = step.saturating_sub(bad);
-    let checkpoint = match Checkpoint::newest_up_to(checkpoints, last_good)? {
-        Some(before) => before,
-        None => match Checkpoint::newest_up_to(checkpoints, step)? {
-            Some(during) => during,
-            None => bail!("{bad} steps in a row had non-finite gradients (steps {} to {step}) and there is no checkpoint to roll back to; lower --lr or check the data", last_good + 1),
-        },
-    };
-    // The checkpoints after it belong to the abandoned steps: a resume must not take them up.
-    checkpoint::remove_after(checkpoints, checkpoint.sidecar.step)?;
-    // The scale goes on falling with each rollback (the checkpoint holds the one of its step).
-    let lr_scale = trainer.lr_scale * trainer.config.train.rollback_lr_factor;
-    trainer.load_state(&checkpoint)?;
-    trainer.lr_scale = lr_scale;
-    monitor.note(&format!("warning: {bad} steps in a row had non-finite gradients at step {step}; rolled back to step {} ({}) with the learning rate scaled by {lr_scale}", trainer.step, checkpoint.path.display()));
-    Ok(checkpoint.sidecar.position)
-}
-
-/// FID during training: the Inception network and the real data's statistics, prepared before
-/// the first step so that a missing network fails the run at once.
-struct TrainingFid {
-    inception: crate::eval::Inception,
-    real: crate::eval::Statistics,
-}
-
-impl TrainingFid {
-    fn prepare(
-        config: &RunConfig,
-        dataset: &Dataset,
-        device: Device,
-        stop: Option<&AtomicBool>,
-    ) -> Result<Option<Self>> {
-        use crate::eval;
-        if config.fid.every == 0 {
-            return Ok(None);
-        }
-        let flag = (!config.fid.inception.is_empty()).then(|| PathBuf::from(&config.fid.inception));
-        let path = eval::locate_inception(
-            flag.as_deref().map(|p| (p, "fid.inception")),
-            std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
-            &eval::default_inception_path()?,
-        )
-        .context("fid.every is set")?;
-        let inception = eval::Inception::load(&path, device)?;
-        let real = eval::cached_statistics(
-            &inception,
-            dataset,
-            config.fid.batch,
-            &eval::statistics_cache_dir()?,
-            stop,
-        )?;
-        Ok(Some(TrainingFid { inception, real }))
-    }
-
-    /// FID of `fid.num` EMA samples against the real data (until `stop` is set); recorded in
-    /// the metrics.
-    fn measure(
-        &self,
-        trainer: &Trainer,
-        seed: u64,
-        monitor: &mut Monitor,
-        stop: Option<&AtomicBool>,
-    ) -> Result<()> {
-        let started = Instant::now();
-        let fid = &trainer.config.fid;
-        let images = crate::eval::to_u8_images(&trainer.sample(true, fid.num, seed, stop)?);
-        let statistics = self
-            .inception
-            .statistics(&images, fid.batch, "fake", stop)?;
-        let score = crate::eval::frechet_distance(&self.real, &statistics)?;
-        monitor.record_fid(
-            trainer.step,
-            score,
-            fid.num,
-            started.elapsed().as_secs_f64(),
-        )
-    }
-}
-
-/// Throughput bookkeeping between two metrics records.
-struct Window {
-    started: Instant,
-    images: usize,
-    data_wait: f64,
-}
-
-impl Window {
-    fn new() -> Self {
-        Window {
-            started: Instant::now(),
-            images: 0,
-            data_wait: 0.0,
-        }
-    }
-}
-
-/// Peak CUDA memory reserved since the last call, in GiB; None on other devices. Reserved, not
-/// allocated: a CUDA graph's replays allocate nothing, so its pool shows only there.
-fn peak_memory_gib(device: Device) -> Result<Option<f64>> {
-    match device {
-        Device::Cuda(index) => {
-            let (_, reserved) = ops::cuda_peak_memory(index)?;
-            ops::reset_cuda_peak_memory(index)?;
-            Ok(Some(reserved as f64 / (1u64 << 30) as f64))
-        }
-        _ => Ok(None),
-    }
-}
-
-/// Samples the run's fixed noise with the EMA and the raw weights and writes them side by side
-/// as `samples/step-N.png` and `samples/latest.png`; refreshes the training animation
-/// (`samples/training.gif`), the loss plot (`loss.png`) and `report.html`. Abandoned, writing
-/// nothing, once `stop` is set.
-fn write_samples(
-    trainer: &Trainer,
-    run_dir: &Path,
-    seed: u64,
-    monitor: &Monitor,
-    stop: Option<&AtomicBool>,
-) -> Result<PathBuf> {
-    let started = Instant::now();
-    let s = &trainer.config.sample;
-    let steps = crate::sampler::step_count(s, trainer.config.diffusion.timesteps);
-    monitor.note(&format!(
-        "sampling {} ({}, {steps} steps) with EMA and raw weights at step {}…",
-        crate::monitor::images(s.num),
-        s.sampler,
-        trainer.step
-    ));
-    let ema = crate::monitor::grid_image(&trainer.sample(true, s.num, seed, stop)?);
-    let raw = crate::monitor::grid_image(&trainer.sample(false, s.num, seed, stop)?);
-    let samples = run_dir.join("samples");
-    let path = samples.join(format!("step-{:08}.png", trainer.step));
-    crate::monitor::save_png(
-        &crate::monitor::labelled_pair(&ema, &raw, trainer.step)?,
-        &path,
-    )?;
-    std::fs::copy(&path, samples.join("latest.png"))
-        .with_context(|| format!("cannot write {}", samples.join("latest.png").display()))?;
-    crate::monitor::refresh_run_views(run_dir, &trainer.config)?;
-    monitor.note(&format!(
-        "wrote {} in {:.1} s",
-        path.display(),
-        started.elapsed().as_secs_f64()
-    ));
-    Ok(path)
+/// A run directory's newest checkpoint, for the tests below.
+#[cfg(test)]
+fn newest(dir: &std::path::Path) -> Checkpoint {
+    run_dir::load_checkpoint(dir).unwrap()
 }
 
 #[cfg(test)]
@@ -843,8 +431,8 @@ mod tests {
     use tch::{Kind, Tensor};
 
     /// Every tensor of a finished run's last checkpoint, by name.
-    fn final_state(dir: &Path) -> std::collections::BTreeMap<String, Tensor> {
-        Checkpoint::load(dir).unwrap().tensors
+    fn final_state(dir: &std::path::Path) -> std::collections::BTreeMap<String, Tensor> {
+        newest(dir).tensors
     }
 
     #[test]
@@ -883,7 +471,7 @@ mod tests {
         };
         run(options("straight", None, None)).unwrap();
         run(options("resumed", None, Some(4))).unwrap();
-        let checkpoint = Checkpoint::load(&dir.path().join("resumed")).unwrap();
+        let checkpoint = newest(&dir.path().join("resumed"));
         assert_eq!(checkpoint.sidecar.step, 4);
         run(options("resumed", Some(checkpoint), None)).unwrap();
         let (a, b) = (
@@ -897,12 +485,8 @@ mod tests {
                 "{precision:?}: {name} differs after resume"
             );
         }
-        let sa = Checkpoint::load(&dir.path().join("straight"))
-            .unwrap()
-            .sidecar;
-        let sb = Checkpoint::load(&dir.path().join("resumed"))
-            .unwrap()
-            .sidecar;
+        let sa = newest(&dir.path().join("straight")).sidecar;
+        let sb = newest(&dir.path().join("resumed")).sidecar;
         assert_eq!((sa.step, sa.position), (sb.step, sb.position));
     }
 
@@ -910,6 +494,8 @@ mod tests {
     fn persistent_non_finite_steps_roll_back_with_a_lower_learning_rate() {
         let c = tiny(8);
         let dir = tempfile::tempdir().unwrap();
+        let (mut run, _) = RunDir::open(dir.path(), &c, 0).unwrap();
+        let mut monitor = Monitor::new(0, 10, 0.0, &[], true);
         let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
         let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         trainer.step(&clean).unwrap();
@@ -918,50 +504,48 @@ mod tests {
             index: 4,
             images: Some(4),
         };
-        checkpoint::save(
-            dir.path(),
-            &trainer.state_tensors(),
-            trainer.step,
-            position,
-            &c,
-        )
-        .unwrap();
-        let saved = flat(&trainer.params).copy();
+        run.save_checkpoint(&trainer.state_tensors(), trainer.step, position)
+            .unwrap();
+        let saved = flat(&trainer.optimizer.params).copy();
         let poisoned = Tensor::full([4, 1, 8, 8], f64::NAN, (Kind::Float, Device::Cpu));
         for _ in 0..3 {
             trainer.step(&poisoned).unwrap();
             if trainer.step == 2 {
                 // A checkpoint inside the streak is passed over.
-                let state = trainer.state_tensors();
-                checkpoint::save(dir.path(), &state, 2, position, &c).unwrap();
+                run.save_checkpoint(&trainer.state_tensors(), 2, position)
+                    .unwrap();
             }
         }
         assert_eq!(trainer.consecutive_skipped_steps(), 3);
         assert_eq!(trainer.skipped_steps(), 3);
-        let monitor = Monitor::new(dir.path(), 0, 10).unwrap();
-        assert_eq!(
-            roll_back(&mut trainer, dir.path(), 3, 1, &monitor).unwrap(),
-            position
-        );
+        let mut rollbacks = Rollbacks::new();
+        let back = rollbacks.roll_back(&mut trainer, &mut run, &mut monitor, Position::default());
+        assert_eq!(back.unwrap(), position);
         assert_eq!(trainer.step, 1);
         assert_eq!(trainer.lr_scale, 0.5);
         assert_eq!(trainer.consecutive_skipped_steps(), 0);
         // The checkpoint of the abandoned steps is gone: a resume cannot take it up.
-        assert!(!checkpoint::sidecar_path(dir.path(), 2).exists());
-        assert!(flat(&trainer.params).equal(&saved));
+        assert!(!run.checkpoint_path(2).exists());
+        assert_eq!(run.saved_step(), Some(1));
+        assert!(flat(&trainer.optimizer.params).equal(&saved));
         let out = trainer.step(&clean).unwrap();
         assert!((out.lr - 0.5 * learning_rate(&c.train, 1)).abs() < 1e-15);
         // Each further rollback lowers the rate again; with no checkpoint from before the
-        // streak (10 steps back), the newest one is taken.
+        // streak, the newest one is taken.
         trainer.step(&poisoned).unwrap();
-        roll_back(&mut trainer, dir.path(), 10, 2, &monitor).unwrap();
+        rollbacks
+            .roll_back(&mut trainer, &mut run, &mut monitor, Position::default())
+            .unwrap();
         assert_eq!((trainer.step, trainer.lr_scale), (1, 0.25));
-        // Without a checkpoint from before the streak there is nothing to return to.
+        // Without a checkpoint from before the streak there is nothing to return to, and the
+        // state is not saved on the way out.
         let empty = tempfile::tempdir().unwrap();
-        let err = format!(
-            "{:#}",
-            roll_back(&mut trainer, empty.path(), 10, 1, &monitor).unwrap_err()
-        );
+        let (mut bare, _) = RunDir::open(empty.path(), &c, 0).unwrap();
+        trainer.step(&poisoned).unwrap();
+        let err = match rollbacks.roll_back(&mut trainer, &mut bare, &mut monitor, position) {
+            Err(Stop::Abandoned(e)) => format!("{e:#}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        };
         assert!(
             err.contains("no checkpoint to roll back to; lower --lr or check the data")
                 && !err.contains("no such"),
@@ -993,61 +577,6 @@ mod tests {
     }
 
     #[test]
-    fn a_new_run_overwrites_no_other_files_and_not_its_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        check_run_dir(&out, None, None).unwrap();
-        std::fs::create_dir(&out).unwrap();
-        // A job's log may come first.
-        std::fs::write(out.join("job.log"), "started").unwrap();
-        check_run_dir(&out, None, None).unwrap();
-        // Nor a folder of images (a dataset, say) or of subfolders.
-        let images = dir.path().join("images");
-        std::fs::create_dir_all(images.join("cats")).unwrap();
-        std::fs::write(images.join("a.PNG"), "").unwrap();
-        let e = format!("{:#}", check_run_dir(&images, None, None).unwrap_err());
-        assert!(
-            e.contains("(a.PNG, cats/)") && e.contains("not a ddpm run"),
-            "{e}"
-        );
-        // A resume continues in its own run directory, and checks another one as a new run's.
-        let trainer = Trainer::new(&tiny(8), Device::Cpu).unwrap();
-        let own = dir.path().join("run");
-        let state = trainer.state_tensors();
-        checkpoint::save(
-            &own.join("checkpoints"),
-            &state,
-            0,
-            Position::default(),
-            &trainer.config,
-        )
-        .unwrap();
-        let resumed = Checkpoint::load(&own).unwrap();
-        std::fs::create_dir(own.join("logs")).unwrap();
-        check_run_dir(&own, Some(&resumed), None).unwrap();
-        let e = format!(
-            "{:#}",
-            check_run_dir(&images, Some(&resumed), None).unwrap_err()
-        );
-        assert!(e.contains("(a.PNG, cats/)"), "{e}");
-        std::fs::write(out.join("report.html"), "mine").unwrap();
-        let e = format!("{:#}", check_run_dir(&out, None, None).unwrap_err());
-        assert!(
-            e.contains("report.html") && e.contains("not a ddpm run"),
-            "{e}"
-        );
-        // An earlier start that wrote no checkpoint.
-        std::fs::write(out.join(checkpoint::LOCK_FILE), "").unwrap();
-        check_run_dir(&out, None, None).unwrap();
-        // Not the data folder, however it is named.
-        let e = format!(
-            "{:#}",
-            check_run_dir(&out, None, Some(&out.join("."))).unwrap_err()
-        );
-        assert!(e.contains("data folder"), "{e}");
-    }
-
-    #[test]
     fn an_interrupted_run_stops_after_one_step_with_a_checkpoint() {
         let mut c = tiny(8);
         c.train.steps = 50;
@@ -1067,21 +596,14 @@ mod tests {
         .unwrap();
         assert!(summary.interrupted && summary.final_grid.is_none());
         assert_eq!(summary.steps, 1);
-        assert_eq!(Checkpoint::load(dir.path()).unwrap().sidecar.step, 1);
+        assert_eq!(newest(dir.path()).sidecar.step, 1);
     }
 
     #[test]
     fn fid_is_measured_during_training_when_the_network_is_present() {
-        let Ok(inception) = crate::eval::default_inception_path() else {
+        let Some(inception) = crate::eval::inception_for_tests() else {
             return;
         };
-        if !inception.is_file() {
-            crate::say!(
-                "skipped: no Inception file at {} (tools/get_inception.sh)",
-                inception.display()
-            );
-            return;
-        }
         // 40 real digits in an IDX file, so the real statistics take seconds.
         let dir = tempfile::tempdir().unwrap();
         let digits = crate::data::load(

@@ -9,8 +9,9 @@ use sha2::Digest;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::precision::{Bf16Network, LossScaler};
-use super::{ema_decay, learning_rate};
+use super::learning_rate;
+use super::optimizer::{copy_from, Optimizer};
+use super::precision::PrecisionStrategy;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Lever, Precision, RunConfig};
 use crate::cuda_graph::GraphedComputation;
@@ -18,7 +19,7 @@ use crate::data::{self, Position, Shard};
 use crate::distributed::{GradientReducer, ProcessGroup};
 use crate::model::UNet;
 use crate::objective::Objective;
-use crate::ops::{self, AdamWStep, AutocastType};
+use crate::ops;
 use crate::sampler::{self, Denoiser};
 use crate::schedule::NoiseSchedule;
 
@@ -67,15 +68,6 @@ pub struct StepOutput {
     pub lr: f64,
 }
 
-/// The .grad of every parameter, or an error naming one that received none.
-pub(super) fn defined_gradients(params: &[Tensor], names: &[String]) -> Result<Vec<Tensor>> {
-    let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
-    if let Some(i) = grads.iter().position(|g| !g.defined()) {
-        bail!("parameter {} received no gradient", names[i]);
-    }
-    Ok(grads)
-}
-
 /// Why the fused GroupNorm+SiLU kernels cannot run in this configuration (they take NCHW f32 or
 /// bf16 activations on CUDA), if they cannot.
 fn fused_norm_silu_unsuitable(config: &RunConfig, device: Device) -> Option<String> {
@@ -99,7 +91,7 @@ fn fused_kernels_load(device: Device) -> bool {
     match ops::load_fused_kernels(device) {
         Ok(()) => true,
         Err(error) => {
-            crate::say!("note: training and sampling run without the fused GroupNorm+SiLU kernels (train.fused_norm_silu = false hides this note): {error:#}");
+            tracing::info!("note: training and sampling run without the fused GroupNorm+SiLU kernels (train.fused_norm_silu = false hides this note): {error:#}");
             false
         }
     }
@@ -137,7 +129,9 @@ fn uses_fused_norm_silu(config: &RunConfig, device: Device) -> Result<bool> {
 /// allocate the gradients and let cuDNN pick its algorithms.
 const GRAPH_WARMUP_STEPS: usize = 3;
 
-/// The model, its EMA copy, the optimizer state and one `step` of training.
+/// The model, its EMA copy, the optimizer state and one `step` of training: the network and
+/// schedule here, the optimizer's state in [`Optimizer`], the precision in
+/// [`PrecisionStrategy`], the ranks in `group` and `reducer`, the CUDA graph in `graphed`.
 pub struct Trainer {
     pub config: RunConfig,
     pub device: Device,
@@ -147,17 +141,10 @@ pub struct Trainer {
     pub ema_model: UNet,
     pub schedule: NoiseSchedule,
     objective: Objective,
-    names: Vec<String>,
-    pub(super) params: Vec<Tensor>,
-    ema_params: Vec<Tensor>,
-    grads: Option<Vec<Tensor>>,
-    exp_avgs: Vec<Tensor>,
-    exp_avg_sqs: Vec<Tensor>,
-    adam_steps: Vec<Tensor>,
-    scaler: Option<LossScaler>,
-    /// Steps skipped for non-finite gradients, in all and in a row, counted on the device.
-    skipped: Tensor,
-    consecutive_skipped: Tensor,
+    /// AdamW moments, EMA weights, skipped steps; the update.
+    pub(super) optimizer: Optimizer,
+    /// How forward and backward compute, and where the f32 gradients are.
+    pub(super) precision: PrecisionStrategy,
     /// Factor on the scheduled learning rate, lowered by each rollback.
     pub lr_scale: f64,
     error_by_quarter: QuarterErrors,
@@ -170,15 +157,6 @@ pub struct Trainer {
     group: Option<ProcessGroup>,
     /// The gradient computation as a CUDA graph (train.cuda_graph).
     graphed: Option<GraphedComputation>,
-    /// The bf16 copy of the network that computes the gradients (precision bf16-pure).
-    bf16: Option<Bf16Network>,
-}
-
-/// Variables of a store in name order, so that every list lines up across stores and runs.
-pub(super) fn sorted_variables(vs: &VarStore) -> (Vec<String>, Vec<Tensor>) {
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars.into_iter().unzip()
 }
 
 impl Trainer {
@@ -196,35 +174,14 @@ impl Trainer {
         ema_model.set_fused_norm_silu(fused_norm_silu);
         ema_vs.copy(&vs)?;
         ema_vs.freeze();
-        let (names, params) = sorted_variables(&vs);
-        let (_, ema_params) = sorted_variables(&ema_vs);
-        if config.train.channels_last {
-            // Before the moments are made: zeros_like keeps the layout.
-            ops::to_channels_last_(&params)?;
-            ops::to_channels_last_(&ema_params)?;
-        }
-        let zeros = |p: &Tensor| p.zeros_like();
-        let exp_avgs = params.iter().map(zeros).collect();
-        let exp_avg_sqs = params.iter().map(zeros).collect();
-        let adam_steps = params
-            .iter()
-            .map(|_| Tensor::zeros([], (Kind::Float, device)))
-            .collect();
+        let optimizer = Optimizer::new(&vs, &ema_vs, config.train.channels_last)?;
         let schedule = NoiseSchedule::from_config(&config.diffusion);
         let objective = Objective::new(&config.diffusion, &schedule, device);
-        let scaler = (config.train.precision == Precision::Fp16).then(|| LossScaler::new(device));
         if device.is_cuda() {
             ops::set_tf32(config.train.precision == Precision::Tf32)?;
             tch::Cuda::cudnn_set_benchmark(true);
         }
-        let bf16 = match config.train.precision {
-            Precision::Bf16Pure => Some(Bf16Network::new(config, device, fused_norm_silu)?),
-            _ => None,
-        };
-        // With bf16-pure the f32 gradients are sums made here, not autograd's.
-        let grads = bf16
-            .is_some()
-            .then(|| params.iter().map(Tensor::zeros_like).collect());
+        let precision = PrecisionStrategy::new(config, device, fused_norm_silu, &optimizer.params)?;
         let graphed = match config.train.cuda_graph {
             Lever::On => Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?),
             // A build without the CUDA headers has no graphs (and says so when they are asked for).
@@ -242,32 +199,15 @@ impl Trainer {
             ema_model,
             schedule,
             objective,
-            names,
-            params,
-            ema_params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            adam_steps,
-            scaler,
-            skipped: Tensor::zeros([], (Kind::Int64, device)),
-            consecutive_skipped: Tensor::zeros([], (Kind::Int64, device)),
+            optimizer,
+            precision,
             lr_scale: 1.0,
             error_by_quarter: QuarterErrors::new(device),
             step: 0,
             reducer: None,
             group: None,
             graphed,
-            bf16,
         })
-    }
-
-    fn autocast_type(&self) -> Option<AutocastType> {
-        match self.config.train.precision {
-            Precision::Bf16 => Some(AutocastType::Bf16),
-            Precision::Fp16 => Some(AutocastType::Fp16),
-            Precision::F32 | Precision::Tf32 | Precision::Bf16Pure => None,
-        }
     }
 
     /// Whether the gradient computation is recorded and replayed as a CUDA graph.
@@ -291,8 +231,8 @@ impl Trainer {
         }
         // With bf16-pure the f32 gradients are sums made outside autograd, so they are averaged
         // after backward (see accumulate_gradients) rather than by the reducer during it.
-        if self.bf16.is_none() {
-            self.reducer = Some(group.gradient_reducer(&self.params)?);
+        if !self.precision.sums_outside_autograd() {
+            self.reducer = Some(group.gradient_reducer(&self.optimizer.params)?);
         }
         self.group = Some(group);
         Ok(())
@@ -338,7 +278,7 @@ impl Trainer {
         let ours = [
             dataset_len as i64,
             i64::from_le_bytes(digest[..8].try_into().unwrap()),
-            self.params.len() as i64,
+            self.optimizer.params.len() as i64,
             crate::model::parameter_count(&self.vs),
         ];
         let leaders = Tensor::from_slice(&ours).to_device(self.device);
@@ -377,23 +317,12 @@ impl Trainer {
         .to_device(self.device);
         let lr_scale = Tensor::from_slice(&[self.lr_scale]).to_device(self.device);
         let mut tensors: Vec<Tensor> = self
-            .params
-            .iter()
-            .chain(&self.ema_params)
-            .chain(&self.exp_avgs)
-            .chain(&self.exp_avg_sqs)
-            .chain(&self.adam_steps)
-            .chain([
-                &self.skipped,
-                &self.consecutive_skipped,
-                &counters,
-                &lr_scale,
-            ])
+            .optimizer
+            .shared_tensors()
+            .chain([&counters, &lr_scale])
             .map(|t| t.shallow_clone())
             .collect();
-        if let Some(s) = &self.scaler {
-            tensors.extend([s.scale.shallow_clone(), s.growth_tracker.shallow_clone()]);
-        }
+        tensors.extend(self.precision.shared_tensors());
         tch::no_grad(|| group.broadcast_from_leader(&tensors))?;
         let counters = Vec::<i64>::try_from(&counters.to_device(Device::Cpu))?;
         self.step = counters[0] as u64;
@@ -451,8 +380,7 @@ impl Trainer {
             None => self.compute_gradients(&x0, &t, &noise)?,
         };
         if let Some(group) = &self.group {
-            if self.bf16.is_some() {
-                let sums = self.grads.as_ref().expect("made with the bf16 network");
+            if let Some(sums) = self.precision.sums() {
                 group.all_reduce_mean(sums)?;
             }
             // The batch's mean loss over all ranks. Being a collective that waits, it also
@@ -460,9 +388,9 @@ impl Trainer {
             // only orders the streams), and it runs after every bucket on the same group.
             group.all_reduce_mean(std::slice::from_ref(&total))?;
         }
-        if self.grads.is_none() {
-            self.grads = Some(defined_gradients(&self.params, &self.names)?);
-        }
+        let optimizer = &self.optimizer;
+        self.precision
+            .take_up_gradients(&optimizer.params, &optimizer.names)?;
         Ok(total)
     }
 
@@ -472,13 +400,7 @@ impl Trainer {
     /// the same kernels on the same tensors every call and never waits for the device, so that
     /// it can run as a CUDA graph.
     fn compute_gradients(&mut self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        // Backward adds into the gradients; bf16-pure's first micro-batch sets them.
-        if let (Some(grads), None) = (&self.grads, &self.bf16) {
-            ops::foreach_zero_(grads)?;
-        }
-        if let Some(net) = &self.bf16 {
-            tch::no_grad(|| ops::foreach_copy_(&net.params, &self.params))?;
-        }
+        self.precision.begin_step(&self.optimizer.params)?;
         let c = &self.config;
         let k = c.train.grad_accum as i64;
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
@@ -490,15 +412,7 @@ impl Trainer {
                 x_t = ops::channels_last(&x_t)?;
             }
             let target = self.objective.target(x0, &noise, &t);
-            let forward = || self.model.forward(&x_t, &t, true);
-            let prediction = match (&self.bf16, self.autocast_type()) {
-                (Some(net), _) => net
-                    .model
-                    .forward(&x_t.to_kind(Kind::BFloat16), &t, true)
-                    .to_kind(Kind::Float),
-                (None, Some(dtype)) => ops::autocast(self.device, dtype, forward)?,
-                (None, None) => forward(),
-            };
+            let prediction = self.precision.forward(&self.model, &x_t, &t)?;
             let (loss, errors) = self.objective.loss_and_errors(&prediction, &target, &t);
             self.error_by_quarter
                 .record(&errors, &t, c.diffusion.timesteps);
@@ -514,11 +428,7 @@ impl Trainer {
                     .arm()
                     .map_err(|e| group.failed("averaging gradients", e))?;
             }
-            let backward = match &self.scaler {
-                Some(s) => (&loss * &s.scale.squeeze()).f_backward(),
-                None => loss.f_backward(),
-            };
-            if let Err(e) = backward {
+            if let Err(e) = self.precision.backward(&loss) {
                 return Err(match reduced {
                     Some((_, group)) => {
                         group.failed("the backward pass that averages gradients", e)
@@ -526,10 +436,8 @@ impl Trainer {
                     None => e.into(),
                 });
             }
-            if let Some(net) = &mut self.bf16 {
-                let sums = self.grads.as_ref().expect("made with the bf16 network");
-                net.move_gradients_into(sums, i == 0, &self.names)?;
-            }
+            self.precision
+                .after_backward(i == 0, &self.optimizer.names)?;
             total += loss.detach().to_kind(Kind::Float);
         }
         Ok(total)
@@ -544,54 +452,13 @@ impl Trainer {
     /// The update after `accumulate_gradients` (whose mean `loss` it passes on): unscale, clip,
     /// AdamW, loss-scale update, EMA; skipped on the device when the gradients are not finite.
     pub fn apply_gradients(&mut self, loss: Tensor) -> Result<StepOutput> {
-        let grads = self.grads.as_ref().expect("set by accumulate_gradients");
-        let found_inf = Tensor::zeros([1], (Kind::Float, self.device));
-        if let Some(s) = &self.scaler {
-            ops::amp_unscale_(grads, &found_inf, &s.scale.reciprocal())?;
-        }
-        let grad_norm = ops::global_norm(grads)?;
-        let found_inf = found_inf.maximum(
-            &grad_norm
-                .isfinite()
-                .logical_not()
-                .to_kind(Kind::Float)
-                .view([1]),
-        );
-        let clip = self.config.train.grad_clip;
-        if clip > 0.0 {
-            let factor = (clip / (&grad_norm + 1e-6)).clamp_max(1.0);
-            ops::foreach_mul_(grads, &factor)?;
-        }
         let tc = &self.config.train;
         let lr = learning_rate(tc, self.step) * self.lr_scale;
-        let hp = AdamWStep {
-            lr,
-            beta1: tc.adam_beta1,
-            beta2: tc.adam_beta2,
-            weight_decay: tc.weight_decay,
-            eps: tc.adam_eps,
-        };
-        tch::no_grad(|| {
-            ops::fused_adamw(
-                &self.params,
-                grads,
-                &self.exp_avgs,
-                &self.exp_avg_sqs,
-                &self.adam_steps,
-                hp,
-                &found_inf,
-            )
-        })?;
-        if let Some(s) = &mut self.scaler {
-            s.update(&found_inf);
-        }
-        if (self.step + 1).is_multiple_of(tc.ema_every) {
-            let decay = ema_decay(tc, self.step / tc.ema_every);
-            tch::no_grad(|| ops::foreach_lerp_(&self.ema_params, &self.params, 1.0 - decay))?;
-        }
-        let bad = found_inf.to_kind(Kind::Int64).sum(Kind::Int64);
-        self.skipped += &bad;
-        self.consecutive_skipped = (&self.consecutive_skipped + &bad) * &bad;
+        let (gradients, mut found_inf) = self.precision.unscaled_gradients(self.device)?;
+        let grad_norm = self
+            .optimizer
+            .update(gradients, &mut found_inf, tc, self.step, lr)?;
+        self.precision.update_scale(&found_inf);
         self.step += 1;
         Ok(StepOutput {
             loss,
@@ -601,7 +468,7 @@ impl Trainer {
     }
 
     pub fn skipped_steps(&self) -> u64 {
-        self.skipped.int64_value(&[]) as u64
+        self.optimizer.skipped_steps()
     }
 
     /// Mean unweighted error per quarter of the t range since the last call.
@@ -611,94 +478,42 @@ impl Trainer {
 
     /// Steps skipped in a row, up to now.
     pub fn consecutive_skipped_steps(&self) -> u64 {
-        self.consecutive_skipped.int64_value(&[]) as u64
+        self.optimizer.consecutive_skipped_steps()
     }
 
     pub fn loss_scale(&self) -> Option<f64> {
-        self.scaler.as_ref().map(|s| s.scale.double_value(&[0]))
+        self.precision.loss_scale()
     }
 
     /// Whether every weight, raw and EMA, is finite (one read from the device).
     pub fn weights_are_finite(&self) -> bool {
-        let non_finite = self
-            .params
-            .iter()
-            .chain(&self.ema_params)
-            .map(|p| p.isfinite().logical_not().sum(Kind::Int64))
-            .reduce(|a, b| a + b);
-        non_finite.is_none_or(|n| n.int64_value(&[]) == 0)
+        self.optimizer.weights_are_finite()
     }
 
     /// Every tensor of the training state, named for the checkpoint.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (i, name) in self.names.iter().enumerate() {
-            out.push((format!("model.{name}"), self.params[i].shallow_clone()));
-            out.push((format!("ema.{name}"), self.ema_params[i].shallow_clone()));
-            out.push((
-                format!("adam.exp_avg.{name}"),
-                self.exp_avgs[i].shallow_clone(),
-            ));
-            out.push((
-                format!("adam.exp_avg_sq.{name}"),
-                self.exp_avg_sqs[i].shallow_clone(),
-            ));
-        }
-        out.push(("adam.step".into(), self.adam_steps[0].shallow_clone()));
-        out.push(("skipped_steps".into(), self.skipped.shallow_clone()));
-        out.push((
-            "consecutive_skipped_steps".into(),
-            self.consecutive_skipped.shallow_clone(),
-        ));
+        let mut out = self.optimizer.state_tensors();
         out.push(("lr_scale".into(), Tensor::from(self.lr_scale)));
-        if let Some(s) = &self.scaler {
-            out.push(("scaler.scale".into(), s.scale.shallow_clone()));
-            out.push((
-                "scaler.growth_tracker".into(),
-                s.growth_tracker.shallow_clone(),
-            ));
-        }
+        out.extend(self.precision.state_tensors());
         out
     }
 
     /// Restores the state saved by `state_tensors`.
     pub fn load_state(&mut self, checkpoint: &Checkpoint) -> Result<()> {
-        tch::no_grad(|| -> Result<()> {
-            for (i, name) in self.names.iter().enumerate() {
-                copy_from(checkpoint, &format!("model.{name}"), &mut self.params[i])?;
-                copy_from(checkpoint, &format!("ema.{name}"), &mut self.ema_params[i])?;
-                copy_from(
-                    checkpoint,
-                    &format!("adam.exp_avg.{name}"),
-                    &mut self.exp_avgs[i],
-                )?;
-                copy_from(
-                    checkpoint,
-                    &format!("adam.exp_avg_sq.{name}"),
-                    &mut self.exp_avg_sqs[i],
-                )?;
-            }
-            let step = checkpoint.tensor("adam.step")?;
-            for s in &mut self.adam_steps {
-                s.copy_(step);
-            }
-            self.skipped.copy_(checkpoint.tensor("skipped_steps")?);
-            self.consecutive_skipped
-                .copy_(checkpoint.tensor("consecutive_skipped_steps")?);
-            self.lr_scale = checkpoint.tensor("lr_scale")?.double_value(&[]);
-            if let Some(s) = &mut self.scaler {
-                if let (Ok(scale), Ok(tracker)) = (
-                    checkpoint.tensor("scaler.scale"),
-                    checkpoint.tensor("scaler.growth_tracker"),
-                ) {
-                    s.scale.copy_(scale);
-                    s.growth_tracker.copy_(tracker);
-                }
-            }
-            Ok(())
-        })?;
+        self.optimizer.load_state(checkpoint)?;
+        self.lr_scale = checkpoint.tensor("lr_scale")?.double_value(&[]);
+        self.precision.load_state(checkpoint);
         self.step = checkpoint.sidecar.step;
         Ok(())
+    }
+
+    /// The EMA or raw network, as the samplers take it (sample grids, `bench sample`).
+    pub fn denoiser(&self, ema: bool) -> Denoiser<'_> {
+        Denoiser {
+            model: if ema { &self.ema_model } else { &self.model },
+            schedule: &self.schedule,
+            prediction: self.config.diffusion.prediction,
+        }
     }
 
     /// Samples with the EMA or raw weights, until `stop` is set.
@@ -709,15 +524,9 @@ impl Trainer {
         seed: u64,
         stop: Option<&AtomicBool>,
     ) -> Result<Tensor, crate::Interrupted> {
-        let model = if ema { &self.ema_model } else { &self.model };
-        let denoiser = Denoiser {
-            model,
-            schedule: &self.schedule,
-            prediction: self.config.diffusion.prediction,
-        };
         let m = &self.config.model;
         sampler::sample(
-            &denoiser,
+            &self.denoiser(ema),
             &self.config.sample,
             m.batch_shape(n),
             seed,
@@ -729,27 +538,13 @@ impl Trainer {
     }
 }
 
-/// Copies the checkpoint's tensor `key` into `dst`, checking its shape.
-fn copy_from(checkpoint: &Checkpoint, key: &str, dst: &mut Tensor) -> Result<()> {
-    let src = checkpoint.tensor(key)?;
-    if dst.size() != src.size() {
-        bail!(
-            "{}: tensor {key} has shape {:?}, where the network its configuration describes has {:?} (a damaged or edited checkpoint)",
-            checkpoint.path.display(),
-            src.size(),
-            dst.size()
-        );
-    }
-    dst.copy_(src);
-    Ok(())
-}
-
-/// Loads a model (EMA or raw weights) from a checkpoint for sampling.
+/// The one way a sampling network is built from a checkpoint (EMA or raw weights): `sample`,
+/// `fid` and `export` take it from here.
 pub fn load_for_sampling(
     checkpoint: &Checkpoint,
     ema: bool,
     device: Device,
-) -> Result<(VarStore, UNet)> {
+) -> Result<sampler::SamplingNetwork> {
     let config = &checkpoint.sidecar.config;
     let mut vs = VarStore::new(device);
     let mut model = UNet::new(&vs.root(), &config.model);
@@ -767,7 +562,12 @@ pub fn load_for_sampling(
         Ok(())
     })?;
     vs.freeze();
-    Ok((vs, model))
+    Ok(sampler::SamplingNetwork {
+        vs,
+        model,
+        schedule: NoiseSchedule::from_config(&config.diffusion),
+        prediction: config.diffusion.prediction,
+    })
 }
 
 #[cfg(test)]
@@ -775,6 +575,7 @@ mod tests {
     use super::*;
     use crate::config::ImageSize;
     use crate::data::LoadOptions;
+    use crate::train::precision::sorted_variables;
     use crate::train::{flat, tiny};
     use std::path::Path;
 
@@ -790,18 +591,18 @@ mod tests {
         c.train.ema_decay = 0.9;
         let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
         tch::no_grad(|| {
-            for e in &mut trainer.ema_params {
+            for e in &mut trainer.optimizer.ema_params {
                 let _ = e.fill_(0.25);
             }
         });
-        let p0 = flat(&trainer.params).copy();
+        let p0 = flat(&trainer.optimizer.params).copy();
         let n = 5;
         let x = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         for _ in 0..n {
             trainer.step(&x).unwrap();
         }
         let expected: Tensor = &p0 + (0.25 - &p0) * 0.9f64.powi(n);
-        let got = flat(&trainer.ema_params);
+        let got = flat(&trainer.optimizer.ema_params);
         assert!((got - expected).abs().max().double_value(&[]) < 1e-5);
     }
 
@@ -810,7 +611,7 @@ mod tests {
     fn randomise(trainer: &Trainer) {
         tch::manual_seed(17);
         tch::no_grad(|| {
-            for p in &trainer.params {
+            for p in &trainer.optimizer.params {
                 p.shallow_clone().copy_(&(p.randn_like() * 0.2));
             }
         });
@@ -827,10 +628,10 @@ mod tests {
             c.train.batch = 8;
             let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
             trainer.vs.double();
-            trainer.params = sorted_variables(&trainer.vs).1;
+            trainer.optimizer.params = sorted_variables(&trainer.vs).1;
             randomise(&trainer);
             let _ = trainer.accumulate_gradients(&x).unwrap();
-            flat(trainer.grads.as_ref().unwrap())
+            flat(trainer.precision.unscaled_gradients(Device::Cpu).unwrap().0)
         };
         let one = grads_for(1);
         let four = grads_for(4);
@@ -857,7 +658,7 @@ mod tests {
         };
         let initial = Trainer::new(&tiny(16), Device::Cpu).unwrap();
         randomise(&initial);
-        let initial = flat(&initial.params);
+        let initial = flat(&initial.optimizer.params);
         let (full, full_losses) = train(Precision::F32);
         let (autocast, _) = train(Precision::Bf16);
         let (mut pure, pure_losses) = train(Precision::Bf16Pure);
@@ -866,19 +667,25 @@ mod tests {
         }
         // Measured: 0.00579 apart for bf16-pure, 0.00581 for autocast, 0.029 moved by training.
         let distance = |t: &Trainer| {
-            (flat(&t.params) - flat(&full.params))
+            (flat(&t.optimizer.params) - flat(&full.optimizer.params))
                 .norm()
                 .double_value(&[])
         };
-        let moved = (flat(&full.params) - &initial).norm().double_value(&[]);
+        let moved = (flat(&full.optimizer.params) - &initial)
+            .norm()
+            .double_value(&[]);
         assert!(distance(&pure) < 1.5 * distance(&autocast) && distance(&pure) < 0.5 * moved);
         // The master weights stay f32; the bf16 network computes with them rounded.
-        assert!(pure.params.iter().all(|p| p.kind() == Kind::Float));
-        let before = flat(&pure.params);
+        assert!(pure
+            .optimizer
+            .params
+            .iter()
+            .all(|p| p.kind() == Kind::Float));
+        let before = flat(&pure.optimizer.params);
         pure.step(&x).unwrap();
-        let net = pure.bf16.as_ref().unwrap();
-        assert!(net.params.iter().all(|p| p.kind() == Kind::BFloat16));
-        assert!(flat(&net.params).equal(&before.to_kind(Kind::BFloat16).to_kind(Kind::Float)));
+        let net = pure.precision.bf16_params().unwrap();
+        assert!(net.iter().all(|p| p.kind() == Kind::BFloat16));
+        assert!(flat(net).equal(&before.to_kind(Kind::BFloat16).to_kind(Kind::Float)));
     }
 
     #[test]
@@ -893,7 +700,7 @@ mod tests {
             let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
             randomise(&trainer);
             let _ = trainer.accumulate_gradients(&x).unwrap();
-            let grads = trainer.grads.as_ref().unwrap();
+            let grads = trainer.precision.unscaled_gradients(Device::Cpu).unwrap().0;
             assert!(grads.iter().all(|g| g.kind() == Kind::Float));
             flat(grads)
         };
@@ -967,9 +774,14 @@ mod tests {
                     .iter()
                     .map(|x| trainer.step(x).unwrap().loss.double_value(&[]))
                     .collect();
-                (losses, flat(&trainer.params))
+                (losses, flat(&trainer.optimizer.params))
             };
-            let initial = flat(&Trainer::new(&config(false, false), device).unwrap().params);
+            let initial = flat(
+                &Trainer::new(&config(false, false), device)
+                    .unwrap()
+                    .optimizer
+                    .params,
+            );
             let (eager_losses, eager) = train(false, false);
             let moved = (&eager - &initial).norm().double_value(&[]);
             // Reduced precision rounds differently along the two paths, and AdamW's first steps
@@ -1005,7 +817,7 @@ mod tests {
     fn weights_that_are_not_finite_are_found_raw_or_ema() {
         let trainer = Trainer::new(&tiny(8), Device::Cpu).unwrap();
         assert!(trainer.weights_are_finite());
-        for weights in [&trainer.params, &trainer.ema_params] {
+        for weights in [&trainer.optimizer.params, &trainer.optimizer.ema_params] {
             let mut last = weights.last().unwrap().shallow_clone();
             let kept = last.copy();
             let _ = tch::no_grad(|| last.get(0).fill_(f64::INFINITY));
@@ -1034,7 +846,8 @@ mod tests {
         let (nhwc, nhwc_loss) = train(true);
         // Kernels larger than 1×1 whose channel stride is 1: laid out NHWC.
         let convs = |t: &Trainer| -> usize {
-            t.params
+            t.optimizer
+                .params
                 .iter()
                 .filter(|p| p.dim() == 4 && p.size()[2] * p.size()[3] > 1 && p.stride()[1] == 1)
                 .count()
@@ -1042,7 +855,7 @@ mod tests {
         assert_eq!(convs(&plain), 0);
         assert!(convs(&nhwc) > 10, "{}", convs(&nhwc));
         assert!((plain_loss - nhwc_loss).abs() < 1e-5 * plain_loss.abs());
-        let difference = (flat(&plain.params) - flat(&nhwc.params))
+        let difference = (flat(&plain.optimizer.params) - flat(&nhwc.optimizer.params))
             .abs()
             .max()
             .double_value(&[]);
@@ -1065,23 +878,23 @@ mod tests {
         c.train.precision = Precision::Fp16;
         let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
         assert_eq!(trainer.loss_scale(), Some(65536.0));
-        let before = flat(&trainer.params).copy();
+        let before = flat(&trainer.optimizer.params).copy();
         let poisoned = Tensor::full([4, 1, 8, 8], f64::INFINITY, (Kind::Float, Device::Cpu));
         trainer.step(&poisoned).unwrap();
         assert_eq!(trainer.skipped_steps(), 1);
         assert_eq!(trainer.loss_scale(), Some(32768.0));
         assert!(
-            flat(&trainer.params).equal(&before),
+            flat(&trainer.optimizer.params).equal(&before),
             "a skipped step must not move the weights"
         );
-        assert_eq!(trainer.adam_steps[0].double_value(&[]), 0.0);
+        assert_eq!(trainer.optimizer.adam_steps[0].double_value(&[]), 0.0);
         let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         let out = trainer.step(&clean).unwrap();
         assert!(out.loss.double_value(&[]).is_finite());
         assert_eq!(trainer.skipped_steps(), 1);
         assert_eq!(trainer.loss_scale(), Some(32768.0));
-        assert!(!flat(&trainer.params).equal(&before));
-        assert_eq!(trainer.adam_steps[0].double_value(&[]), 1.0);
+        assert!(!flat(&trainer.optimizer.params).equal(&before));
+        assert_eq!(trainer.optimizer.adam_steps[0].double_value(&[]), 1.0);
     }
 
     #[test]
@@ -1099,10 +912,20 @@ mod tests {
         }
         assert_eq!(trainer.skipped_steps(), 0);
         assert!(
-            trainer.params.iter().all(|p| p.kind() == Kind::Float),
+            trainer
+                .optimizer
+                .params
+                .iter()
+                .all(|p| p.kind() == Kind::Float),
             "master weights stay f32"
         );
-        assert!(flat(&trainer.params).isfinite().all().int64_value(&[]) == 1);
+        assert!(
+            flat(&trainer.optimizer.params)
+                .isfinite()
+                .all()
+                .int64_value(&[])
+                == 1
+        );
     }
 
     #[test]

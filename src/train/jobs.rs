@@ -1,0 +1,213 @@
+//! The periodic jobs of the loop, each a small function: checkpoint, sample grid, FID.
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use tch::Device;
+
+use super::policy::{self, Signals, Stop};
+use super::step::Trainer;
+use crate::config::RunConfig;
+use crate::data::{self, Dataset, Position};
+use crate::monitor::Monitor;
+use crate::run_dir::RunDir;
+
+/// The jobs and what they need prepared before the first step.
+pub struct Jobs {
+    grid_seed: u64,
+    fid_seed: u64,
+    fid: Option<TrainingFid>,
+}
+
+impl Jobs {
+    /// At step 0, writes what the model learns from next to what it makes; prepares FID (the
+    /// Inception network and the real statistics), so that a missing network fails at once.
+    pub fn prepare(
+        trainer: &Trainer,
+        run: &RunDir,
+        dataset: &Dataset,
+        position: Position,
+        signals: &Signals,
+    ) -> Result<Self, Stop> {
+        let config = &trainer.config;
+        let seed = config.train.seed;
+        if trainer.step == 0 && run.writes() {
+            let first = data::Sampler::new(dataset.len(), seed, position)
+                .next_indices(config.sample.num.min(dataset.len()));
+            let real = data::to_model_space(&dataset.batch(&first)?, Device::Cpu);
+            run.write_data_grid(&data::augment(
+                &real,
+                config.data.hflip,
+                config.data.color_jitter,
+            ))?;
+        }
+        let fid = match run.writes() {
+            true => TrainingFid::prepare(config, dataset, trainer.device, signals.abandon())?,
+            false => None,
+        };
+        Ok(Jobs {
+            grid_seed: crate::rng::mix(seed, &[0x6121D]),
+            fid_seed: crate::rng::mix(seed, &[0xF1D]),
+            fid,
+        })
+    }
+
+    /// Runs the jobs due after the step just done (checkpoints and grids before `stop`, whose
+    /// own are the run's end; FID at every multiple of `fid.every`). The checkpoint first: a grid or FID may fail (out of device memory, a
+    /// full disk), and the run then stops with its state saved. Returns whether any ran (their
+    /// time is not the step's).
+    pub fn run_due(
+        &self,
+        trainer: &Trainer,
+        run: &mut RunDir,
+        monitor: &mut Monitor,
+        position: Position,
+        stop: u64,
+        signals: &Signals,
+    ) -> Result<bool, Stop> {
+        let config = &trainer.config;
+        let step = trainer.step;
+        let due = |every: u64| every > 0 && step.is_multiple_of(every);
+        let before_stop = |every: u64| due(every) && step < stop;
+        let mut ran = false;
+        if before_stop(config.checkpoint.every) {
+            periodic_checkpoint(trainer, run, position)?;
+            ran = true;
+        }
+        signals.check()?;
+        if before_stop(config.sample.every) {
+            signals.outcome(self.grid(trainer, run, signals.abandon()))?;
+            ran = true;
+        }
+        if let Some(fid) = self.fid.as_ref().filter(|_| due(config.fid.every)) {
+            signals.outcome(fid.measure(trainer, self.fid_seed, run, monitor, signals))?;
+            ran = true;
+        }
+        Ok(ran)
+    }
+
+    /// The grid after the last step.
+    pub fn final_grid(
+        &self,
+        trainer: &Trainer,
+        run: &RunDir,
+        signals: &Signals,
+    ) -> Result<Option<PathBuf>, Stop> {
+        if !run.writes() {
+            return Ok(None);
+        }
+        signals.check()?;
+        signals
+            .outcome(self.grid(trainer, run, signals.abandon()))
+            .map(Some)
+    }
+
+    /// Samples the run's fixed noise with the EMA and the raw weights and writes them side by
+    /// side; abandoned, writing nothing, once `stop` is set.
+    fn grid(&self, trainer: &Trainer, run: &RunDir, stop: Option<&AtomicBool>) -> Result<PathBuf> {
+        crate::catch_panics(|| {
+            let started = Instant::now();
+            let s = &trainer.config.sample;
+            let steps = crate::sampler::step_count(s, trainer.config.diffusion.timesteps);
+            tracing::info!(
+                "sampling {} ({}, {steps} steps) with EMA and raw weights at step {}…",
+                crate::monitor::images(s.num),
+                s.sampler,
+                trainer.step
+            );
+            let ema =
+                crate::monitor::grid_image(&trainer.sample(true, s.num, self.grid_seed, stop)?);
+            let raw =
+                crate::monitor::grid_image(&trainer.sample(false, s.num, self.grid_seed, stop)?);
+            let pair = crate::monitor::labelled_pair(&ema, &raw, trainer.step)?;
+            let path = run.write_grid(trainer.step, &pair)?;
+            tracing::info!(
+                "wrote {} in {:.1} s",
+                path.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(path)
+        })
+    }
+}
+
+/// A checkpoint every `checkpoint.every` steps. Weights that overflowed are not saved: the
+/// non-finite steps that follow lead to a rollback to an earlier checkpoint.
+fn periodic_checkpoint(trainer: &Trainer, run: &mut RunDir, position: Position) -> Result<()> {
+    match trainer.weights_are_finite() {
+        true => policy::save(trainer, run, position).map(drop),
+        false => {
+            tracing::warn!(
+                "the weights are not finite at step {}: no checkpoint written",
+                trainer.step
+            );
+            Ok(())
+        }
+    }
+}
+
+/// FID during training: the Inception network and the real data's statistics.
+struct TrainingFid {
+    inception: crate::eval::Inception,
+    real: crate::eval::Statistics,
+}
+
+impl TrainingFid {
+    fn prepare(
+        config: &RunConfig,
+        dataset: &Dataset,
+        device: Device,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Option<Self>> {
+        use crate::eval;
+        if config.fid.every == 0 {
+            return Ok(None);
+        }
+        let flag = (!config.fid.inception.is_empty()).then(|| PathBuf::from(&config.fid.inception));
+        let path = eval::locate_inception(
+            flag.as_deref().map(|p| (p, "fid.inception")),
+            std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
+            &eval::default_inception_path()?,
+        )
+        .context("fid.every is set")?;
+        let inception = eval::Inception::load(&path, device)?;
+        let real = eval::cached_statistics(
+            &inception,
+            dataset,
+            config.fid.batch,
+            &eval::statistics_cache_dir()?,
+            stop,
+        )?;
+        Ok(Some(TrainingFid { inception, real }))
+    }
+
+    /// FID of `fid.num` EMA samples against the real data, recorded in the metrics.
+    fn measure(
+        &self,
+        trainer: &Trainer,
+        seed: u64,
+        run: &mut RunDir,
+        monitor: &Monitor,
+        signals: &Signals,
+    ) -> Result<()> {
+        crate::catch_panics(|| {
+            let started = Instant::now();
+            let fid = &trainer.config.fid;
+            let samples = trainer.sample(true, fid.num, seed, signals.abandon())?;
+            let images = crate::data::from_model_space(&samples);
+            let statistics =
+                self.inception
+                    .statistics(&images, fid.batch, "fake", signals.abandon())?;
+            let score = crate::eval::frechet_distance(&self.real, &statistics)?;
+            let seconds = started.elapsed().as_secs_f64();
+            run.append_metrics(&serde_json::json!({ "step": trainer.step, "fid": score, "fid_images": fid.num, "fid_seconds": seconds, "wall_seconds": monitor.seconds() }))?;
+            tracing::info!(
+                "FID@{} = {score:.2} at step {} ({seconds:.0} s)",
+                crate::monitor::count_label(fid.num),
+                trainer.step
+            );
+            Ok(())
+        })
+    }
+}
