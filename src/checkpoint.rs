@@ -35,6 +35,42 @@ pub struct Sidecar {
     /// File name of the weights file, beside the sidecar.
     pub tensors_file: String,
     pub tensors_sha256: String,
+    /// SHA-256 of the sidecar's own JSON without this field, so that an edited or damaged
+    /// sidecar is found out. Absent from checkpoints of earlier versions, read unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_sha256: Option<String>,
+}
+
+/// The checksum of a sidecar's JSON without its own checksum, over the JSON values (keys
+/// sorted) rather than the struct, so that a later version with more fields still checks
+/// the sidecars written before it.
+fn contents_sha256(sidecar: &serde_json::Value) -> String {
+    let mut contents = sidecar.clone();
+    if let Some(fields) = contents.as_object_mut() {
+        fields.remove("sidecar_sha256");
+    }
+    sha256_hex(contents.to_string().as_bytes())
+}
+
+impl Sidecar {
+    /// Fails when the sidecar (`json`, as read from `path`) is not as written: its checksum
+    /// differs from its contents, or its data position lies outside the data it records.
+    fn check_intact(&self, json: &serde_json::Value, path: &Path) -> Result<()> {
+        if let Some(recorded) = &self.sidecar_sha256 {
+            if *recorded != contents_sha256(json) {
+                bail!("{} is damaged or was edited: its contents do not match the SHA-256 it records (change a resumed run's settings with flags, e.g. --lr)", path.display());
+            }
+        }
+        let p = self.position;
+        if let Some(images) = p.images.filter(|&n| p.index > n) {
+            bail!(
+                "{} is damaged: its data position (image {} of the epoch) lies outside the {images} images it records",
+                path.display(),
+                p.index
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The sidecar path of the checkpoint at `step` in `dir`.
@@ -175,6 +211,11 @@ pub fn save(
             .map_or(0, |d| d.as_secs()),
         tensors_file,
         tensors_sha256: sha256_hex(&bytes),
+        sidecar_sha256: None,
+    };
+    let sidecar = Sidecar {
+        sidecar_sha256: Some(contents_sha256(&serde_json::to_value(&sidecar)?)),
+        ..sidecar
     };
     let path = sidecar_path(dir, step);
     write_atomic(&path, serde_json::to_string_pretty(&sidecar)?.as_bytes())?;
@@ -306,8 +347,9 @@ fn format_version(sidecar: &Path) -> Option<u32> {
 pub fn read_sidecar(path: &Path) -> Result<Sidecar> {
     let text = fs::read_to_string(path)
         .with_context(|| format!("cannot read checkpoint sidecar {}", path.display()))?;
-    let sidecar: Sidecar = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid checkpoint sidecar", path.display()))?;
+    let invalid = || format!("{} is not a valid checkpoint sidecar", path.display());
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(invalid)?;
+    let sidecar = Sidecar::deserialize(&json).with_context(invalid)?;
     if sidecar.format_version != FORMAT_VERSION {
         bail!(
             "{}: checkpoint format {} is not supported (this ddpm reads format {FORMAT_VERSION})",
@@ -315,6 +357,7 @@ pub fn read_sidecar(path: &Path) -> Result<Sidecar> {
             sidecar.format_version
         );
     }
+    sidecar.check_intact(&json, path)?;
     sidecar
         .config
         .validate()
@@ -480,6 +523,39 @@ mod tests {
             assert_eq!(back.kind(), t.kind());
             assert!(back.equal(t), "{name}");
         }
+    }
+
+    #[test]
+    fn an_edited_sidecar_is_damaged_and_an_older_one_without_a_checksum_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RunConfig::preset("tiny").unwrap();
+        let position = Position {
+            epoch: 0,
+            index: 64,
+            images: Some(5000),
+        };
+        let path = save(dir.path(), &sample_tensors(), 3, position, &config).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        let edit = |from: &str, to: &str| {
+            assert!(text.contains(from), "{from}: {text}");
+            fs::write(&path, text.replace(from, to)).unwrap();
+            format!("{:#}", Checkpoint::load(&path).err().unwrap())
+        };
+        let lr = format!("\"lr\": {}", config.train.lr);
+        let e = edit(&lr, "\"lr\": 0.5");
+        assert!(e.contains("do not match the SHA-256 it records"), "{e}");
+        let e = edit("\"index\": 64", "\"index\": 99999");
+        assert!(e.contains("do not match"), "{e}");
+        // Without a checksum (a sidecar written before there was one): read, but a position
+        // outside the data is still refused.
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json.as_object_mut().unwrap().remove("sidecar_sha256");
+        fs::write(&path, json.to_string()).unwrap();
+        assert_eq!(Checkpoint::load(&path).unwrap().sidecar.position, position);
+        json["position"]["index"] = 99999.into();
+        fs::write(&path, json.to_string()).unwrap();
+        let e = format!("{:#}", Checkpoint::load(&path).err().unwrap());
+        assert!(e.contains("lies outside the 5000 images it records"), "{e}");
     }
 
     #[test]

@@ -214,9 +214,13 @@ fn install_signal_handlers(run_dir: &Path, ranks: bool) -> Result<Arc<AtomicBool
     };
     let on_sigint = line(format!("interrupt: {stopping}"));
     let on_sigterm = line(format!("SIGTERM: {stopping}"));
-    let quitting = line(format!(
-        "second interrupt: quitting now, without a checkpoint of the step under way; those already in {} stay valid",
+    let quitting = "second interrupt: quitting now, without a checkpoint of the step under way";
+    let quitting_with = line(format!(
+        "{quitting}; those already in {} stay valid",
         run_dir.join("checkpoints").display()
+    ));
+    let quitting_before = line(format!(
+        "{quitting}; no checkpoint was written yet, and the same command starts the run again"
     ));
     let write = |bytes: &[u8]| {
         // SAFETY: write(2) is async-signal-safe; the buffer lives as long as the program.
@@ -227,7 +231,10 @@ fn install_signal_handlers(run_dir: &Path, ranks: bool) -> Result<Arc<AtomicBool
     unsafe {
         signal_hook::low_level::register(SIGINT, move || match first.load(Ordering::SeqCst) {
             false => write(on_sigint),
-            true => write(quitting),
+            true => match crate::run_dir::CHECKPOINT_ON_DISK.load(Ordering::SeqCst) {
+                true => write(quitting_with),
+                false => write(quitting_before),
+            },
         })?
     };
     let first = Arc::clone(&flag);
@@ -378,9 +385,16 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-/// A file `ddpm sample` will write: named with `extension` (the format written), in a folder
-/// that exists or can be made, and that takes files.
+/// A file `ddpm sample` will write: new (it never overwrites an image, as `--out-dir` never
+/// mixes sets), named with `extension` (the format written), in a folder that exists or can be
+/// made, and that takes files.
 fn check_output_file(path: &Path, extension: &str, flag: &str) -> Result<()> {
+    if path.exists() {
+        bail!(
+            "{flag} {} already exists: ddpm sample never overwrites a file; choose another name, or remove it",
+            path.display()
+        );
+    }
     if !path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case(extension))
@@ -506,11 +520,10 @@ pub fn fid(args: FidArgs) -> Result<String> {
     // Published FID numbers use full f32 convolutions; libtorch would let cuDNN use TF32.
     crate::ops::set_tf32(false)?;
     let inception = eval::Inception::load(&inception_path, device)?;
-    let stop = stop_on_signals()?;
-    let fake = fid_fake_images(&args, device, &stop)?;
-    let (count, channels, height, width) = fake.size4()?;
-    // The real images are scored at the generated images' size and channels: what a model was
-    // trained on.
+    // Every input is read and checked before the generated images are sampled, which can take
+    // minutes: the real set is loaded at their size and channels (what a model was trained on).
+    let fake = FakeImages::open(&args)?;
+    let (channels, height, width) = fake.shape();
     let real_path = (args.real != Path::new("bundled")).then_some(args.real.as_path());
     let options = crate::data::LoadOptions {
         format: crate::config::DataFormat::Auto,
@@ -521,12 +534,22 @@ pub fn fid(args: FidArgs) -> Result<String> {
         cache: crate::config::DataCache::Auto,
         workers: 0,
     };
-    let real = crate::data::load(real_path, &options)?;
+    let real = crate::data::load(real_path, &options).context("--real")?;
+    if real.len() < 2 {
+        bail!(
+            "--real {} holds {}: FID compares covariances, which takes at least 2 images",
+            args.real.display(),
+            crate::monitor::images(real.len())
+        );
+    }
     tracing::info!(
         "real: {} images, {}, at {height}×{width}",
         real.len(),
         real.description
     );
+    let stop = stop_on_signals()?;
+    let fake = fake.images(&args, device, &stop)?;
+    let count = fake.size()[0];
     let real_statistics = eval::cached_statistics(
         &inception,
         &real,
@@ -554,47 +577,87 @@ pub fn fid(args: FidArgs) -> Result<String> {
     ))
 }
 
-/// The generated images as u8 [N, C, H, W]: sampled from a checkpoint with its own sampler
-/// settings and EMA weights, or read from a folder.
-fn fid_fake_images(args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<tch::Tensor> {
-    let is_checkpoint = args.fake.is_file()
-        || args.fake.join("checkpoints").is_dir()
-        || !crate::checkpoint::list(&args.fake)?.is_empty();
-    if !is_checkpoint {
+/// The generated images of `ddpm fid`: read from a folder, or a checkpoint to sample from.
+enum FakeImages {
+    Folder(tch::Tensor),
+    Checkpoint(Checkpoint),
+}
+
+impl FakeImages {
+    /// Reads the folder, or loads the checkpoint (which is sampled later).
+    fn open(args: &FidArgs) -> Result<Self> {
+        let is_checkpoint = args.fake.is_file()
+            || args.fake.join("checkpoints").is_dir()
+            || !crate::checkpoint::list(&args.fake)?.is_empty();
+        if is_checkpoint {
+            return Ok(FakeImages::Checkpoint(crate::run_dir::load_checkpoint(
+                &args.fake,
+            )?));
+        }
         let images = crate::eval::load_image_folder(&args.fake, args.num)?;
+        if images.size()[0] < 2 {
+            bail!(
+                "--fake {} holds 1 image: FID compares covariances, which takes at least 2 images",
+                args.fake.display()
+            );
+        }
         tracing::info!(
             "fake: {} images from {}",
             images.size()[0],
             args.fake.display()
         );
-        return Ok(images);
+        Ok(FakeImages::Folder(images))
     }
-    let checkpoint = crate::run_dir::load_checkpoint(&args.fake)?;
-    let config = &checkpoint.sidecar.config;
-    let network = train::load_for_sampling(&checkpoint, true, device)?;
-    let (m, num) = (&config.model, args.num.unwrap_or(10_000));
-    let started = std::time::Instant::now();
-    let steps = sampler::step_count(&config.sample, config.diffusion.timesteps);
-    let progress = crate::monitor::ImageProgress::new("fake: sampling", num);
-    let images = sampler::sample(
-        &network.denoiser(),
-        &config.sample,
-        m.batch_shape(num),
-        args.seed,
-        device,
-        args.batch,
-        Some(stop),
-        |batch, done, _| progress.set(sampler::images_done(batch, done, args.batch, steps, num)),
-    )?;
-    drop(progress);
-    tracing::info!(
-        "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
-        started.elapsed().as_secs_f64(),
-        config.sample.sampler,
-        checkpoint.sidecar.step,
-        checkpoint.path.display()
-    );
-    Ok(crate::data::from_model_space(&images))
+
+    /// (channels, height, width) of the images.
+    fn shape(&self) -> (i64, i64, i64) {
+        match self {
+            FakeImages::Folder(images) => {
+                let size = images.size();
+                (size[1], size[2], size[3])
+            }
+            FakeImages::Checkpoint(checkpoint) => {
+                let m = &checkpoint.sidecar.config.model;
+                (m.in_channels, m.image_size.height(), m.image_size.width())
+            }
+        }
+    }
+
+    /// The images as u8 [N, C, H, W]; a checkpoint's are sampled with its own sampler settings
+    /// and EMA weights.
+    fn images(self, args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<tch::Tensor> {
+        let checkpoint = match self {
+            FakeImages::Folder(images) => return Ok(images),
+            FakeImages::Checkpoint(checkpoint) => checkpoint,
+        };
+        let config = &checkpoint.sidecar.config;
+        let network = train::load_for_sampling(&checkpoint, true, device)?;
+        let (m, num) = (&config.model, args.num.unwrap_or(10_000));
+        let started = std::time::Instant::now();
+        let steps = sampler::step_count(&config.sample, config.diffusion.timesteps);
+        let progress = crate::monitor::ImageProgress::new("fake: sampling", num);
+        let images = sampler::sample(
+            &network.denoiser(),
+            &config.sample,
+            m.batch_shape(num),
+            args.seed,
+            device,
+            args.batch,
+            Some(stop),
+            |batch, done, _| {
+                progress.set(sampler::images_done(batch, done, args.batch, steps, num))
+            },
+        )?;
+        drop(progress);
+        tracing::info!(
+            "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
+            started.elapsed().as_secs_f64(),
+            config.sample.sampler,
+            checkpoint.sidecar.step,
+            checkpoint.path.display()
+        );
+        Ok(crate::data::from_model_space(&images))
+    }
 }
 
 /// One of our checkpoints (file, checkpoint folder or run directory), or a diffusers pipeline

@@ -69,6 +69,38 @@ pub fn reset_peak_memory(device: Device) -> Result<()> {
     Ok(())
 }
 
+/// Processes of this run on this machine (LOCAL_WORLD_SIZE, as torchrun and `ddpm launch` set),
+/// each of which holds its own cache.
+pub fn local_processes() -> u64 {
+    std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1u64)
+        .max(1)
+}
+
+/// MemAvailable from /proc/meminfo (Linux), else the physical memory (other Unix systems);
+/// None where neither is known, and then nothing is checked.
+pub fn available_host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    meminfo.or_else(|| {
+        // SAFETY: sysconf only reads system constants.
+        let (pages, page_size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64)
+    })
+}
+
 /// Keeps freed host memory for reuse instead of returning it to the system after every large
 /// tensor: with glibc's defaults each step's activations (megabytes each) are mmapped and
 /// unmapped again, and the page faults cost ~10% of a CPU training step.

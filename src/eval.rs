@@ -557,9 +557,8 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
 }
 
 fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
-    let reader = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = data::open_image(path)
+        .map_err(|why| anyhow::anyhow!("cannot open {}: {why}", path.display()))?;
     reader
         .into_dimensions()
         .with_context(|| format!("cannot read the size of {}", path.display()))

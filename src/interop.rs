@@ -188,6 +188,28 @@ fn block_attends(
 }
 
 impl UNet2DConfig {
+    /// One down and one up block per level width. A mismatch names both keys, and says where
+    /// `block_out_channels` came from: a file without it gets diffusers' default of 4 widths.
+    fn check_block_counts(&self) -> Result<()> {
+        let levels = self.block_out_channels.len();
+        let defaulted = self.block_out_channels == UNet2DConfig::default().block_out_channels;
+        let origin = match defaulted {
+            true => ", diffusers' default, which applies when the file gives none",
+            false => "",
+        };
+        for (key, blocks) in [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ] {
+            ensure!(
+                blocks == levels,
+                "`{key}` has {blocks} blocks but `block_out_channels` has {levels} widths ({:?}{origin}): ddpm's UNet needs one block per width",
+                self.block_out_channels
+            );
+        }
+        Ok(())
+    }
+
     /// The diffusers description of our UNet, or why diffusers cannot express it.
     fn from_model_config(model: &ModelConfig) -> Result<Self> {
         ensure!(model.channel_mult[0] == 1, "model.channel_mult = {:?} cannot be exported: diffusers' first level is as wide as its input conv, so channel_mult must start with 1", model.channel_mult);
@@ -239,28 +261,16 @@ impl UNet2DConfig {
             .context("`sample_size` is null, but ddpm's UNet needs the image size")?;
         let widths = &self.block_out_channels;
         let channels = *widths.first().context("`block_out_channels` is empty")?;
+        self.check_block_counts()?;
         ensure!(widths.iter().all(|w| *w > 0 && w % channels == 0), "`block_out_channels` is {widths:?}, but ddpm's level widths are channels × channel_mult: every entry must be a multiple of the first");
         check_norm_widths(widths).context("`block_out_channels`")?;
+        let levels = widths.len();
         require(
             "time_embedding_dim",
             &self.time_embedding_dim.unwrap_or(4 * channels),
             &(4 * channels),
             "a time embedding 4 × block_out_channels[0] wide",
         )?;
-        let levels = widths.len();
-        require(
-            "down_block_types",
-            &self.down_block_types.len(),
-            &levels,
-            "one block per entry of block_out_channels",
-        )?;
-        require(
-            "up_block_types",
-            &self.up_block_types.len(),
-            &levels,
-            "one block per entry of block_out_channels",
-        )?;
-
         let mut attention_resolutions = Vec::new();
         let min_side = image_size.height().min(image_size.width());
         for (level, &width) in widths.iter().enumerate() {
@@ -897,6 +907,7 @@ impl DiffusersModel {
             written_at,
             tensors_file: UNET_WEIGHTS.into(),
             tensors_sha256: self.weights_sha256,
+            sidecar_sha256: None,
         };
         let mut tensors = BTreeMap::new();
         for (name, t) in self.weights {
@@ -1010,6 +1021,18 @@ mod tests {
             (&ours - theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[]);
         eprintln!("max |ours − diffusers| / max |diffusers| = {relative:.3e}");
         assert!(relative < 1e-4, "relative difference {relative:e}");
+    }
+
+    #[test]
+    fn a_config_without_block_out_channels_is_told_where_its_widths_came_from() {
+        let mut json = fixture_unet_json();
+        json.remove("block_out_channels");
+        let e = read_unet(json).unwrap_err().to_string();
+        assert!(
+            e.contains("`block_out_channels` has 4 widths")
+                && e.contains("diffusers' default, which applies when the file gives none"),
+            "{e}"
+        );
     }
 
     #[test]

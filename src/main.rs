@@ -127,8 +127,9 @@ enum Command {
         /// Seconds a rank waits for the others before giving up [default: 1800; DDPM_DIST_TIMEOUT]
         #[arg(long, value_parser = ddpm::config::positive_count::<u64>)]
         timeout: Option<u64>,
-        /// The ddpm command line each process runs
-        #[arg(last = true, required = true)]
+        /// The ddpm command line each process runs, after `--` or directly (`ddpm launch
+        /// --nproc 4 train …`)
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Print a model's architecture summary and exact parameter count

@@ -361,6 +361,34 @@ impl UNet {
     }
 }
 
+/// An estimate of the memory that training keeps per image between forward and backward, in
+/// bytes of f32: about a dozen activations of each residual block's width and size (norms,
+/// activations, convolutions, dropout, the skip), and each attention's weights. It errs low
+/// (PyTorch's step reserves more), so that it refuses only what cannot fit.
+pub fn activation_bytes_per_image(config: &ModelConfig) -> u64 {
+    const SAVED_PER_RES_BLOCK: u64 = 12;
+    let (h, w) = (
+        config.image_size.height() as u64,
+        config.image_size.width() as u64,
+    );
+    let blocks_per_level = 2 * config.num_res_blocks as u64 + 1; // down, and one more up
+    let floats: u64 = config
+        .channel_mult
+        .iter()
+        .enumerate()
+        .map(|(level, &mult)| {
+            let pixels = (h >> level).max(1) * (w >> level).max(1);
+            let width = (config.channels * mult) as u64;
+            let attends = config
+                .attention_resolutions
+                .contains(&((h.min(w) >> level) as i64));
+            let attention = if attends { 2 * pixels * pixels } else { 0 };
+            blocks_per_level * (SAVED_PER_RES_BLOCK * width * pixels + attention)
+        })
+        .sum();
+    4 * floats
+}
+
 /// Number of scalar parameters in a var store.
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
     vs.trainable_variables()

@@ -7,6 +7,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -18,6 +19,10 @@ use crate::data::Position;
 
 /// The file a trainer holds locked in its run directory, holding its process id.
 pub const LOCK_FILE: &str = ".lock";
+
+/// Whether the run this process writes has a checkpoint on disk: what a second Ctrl-C, which
+/// quits at once, can tell the user (its signal handler may only read an atomic).
+pub static CHECKPOINT_ON_DISK: AtomicBool = AtomicBool::new(false);
 
 /// What a run writes at the top of its directory.
 const RUN_FILES: [&str; 6] = [
@@ -77,6 +82,7 @@ impl RunDir {
             saved_step: None,
         };
         let saved_step = Some(step).filter(|&s| dir.checkpoint_path(s).is_file());
+        CHECKPOINT_ON_DISK.store(has_checkpoints(root)?, Ordering::SeqCst);
         Ok((RunDir { saved_step, ..dir }, history))
     }
 
@@ -125,6 +131,7 @@ impl RunDir {
         }
         let path = checkpoint::save(&self.checkpoints(), state, step, position, &self.config)?;
         self.saved_step = Some(step);
+        CHECKPOINT_ON_DISK.store(true, Ordering::SeqCst);
         Ok(Some(path))
     }
 

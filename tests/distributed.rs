@@ -68,7 +68,8 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
         d,
     );
     ddpm_ok(
-        &["launch", "--nproc", "2", "--", "train", "--resume", "mixed"],
+        // As torchrun users type it, without `--`.
+        &["launch", "--nproc", "2", "train", "--resume", "mixed"],
         d,
     );
     // Accumulating two micro-batches per rank: averaged once, after the last.

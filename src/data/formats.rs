@@ -428,8 +428,7 @@ pub fn any_colour(files: &[std::path::PathBuf]) -> bool {
 
 /// Whether an image file holds colour, read from its header (false when it cannot be read).
 pub fn is_colour(path: &Path) -> bool {
-    image::ImageReader::open(path)
-        .and_then(|reader| reader.with_guessed_format())
+    open_image(path)
         .ok()
         .and_then(|reader| reader.into_decoder().ok())
         .is_some_and(|decoder| image::ImageDecoder::color_type(&decoder).has_color())
@@ -437,10 +436,33 @@ pub fn is_colour(path: &Path) -> bool {
 
 /// Decodes an image file (the first frame of a GIF) and fits it to `shape` into `dst`.
 pub fn decode_into(path: &Path, shape: Shape, dst: &mut [u8]) -> std::result::Result<(), String> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?;
+    let reader = open_image(path)?;
     fit(&reader.decode().map_err(|e| e.to_string())?, shape, dst);
     Ok(())
+}
+
+/// The largest image file read: no image comes near it, and a larger file (a misnamed archive
+/// or disk image) would fill the memory before failing.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 512 << 20;
+
+/// Opens an image file for decoding, with its format guessed from its first bytes. What is not
+/// a regular file is refused before it is opened (a device such as /dev/zero reads without end,
+/// a FIFO blocks the open until a writer comes), and so is a file larger than any image.
+pub fn open_image(
+    path: &Path,
+) -> std::result::Result<image::ImageReader<std::io::BufReader<fs::File>>, String> {
+    let metadata = fs::metadata(path).map_err(|e| e.to_string())?;
+    if !metadata.is_file() {
+        return Err("not a regular file (a device, FIFO or socket), so it is not read".into());
+    }
+    if metadata.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(format!(
+            "{} bytes, more than the {} MiB an image file may have",
+            metadata.len(),
+            MAX_IMAGE_FILE_BYTES >> 20
+        ));
+    }
+    image::ImageReader::open(path)
+        .and_then(|reader| reader.with_guessed_format())
+        .map_err(|e| e.to_string())
 }

@@ -17,7 +17,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataCache, DataFormat, ImageSize, RunConfig, Split};
 pub use formats::{
-    any_colour, image_files, is_image_file, parse_cifar, parse_idx_images, Cifar, Records, Shape,
+    any_colour, image_files, is_image_file, open_image, parse_cifar, parse_idx_images, Cifar,
+    Records, Shape, MAX_IMAGE_FILE_BYTES,
 };
 pub use loader::{Loader, LoaderOptions, Shard};
 
@@ -119,7 +120,16 @@ impl Dataset {
     /// Images `indices` as u8 [B, C, H, W] on the CPU.
     pub fn batch(&self, indices: &[i64]) -> Result<Tensor> {
         let n = self.shape.bytes();
-        let mut out = vec![0u8; n * indices.len()];
+        // An allocation that fails is an error in words, not an abort.
+        let bytes = n.checked_mul(indices.len()).unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        out.try_reserve_exact(bytes).map_err(|_| {
+            anyhow::anyhow!(
+                "cannot allocate {bytes} bytes for a batch of {} images: lower train.batch",
+                indices.len()
+            )
+        })?;
+        out.resize(bytes, 0);
         for (&index, dst) in indices.iter().zip(out.chunks_mut(n)) {
             self.read_into(index as usize, dst)?;
         }
@@ -341,8 +351,8 @@ fn should_cache(cache: DataCache, count: usize, shape: Shape) -> bool {
         DataCache::Off => false,
         DataCache::Auto => {
             // Unknown memory: a cache of up to 4 GiB, which most machines hold.
-            let memory = available_memory().unwrap_or(8 << 30);
-            (count * shape.bytes()) as u64 <= memory / 2 / local_processes()
+            let memory = crate::device::available_host_memory().unwrap_or(8 << 30);
+            (count * shape.bytes()) as u64 <= memory / 2 / crate::device::local_processes()
         }
     }
 }
@@ -351,7 +361,9 @@ fn should_cache(cache: DataCache, count: usize, shape: Shape) -> bool {
 /// available memory.
 fn check_fits_in_memory(count: usize, shape: Shape, description: &str) -> Result<()> {
     let needed = count as u64 * shape.bytes() as u64;
-    let Some(available) = available_memory().map(|bytes| bytes / local_processes()) else {
+    let Some(available) = crate::device::available_host_memory()
+        .map(|bytes| bytes / crate::device::local_processes())
+    else {
         return Ok(());
     };
     if needed > available {
@@ -366,38 +378,6 @@ fn check_fits_in_memory(count: usize, shape: Shape, description: &str) -> Result
         );
     }
     Ok(())
-}
-
-/// Processes of this run on this machine (LOCAL_WORLD_SIZE, as torchrun and `ddpm launch` set),
-/// each of which holds its own cache.
-fn local_processes() -> u64 {
-    std::env::var("LOCAL_WORLD_SIZE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1u64)
-        .max(1)
-}
-
-/// MemAvailable from /proc/meminfo (Linux), else the physical memory (other Unix systems);
-/// None where neither is known, and then nothing is checked.
-fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        });
-    meminfo.or_else(|| {
-        // SAFETY: sysconf only reads system constants.
-        let (pages, page_size) = unsafe {
-            (
-                libc::sysconf(libc::_SC_PHYS_PAGES),
-                libc::sysconf(libc::_SC_PAGESIZE),
-            )
-        };
-        (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64)
-    })
 }
 
 /// Fills `count` images of `shape` with `read` on `workers` threads; returns the pixels and the

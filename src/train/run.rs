@@ -49,6 +49,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     config.validate()?;
     config.check_run_resources()?;
     let device = training_device(&config, launch.as_ref())?;
+    check_batch_fits(&config, device)?;
     let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
     if leader {
         run_dir::check_new(&run_dir, resume.as_ref(), config.data_path().as_deref())?;
@@ -249,6 +250,43 @@ fn start_trainer(
         position = trainer.sync_from_leader(position)?;
     }
     Ok((trainer, position))
+}
+
+/// Refuses, before any file is written, a batch that would not fit in memory: the batches read
+/// ahead and, on a CPU, the activations of a micro-batch (on a GPU, libtorch's out-of-memory
+/// error says it, and the run stops with its checkpoint).
+fn check_batch_fits(config: &RunConfig, device: Device) -> Result<()> {
+    let Some(available) = crate::device::available_host_memory() else {
+        return Ok(());
+    };
+    let available = available / crate::device::local_processes();
+    let (t, m) = (&config.train, &config.model);
+    let image = (m.in_channels * m.image_size.height() * m.image_size.width()) as u64;
+    let batches_held = (data::worker_count(config.data.workers) + config.data.prefetch + 2) as u64;
+    let read_ahead = (t.batch as u64)
+        .saturating_mul(image)
+        .saturating_mul(batches_held);
+    let per_image = crate::model::activation_bytes_per_image(m);
+    let activations = match device.is_cuda() {
+        true => 0,
+        false => ((t.batch / t.grad_accum) as u64).saturating_mul(per_image),
+    };
+    let needed = read_ahead.saturating_add(activations);
+    if needed > available {
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        bail!(
+            "train.batch = {} needs about {:.1} GiB of memory ({:.1} GiB for the batches read ahead{}), more than the {:.1} GiB available: lower train.batch, or split it into micro-batches with train.grad_accum",
+            t.batch,
+            gib(needed),
+            gib(read_ahead),
+            match activations {
+                0 => String::new(),
+                _ => format!(", {:.2} MiB of activations per image of a micro-batch", per_image as f64 / (1u64 << 20) as f64),
+            },
+            gib(available)
+        );
+    }
+    Ok(())
 }
 
 /// The configured device; with several processes on CUDA, this rank's GPU.
