@@ -1308,6 +1308,18 @@ mod tests {
         assert_eq!(c.data.path, before);
     }
 
+    /// Each preset as it was written before the keys were declared in one place.
+    #[test]
+    fn presets_keep_their_values() {
+        for (name, written) in [
+            ("tiny", include_str!("../tests/fixtures/presets/tiny.toml")),
+            ("mnist", include_str!("../tests/fixtures/presets/mnist.toml")),
+            ("cifar10", include_str!("../tests/fixtures/presets/cifar10.toml")),
+        ] {
+            assert_eq!(RunConfig::preset(name).unwrap().to_toml(), written, "{name}");
+        }
+    }
+
     #[test]
     fn presets_are_valid() {
         for name in PRESETS {
