@@ -1025,6 +1025,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refused_value_names_the_config_file_only_when_the_file_gave_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "[train]\nbatch = 0\n[diffusion]\ntimesteps = 50\n").unwrap();
+        let refused = |flags: &[&str]| {
+            let overrides = Overrides::from_flags(flags).unwrap();
+            let error = resolve_config(None, Some(&file), None, &overrides).unwrap_err();
+            format!("{error:#}")
+        };
+        let named = |e: &str| e.contains("in config file") && e.contains("run.toml");
+        let e = refused(&[]);
+        assert!(named(&e) && e.contains("`train.batch`: 0"), "{e}");
+        // A flag's value: the file is not named.
+        let e = refused(&["--batch", "4", "--lr", "2"]);
+        assert!(!named(&e) && e.contains("`train.lr`: 2"), "{e}");
+        // A flag's value refused for a value the file gave: both are named.
+        let e = refused(&["--batch", "4", "--sample-steps", "100"]);
+        assert!(named(&e) && e.contains("diffusion.timesteps = 50"), "{e}");
+        // The file's value replaced by a flag's.
+        let e = refused(&["--batch", "4", "--timesteps", "1"]);
+        assert!(!named(&e) && e.contains("`diffusion.timesteps`: 1"), "{e}");
+    }
+
+    #[test]
     fn a_resume_lists_the_changes_and_refuses_every_network_change_at_once() {
         let before = RunConfig::preset("tiny").unwrap();
         let mut after = before.clone();
