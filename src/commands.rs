@@ -8,7 +8,9 @@ use tch::nn::VarStore;
 use tch::Device;
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Overrides, RunConfig, SampleConfig};
+use crate::config::{
+    ConfigError, Flag, FlagSet, KeyFlags, Lever, Overrides, RunConfig, SampleConfig,
+};
 use crate::model::{self, UNet};
 use crate::sampler;
 use crate::train::{self, RunOptions};
@@ -35,7 +37,21 @@ fn resolve_training_config(args: &TrainArgs, resume: Option<&Checkpoint>) -> Res
         |c| {
             c.validate()?;
             c.check_run_resources()?;
-            crate::train::check_levers(c, crate::device::resolve(&c.train.device)?)
+            let device = crate::device::resolve(&c.train.device)
+                .map_err(|e| ConfigError::refused(vec!["train.device"], e))?;
+            // A lever set to auto is never refused: those set to true, and what they need.
+            let mut keys = vec!["train.device"];
+            if c.train.cuda_graph == Lever::On {
+                keys.push("train.cuda_graph");
+            }
+            if c.train.fused_norm_silu == Lever::On {
+                keys.extend([
+                    "train.fused_norm_silu",
+                    "train.channels_last",
+                    "train.precision",
+                ]);
+            }
+            crate::train::check_levers(c, device).map_err(|e| ConfigError::refused(keys, e))
         },
     )
 }
@@ -45,25 +61,26 @@ fn resolve_checked_config(
     config_file: Option<&Path>,
     resume: Option<&Checkpoint>,
     overrides: &Overrides,
-    check: impl Fn(&RunConfig) -> Result<()>,
+    check: impl Fn(&RunConfig) -> std::result::Result<(), ConfigError>,
 ) -> Result<RunConfig> {
-    let mut config = match (config_file, preset, resume) {
-        (Some(file), _, _) => RunConfig::from_toml_file(file, preset)?,
-        (None, Some(name), _) => RunConfig::preset(name)?,
-        (None, None, Some(checkpoint)) => checkpoint.sidecar.config.clone(),
-        (None, None, None) => RunConfig::preset("tiny")?,
+    let (mut config, file_keys) = match (config_file, preset, resume) {
+        (Some(file), _, _) => RunConfig::from_toml_file_and_keys(file, preset)?,
+        (None, Some(name), _) => (RunConfig::preset(name)?, Vec::new()),
+        (None, None, Some(checkpoint)) => (checkpoint.sidecar.config.clone(), Vec::new()),
+        (None, None, None) => (RunConfig::preset("tiny")?, Vec::new()),
     };
-    let before_flags = config.clone();
     overrides.apply(&mut config);
-    if let Err(error) = check(&config) {
-        // A value the file holds, not one a flag gave: name the file.
-        let same = |e: anyhow::Error| e.to_string() == error.to_string();
-        if let Some(file) = config_file.filter(|_| check(&before_flags).is_err_and(same)) {
-            return Err(error.context(format!("in config file {}", file.display())));
+    let Err(error) = check(&config) else {
+        return Ok(config);
+    };
+    // Name the file when it gave one of the values the check refused (and no flag replaced it).
+    let from_file = |key: &str| file_keys.iter().any(|k| k == key) && !overrides.sets(key);
+    match config_file {
+        Some(file) if error.keys().into_iter().any(from_file) => {
+            Err(anyhow::Error::new(error).context(format!("in config file {}", file.display())))
         }
-        return Err(error);
+        _ => Err(error.into()),
     }
-    Ok(config)
 }
 
 pub struct TrainArgs {
@@ -105,11 +122,12 @@ pub fn train(args: TrainArgs) -> Result<bool> {
             }
         }
         // With --config or --preset (--resume auto), those give the settings, not the file.
-        let from_run_dir = args.config_file.is_none() && args.preset.is_none();
-        if let Some(note) = crate::run_dir::unread_config_note(&run_dir, &checkpoint.sidecar.config)
-            .filter(|_| from_run_dir)
-        {
-            tracing::info!("note: {note}");
+        if args.config_file.is_none() && args.preset.is_none() {
+            if let Some(note) =
+                crate::run_dir::unread_config_note(&run_dir, &checkpoint.sidecar.config)
+            {
+                tracing::info!("note: {note}");
+            }
         }
     }
     let launch = crate::distributed::Launch::from_env()?;
@@ -747,6 +765,36 @@ pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The configuration keys that `ddpm bench` takes as flags: the network, and what the step
+/// runs with.
+#[derive(Clone, Debug, Default)]
+pub struct BenchKeys;
+
+impl FlagSet for BenchKeys {
+    fn flags() -> Vec<Flag> {
+        let keys = [
+            "model.channels",
+            "model.channel_mult",
+            "model.num_res_blocks",
+            "model.attention_resolutions",
+            "model.dropout",
+            "model.image_size",
+            "model.in_channels",
+            "train.precision",
+            "train.channels_last",
+            "train.cuda_graph",
+            "train.fused_norm_silu",
+        ];
+        keys.into_iter()
+            .map(|key| match key {
+                "model.image_size" => Flag::of(key).named("size"),
+                "train.channels_last" => Flag::of(key).switch(),
+                _ => Flag::of(key),
+            })
+            .collect()
+    }
+}
+
 /// What `ddpm bench` measures and on which network; unset fields keep the preset's values.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
@@ -759,27 +807,10 @@ pub struct BenchArgs {
     #[arg(long, default_value = "cifar10", value_parser = clap::builder::PossibleValuesParser::new(crate::config::PRESETS))]
     pub preset: String,
     #[command(flatten)]
-    pub network: crate::config::NetworkArgs,
-    /// Image size, N or HxW
-    #[arg(long)]
-    pub size: Option<crate::config::ImageSize>,
-    /// Image channels
-    #[arg(long = "channels")]
-    pub in_channels: Option<i64>,
+    pub keys: KeyFlags<BenchKeys>,
     /// Images per step (training) or per forward pass (sampling)
     #[arg(long, value_parser = crate::config::positive_count::<usize>)]
     pub batch: Option<usize>,
-    #[arg(long, value_enum)]
-    pub precision: Option<crate::config::Precision>,
-    /// Channels-last memory order for weights and activations
-    #[arg(long)]
-    pub channels_last: bool,
-    /// Replay the forward and backward pass as a CUDA graph (training); alone: true [default: auto]
-    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "true")]
-    pub cuda_graph: Option<crate::config::Lever>,
-    /// One fused kernel per GroupNorm+SiLU; alone: true [default: auto]
-    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "true")]
-    pub fused_norm_silu: Option<crate::config::Lever>,
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Untimed steps first
@@ -812,26 +843,9 @@ pub struct BenchArgs {
 /// Runs a benchmark and returns its `RESULT` line.
 pub fn bench(args: BenchArgs) -> Result<String> {
     let mut config = RunConfig::preset(&args.preset)?;
-    let m = &mut config.model;
-    args.network.apply(m);
-    if let Some(v) = args.size {
-        m.image_size = v;
-    }
-    if let Some(v) = args.in_channels {
-        m.in_channels = v;
-    }
+    args.keys.apply(&mut config);
     if let Some(v) = args.batch {
         config.train.batch = v;
-    }
-    if let Some(v) = args.precision {
-        config.train.precision = v;
-    }
-    config.train.channels_last |= args.channels_last;
-    if let Some(lever) = args.cuda_graph {
-        config.train.cuda_graph = lever;
-    }
-    if let Some(lever) = args.fused_norm_silu {
-        config.train.fused_norm_silu = lever;
     }
     config.train.device = args.device.clone();
     config.sample.steps = args.sample_steps;
@@ -892,4 +906,33 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     Ok(crate::bench::result_line(
         &args.what, &config, device, &result,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_value_names_the_config_file_only_when_the_file_gave_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "[train]\nbatch = 0\n[diffusion]\ntimesteps = 50\n").unwrap();
+        let refused = |flags: &[&str]| {
+            let overrides = Overrides::from_flags(flags).unwrap();
+            let error = resolve_config(None, Some(&file), None, &overrides).unwrap_err();
+            format!("{error:#}")
+        };
+        let named = |e: &str| e.contains("in config file") && e.contains("run.toml");
+        let e = refused(&[]);
+        assert!(named(&e) && e.contains("`train.batch`: 0"), "{e}");
+        // A flag's value: the file is not named.
+        let e = refused(&["--batch", "4", "--lr", "2"]);
+        assert!(!named(&e) && e.contains("`train.lr`: 2"), "{e}");
+        // A flag's value refused for a value the file gave: both are named.
+        let e = refused(&["--batch", "4", "--sample-steps", "100"]);
+        assert!(named(&e) && e.contains("diffusion.timesteps = 50"), "{e}");
+        // The file's value replaced by a flag's.
+        let e = refused(&["--batch", "4", "--timesteps", "1"]);
+        assert!(!named(&e) && e.contains("`diffusion.timesteps`: 1"), "{e}");
+    }
 }

@@ -30,7 +30,7 @@ enum Command {
         /// Preset: cifar10, mnist or tiny [default: tiny, or the config file's `preset`]
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
         preset: Option<String>,
-        /// TOML configuration file (keys documented in the README); flags override it
+        /// TOML configuration file (keys documented in docs/configuration.md); flags override it
         #[arg(long)]
         config: Option<PathBuf>,
         /// Run directory [default: runs/<preset>, or the resumed run's]

@@ -72,6 +72,8 @@ impl RunDir {
         checkpoint::write_atomic(&root.join("config.toml"), config.to_toml().as_bytes())?;
         let (metrics, history) = continue_metrics(&root.join("metrics.jsonl"), step)?;
         drop_grids_after(root, step)?;
+        let saved = checkpoint::sidecar_path(&root.join("checkpoints"), step).is_file();
+        CHECKPOINT_ON_DISK.store(has_checkpoints(root)?, Ordering::SeqCst);
         let dir = RunDir {
             root: root.to_path_buf(),
             writer: Some(Writer {
@@ -79,11 +81,9 @@ impl RunDir {
                 metrics,
             }),
             config: config.clone(),
-            saved_step: None,
+            saved_step: saved.then_some(step),
         };
-        let saved_step = Some(step).filter(|&s| dir.checkpoint_path(s).is_file());
-        CHECKPOINT_ON_DISK.store(has_checkpoints(root)?, Ordering::SeqCst);
-        Ok((RunDir { saved_step, ..dir }, history))
+        Ok((dir, history))
     }
 
     /// The run directory as a rank other than 0 sees it: nothing is written.

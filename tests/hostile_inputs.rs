@@ -131,3 +131,23 @@ fn fid_checks_every_input_before_sampling() {
         "{log}"
     );
 }
+
+#[test]
+fn a_data_path_that_is_not_utf8_is_refused_naming_the_flag() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(["train", "--data"])
+        .arg(std::ffi::OsStr::from_bytes(b"im\xffges"))
+        .args(["--out", "run"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("--data im") && log.contains("not valid UTF-8"),
+        "{log}"
+    );
+    assert!(!dir.path().join("run").exists());
+}

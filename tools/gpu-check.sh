@@ -10,7 +10,7 @@
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 2   # the levers one by one, channels-last, sampling
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 3   # a short `ddpm train` with a resume
 # or all three at once (about ten minutes): OUT=/tmp/out bash .gpu/gpu-check.sh
-# Back here, the README's tables: python3 tools/gpu_table.py /tmp/out/summary.txt
+# Back here, the tables of docs/results.md: python3 tools/gpu_table.py /tmp/out/summary.txt
 set -uo pipefail
 part=${1:-all}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns the RESULT lines of tools/gpu-check.sh (summary.txt) into the README's Markdown tables:
+"""Turns the RESULT lines of tools/gpu-check.sh (summary.txt) into the Markdown tables of docs/results.md:
 training and sampling, each row with img/s, ms per step, peak memory and the ratio to PyTorch's
 eager f32+TF32 step (training) or PyTorch's DDIM loop (sampling), and, for training, to PyTorch
 bf16 + torch.compile. Usage: python3 tools/gpu_table.py summary.txt"""

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tch::Device;
 
-use super::policy::{self, Signals, Stop};
+use super::policy::{Signals, Stop};
 use super::step::Trainer;
 use crate::config::RunConfig;
 use crate::data::{self, Dataset, Position};
@@ -136,7 +136,9 @@ impl Jobs {
 /// non-finite steps that follow lead to a rollback to an earlier checkpoint.
 fn periodic_checkpoint(trainer: &Trainer, run: &mut RunDir, position: Position) -> Result<()> {
     match trainer.weights_are_finite() {
-        true => policy::save(trainer, run, position).map(drop),
+        true => run
+            .save_checkpoint(&trainer.state_tensors(), trainer.step, position)
+            .map(drop),
         false => {
             tracing::warn!(
                 "the weights are not finite at step {}: no checkpoint written",

@@ -25,11 +25,24 @@ pub enum Stop {
     Abandoned(anyhow::Error),
 }
 
+impl Stop {
+    /// A failure after which the state of the last step is saved (unless a signal was its
+    /// cause): the loop marks these where they can happen.
+    pub fn failed(error: anyhow::Error) -> Self {
+        match error.is::<crate::Interrupted>() {
+            true => Stop::Interrupted,
+            false => Stop::Failed(error),
+        }
+    }
+}
+
+/// Any other error stops the run without a save (setting it up, a periodic checkpoint that
+/// cannot be written, a rollback), unless a signal was its cause.
 impl From<anyhow::Error> for Stop {
     fn from(error: anyhow::Error) -> Self {
         match error.is::<crate::Interrupted>() {
             true => Stop::Interrupted,
-            false => Stop::Failed(error),
+            false => Stop::Abandoned(error),
         }
     }
 }
@@ -78,7 +91,7 @@ impl Signals {
     /// as interrupted (its step is saved already, or is by the boundary).
     pub fn outcome<T>(&self, result: Result<T>) -> Result<T, Stop> {
         self.check()?;
-        result.map_err(Stop::from)
+        result.map_err(Stop::failed)
     }
 }
 
@@ -141,9 +154,6 @@ impl Rollbacks {
 /// step, but an update can still overflow: a checkpoint must hold usable weights, as resumes and
 /// rollbacks trust it.
 pub fn save(trainer: &Trainer, run: &mut RunDir, position: Position) -> Result<Option<PathBuf>> {
-    if !run.writes() {
-        return Ok(None);
-    }
     if !trainer.weights_are_finite() {
         bail!(
             "the weights are not finite at step {}: not saved as a checkpoint (lower --lr)",
@@ -236,7 +246,7 @@ impl FailureBoundary {
     ) -> Result<RunSummary> {
         let step = trainer.step;
         let path = match run.saved_step() == Some(step) {
-            true => Some(run.checkpoint_path(step)).filter(|_| run.writes()),
+            true => Some(run.checkpoint_path(step)),
             false if step == 0 => None,
             false => save(trainer, run, position)?,
         };

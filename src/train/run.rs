@@ -89,7 +89,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     let signals = Signals::new(interrupt.unwrap_or_default(), trainer.group().is_some());
     let mut monitor = Monitor::new(
         trainer.step,
-        config.train.steps,
+        stop,
         history.seconds,
         &history.losses,
         !leader,
@@ -128,11 +128,13 @@ fn train_until(
     let mut window = Window::new();
     while trainer.step < stop {
         let waiting = Instant::now();
-        let x0 = data::to_model_space(&loader.next_batch()?, trainer.device);
+        let batch = loader.next_batch().map_err(Stop::failed)?;
+        let x0 = data::to_model_space(&batch, trainer.device);
         window.data_wait += waiting.elapsed().as_secs_f64();
         // A failure before the update (out of device memory, a lost rank) leaves the state of
         // the step before, which the boundary saves; one during the update leaves none to save.
-        let loss = crate::catch_panics(|| trainer.accumulate_gradients(&x0))?;
+        let loss =
+            crate::catch_panics(|| trainer.accumulate_gradients(&x0)).map_err(Stop::failed)?;
         let out = trainer.apply_gradients(loss).map_err(Stop::Abandoned)?;
         *position = loader.position();
         window.images += config.train.batch;
@@ -140,12 +142,15 @@ fn train_until(
         let logged = trainer.step.is_multiple_of(config.train.log_every) || trainer.step == stop;
         if logged {
             let record = window.record(trainer, &out, position.epoch, monitor.seconds())?;
-            run.append_metrics(&record)?;
+            run.append_metrics(&record).map_err(Stop::failed)?;
             monitor.show(&record);
             window = Window::new();
         }
         // After the step's metrics line, which a resume from its checkpoint keeps.
-        if signals.stop_after_step(trainer, logged)? {
+        if signals
+            .stop_after_step(trainer, logged)
+            .map_err(Stop::failed)?
+        {
             return Err(Stop::Interrupted);
         }
         if logged && rollbacks.due(trainer) {
@@ -159,7 +164,9 @@ fn train_until(
     }
     policy::save(trainer, run, *position).map_err(Stop::Abandoned)?;
     let grid = jobs.final_grid(trainer, run, signals)?;
-    warn_of_skips(dataset, trainer);
+    if run.writes() {
+        warn_of_skips(dataset, trainer);
+    }
     Ok(grid)
 }
 
