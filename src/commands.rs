@@ -294,6 +294,45 @@ pub struct SampleSettings {
     pub eta: Option<f64>,
 }
 
+impl SampleSettings {
+    /// The checkpoint's `[sample]` section with these flags, checked against its configuration
+    /// (a note says which flags DDPM ignores).
+    fn resolve(&self, config: &RunConfig) -> Result<SampleConfig> {
+        let mut settings: SampleConfig = config.sample.clone();
+        if let Some(s) = self.sampler {
+            settings.sampler = s;
+        }
+        if let Some(s) = self.steps {
+            settings.steps = s;
+        }
+        if let Some(e) = self.eta {
+            settings.eta = e;
+        }
+        let mut checked = config.clone();
+        checked.sample = settings.clone();
+        checked
+            .validate()
+            .context("the sampling settings (--steps, --eta) for this checkpoint")?;
+        if settings.sampler == crate::config::SamplerKind::Ddpm {
+            let ignored: Vec<&str> = [
+                (self.eta.is_some(), "--eta"),
+                (self.steps.is_some(), "--steps"),
+            ]
+            .into_iter()
+            .filter_map(|(given, flag)| given.then_some(flag))
+            .collect();
+            if !ignored.is_empty() {
+                tracing::info!(
+                    "note: {} applies to DDIM; the DDPM sampler takes all {} steps",
+                    ignored.join(" and "),
+                    config.diffusion.timesteps
+                );
+            }
+        }
+        Ok(settings)
+    }
+}
+
 pub fn sample(args: SampleArgs) -> Result<()> {
     if args.grid.is_none() && args.folder.is_none() && args.animation.is_none() {
         bail!("say where the samples go: --out grid.png, --out-dir FOLDER or --animate trajectory.gif");
@@ -301,37 +340,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let device = crate::device::resolve(&args.device)?;
     let checkpoint = open_checkpoint(&args.checkpoint)?;
     let config = &checkpoint.sidecar.config;
-    let mut settings: SampleConfig = config.sample.clone();
-    if let Some(s) = args.settings.sampler {
-        settings.sampler = s;
-    }
-    if let Some(s) = args.settings.steps {
-        settings.steps = s;
-    }
-    if let Some(e) = args.settings.eta {
-        settings.eta = e;
-    }
-    let mut checked = config.clone();
-    checked.sample = settings.clone();
-    checked
-        .validate()
-        .context("the sampling settings (--steps, --eta) for this checkpoint")?;
-    if settings.sampler == crate::config::SamplerKind::Ddpm {
-        let ignored: Vec<&str> = [
-            (args.settings.eta.is_some(), "--eta"),
-            (args.settings.steps.is_some(), "--steps"),
-        ]
-        .into_iter()
-        .filter_map(|(given, flag)| given.then_some(flag))
-        .collect();
-        if !ignored.is_empty() {
-            tracing::info!(
-                "note: {} applies to DDIM; the DDPM sampler takes all {} steps",
-                ignored.join(" and "),
-                config.diffusion.timesteps
-            );
-        }
-    }
+    let settings = args.settings.resolve(config)?;
     // Before sampling, which may take long: the destinations can be written.
     if let Some(grid) = &args.grid {
         check_output_file(grid, "png", "--out")?;

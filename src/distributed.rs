@@ -3,6 +3,7 @@
 //! `csrc/distributed.cpp`) that averages gradients and hands rank 0's state to the others.
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CString};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,6 +342,43 @@ impl Drop for ProcessGroup {
     }
 }
 
+/// Starts `nproc` processes of `exe args`, each told its rank as torchrun tells it.
+fn spawn_ranks(
+    exe: &Path,
+    args: &[String],
+    nproc: usize,
+    port: u16,
+    threads: &str,
+    timeout: Option<u64>,
+) -> Result<Ranks> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+    let mut children = Ranks(Vec::with_capacity(nproc));
+    for rank in 0..nproc {
+        let mut command = Command::new(&exe);
+        command
+            .args(args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", nproc.to_string())
+            .env("LOCAL_WORLD_SIZE", nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("OMP_NUM_THREADS", threads)
+            .process_group(0);
+        if let Some(seconds) = timeout {
+            command.env("DDPM_DIST_TIMEOUT", seconds.to_string());
+        }
+        stop_with_the_launcher(&mut command);
+        children.0.push(
+            command
+                .spawn()
+                .with_context(|| format!("cannot start rank {rank}"))?,
+        );
+    }
+    Ok(children)
+}
+
 /// `ddpm launch`: runs `args` (a ddpm command line) as `nproc` ranks on this machine, with the
 /// torchrun environment; returns the exit code. When a rank fails, the others are given
 /// `grace` to stop on their own (they see the lost peer within their collective timeout) and
@@ -354,8 +392,6 @@ pub fn launch_local(
     args: &[String],
     grace: Duration,
 ) -> Result<i32> {
-    use std::os::unix::process::CommandExt;
-    use std::process::Command;
     use std::sync::atomic::{AtomicBool, Ordering};
     if nproc == 0 {
         bail!("--nproc must be at least 1");
@@ -381,29 +417,7 @@ pub fn launch_local(
     for (signal, flag) in &signals {
         signal_hook::flag::register(*signal, flag.clone())?;
     }
-    let mut children = Ranks(Vec::with_capacity(nproc));
-    for rank in 0..nproc {
-        let mut command = Command::new(&exe);
-        command
-            .args(args)
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", nproc.to_string())
-            .env("LOCAL_WORLD_SIZE", nproc.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("OMP_NUM_THREADS", &threads)
-            .process_group(0);
-        if let Some(seconds) = timeout {
-            command.env("DDPM_DIST_TIMEOUT", seconds.to_string());
-        }
-        stop_with_the_launcher(&mut command);
-        children.0.push(
-            command
-                .spawn()
-                .with_context(|| format!("cannot start rank {rank}"))?,
-        );
-    }
+    let mut children = spawn_ranks(&exe, args, nproc, port, &threads, timeout)?;
     let mut codes: Vec<Option<i32>> = vec![None; nproc];
     let mut failed_at: Option<std::time::Instant> = None;
     let mut interrupted = false;

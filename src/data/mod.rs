@@ -190,6 +190,33 @@ impl Dataset {
 /// Loads `path` (None: the bundled set) at the requested channels and size: record formats and
 /// cached folders are decoded into memory now, other folders when batches are read.
 pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
+    let format = resolve_format(path, options)?;
+    match (format, path) {
+        (DataFormat::Bundled, _) => {
+            let name = Path::new("bundled MNIST");
+            let records =
+                formats::parse_idx_images(formats::gunzip(formats::BUNDLED_IMAGES, name)?, name)?;
+            from_records(records, "the bundled MNIST digits".into(), options)
+        }
+        (DataFormat::Idx, Some(path)) => {
+            let (records, description) = read_idx(path, options.split)?;
+            from_records(records, description, options)
+        }
+        (DataFormat::Cifar10 | DataFormat::Cifar100, Some(dir)) => {
+            let variant = match format {
+                DataFormat::Cifar10 => Cifar::Ten,
+                _ => Cifar::Hundred,
+            };
+            let (records, description) = read_cifar(dir, variant, options.split)?;
+            from_records(records, description, options)
+        }
+        (DataFormat::Folder, Some(dir)) => load_folder(dir, options),
+        _ => unreachable!("resolve_format gives a path to every format but the bundled one"),
+    }
+}
+
+/// The format to read: the one asked for, or the one the files found tell.
+fn resolve_format(path: Option<&Path>, options: &LoadOptions) -> Result<DataFormat> {
     let format = match (path, options.format) {
         (None, DataFormat::Auto | DataFormat::Bundled) => DataFormat::Bundled,
         (None, format) => bail!(
@@ -210,133 +237,142 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             path.map_or("the bundled set".into(), |p| p.display().to_string())
         );
     }
-    let shape = options.shape();
-    let workers = worker_count(options.workers);
-    let dataset = |images, description: String, skipped_at_load| Dataset {
-        images,
-        shape,
-        description,
-        strict: options.strict,
-        unreadable: Mutex::default(),
-        skipped_at_load,
-    };
-    let records = |records: Records, description: String| {
-        if records.pixels.is_empty() {
-            bail!("the dataset {description} holds no images");
+    Ok(format)
+}
+
+impl Dataset {
+    fn new(images: Images, description: String, options: &LoadOptions, skipped: usize) -> Self {
+        Dataset {
+            images,
+            shape: options.shape(),
+            description,
+            strict: options.strict,
+            unreadable: Mutex::default(),
+            skipped_at_load: skipped,
         }
-        if records.shape.channels == 3 && shape.channels == 1 {
-            note_grayscale(&description);
-        }
-        let pixels = if records.shape == shape {
-            records.pixels
-        } else {
-            check_fits_in_memory(records.len(), shape, &description)?;
-            decode_all(records.len(), shape, workers, |i, dst| {
-                records.fit_into(i, shape, dst);
-                Ok(())
-            })
-            .0
-        };
-        Ok(dataset(Images::Decoded(pixels), description, 0))
-    };
-    match format {
-        DataFormat::Bundled => {
-            let name = Path::new("bundled MNIST");
-            records(
-                formats::parse_idx_images(formats::gunzip(formats::BUNDLED_IMAGES, name)?, name)?,
-                "the bundled MNIST digits".into(),
-            )
-        }
-        DataFormat::Idx => {
-            let files = formats::idx_files(path.unwrap(), options.split)?;
-            let mut all: Option<Records> = None;
-            for file in &files {
-                let part = formats::parse_idx_images(formats::read_maybe_gz(file)?, file)?;
-                match &mut all {
-                    None => all = Some(part),
-                    Some(all) if all.shape == part.shape => all.pixels.extend(part.pixels),
-                    Some(all) => bail!(
-                        "{} holds {}×{} images, unlike the {}×{} of {}",
-                        file.display(),
-                        part.shape.height,
-                        part.shape.width,
-                        all.shape.height,
-                        all.shape.width,
-                        files[0].display()
-                    ),
-                }
-            }
-            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-            records(
-                all.expect("idx_files names at least one file"),
-                format!("IDX images {}", names.join(" + ")),
-            )
-        }
-        DataFormat::Cifar10 | DataFormat::Cifar100 => {
-            let dir = path.unwrap();
-            let variant = if format == DataFormat::Cifar10 {
-                Cifar::Ten
-            } else {
-                Cifar::Hundred
-            };
-            let mut pixels = Vec::new();
-            for file in formats::cifar_files(dir, variant, options.split)? {
-                let bytes = std::fs::read(&file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
-                formats::parse_cifar(&bytes, &file, variant, &mut pixels)?;
-            }
-            let description = format!(
-                "{} binaries ({} split) in {}",
-                variant.name(),
-                options.split,
-                dir.display()
-            );
-            let shape = formats::CIFAR_SHAPE;
-            records(Records { pixels, shape }, description)
-        }
-        DataFormat::Folder => {
-            let dir = path.unwrap();
-            let files = formats::image_files(dir)?;
-            let description = format!("image folder {}", dir.display());
-            if shape.channels == 1 && formats::any_colour(&files) {
-                note_grayscale(&description);
-            }
-            if !should_cache(options.cache, files.len(), shape) {
-                return Ok(dataset(Images::Files(files), description, 0));
-            }
-            check_fits_in_memory(files.len(), shape, &description)?;
-            let (pixels, failed) = decode_all(files.len(), shape, workers, |i, dst| {
-                formats::decode_into(&files[i], shape, dst)
-            });
-            if let Some((i, why)) = failed.first().filter(|_| options.strict) {
-                bail!(
-                    "cannot decode {}: {why} (--strict-data)",
-                    files[*i].display()
-                );
-            }
-            for (i, why) in &failed {
-                tracing::warn!("skipping {}: {why}", files[*i].display());
-            }
-            if failed.len() == files.len() {
-                bail!(
-                    "none of the {} image files in {} could be decoded",
-                    files.len(),
-                    dir.display()
-                );
-            }
-            if !failed.is_empty() {
-                tracing::warn!(
-                    "skipped {} unreadable file(s) of {} in {}",
-                    failed.len(),
-                    files.len(),
-                    dir.display()
-                );
-            }
-            let pixels = substitute_failed(pixels, shape.bytes(), &failed);
-            Ok(dataset(Images::Decoded(pixels), description, failed.len()))
-        }
-        DataFormat::Auto => unreachable!("resolved above"),
     }
+}
+
+/// A dataset of decoded records, fitted to the requested shape.
+fn from_records(records: Records, description: String, options: &LoadOptions) -> Result<Dataset> {
+    let shape = options.shape();
+    if records.pixels.is_empty() {
+        bail!("the dataset {description} holds no images");
+    }
+    if records.shape.channels == 3 && shape.channels == 1 {
+        note_grayscale(&description);
+    }
+    let pixels = if records.shape == shape {
+        records.pixels
+    } else {
+        check_fits_in_memory(records.len(), shape, &description)?;
+        let workers = worker_count(options.workers);
+        decode_all(records.len(), shape, workers, |i, dst| {
+            records.fit_into(i, shape, dst);
+            Ok(())
+        })
+        .0
+    };
+    Ok(Dataset::new(
+        Images::Decoded(pixels),
+        description,
+        options,
+        0,
+    ))
+}
+
+/// The images of a file or folder of IDX files (one split), all of one size.
+fn read_idx(path: &Path, split: Split) -> Result<(Records, String)> {
+    let files = formats::idx_files(path, split)?;
+    let mut all: Option<Records> = None;
+    for file in &files {
+        let part = formats::parse_idx_images(formats::read_maybe_gz(file)?, file)?;
+        match &mut all {
+            None => all = Some(part),
+            Some(all) if all.shape == part.shape => all.pixels.extend(part.pixels),
+            Some(all) => bail!(
+                "{} holds {}×{} images, unlike the {}×{} of {}",
+                file.display(),
+                part.shape.height,
+                part.shape.width,
+                all.shape.height,
+                all.shape.width,
+                files[0].display()
+            ),
+        }
+    }
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    Ok((
+        all.expect("idx_files names at least one file"),
+        format!("IDX images {}", names.join(" + ")),
+    ))
+}
+
+/// The images of a folder of CIFAR binaries (one split).
+fn read_cifar(dir: &Path, variant: Cifar, split: Split) -> Result<(Records, String)> {
+    let mut pixels = Vec::new();
+    for file in formats::cifar_files(dir, variant, split)? {
+        let bytes =
+            std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        formats::parse_cifar(&bytes, &file, variant, &mut pixels)?;
+    }
+    let description = format!(
+        "{} binaries ({split} split) in {}",
+        variant.name(),
+        dir.display()
+    );
+    let shape = formats::CIFAR_SHAPE;
+    Ok((Records { pixels, shape }, description))
+}
+
+/// A folder of images: decoded now when cached, else as batches are read. Unreadable files are
+/// skipped with a warning (their places show others), or stop the load when strict.
+fn load_folder(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
+    let shape = options.shape();
+    let files = formats::image_files(dir)?;
+    let description = format!("image folder {}", dir.display());
+    if shape.channels == 1 && formats::any_colour(&files) {
+        note_grayscale(&description);
+    }
+    if !should_cache(options.cache, files.len(), shape) {
+        return Ok(Dataset::new(Images::Files(files), description, options, 0));
+    }
+    check_fits_in_memory(files.len(), shape, &description)?;
+    let workers = worker_count(options.workers);
+    let (pixels, failed) = decode_all(files.len(), shape, workers, |i, dst| {
+        formats::decode_into(&files[i], shape, dst)
+    });
+    if let Some((i, why)) = failed.first().filter(|_| options.strict) {
+        bail!(
+            "cannot decode {}: {why} (--strict-data)",
+            files[*i].display()
+        );
+    }
+    for (i, why) in &failed {
+        tracing::warn!("skipping {}: {why}", files[*i].display());
+    }
+    if failed.len() == files.len() {
+        bail!(
+            "none of the {} image files in {} could be decoded",
+            files.len(),
+            dir.display()
+        );
+    }
+    if !failed.is_empty() {
+        tracing::warn!(
+            "skipped {} unreadable file(s) of {} in {}",
+            failed.len(),
+            files.len(),
+            dir.display()
+        );
+    }
+    let pixels = substitute_failed(pixels, shape.bytes(), &failed);
+    Ok(Dataset::new(
+        Images::Decoded(pixels),
+        description,
+        options,
+        failed.len(),
+    ))
 }
 
 fn note_grayscale(description: &str) {
