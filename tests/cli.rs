@@ -717,20 +717,7 @@ fn resume_never_overwrites_checkpoints_nor_changes_the_network() {
 fn sample_checks_its_flags_and_destinations_before_sampling() {
     let dir = tempfile::tempdir().unwrap();
     let config = "[model]\nchannels = 16\nimage_size = 8\n[train]\nbatch = 8\ndevice = \"cpu\"\n[sample]\nnum = 4\nsteps = 2\nevery = 0\n";
-    std::fs::write(dir.path().join("small.toml"), config).unwrap();
-    let out = ddpm(
-        &[
-            "train",
-            "--config",
-            "small.toml",
-            "--steps",
-            "1",
-            "--out",
-            "r",
-        ],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    common::one_step_run(config, "r", dir.path());
     let sample = |extra: &[&str]| {
         let args = [&["sample", "--checkpoint", "r", "--device", "cpu"], extra].concat();
         ddpm(&args, dir.path())

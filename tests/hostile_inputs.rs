@@ -3,7 +3,7 @@
 use std::path::Path;
 
 mod common;
-use common::{ddpm, ddpm_within, stderr};
+use common::{ddpm, ddpm_within, one_step_run, stderr};
 
 /// A folder of 12 small colour images.
 fn image_folder(dir: &Path) -> std::path::PathBuf {
@@ -93,22 +93,7 @@ fn devices_fifos_and_oversized_files_in_a_data_folder_are_skipped_not_read() {
 #[test]
 fn fid_checks_every_input_before_sampling() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("small.toml"), SMALL).unwrap();
-    let out = ddpm(
-        &[
-            "train",
-            "--config",
-            "small.toml",
-            "--steps",
-            "1",
-            "--sample-every",
-            "0",
-            "--out",
-            "run",
-        ],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    one_step_run(SMALL, "run", dir.path());
     // 10,000 samples by default: minutes on this CPU if they came before the checks.
     let out = ddpm_within(
         &["fid", "--fake", "run", "--real", "missing"],

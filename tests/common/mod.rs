@@ -19,6 +19,24 @@ pub fn ddpm_ok(args: &[&str], cwd: &Path) -> Output {
     out
 }
 
+/// A one-step run in `cwd/out` from the TOML `config` (written as `small.toml`), to sample or
+/// score; fails the test unless it trains.
+pub fn one_step_run(config: &str, out: &str, cwd: &Path) {
+    std::fs::write(cwd.join("small.toml"), config).unwrap();
+    let args = [
+        "train",
+        "--config",
+        "small.toml",
+        "--steps",
+        "1",
+        "--sample-every",
+        "0",
+        "--out",
+        out,
+    ];
+    ddpm_ok(&args, cwd);
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
