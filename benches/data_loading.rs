@@ -71,6 +71,7 @@ fn measure(
         split: Split::Train,
         cache: DataCache::Off,
         workers,
+        cifar100_labels: Default::default(),
     };
     let loader = LoaderOptions {
         batch: 128,

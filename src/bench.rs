@@ -41,13 +41,13 @@ pub fn train_step(
     tch::manual_seed(0);
     let x0 = Tensor::rand(m.batch_shape(config.train.batch), (Kind::Float, device)) * 2.0 - 1.0;
     for _ in 0..warmup {
-        trainer.step(&x0)?.loss.double_value(&[]);
+        trainer.step(&x0, None)?.loss.double_value(&[]);
     }
     crate::device::synchronize(device);
     let started = Instant::now();
     let mut last = None;
     for _ in 0..steps {
-        last = Some(trainer.step(&x0)?.loss);
+        last = Some(trainer.step(&x0, None)?.loss);
     }
     let final_loss = last.map(|l| l.double_value(&[])); // waits for the queued work
     crate::device::synchronize(device);
@@ -87,6 +87,7 @@ pub fn sampling(
             ..settings.clone()
         },
         m.batch_shape(batch.min(num)),
+        None,
         0,
         device,
         batch,
@@ -100,6 +101,7 @@ pub fn sampling(
         &denoiser,
         &settings,
         m.batch_shape(num),
+        None,
         0,
         device,
         batch,
@@ -155,7 +157,7 @@ pub fn data(
     let mut waits = Vec::with_capacity(batches);
     for _ in 0..batches {
         let waiting = Instant::now();
-        let images = batches_of.next_batch()?;
+        let images = batches_of.next_batch()?.images;
         waits.push(waiting.elapsed().as_secs_f64());
         let _ = crate::data::augment(
             &crate::data::to_model_space(&images, Device::Cpu),
@@ -232,7 +234,7 @@ mod tests {
         tch::manual_seed(0);
         let x0 = Tensor::rand(c.model.batch_shape(4), (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
         let losses: Vec<f64> = (0..3)
-            .map(|_| trainer.step(&x0).unwrap().loss.double_value(&[]))
+            .map(|_| trainer.step(&x0, None).unwrap().loss.double_value(&[]))
             .collect();
         assert_eq!(r.final_loss, Some(losses[2]));
         assert_eq!(r.parameters, parameter_count(&trainer.vs));

@@ -35,6 +35,9 @@ pub struct Sidecar {
     /// File name of the weights file, beside the sidecar.
     pub tensors_file: String,
     pub tensors_sha256: String,
+    /// The names of the classes of a class-conditional model, by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
     /// SHA-256 of the sidecar's own JSON without this field, so that an edited or damaged
     /// sidecar is found out. Absent from checkpoints of earlier versions, read unchecked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +56,19 @@ fn contents_sha256(sidecar: &serde_json::Value) -> String {
 }
 
 impl Sidecar {
+    /// The class names of the checkpoint's model, by id: those recorded, numbers for the rest.
+    pub fn class_names(&self) -> Vec<String> {
+        let count = self.config.model.num_classes.resolved();
+        (0..count)
+            .map(|i| {
+                self.classes
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| i.to_string())
+            })
+            .collect()
+    }
+
     /// Fails when the sidecar (`json`, as read from `path`) is not as written: its checksum
     /// differs from its contents, or its data position lies outside the data it records.
     fn check_intact(&self, json: &serde_json::Value, path: &Path) -> Result<()> {
@@ -185,14 +201,15 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Saves a checkpoint into `dir` and removes all but the newest `checkpoint.keep` that are not
-/// pinned.
+/// Saves a checkpoint (of a model of the classes `classes`) into `dir` and removes all but the
+/// newest `checkpoint.keep` that are not pinned.
 pub fn save(
     dir: &Path,
     tensors: &[(String, Tensor)],
     step: u64,
     position: Position,
     config: &RunConfig,
+    classes: &[String],
 ) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
@@ -211,6 +228,7 @@ pub fn save(
             .map_or(0, |d| d.as_secs()),
         tensors_file,
         tensors_sha256: sha256_hex(&bytes),
+        classes: classes.to_vec(),
         sidecar_sha256: None,
     };
     let sidecar = Sidecar {
@@ -505,6 +523,7 @@ mod tests {
                 images: Some(50),
             },
             &config,
+            &[],
         )
         .unwrap();
         let loaded = Checkpoint::load(&path).unwrap();
@@ -534,7 +553,7 @@ mod tests {
             index: 64,
             images: Some(5000),
         };
-        let path = save(dir.path(), &sample_tensors(), 3, position, &config).unwrap();
+        let path = save(dir.path(), &sample_tensors(), 3, position, &config, &[]).unwrap();
         let text = fs::read_to_string(&path).unwrap();
         let edit = |from: &str, to: &str| {
             assert!(text.contains(from), "{from}: {text}");
@@ -579,6 +598,7 @@ mod tests {
                 step,
                 Position::default(),
                 &config,
+                &[],
             )
             .unwrap();
         }
@@ -610,6 +630,7 @@ mod tests {
                 step,
                 Position::default(),
                 config,
+                &[],
             )
             .unwrap()
         };
@@ -703,14 +724,14 @@ mod tests {
             "w".to_string(),
             Tensor::ones([1000], (Kind::Float, Device::Cpu)),
         )];
-        let first = save(disk.0.path(), &small, 1, Position::default(), &config).unwrap();
+        let first = save(disk.0.path(), &small, 1, Position::default(), &config, &[]).unwrap();
         let big = vec![(
             "w".to_string(),
             Tensor::ones([100_000], (Kind::Float, Device::Cpu)),
         )];
         let err = format!(
             "{:#}",
-            save(disk.0.path(), &big, 2, Position::default(), &config).unwrap_err()
+            save(disk.0.path(), &big, 2, Position::default(), &config, &[]).unwrap_err()
         );
         assert!(err.contains("step-00000002.safetensors"), "{err}");
         let back = Checkpoint::load(disk.0.path()).unwrap();

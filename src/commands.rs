@@ -283,6 +283,8 @@ pub struct SampleArgs {
     pub folder: Option<PathBuf>,
     /// An animated GIF of the denoising trajectory (x_T … x_0) of the first batch.
     pub animation: Option<PathBuf>,
+    /// Class names or ids (or `all`) of a class-conditional model; none: all.
+    pub classes: Vec<String>,
     pub settings: SampleSettings,
 }
 
@@ -292,6 +294,7 @@ pub struct SampleSettings {
     pub sampler: Option<crate::config::SamplerKind>,
     pub steps: Option<usize>,
     pub eta: Option<f64>,
+    pub guidance: Option<f64>,
 }
 
 impl SampleSettings {
@@ -308,11 +311,14 @@ impl SampleSettings {
         if let Some(e) = self.eta {
             settings.eta = e;
         }
+        if let Some(s) = self.guidance {
+            settings.guidance = s;
+        }
         let mut checked = config.clone();
         checked.sample = settings.clone();
         checked
             .validate()
-            .context("the sampling settings (--steps, --eta) for this checkpoint")?;
+            .context("the sampling settings (--steps, --eta, --guidance) for this checkpoint")?;
         if settings.sampler == crate::config::SamplerKind::Ddpm {
             let ignored: Vec<&str> = [
                 (self.eta.is_some(), "--eta"),
@@ -352,6 +358,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         check_output_folder(folder)?;
     }
     let network = train::load_for_sampling(&checkpoint, args.ema, device)?;
+    let classes = requested_classes(&args.classes, &network.class_names, args.num)?;
     let m = &config.model;
     let started = std::time::Instant::now();
     let total_steps = sampler::step_count(&settings, config.diffusion.timesteps);
@@ -370,6 +377,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         &network.denoiser(),
         &settings,
         m.batch_shape(args.num),
+        classes.as_ref(),
         args.seed,
         device,
         args.batch,
@@ -397,12 +405,17 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         if args.ema { "EMA" } else { "raw" },
         checkpoint.sidecar.step
     );
+    let names = &network.class_names;
     if let Some(grid) = &args.grid {
-        crate::monitor::save_grid(&images, grid)?;
+        let picture = crate::monitor::sample_grid(&images, classes.as_ref(), names)?;
+        crate::monitor::save_png(&picture, grid)?;
         tracing::info!("grid: {}", grid.display());
     }
     if let Some(folder) = &args.folder {
         crate::monitor::save_individual(&images, folder, 0)?;
+        if let Some(classes) = &classes {
+            crate::monitor::save_class_list(classes, names, &folder.join("labels.csv"))?;
+        }
         tracing::info!("images: {} …", folder.join("000000.png").display());
     }
     if let Some(path) = &args.animation {
@@ -410,6 +423,57 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         tracing::info!("trajectory: {} ({} frames)", path.display(), frames.len());
     }
     Ok(())
+}
+
+/// The class of each of `n` images for `--class` values (names, ids, `all`; none: all) of a
+/// model with the classes `names` (none: unconditional, which takes no `--class`).
+fn requested_classes(values: &[String], names: &[String], n: usize) -> Result<Option<tch::Tensor>> {
+    if names.is_empty() {
+        if let Some(value) = values.first() {
+            bail!(
+                "--class {value}: this checkpoint's model is unconditional (model.num_classes = 0)"
+            );
+        }
+        return Ok(None);
+    }
+    let values: Vec<&str> = values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    if values.is_empty() || values.contains(&"all") {
+        return Ok(sampler::every_class(names.len(), n));
+    }
+    let ids: Vec<i64> = values
+        .iter()
+        .map(|v| class_id(v, names))
+        .collect::<Result<_>>()?;
+    Ok(Some(sampler::class_mix(&ids, n)))
+}
+
+/// The id of a class given by name (exactly, else ignoring case) or by id.
+fn class_id(value: &str, names: &[String]) -> Result<i64> {
+    let by_name = names
+        .iter()
+        .position(|n| n == value)
+        .or_else(|| names.iter().position(|n| n.eq_ignore_ascii_case(value)));
+    if let Some(id) = by_name {
+        return Ok(id as i64);
+    }
+    match value.parse::<usize>() {
+        Ok(id) if id < names.len() => Ok(id as i64),
+        Ok(id) => bail!(
+            "--class {id}: the model has {} classes, ids 0 to {} ({})",
+            names.len(),
+            names.len() - 1,
+            crate::data::shown_names(names)
+        ),
+        Err(_) => bail!(
+            "--class {value:?}: no such class; the model's classes are {}",
+            crate::data::shown_names(names)
+        ),
+    }
 }
 
 /// A file `ddpm sample` will write: new (it never overwrites an image, as `--out-dir` never
@@ -523,6 +587,10 @@ pub struct FidArgs {
     /// ~/.cache/ddpm/inception/default_1.pt, where tools/get_inception.sh puts it]
     #[arg(long)]
     pub inception: Option<PathBuf>,
+    /// Class-conditional checkpoints: the guidance scale of the samples (an equal share of
+    /// each class) [default: the checkpoint's sample.guidance]
+    #[arg(long)]
+    pub guidance: Option<f64>,
 }
 
 /// Scores generated images against real ones and prints `FID@N = score`.
@@ -560,6 +628,7 @@ pub fn fid(args: FidArgs) -> Result<String> {
         split: crate::config::Split::Train,
         cache: crate::config::DataCache::Auto,
         workers: 0,
+        cifar100_labels: Default::default(),
     };
     let real = crate::data::load(real_path, &options).context("--real")?;
     if real.len() < 2 {
@@ -607,7 +676,8 @@ pub fn fid(args: FidArgs) -> Result<String> {
 /// The generated images of `ddpm fid`: read from a folder, or a checkpoint to sample from.
 enum FakeImages {
     Folder(tch::Tensor),
-    Checkpoint(Checkpoint),
+    /// With its sampler settings (`--guidance` applied).
+    Checkpoint(Box<(Checkpoint, SampleConfig)>),
 }
 
 impl FakeImages {
@@ -617,9 +687,19 @@ impl FakeImages {
             || args.fake.join("checkpoints").is_dir()
             || !crate::checkpoint::list(&args.fake)?.is_empty();
         if is_checkpoint {
-            return Ok(FakeImages::Checkpoint(crate::run_dir::load_checkpoint(
-                &args.fake,
-            )?));
+            let checkpoint = crate::run_dir::load_checkpoint(&args.fake)?;
+            let settings = SampleSettings {
+                guidance: args.guidance,
+                ..Default::default()
+            }
+            .resolve(&checkpoint.sidecar.config)?;
+            return Ok(FakeImages::Checkpoint(Box::new((checkpoint, settings))));
+        }
+        if args.guidance.is_some() {
+            bail!(
+                "--guidance applies to samples of a checkpoint; --fake {} is a folder of images",
+                args.fake.display()
+            );
         }
         let images = crate::eval::load_image_folder(&args.fake, args.num)?;
         if images.size()[0] < 2 {
@@ -644,7 +724,7 @@ impl FakeImages {
                 (size[1], size[2], size[3])
             }
             FakeImages::Checkpoint(checkpoint) => {
-                let m = &checkpoint.sidecar.config.model;
+                let m = &checkpoint.0.sidecar.config.model;
                 (m.in_channels, m.image_size.height(), m.image_size.width())
             }
         }
@@ -653,20 +733,22 @@ impl FakeImages {
     /// The images as u8 [N, C, H, W]; a checkpoint's are sampled with its own sampler settings
     /// and EMA weights.
     fn images(self, args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<tch::Tensor> {
-        let checkpoint = match self {
+        let (checkpoint, settings) = match self {
             FakeImages::Folder(images) => return Ok(images),
-            FakeImages::Checkpoint(checkpoint) => checkpoint,
+            FakeImages::Checkpoint(checkpoint) => *checkpoint,
         };
         let config = &checkpoint.sidecar.config;
         let network = train::load_for_sampling(&checkpoint, true, device)?;
         let (m, num) = (&config.model, args.num.unwrap_or(10_000));
+        let classes = sampler::every_class(network.class_names.len(), num);
         let started = std::time::Instant::now();
-        let steps = sampler::step_count(&config.sample, config.diffusion.timesteps);
+        let steps = sampler::step_count(&settings, config.diffusion.timesteps);
         let progress = crate::monitor::ImageProgress::new("fake: sampling", num);
         let images = sampler::sample(
             &network.denoiser(),
-            &config.sample,
+            &settings,
             m.batch_shape(num),
+            classes.as_ref(),
             args.seed,
             device,
             args.batch,
@@ -679,7 +761,7 @@ impl FakeImages {
         tracing::info!(
             "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
             started.elapsed().as_secs_f64(),
-            config.sample.sampler,
+            settings.sampler,
             checkpoint.sidecar.step,
             checkpoint.path.display()
         );
@@ -755,6 +837,7 @@ pub fn import(from: &Path, run_dir: &Path) -> Result<()> {
         0,
         Default::default(),
         config,
+        &[],
     )?;
     tracing::info!(
         "imported {} as {} ({} parameters; training and sampling settings of {})",

@@ -355,7 +355,7 @@ fn spawn_ranks(
     use std::process::Command;
     let mut children = Ranks(Vec::with_capacity(nproc));
     for rank in 0..nproc {
-        let mut command = Command::new(&exe);
+        let mut command = Command::new(exe);
         command
             .args(args)
             .env("RANK", rank.to_string())

@@ -536,6 +536,7 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
             split: crate::config::Split::Train,
             cache: crate::config::DataCache::On,
             workers: 0,
+            cifar100_labels: Default::default(),
         },
     )?;
     if set.skipped() > 0 {
@@ -872,6 +873,7 @@ mod tests {
                 split: crate::config::Split::Train,
                 cache: crate::config::DataCache::On,
                 workers: 0,
+                cifar100_labels: Default::default(),
             },
         )
         .unwrap();
@@ -950,6 +952,7 @@ mod tests {
                 split: crate::config::Split::Train,
                 cache: crate::config::DataCache::On,
                 workers: 0,
+                cifar100_labels: Default::default(),
             },
         )
         .unwrap();

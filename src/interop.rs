@@ -24,8 +24,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Checkpoint, Sidecar};
 use crate::config::{
-    DdpmVariance, DownsamplePadding, ImageSize, ModelConfig, Prediction, RunConfig, ScheduleKind,
-    PRESETS,
+    ClassCount, DdpmVariance, DownsamplePadding, ImageSize, ModelConfig, Prediction, RunConfig,
+    ScheduleKind, PRESETS,
 };
 use crate::model::UNet;
 
@@ -249,8 +249,22 @@ impl UNet2DConfig {
             },
             attention_head_dim: None,
             norm_eps: NORM_EPS,
+            num_class_embeds: match model.num_classes.resolved() {
+                0 => None,
+                classes => Some(classes as i64 + 1),
+            },
             ..Default::default()
         })
+    }
+
+    /// The classes of a class embedding table of `num_class_embeds` rows: its last row is ddpm's
+    /// "no class", the unconditional input of classifier-free guidance.
+    fn class_count(&self) -> Result<usize> {
+        match self.num_class_embeds {
+            None => Ok(0),
+            Some(rows) if rows >= 2 => Ok(rows as usize - 1),
+            Some(rows) => bail!("`num_class_embeds` is {rows}, but ddpm's class embedding has a row per class and one for \"no class\" (at least 2)"),
+        }
     }
 
     /// Our UNet's configuration, or the first key whose value our UNet cannot express.
@@ -304,6 +318,7 @@ impl UNet2DConfig {
             dropout: self.dropout,
             in_channels: self.in_channels,
             image_size,
+            num_classes: ClassCount::Count(self.class_count()?),
             downsample_padding: match self.downsample_padding {
                 1 => DownsamplePadding::Symmetric,
                 0 => DownsamplePadding::BottomRight,
@@ -408,13 +423,7 @@ impl UNet2DConfig {
             "class_embed_type",
             &self.class_embed_type,
             &None,
-            "an unconditional model",
-        )?;
-        require(
-            "num_class_embeds",
-            &self.num_class_embeds,
-            &None,
-            "an unconditional model",
+            "a class embedding table (num_class_embeds) or none",
         )?;
         ensure!(
             [1, 3].contains(&self.in_channels),
@@ -637,6 +646,7 @@ fn diffusers_tensor(ours: &str, levels: usize) -> Result<DiffusersTensor> {
         ["temb", "dense", "0"] => plain("time_embedding.linear_1".into()),
         ["temb", "dense", "1"] => plain("time_embedding.linear_2".into()),
         ["conv_in"] => plain("conv_in".into()),
+        ["class_embedding"] => plain("class_embedding".into()),
         ["norm_out"] => plain("conv_norm_out".into()),
         ["conv_out"] => plain("conv_out".into()),
         ["down", level, "block", i, layer] => {
@@ -907,6 +917,7 @@ impl DiffusersModel {
             written_at,
             tensors_file: UNET_WEIGHTS.into(),
             tensors_sha256: self.weights_sha256,
+            classes: Vec::new(),
             sidecar_sha256: None,
         };
         let mut tensors = BTreeMap::new();
@@ -1015,12 +1026,58 @@ mod tests {
             .into_checkpoint();
         let network = crate::train::load_for_sampling(&checkpoint, true, Device::Cpu).unwrap();
         let io = fixture_tensors("parity.safetensors");
-        let ours = network.model.forward(&io["sample"], &io["timestep"], false);
+        let ours = network
+            .model
+            .forward(&io["sample"], &io["timestep"], None, false);
         let theirs = &io["output"];
         let relative =
             (&ours - theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[]);
         eprintln!("max |ours − diffusers| / max |diffusers| = {relative:.3e}");
         assert!(relative < 1e-4, "relative difference {relative:e}");
+    }
+
+    #[test]
+    fn class_conditional_forward_matches_diffusers_on_the_fixture() {
+        let _rng = crate::rng::exclusive();
+        let _guard = tch::no_grad_guard();
+        let checkpoint = DiffusersModel::read(&fixtures().join("tiny-class-pipeline"))
+            .unwrap()
+            .into_checkpoint();
+        // diffusers' 4 rows are 3 classes and ddpm's "no class", the last.
+        let config = &checkpoint.sidecar.config;
+        assert_eq!(config.model.num_classes, ClassCount::Count(3));
+        let network = crate::train::load_for_sampling(&checkpoint, true, Device::Cpu).unwrap();
+        assert_eq!(network.model.null_class(), 3);
+        assert_eq!(network.class_names, ["0", "1", "2"]);
+        let io = fixture_tensors("class-parity.safetensors");
+        let classes = &io["class_labels"];
+        let ours = network
+            .model
+            .forward(&io["sample"], &io["timestep"], Some(classes), false);
+        let theirs = &io["output"];
+        let relative =
+            (&ours - theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[]);
+        assert!(relative < 1e-5, "relative difference {relative:e}");
+        // The classes change the output: a network that ignored them would not match.
+        let unconditional = network
+            .model
+            .forward(&io["sample"], &io["timestep"], None, false);
+        assert!((&unconditional - theirs).abs().max().double_value(&[]) > 1e-3);
+        // No class given is the "no class" row, the fixture's third input.
+        assert!(unconditional
+            .narrow(0, 2, 1)
+            .allclose(&ours.narrow(0, 2, 1), 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn a_class_table_without_room_for_no_class_is_refused() {
+        let mut json = fixture_unet_json();
+        json.insert("num_class_embeds".into(), json!(1));
+        let e = format!("{:#}", read_unet(json).unwrap_err());
+        assert!(
+            e.contains("num_class_embeds") && e.contains("no class"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1140,7 +1197,7 @@ mod tests {
             tensors.push((format!("ema.{name}"), t.randn_like()));
             tensors.push((format!("model.{name}"), t.randn_like()));
         }
-        let path = checkpoint::save(dir, &tensors, 7, Position::default(), config).unwrap();
+        let path = checkpoint::save(dir, &tensors, 7, Position::default(), config, &[]).unwrap();
         Checkpoint::load(&path).unwrap()
     }
 
@@ -1158,6 +1215,8 @@ mod tests {
             in_channels: 3,
             image_size: ImageSize::Rect([16, 24]),
             downsample_padding: DownsamplePadding::BottomRight,
+            // The class embedding goes out and comes back too.
+            num_classes: ClassCount::Count(3),
         };
         config.diffusion.schedule = ScheduleKind::Sigmoid;
         config.diffusion.prediction = Prediction::X0;

@@ -76,6 +76,15 @@ enum Command {
         /// DDIM η in [0, 1]: 0 is deterministic
         #[arg(long, value_parser = unit_interval)]
         eta: Option<f64>,
+        /// Class-conditional models: the class(es) to sample, by name or id, repeated or
+        /// comma-separated, in equal shares; `all` (the default): every class
+        #[arg(long = "class", value_name = "CLASS")]
+        classes: Vec<String>,
+        /// Classifier-free guidance scale s: ε̂ = ε̂(x, ∅) + s·(ε̂(x, class) − ε̂(x, ∅)), as
+        /// diffusers' guidance_scale (1: no guidance, 0: unconditional) [default: the
+        /// checkpoint's sample.guidance]
+        #[arg(long)]
+        guidance: Option<f64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Images per forward pass
@@ -201,6 +210,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             sampler,
             steps,
             eta,
+            classes,
+            guidance,
             seed,
             batch,
             weights,
@@ -215,10 +226,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             grid: out,
             folder: out_dir,
             animation: animate,
+            classes,
             settings: SampleSettings {
                 sampler,
                 steps,
                 eta,
+                guidance,
             },
         }),
         Command::Bench(args) => commands::bench(args).map(|line| println!("{line}")),

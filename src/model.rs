@@ -173,6 +173,8 @@ struct Level {
 pub struct UNet {
     config: ModelConfig,
     temb_dense: [nn::Linear; 2],
+    /// One row per class and a last one for "no class" (class-conditional models).
+    class_embedding: Option<nn::Embedding>,
     conv_in: nn::Conv2D,
     down: Vec<Level>,
     mid: (ResBlock, AttnBlock, ResBlock),
@@ -197,6 +199,18 @@ impl UNet {
             nn::linear(&temb / 0, ch, temb_ch, Default::default()),
             nn::linear(&temb / 1, temb_ch, temb_ch, Default::default()),
         ];
+        let classes = config.num_classes.resolved() as i64;
+        let class_embedding = (classes > 0).then(|| {
+            // Rows of N(0, 1), as torch.nn.Embedding starts (and diffusers' class embedding).
+            let init = nn::EmbeddingConfig {
+                ws_init: nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+                ..Default::default()
+            };
+            nn::embedding(vs / "class_embedding", classes + 1, temb_ch, init)
+        });
         let conv_in = conv(vs / "conv_in", config.in_channels, ch, 3, 1);
 
         // Channel counts of the skip connections, in the order the down path produces them.
@@ -288,6 +302,7 @@ impl UNet {
         UNet {
             config: config.clone(),
             temb_dense,
+            class_embedding,
             conv_in,
             down,
             mid,
@@ -308,11 +323,26 @@ impl UNet {
         self.fused_norm_silu
     }
 
-    /// x: [B, C, H, W] in model space, t: [B] timesteps (integer or float).
-    pub fn forward(&self, x: &Tensor, t: &Tensor, train: bool) -> Tensor {
+    /// The id of "no class", the embedding row that guidance's unconditional pass uses.
+    pub fn null_class(&self) -> i64 {
+        self.config.num_classes.resolved() as i64
+    }
+
+    /// x: [B, C, H, W] in model space, t: [B] timesteps (integer or float), classes: [B] class
+    /// ids of a class-conditional model (None, or the id `null_class()`: no class). An
+    /// unconditional model takes no classes.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, classes: Option<&Tensor>, train: bool) -> Tensor {
         let fused = self.fused_norm_silu;
         let temb = timestep_embedding(t, self.config.channels).to_kind(x.kind());
-        let temb = self.temb_dense[1].forward(&self.temb_dense[0].forward(&temb).silu());
+        let mut temb = self.temb_dense[1].forward(&self.temb_dense[0].forward(&temb).silu());
+        if let Some(embedding) = &self.class_embedding {
+            let classes = match classes {
+                Some(classes) => classes.to_device(x.device()),
+                None => Tensor::full([x.size()[0]], self.null_class(), (Kind::Int64, x.device())),
+            };
+            let kind = temb.kind();
+            temb += embedding.forward(&classes).to_kind(kind);
+        }
         let temb_act = temb.silu();
 
         let mut hs = vec![self.conv_in.forward(x)];
@@ -400,7 +430,7 @@ pub fn parameter_count(vs: &nn::VarStore) -> i64 {
 /// A human-readable summary: the configuration, the tensors per module and the exact total.
 pub fn summary(config: &ModelConfig, vs: &nn::VarStore) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "UNet  channels={} channel_mult={:?} num_res_blocks={} attention_resolutions={:?} dropout={} in_channels={} image_size={}", config.channels, config.channel_mult, config.num_res_blocks, config.attention_resolutions, config.dropout, config.in_channels, config.image_size);
+    let _ = writeln!(out, "UNet  channels={} channel_mult={:?} num_res_blocks={} attention_resolutions={:?} dropout={} in_channels={} image_size={} num_classes={}", config.channels, config.channel_mult, config.num_res_blocks, config.attention_resolutions, config.dropout, config.in_channels, config.image_size, config.num_classes);
     let mut groups: std::collections::BTreeMap<String, i64> = Default::default();
     for (name, tensor) in vs.variables() {
         let parts: Vec<&str> = name.split('.').collect();
@@ -417,6 +447,9 @@ pub fn summary(config: &ModelConfig, vs: &nn::VarStore) -> String {
         let _ = writeln!(out, "  {group:<24} {count:>12}");
     }
     let _ = writeln!(out, "parameters: {}", parameter_count(vs));
+    if config.num_classes == crate::config::ClassCount::Auto {
+        let _ = writeln!(out, "num_classes = auto: the class embedding, (classes + 1) × {} parameters, comes once the data is read", config.channels * 4);
+    }
     out
 }
 
@@ -430,6 +463,15 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = UNet::new(&vs.root(), config);
         parameter_count(&vs)
+    }
+
+    #[test]
+    fn a_class_conditional_model_adds_one_embedding_row_per_class_and_one_for_no_class() {
+        let mut config = RunConfig::preset("cifar10").unwrap().model;
+        let unconditional = count(&config);
+        config.num_classes = crate::config::ClassCount::Count(10);
+        // 11 rows as wide as the time embedding (4 × 128 channels).
+        assert_eq!(count(&config), unconditional + 11 * 512);
     }
 
     #[test]
@@ -479,7 +521,7 @@ mod tests {
                 [2, channels, size.height(), size.width()],
                 (Kind::Float, Device::Cpu),
             );
-            let y = net.forward(&x, &Tensor::from_slice(&[0i64, 999]), false);
+            let y = net.forward(&x, &Tensor::from_slice(&[0i64, 999]), None, false);
             assert_eq!(y.size(), x.size(), "size {size}");
         }
     }
@@ -507,7 +549,7 @@ mod tests {
         // 14×14 on level 1 (2 down, 3 up) and mid; conv_out.
         assert_eq!(zeroed, 2 * ((2 * 3 + 3 * 3 + 2) + (2 + 3 + 1) + 1));
         let x = Tensor::randn([2, 1, 28, 28], (Kind::Float, Device::Cpu));
-        let y = net.forward(&x, &Tensor::from_slice(&[3i64, 700]), false);
+        let y = net.forward(&x, &Tensor::from_slice(&[3i64, 700]), None, false);
         assert_eq!(y.abs().max().double_value(&[]), 0.0);
     }
 
@@ -551,7 +593,8 @@ mod tests {
         let net = UNet::new(&vs.root(), &config);
         let x = Tensor::randn([1, 1, 28, 28], (Kind::Float, Device::Cpu));
         assert_eq!(
-            net.forward(&x, &Tensor::from_slice(&[5i64]), false).size(),
+            net.forward(&x, &Tensor::from_slice(&[5i64]), None, false)
+                .size(),
             x.size()
         );
     }

@@ -25,10 +25,110 @@ pub fn grid_layout(n: usize) -> (usize, usize) {
 /// Lays images [N, C, H, W] in [−1, 1] out in a near-square grid with a 2-pixel dark border,
 /// returned as an RGB image.
 pub fn grid_image(images: &Tensor) -> image::RgbImage {
+    let (cols, _) = grid_layout(images.size()[0] as usize);
+    grid_with_columns(images, cols)
+}
+
+/// A grid of images [N, C, H, W] in [−1, 1]: one row per class where they have classes [N].
+pub fn sample_grid(
+    images: &Tensor,
+    classes: Option<&Tensor>,
+    names: &[String],
+) -> Result<image::RgbImage> {
+    match classes {
+        Some(classes) => class_grid(images, classes, names),
+        None => Ok(grid_image(images)),
+    }
+}
+
+/// `labels.csv` beside images written by `save_individual`: file, class id, class name.
+pub fn save_class_list(classes: &Tensor, names: &[String], path: &Path) -> Result<()> {
+    let quoted = |name: &str| match name.contains([',', '"', '\n']) {
+        true => format!("\"{}\"", name.replace('"', "\"\"")),
+        false => name.to_string(),
+    };
+    let mut csv = String::from("file,class_id,class_name\n");
+    for (i, id) in Vec::<i64>::try_from(classes)?.into_iter().enumerate() {
+        let name = names.get(id as usize).map_or(String::new(), |n| quoted(n));
+        csv.push_str(&format!("{i:06}.png,{id},{name}\n"));
+    }
+    crate::checkpoint::write_atomic(path, csv.as_bytes())
+}
+
+/// Images [N, C, H, W] in [−1, 1] of the classes `classes` [N] (each class's images together)
+/// in a grid of one row per class, the class's name at the left of its row.
+pub fn class_grid(images: &Tensor, classes: &Tensor, names: &[String]) -> Result<image::RgbImage> {
+    const GAP: u32 = 6;
+    let ids = Vec::<i64>::try_from(classes.to_device(tch::Device::Cpu))?;
+    let mut rows: Vec<(i64, Vec<i64>)> = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        match rows.last_mut() {
+            Some((last, members)) if *last == id => members.push(i as i64),
+            _ => rows.push((id, vec![i as i64])),
+        }
+    }
+    let cols = rows.iter().map(|(_, m)| m.len()).max().unwrap_or(1);
+    let row_images: Vec<image::RgbImage> = rows
+        .iter()
+        .map(|(_, members)| {
+            grid_with_columns(&images.index_select(0, &Tensor::from_slice(members)), cols)
+        })
+        .collect();
+    let name_of = |id: i64| {
+        names
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
+    };
+    ensure_font();
+    let row_height = row_images[0].height();
+    let size = (row_height as f64 * 0.45).clamp(9.0, 15.0);
+    let font = ("sans-serif", size).into_font();
+    let mut label_width = 0;
+    for (id, _) in &rows {
+        let (w, _) = font
+            .box_size(&name_of(*id))
+            .map_err(|e| anyhow!("measuring a label: {e}"))?;
+        label_width = label_width.max(w + GAP);
+    }
+    let width = label_width + row_images.iter().map(|r| r.width()).max().unwrap_or(0);
+    let height: u32 = row_images.iter().map(|r| r.height()).sum();
+    let mut buffer = vec![32u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, (width, height)).into_drawing_area();
+        let style = font.color(&WHITE);
+        for (i, (id, _)) in rows.iter().enumerate() {
+            let y = i as u32 * row_height + row_height / 2;
+            let text = Text::new(
+                name_of(*id),
+                (GAP as i32 / 2, y as i32 - size as i32 / 2),
+                style.clone(),
+            );
+            root.draw(&text)
+                .map_err(|e| anyhow!("drawing a label: {e}"))?;
+        }
+        root.present()
+            .map_err(|e| anyhow!("drawing a label: {e}"))?;
+    }
+    let mut out =
+        image::RgbImage::from_raw(width, height, buffer).expect("buffer of the right size");
+    for (i, row) in row_images.iter().enumerate() {
+        image::imageops::replace(
+            &mut out,
+            row,
+            label_width as i64,
+            (i as u32 * row_height) as i64,
+        );
+    }
+    Ok(out)
+}
+
+/// `grid_image` with `cols` images per row.
+fn grid_with_columns(images: &Tensor, cols: usize) -> image::RgbImage {
     const PAD: usize = 2;
     let (n, c, h, w) = images.size4().expect("NCHW images");
     let (n, h, w) = (n as usize, h as usize, w as usize);
-    let (cols, rows) = grid_layout(n);
+    let rows = n.div_ceil(cols);
     let pixels = Vec::<u8>::try_from(to_u8_nhwc(images).flatten(0, -1)).expect("u8 pixels");
     let (gw, gh) = (cols * (w + PAD) + PAD, rows * (h + PAD) + PAD);
     let mut grid = image::RgbImage::from_pixel(gw as u32, gh as u32, image::Rgb([32, 32, 32]));
@@ -49,12 +149,7 @@ pub fn grid_image(images: &Tensor) -> image::RgbImage {
     grid
 }
 
-/// Writes a grid PNG atomically (a viewer never sees half a file).
-pub fn save_grid(images: &Tensor, path: &Path) -> Result<()> {
-    save_png(&grid_image(images), path)
-}
-
-/// Writes a PNG atomically.
+/// Writes a PNG atomically (a viewer never sees half a file).
 pub fn save_png(image: &image::RgbImage, path: &Path) -> Result<()> {
     let png = encode_png(
         image.as_raw(),
@@ -514,6 +609,34 @@ impl Monitor {
 mod tests {
     use super::*;
     use tch::{Device, Kind};
+
+    #[test]
+    fn a_class_grid_has_a_labelled_row_per_class() {
+        // Classes 4, 4, 9, 9, 9 of images 6×6, each a shade of its own.
+        let shades = Tensor::from_slice(&[-1.0f32, -0.5, 0.0, 0.5, 1.0]).view([5, 1, 1, 1]);
+        let images = shades.expand([5, 1, 6, 6], false).contiguous();
+        let classes = Tensor::from_slice(&[4i64, 4, 9, 9, 9]);
+        let names: Vec<String> = (0..10).map(|i| format!("class {i}")).collect();
+        let grid = class_grid(&images, &classes, &names).unwrap();
+        // Two rows of three columns (the widest class): 3·(6+2)+2 wide, 6+2+2 high each.
+        let (row_height, row_width) = (10, 26);
+        assert_eq!(grid.height(), 2 * row_height);
+        let label_width = grid.width() - row_width;
+        assert!(label_width > 20, "room for the names: {label_width}");
+        // Each image at its place: row r, column c starts 2 pixels into its cell.
+        let pixel = |r: u32, c: u32| grid.get_pixel(label_width + 2 + c * 8, r * row_height + 2)[0];
+        assert_eq!([pixel(0, 0), pixel(0, 1)], [0, 64]);
+        assert_eq!([pixel(1, 0), pixel(1, 1), pixel(1, 2)], [128, 191, 255]);
+        // The third cell of the first row is empty (background), and each row has its name.
+        assert_eq!(pixel(0, 2), 32);
+        for r in 0..2 {
+            let written = (0..label_width)
+                .flat_map(|x| (r * row_height..(r + 1) * row_height).map(move |y| (x, y)))
+                .filter(|&(x, y)| grid.get_pixel(x, y)[0] > 128)
+                .count();
+            assert!(written > 10, "row {r} has no label");
+        }
+    }
 
     #[test]
     fn grid_has_the_documented_layout() {

@@ -40,6 +40,8 @@ pub struct RunDir {
     /// The lock and the open metrics file; None on a view that writes nothing.
     writer: Option<Writer>,
     config: RunConfig,
+    /// The names of the model's classes, by id (class-conditional models).
+    classes: Vec<String>,
     /// The step whose checkpoint is on disk, if one is.
     saved_step: Option<u64>,
 }
@@ -62,7 +64,12 @@ impl RunDir {
     /// Takes `root` for this process at `step` (the untrained start, or a resumed checkpoint's
     /// step): creates it, locks it, records the configuration, and drops the metrics records
     /// and grids of later steps (a run that went on past the checkpoint it continues from).
-    pub fn open(root: &Path, config: &RunConfig, step: u64) -> Result<(Self, History)> {
+    pub fn open(
+        root: &Path,
+        config: &RunConfig,
+        classes: &[String],
+        step: u64,
+    ) -> Result<(Self, History)> {
         // The lock file first: it is what marks the folder as a run directory to a restart.
         fs::create_dir_all(root)
             .with_context(|| format!("cannot create run directory {}", root.display()))?;
@@ -81,23 +88,30 @@ impl RunDir {
                 metrics,
             }),
             config: config.clone(),
+            classes: classes.to_vec(),
             saved_step: saved.then_some(step),
         };
         Ok((dir, history))
     }
 
     /// The run directory as a rank other than 0 sees it: nothing is written.
-    pub fn view(root: &Path, config: &RunConfig) -> Self {
+    pub fn view(root: &Path, config: &RunConfig, classes: &[String]) -> Self {
         RunDir {
             root: root.to_path_buf(),
             writer: None,
             config: config.clone(),
+            classes: classes.to_vec(),
             saved_step: None,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.root
+    }
+
+    /// The names of the model's classes, by id (none: unconditional).
+    pub fn class_names(&self) -> &[String] {
+        &self.classes
     }
 
     /// Whether this process writes the run (rank 0).
@@ -129,7 +143,14 @@ impl RunDir {
         if !self.writes() {
             return Ok(None);
         }
-        let path = checkpoint::save(&self.checkpoints(), state, step, position, &self.config)?;
+        let path = checkpoint::save(
+            &self.checkpoints(),
+            state,
+            step,
+            position,
+            &self.config,
+            &self.classes,
+        )?;
         self.saved_step = Some(step);
         CHECKPOINT_ON_DISK.store(true, Ordering::SeqCst);
         Ok(Some(path))
@@ -188,8 +209,8 @@ impl RunDir {
     }
 
     /// `samples/data.png`: what the model learns from.
-    pub fn write_data_grid(&self, images: &Tensor) -> Result<()> {
-        crate::monitor::save_grid(images, &self.root.join("samples").join("data.png"))
+    pub fn write_data_grid(&self, grid: &image::RgbImage) -> Result<()> {
+        crate::monitor::save_png(grid, &self.root.join("samples").join("data.png"))
     }
 
     /// Rebuilds what the directory shows from what it holds: the training animation
@@ -659,6 +680,7 @@ mod tests {
             0,
             Position::default(),
             &trainer.config,
+            &[],
         )
         .unwrap();
         let resumed = load_checkpoint(&own).unwrap();
@@ -744,7 +766,7 @@ mod tests {
             .unwrap();
         }
         fs::write(samples.join("latest.png"), "150").unwrap();
-        let (mut run, history) = RunDir::open(dir.path(), &tiny(), 100).unwrap();
+        let (mut run, history) = RunDir::open(dir.path(), &tiny(), &[], 100).unwrap();
         assert_eq!(
             fs::read_to_string(&metrics).unwrap(),
             [line(50, 30.0), line(100, 60.0), fid.into()].concat()
@@ -769,11 +791,14 @@ mod tests {
         );
         assert!(!samples.join("step-00000100.png").exists());
         // A second trainer is refused while the first holds the directory.
-        let e = format!("{:#}", RunDir::open(dir.path(), &tiny(), 0).err().unwrap());
+        let e = format!(
+            "{:#}",
+            RunDir::open(dir.path(), &tiny(), &[], 0).err().unwrap()
+        );
         assert!(e.contains("in use by another ddpm process"), "{e}");
         drop(run);
         // From the start, no grid is left.
-        RunDir::open(dir.path(), &tiny(), 0).unwrap();
+        RunDir::open(dir.path(), &tiny(), &[], 0).unwrap();
         assert!(grids(&samples).unwrap().is_empty());
         assert!(!samples.join("latest.png").exists());
     }
@@ -782,7 +807,7 @@ mod tests {
     fn a_rollback_rewinds_the_records_and_the_smoothed_loss() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = dir.path().join("metrics.jsonl");
-        let (mut run, history) = RunDir::open(dir.path(), &tiny(), 0).unwrap();
+        let (mut run, history) = RunDir::open(dir.path(), &tiny(), &[], 0).unwrap();
         let mut monitor = Monitor::new(0, 400, history.seconds, &history.losses, true);
         let record = |step: u64, loss: f64| crate::monitor::MetricsRecord {
             step,
@@ -825,7 +850,7 @@ mod tests {
         );
         // The same history, read afresh on a resume, gives the same smoothed loss.
         drop(run);
-        let (_, history) = RunDir::open(dir.path(), &tiny(), 400).unwrap();
+        let (_, history) = RunDir::open(dir.path(), &tiny(), &[], 400).unwrap();
         let resumed = Monitor::new(400, 500, history.seconds, &history.losses, true);
         assert_eq!(resumed.smoothed_loss(), monitor.smoothed_loss());
     }
@@ -833,7 +858,7 @@ mod tests {
     #[test]
     fn the_animation_follows_the_newest_grid_layout() {
         let dir = tempfile::tempdir().unwrap();
-        let (run, _) = RunDir::open(dir.path(), &tiny(), 0).unwrap();
+        let (run, _) = RunDir::open(dir.path(), &tiny(), &[], 0).unwrap();
         let samples = dir.path().join("samples");
         // A resume changed sample.num after step 1: later grids have another size.
         for (step, width) in [(1, 40), (2, 60), (3, 60)] {

@@ -23,6 +23,8 @@ pub struct SamplingNetwork {
     pub model: UNet,
     pub schedule: NoiseSchedule,
     pub prediction: Prediction,
+    /// The names of the classes a class-conditional model was trained on, by id.
+    pub class_names: Vec<String>,
 }
 
 impl SamplingNetwork {
@@ -36,12 +38,50 @@ impl SamplingNetwork {
 }
 
 impl Denoiser<'_> {
+    /// The network's output at x, timesteps ts and `classes`, guided with scale `guidance`:
+    /// out(∅) + s·(out(class) − out(∅)), the conditional and unconditional passes batched into
+    /// one forward. Every prediction target's ε̂ is an affine function of the output with x and
+    /// t fixed, and the weights (1 − s, s) sum to 1, so guiding the output is guiding ε̂.
+    fn guided_output(
+        &self,
+        x: &Tensor,
+        ts: &Tensor,
+        classes: Option<&Tensor>,
+        guidance: f64,
+    ) -> Tensor {
+        let Some(classes) = classes else {
+            return self.model.forward(x, ts, None, false);
+        };
+        let no_class = classes.full_like(self.model.null_class());
+        match guidance {
+            1.0 => self.model.forward(x, ts, Some(classes), false),
+            0.0 => self.model.forward(x, ts, Some(&no_class), false),
+            s => {
+                let both = self.model.forward(
+                    &Tensor::cat(&[x, x], 0),
+                    &Tensor::cat(&[ts, ts], 0),
+                    Some(&Tensor::cat(&[classes, &no_class], 0)),
+                    false,
+                );
+                let [conditional, unconditional] =
+                    [0, 1].map(|i| both.chunk(2, 0)[i].shallow_clone());
+                &unconditional + (conditional - &unconditional) * s
+            }
+        }
+    }
+
     /// (ε̂, x̂₀) at timestep t, x̂₀ clipped to [−1, 1] and ε̂ the noise that x_t implies with that
     /// x̂₀, so that a DDIM step at η = 1 is DDPM's posterior step also where clipping acts.
-    fn predict(&self, x: &Tensor, t: usize) -> (Tensor, Tensor) {
+    fn predict(
+        &self,
+        x: &Tensor,
+        t: usize,
+        classes: Option<&Tensor>,
+        guidance: f64,
+    ) -> (Tensor, Tensor) {
         let ab = self.schedule.alphas_cumprod[t];
         let ts = Tensor::full([x.size()[0]], t as i64, (Kind::Int64, x.device()));
-        let out = self.model.forward(x, &ts, false);
+        let out = self.guided_output(x, &ts, classes, guidance);
         let (eps, x0) = to_eps_and_x0(self.prediction, &out, x, ab.sqrt(), (1.0 - ab).sqrt());
         let clipped = x0.clamp(-1.0, 1.0);
         // (x_t − √ᾱ x̂₀_clipped)/√(1−ᾱ), written as a correction that is exactly 0 where
@@ -121,15 +161,41 @@ fn image_noise(
     Tensor::cat(&drawn, 0).narrow(0, offset as i64, images.len() as i64)
 }
 
-/// Generates images [n, C, H, W] in [−1, 1]. `on_step(batch, steps_done, x)` sees each batch's
-/// x_T, then x after each denoising step (for trajectories and progress); the result is the same for the same
-/// seed and settings, whatever the batch. Once `stop` is set, sampling ends at the next step with
-/// [`Interrupted`].
+/// The class of each of `n` images asked for `classes` (class ids) in equal shares, each class's
+/// images together: image i asks for `classes[i·m/n]` of the m classes.
+pub fn class_mix(classes: &[i64], n: usize) -> Tensor {
+    let m = classes.len().max(1);
+    let ids: Vec<i64> = (0..n).map(|i| classes[i * m / n.max(1)]).collect();
+    Tensor::from_slice(&ids)
+}
+
+/// Every one of `num_classes` classes in equal shares over n images (None: unconditional).
+pub fn every_class(num_classes: usize, n: usize) -> Option<Tensor> {
+    let ids: Vec<i64> = (0..num_classes as i64).collect();
+    (num_classes > 0).then(|| class_mix(&ids, n))
+}
+
+/// The classes shown by a grid of about `images` images of a model of `num_classes`: a row per
+/// class (the first 16), as many images in each as fit.
+pub fn grid_classes(num_classes: usize, images: usize) -> Tensor {
+    const ROWS: usize = 16;
+    let rows = num_classes.min(ROWS);
+    let per_row = (images / rows.max(1)).max(1);
+    let ids: Vec<i64> = (0..rows as i64).collect();
+    class_mix(&ids, rows * per_row)
+}
+
+/// Generates images [n, C, H, W] in [−1, 1], image i of class `classes[i]` (class-conditional
+/// models; `settings.guidance` guides them). `on_step(batch, steps_done, x)` sees each batch's
+/// x_T, then x after each denoising step (for trajectories and progress); the result is the
+/// same for the same seed and settings, whatever the batch. Once `stop` is set, sampling ends
+/// at the next step with [`Interrupted`].
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     denoiser: &Denoiser,
     settings: &SampleConfig,
     shape: [i64; 4],
+    classes: Option<&Tensor>,
     seed: u64,
     device: Device,
     batch: usize,
@@ -154,6 +220,9 @@ pub fn sample(
                 device,
             )
         };
+        let chunk_classes = classes.map(|c| c.narrow(0, done, b).to_device(device));
+        let classes = chunk_classes.as_ref();
+        let guidance = settings.guidance;
         let mut x = noise(0);
         let mut steps_done = 0;
         let mut report = |x: &Tensor| {
@@ -166,7 +235,7 @@ pub fn sample(
             SamplerKind::Ddpm => {
                 let s = denoiser.schedule;
                 for (i, t) in (0..s.timesteps()).rev().enumerate() {
-                    let (_, x0) = denoiser.predict(&x, t);
+                    let (_, x0) = denoiser.predict(&x, t, classes, guidance);
                     let mean = s.posterior_mean_coef_x0[t] * &x0 + s.posterior_mean_coef_xt[t] * &x;
                     x = if t > 0 {
                         let var = match settings.ddpm_variance {
@@ -183,7 +252,7 @@ pub fn sample(
             SamplerKind::Ddim => {
                 let ts = ddim_timesteps(denoiser.schedule.timesteps(), settings.steps);
                 for (i, &t) in ts.iter().enumerate() {
-                    let (eps, x0) = denoiser.predict(&x, t);
+                    let (eps, x0) = denoiser.predict(&x, t, classes, guidance);
                     let (next, sigma) = ddim_step(
                         denoiser.schedule,
                         &eps,
@@ -265,6 +334,70 @@ mod tests {
             model,
             schedule: NoiseSchedule::from_config(&config.diffusion),
             prediction: config.diffusion.prediction,
+            class_names: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn classes_are_mixed_in_equal_shares_and_grids_show_a_row_each() {
+        let ids = |t: Tensor| Vec::<i64>::try_from(t).unwrap();
+        assert_eq!(ids(class_mix(&[4, 7], 5)), [4, 4, 4, 7, 7]);
+        assert_eq!(ids(class_mix(&[0, 1, 2], 6)), [0, 0, 1, 1, 2, 2]);
+        // 10 classes in a 64-image grid: 10 rows of 6; 100 classes: the first 16, 4 each.
+        let ten = ids(grid_classes(10, 64));
+        assert_eq!(ten.len(), 60);
+        assert!((0..10).all(|c| ten[c * 6..(c + 1) * 6].iter().all(|&x| x == c as i64)));
+        let hundred = ids(grid_classes(100, 64));
+        assert_eq!((hundred.len(), hundred[63]), (64, 15));
+        // More rows than images: one image per row.
+        assert_eq!(ids(grid_classes(16, 8)), (0..16).collect::<Vec<i64>>());
+    }
+
+    #[test]
+    fn guidance_extrapolates_from_the_unconditional_to_the_conditional_noise() {
+        let _rng = crate::rng::exclusive();
+        let _guard = tch::no_grad_guard();
+        for prediction in [Prediction::Epsilon, Prediction::V, Prediction::X0] {
+            let mut config = tiny_config();
+            // 32 GroupNorm groups of 2 channels: with 1 a group's norm removes the embedding.
+            config.model.channels = 64;
+            config.model.num_classes = crate::config::ClassCount::Count(3);
+            config.diffusion.prediction = prediction;
+            tch::manual_seed(3);
+            let network = tiny_network(&config);
+            // A new network outputs zeros (its last conv starts at zero): give it weights.
+            for (_, mut v) in network.vs.variables() {
+                v.copy_(&(v.randn_like() * 0.2));
+            }
+            let d = network.denoiser();
+            let x = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+            let t = 12;
+            let ab = d.schedule.alphas_cumprod[t];
+            let ts = Tensor::full([2], t as i64, (Kind::Int64, Device::Cpu));
+            let classes = Tensor::from_slice(&[0i64, 2]);
+            let eps_of = |out: &Tensor| {
+                to_eps_and_x0(prediction, out, &x, ab.sqrt(), (1.0 - ab).sqrt())
+                    .0
+                    .to_kind(Kind::Double)
+            };
+            // By hand: two separate forward passes, combined in ε space in f64.
+            let eps_c = eps_of(&network.model.forward(&x, &ts, Some(&classes), false));
+            let eps_u = eps_of(
+                &network
+                    .model
+                    .forward(&x, &ts, Some(&classes.full_like(3)), false),
+            );
+            let expected = &eps_u + (&eps_c - &eps_u) * 3.0;
+            let guided = eps_of(&d.guided_output(&x, &ts, Some(&classes), 3.0));
+            let error = (&guided - &expected).abs().max().double_value(&[]);
+            let scale = expected.abs().max().double_value(&[]);
+            assert!(error < 1e-5 * scale, "{prediction:?}: {error} of {scale}");
+            assert!((&eps_c - &eps_u).abs().max().double_value(&[]) > 1e-3 * scale);
+            // s = 1: the conditional prediction; s = 0: the unconditional one.
+            assert!(eps_of(&d.guided_output(&x, &ts, Some(&classes), 1.0))
+                .allclose(&eps_c, 1e-6, 1e-6, false));
+            assert!(eps_of(&d.guided_output(&x, &ts, Some(&classes), 0.0))
+                .allclose(&eps_u, 1e-6, 1e-6, false));
         }
     }
 
@@ -290,6 +423,7 @@ mod tests {
                     &d,
                     &settings,
                     [n, 1, 28, 28],
+                    None,
                     seed,
                     Device::Cpu,
                     batch,
@@ -354,6 +488,7 @@ mod tests {
                     &d,
                     &settings,
                     [4, 1, 28, 28],
+                    None,
                     3,
                     Device::Cpu,
                     4,
@@ -384,6 +519,7 @@ mod tests {
             &d,
             &settings,
             [2, 1, 28, 28],
+            None,
             0,
             Device::Cpu,
             1,
@@ -400,6 +536,7 @@ mod tests {
             &d,
             &settings,
             [1, 1, 28, 28],
+            None,
             0,
             Device::Cpu,
             1,

@@ -72,8 +72,18 @@ fn two_ranks_train_like_one_and_runs_resume_with_another_number_of_ranks() {
         &["launch", "--nproc", "2", "train", "--resume", "mixed"],
         d,
     );
-    // Accumulating two micro-batches per rank: averaged once, after the last.
-    let accumulated = ["--grad-accum", "2", "--steps", "3"];
+    // Accumulating two micro-batches per rank: averaged once, after the last. Class-conditional:
+    // labels shard with their images, and classes are dropped per global batch.
+    let accumulated = [
+        "--grad-accum",
+        "2",
+        "--steps",
+        "3",
+        "--num-classes",
+        "auto",
+        "--class-dropout",
+        "0.3",
+    ];
     ddpm_ok(
         &[
             &["train"][..],

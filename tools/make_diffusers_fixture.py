@@ -11,6 +11,11 @@ What it writes:
   parity.safetensors    `sample`, `timestep` and diffusers' float32 CPU output `output` for that
                         UNet, plus diffusers' betas (`betas.<schedule>`) for T = 1000 under the
                         three schedules ddpm can express.
+  tiny-class-pipeline/  the same UNet at 64 channels with a class embedding (num_class_embeds =
+                        4: three classes and ddpm's "no class", the last row), saved the same way.
+  class-parity.safetensors
+                        `sample`, `timestep`, `class_labels` (each class and "no class") and
+                        diffusers' float32 CPU output `output` for the class-conditional UNet.
   cifar10_tensor_shapes.json
                         every tensor name and shape of the UNet2DModel that matches our cifar10
                         preset (the google/ddpm-cifar10-32 layout), so that the name mapping is
@@ -67,9 +72,9 @@ CIFAR10_UNET = dict(
 )
 
 
-def tiny_unet() -> UNet2DModel:
+def tiny_unet(**extra) -> UNet2DModel:
     torch.manual_seed(0)
-    unet = UNet2DModel(**TINY_UNET)
+    unet = UNet2DModel(**{**TINY_UNET, **extra})
     with torch.no_grad():
         for name, p in unet.named_parameters():
             # Default init leaves norms at (1, 0): randomise them too, so that a norm mapped
@@ -101,6 +106,16 @@ def main() -> None:
     for schedule in ["linear", "squaredcos_cap_v2", "sigmoid"]:
         tensors[f"betas.{schedule}"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule).betas.float()
     save_file(tensors, str(out / "parity.safetensors"))
+
+    # 64 channels: GroupNorm's 32 groups of 2 channels each keep what the embedding adds (a
+    # group of one channel would normalise a per-channel shift away, and the class with it).
+    conditional = tiny_unet(num_class_embeds=4, block_out_channels=(64, 64))
+    DDPMPipeline(unet=conditional.half(), scheduler=scheduler).save_pretrained(out / "tiny-class-pipeline", safe_serialization=True)
+    conditional.float()
+    class_labels = torch.tensor([0, 2, 3], dtype=torch.int64)
+    with torch.no_grad():
+        class_output = conditional(sample, timestep, class_labels=class_labels).sample
+    save_file({"sample": sample, "timestep": timestep, "class_labels": class_labels, "output": class_output.contiguous()}, str(out / "class-parity.safetensors"))
 
     with torch.device("meta"):
         cifar10 = UNet2DModel(**CIFAR10_UNET)

@@ -9,9 +9,9 @@ use clap::{Arg, ArgMatches};
 use serde::Serialize;
 
 use super::{
-    value_name, DataCache, DataFormat, DdpmVariance, DownsamplePadding, ImageSize, IntList, Lever,
-    LossWeighting, LrSchedule, Precision, Prediction, Preset, RunConfig, SamplerKind, ScheduleKind,
-    Split,
+    value_name, CifarLabel, ClassCount, DataCache, DataFormat, DdpmVariance, DownsamplePadding,
+    ImageSize, IntList, Lever, LossWeighting, LrSchedule, Precision, Prediction, Preset, RunConfig,
+    SamplerKind, ScheduleKind, Split,
 };
 
 /// Declares a section of the configuration: its struct, one field per key, the section of each
@@ -518,6 +518,18 @@ impl KeyValue for ImageSize {
     }
 }
 
+impl KeyValue for ClassCount {
+    fn kind() -> String {
+        "a whole number ≥ 0 or auto".into()
+    }
+    fn parser() -> ValueParser {
+        ValueParser::new(|text: &str| text.parse::<ClassCount>())
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
 /// The names of an enum's values: `a, b or c`.
 fn names<T: clap::ValueEnum>() -> String {
     let names: Vec<String> = T::value_variants().iter().map(value_name).collect();
@@ -554,6 +566,7 @@ value_enums!(
     DataFormat,
     Split,
     DataCache,
+    CifarLabel,
     SamplerKind,
     DdpmVariance
 );

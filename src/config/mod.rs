@@ -294,6 +294,97 @@ impl std::fmt::Display for Split {
     }
 }
 
+/// The classes a model is conditioned on: a number (0: none), or `auto`, the data's (resolved
+/// to a number when the data is read; checkpoints hold the number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClassCount {
+    Count(usize),
+    Auto,
+}
+
+impl Default for ClassCount {
+    fn default() -> Self {
+        ClassCount::Count(0)
+    }
+}
+
+impl ClassCount {
+    /// The number of classes of a resolved count (auto: none yet).
+    pub fn resolved(self) -> usize {
+        match self {
+            ClassCount::Count(n) => n,
+            ClassCount::Auto => 0,
+        }
+    }
+}
+
+impl fmt::Display for ClassCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClassCount::Count(n) => write!(f, "{n}"),
+            ClassCount::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl FromStr for ClassCount {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(ClassCount::Auto),
+            n => n
+                .parse()
+                .map(ClassCount::Count)
+                .map_err(|_| format!("bad class count {s:?}: expected a whole number ≥ 0 or auto")),
+        }
+    }
+}
+
+impl Serialize for ClassCount {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            ClassCount::Count(n) => serializer.serialize_u64(*n as u64),
+            ClassCount::Auto => serializer.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClassCount {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        enum Word {
+            Auto,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a whole number ≥ 0 or \"auto\"")]
+        enum Written {
+            Count(usize),
+            Word(Word),
+        }
+        Ok(match Written::deserialize(deserializer)? {
+            Written::Count(n) => ClassCount::Count(n),
+            Written::Word(Word::Auto) => ClassCount::Auto,
+        })
+    }
+}
+
+/// Which of CIFAR-100's two labels is the class.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CifarLabel {
+    /// The 100 classes.
+    #[default]
+    Fine,
+    /// The 20 superclasses.
+    Coarse,
+}
+
 /// Whether decoded images are kept in memory between epochs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -386,6 +477,14 @@ section! {
         downsample_padding: DownsamplePadding {
             help: "How the stride-2 downsampling convs pad: symmetric (one pixel on every side, as PyTorch ports) or bottom-right (TensorFlow's SAME, as the original DDPM code and google/ddpm-*)",
             tiny: DownsamplePadding::Symmetric,
+        }
+        // An embedding row per class (and one for \"no class\"): 100k rows is ImageNet-21k with room.
+        #[serde(default)]
+        num_classes: ClassCount {
+            flag: "num-classes",
+            help: "Classes the model is conditioned on (a class embedding added to the time embedding, plus a \"no class\" row for classifier-free guidance): 0 unconditional, N, or auto (the data's classes: IDX label files, CIFAR labels, one subfolder per class; none: unconditional)",
+            tiny: ClassCount::Count(0),
+            limit: "auto or ≤ 100000" if |c| *c == ClassCount::Auto || *c <= ClassCount::Count(100_000),
         }
     }
 }
@@ -518,6 +617,13 @@ section! {
             tiny: 1.0,
             allowed: "≥ 0 (0 disables)" if |g| *g >= 0.0,
         }
+        #[serde(default = "default_class_dropout")]
+        class_dropout: f64 {
+            flag: "class-dropout",
+            help: "Probability that a training image's class is replaced by \"no class\", so that the model also learns the unconditional prediction guidance needs (class-conditional models)",
+            tiny: default_class_dropout(),
+            allowed: "in [0, 1)" if |p| (0.0..1.0).contains(p),
+        }
         ema_decay: f64 {
             flag: "ema-decay",
             help: "Decay of the EMA of the weights (samples use the EMA weights)",
@@ -637,6 +743,12 @@ section! {
             limit: "in [1, 64]" if |p| *p <= 64,
         }
         #[serde(default)]
+        cifar100_labels: CifarLabel {
+            flag: "cifar100-labels",
+            help: "The class of a CIFAR-100 image: fine (100 classes) or coarse (20 superclasses)",
+            tiny: CifarLabel::Fine,
+        }
+        #[serde(default)]
         cache: DataCache {
             flag: "data-cache",
             help: "Keep decoded images in memory: auto (when they take at most half of the available memory), on, or off (decode every epoch)",
@@ -684,6 +796,13 @@ section! {
         ddpm_variance: DdpmVariance {
             help: "The DDPM sampler's variance: beta (σ² = β_t) or posterior (σ² = β̃_t)",
             tiny: DdpmVariance::Beta,
+        }
+        #[serde(default = "no_guidance")]
+        guidance: f64 {
+            flag: "guidance",
+            help: "Classifier-free guidance scale s of class-conditional models: ε̂ = ε̂(x, ∅) + s·(ε̂(x, class) − ε̂(x, ∅)), as diffusers' guidance_scale; 1: the conditional model as trained, 0: unconditional, > 1: guided",
+            tiny: no_guidance(),
+            allowed: "in [0, 100]" if |s| (0.0..=100.0).contains(s),
         }
     }
 }
@@ -761,6 +880,14 @@ impl Default for FidConfig {
 
 fn default_prefetch() -> usize {
     4
+}
+
+fn default_class_dropout() -> f64 {
+    0.1
+}
+
+fn no_guidance() -> f64 {
+    1.0
 }
 
 /// Everything a run needs; docs/configuration.md lists every key.
@@ -863,6 +990,19 @@ const CROSS_CHECKS: &[CrossCheck] = &[
             let allowed =
                 format!("feature-map sizes of this model: {sizes:?}; --attn-res sets them");
             Some((r.to_string(), allowed))
+        },
+    },
+    // Guidance mixes the class-conditional and unconditional predictions.
+    CrossCheck {
+        key: "sample.guidance",
+        reads: &["model.num_classes"],
+        refuses: |c| {
+            (c.sample.guidance != 1.0 && c.model.num_classes == ClassCount::Count(0)).then(|| {
+                (
+                    c.sample.guidance.to_string(),
+                    "1 for an unconditional model (model.num_classes = 0): guidance needs a class-conditional one".into(),
+                )
+            })
         },
     },
     CrossCheck {

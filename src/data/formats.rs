@@ -11,6 +11,7 @@ use image::DynamicImage;
 use crate::config::{DataFormat, Split};
 
 pub(super) static BUNDLED_IMAGES: &[u8] = include_bytes!("../../data/mnist5k-images-idx3-ubyte.gz");
+pub(super) static BUNDLED_LABELS: &[u8] = include_bytes!("../../data/mnist5k-labels-idx1-ubyte.gz");
 
 const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
 
@@ -278,7 +279,7 @@ impl Cifar {
         }
     }
 
-    fn label_bytes(self) -> usize {
+    pub(super) fn label_bytes(self) -> usize {
         match self {
             Cifar::Ten => 1,
             Cifar::Hundred => 2,

@@ -5,9 +5,8 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Result};
-use tch::Tensor;
 
-use super::{Dataset, Position, Sampler};
+use super::{Dataset, Examples, Position, Sampler};
 
 /// This process's part of each global batch in data-parallel training.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +49,8 @@ impl LoaderOptions {
     }
 }
 
-/// Hands out u8 batches [B, C, H, W] in the order of a `Sampler`, read by worker threads.
+/// Hands out u8 batches [B, C, H, W], with their labels, in the order of a `Sampler`, read by
+/// worker threads.
 pub struct Loader {
     shared: Arc<Shared>,
     results: mpsc::Receiver<(u64, Result<Batch>)>,
@@ -77,7 +77,7 @@ struct Dispatch {
 }
 
 struct Batch {
-    images: Tensor,
+    examples: Examples,
     /// The order's position after this batch.
     position: Position,
 }
@@ -117,7 +117,7 @@ impl Loader {
     }
 
     /// The next batch (this shard's part of it).
-    pub fn next_batch(&mut self) -> Result<Tensor> {
+    pub fn next_batch(&mut self) -> Result<Examples> {
         let batch = loop {
             if let Some(batch) = self.early.remove(&self.next) {
                 break batch;
@@ -134,7 +134,7 @@ impl Loader {
         self.shared.room.notify_one();
         let batch = batch?;
         self.position = batch.position;
-        Ok(batch.images)
+        Ok(batch.examples)
     }
 
     /// Where the order stands after the batches handed out so far: what a checkpoint stores.
@@ -168,10 +168,10 @@ impl Shared {
             // A decoder that panics fails this batch, not the whole loader (whose other batches
             // would then wait for it forever).
             let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.dataset.batch(&indices)
+                self.dataset.examples(&indices)
             }));
             let batch = match read {
-                Ok(read) => read.map(|images| Batch { images, position }),
+                Ok(read) => read.map(|examples| Batch { examples, position }),
                 Err(_) => Err(anyhow!(
                     "reading a batch of images {indices:?} panicked (a decoder bug, see above)"
                 )),

@@ -1,6 +1,7 @@
 //! Training images: the sources (the bundled MNIST subset, image folders, CIFAR-10/100
 //! binaries, MNIST-style IDX files), the optional in-memory cache of decoded images, the seeded
 //! resumable batch order, the threaded prefetching loader, and on-device augmentation.
+mod classes;
 mod formats;
 mod loader;
 
@@ -15,7 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{DataCache, DataFormat, ImageSize, RunConfig, Split};
+use crate::config::{CifarLabel, ClassCount, DataCache, DataFormat, ImageSize, RunConfig, Split};
+pub use classes::{parse_idx_labels, shown_names, Classes, Labelling, Unlabelled};
 pub use formats::{
     any_colour, image_files, is_image_file, open_image, parse_cifar, parse_idx_images, Cifar,
     Records, Shape, MAX_IMAGE_FILE_BYTES,
@@ -36,6 +38,8 @@ pub struct LoadOptions {
     pub cache: DataCache,
     /// Threads for decoding; 0: one per core.
     pub workers: usize,
+    /// Which CIFAR-100 label is the class.
+    pub cifar100_labels: CifarLabel,
 }
 
 impl LoadOptions {
@@ -49,6 +53,7 @@ impl LoadOptions {
             split: config.data.split,
             cache: config.data.cache,
             workers: config.data.workers,
+            cifar100_labels: config.data.cifar100_labels,
         }
     }
 
@@ -82,6 +87,13 @@ pub struct Dataset {
     unreadable: Mutex<BTreeSet<usize>>,
     /// ... and how many were dropped while decoding into memory.
     skipped_at_load: usize,
+    labelling: Labelling,
+}
+
+/// Images [B, C, H, W] (u8, CPU) with their class ids [B] (i64, CPU) when the data has classes.
+pub struct Examples {
+    pub images: Tensor,
+    pub labels: Option<Tensor>,
 }
 
 enum Images {
@@ -117,11 +129,93 @@ impl Dataset {
         self.skipped_at_load + self.unreadable.lock().unwrap().len()
     }
 
+    /// The data's classes, or why it has none.
+    pub fn labelling(&self) -> &Labelling {
+        &self.labelling
+    }
+
+    /// Keeps the labels a model of `requested` classes is trained on, and returns the names
+    /// of its classes (none: unconditional). `auto` takes the data's classes, or none where the
+    /// data has no labels (said in a note); a number needs labels below it. Labels the model
+    /// does not use are dropped, so batches carry none.
+    pub fn condition_on(&mut self, requested: ClassCount) -> Result<Vec<String>> {
+        let key = "model.num_classes";
+        let labelling = std::mem::replace(
+            &mut self.labelling,
+            classes::unlabelled(format!("{key} = 0")),
+        );
+        let classes = match (requested, labelling) {
+            (ClassCount::Count(0), _) => return Ok(Vec::new()),
+            (
+                ClassCount::Auto,
+                Err(Unlabelled {
+                    why,
+                    ambiguous: false,
+                }),
+            ) => {
+                tracing::info!("note: {key} = auto: {why}, so the model is unconditional");
+                return Ok(Vec::new());
+            }
+            (_, Err(Unlabelled { why, .. })) => {
+                bail!("{key} = {requested} trains on labelled images, and {why}")
+            }
+            (_, Ok(classes)) => classes,
+        };
+        let count = match requested {
+            ClassCount::Count(n) => n,
+            ClassCount::Auto => classes.count(),
+        };
+        if let Some(&label) = classes
+            .labels
+            .iter()
+            .max()
+            .filter(|&&l| l as usize >= count)
+        {
+            bail!(
+                "{} has labels up to {label} ({} classes: {}), more than {key} = {count}",
+                self.description,
+                classes.count(),
+                shown_names(&classes.names)
+            );
+        }
+        let names = (0..count)
+            .map(|i| {
+                classes
+                    .names
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| i.to_string())
+            })
+            .collect();
+        self.labelling = Ok(classes);
+        Ok(names)
+    }
+
+    /// Images `indices` with their labels (the labels of the images that took the places of
+    /// unreadable ones).
+    pub fn examples(&self, indices: &[i64]) -> Result<Examples> {
+        let (images, read) = self.read(indices)?;
+        let labels = self.labelling.as_ref().ok().map(|classes| {
+            Tensor::from_slice(
+                &read
+                    .iter()
+                    .map(|&i| classes.labels[i])
+                    .collect::<Vec<i64>>(),
+            )
+        });
+        Ok(Examples { images, labels })
+    }
+
     /// Images `indices` as u8 [B, C, H, W] on the CPU.
     pub fn batch(&self, indices: &[i64]) -> Result<Tensor> {
+        Ok(self.read(indices)?.0)
+    }
+
+    /// Images `indices`, and the index of the image read for each.
+    fn read(&self, indices: &[i64]) -> Result<(Tensor, Vec<usize>)> {
         let n = self.shape.bytes();
         // An allocation that fails is an error in words, not an abort.
-        let bytes = n.checked_mul(indices.len()).unwrap_or(usize::MAX);
+        let bytes = n.saturating_mul(indices.len());
         let mut out = Vec::new();
         out.try_reserve_exact(bytes).map_err(|_| {
             anyhow::anyhow!(
@@ -130,10 +224,12 @@ impl Dataset {
             )
         })?;
         out.resize(bytes, 0);
-        for (&index, dst) in indices.iter().zip(out.chunks_mut(n)) {
-            self.read_into(index as usize, dst)?;
-        }
-        Ok(self.to_tensor(&out))
+        let read = indices
+            .iter()
+            .zip(out.chunks_mut(n))
+            .map(|(&index, dst)| self.read_into(index as usize, dst))
+            .collect::<Result<Vec<usize>>>()?;
+        Ok((self.to_tensor(&out), read))
     }
 
     /// Every image, as u8 [N, C, H, W] on the CPU.
@@ -154,13 +250,14 @@ impl Dataset {
         ])
     }
 
-    /// Writes image `index` into `dst`. An unreadable file is reported once and replaced by the
-    /// next readable one (so the order stays a function of the seed), or is an error when strict.
-    fn read_into(&self, index: usize, dst: &mut [u8]) -> Result<()> {
+    /// Writes image `index` into `dst` and returns the index of the image written. An
+    /// unreadable file is reported once and replaced by the next readable one (so the order
+    /// stays a function of the seed), or is an error when strict.
+    fn read_into(&self, index: usize, dst: &mut [u8]) -> Result<usize> {
         let files = match &self.images {
             Images::Decoded(pixels) => {
                 dst.copy_from_slice(&pixels[index * dst.len()..(index + 1) * dst.len()]);
-                return Ok(());
+                return Ok(index);
             }
             Images::Files(files) => files,
         };
@@ -169,7 +266,7 @@ impl Dataset {
                 continue;
             }
             match formats::decode_into(&files[i], self.shape, dst) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(i),
                 Err(why) if self.strict => {
                     bail!(
                         "cannot decode {}: {why} (--strict-data)",
@@ -196,19 +293,26 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             let name = Path::new("bundled MNIST");
             let records =
                 formats::parse_idx_images(formats::gunzip(formats::BUNDLED_IMAGES, name)?, name)?;
-            from_records(records, "the bundled MNIST digits".into(), options)
+            let classes = classes::bundled()?;
+            from_records(
+                records,
+                "the bundled MNIST digits".into(),
+                Ok(classes),
+                options,
+            )
         }
         (DataFormat::Idx, Some(path)) => {
-            let (records, description) = read_idx(path, options.split)?;
-            from_records(records, description, options)
+            let (records, description, labelling) = read_idx(path, options.split)?;
+            from_records(records, description, labelling, options)
         }
         (DataFormat::Cifar10 | DataFormat::Cifar100, Some(dir)) => {
             let variant = match format {
                 DataFormat::Cifar10 => Cifar::Ten,
                 _ => Cifar::Hundred,
             };
-            let (records, description) = read_cifar(dir, variant, options.split)?;
-            from_records(records, description, options)
+            let (records, description, classes) =
+                read_cifar(dir, variant, options.split, options.cifar100_labels)?;
+            from_records(records, description, Ok(classes), options)
         }
         (DataFormat::Folder, Some(dir)) => load_folder(dir, options),
         _ => unreachable!("resolve_format gives a path to every format but the bundled one"),
@@ -241,7 +345,13 @@ fn resolve_format(path: Option<&Path>, options: &LoadOptions) -> Result<DataForm
 }
 
 impl Dataset {
-    fn new(images: Images, description: String, options: &LoadOptions, skipped: usize) -> Self {
+    fn new(
+        images: Images,
+        description: String,
+        labelling: Labelling,
+        options: &LoadOptions,
+        skipped: usize,
+    ) -> Self {
         Dataset {
             images,
             shape: options.shape(),
@@ -249,12 +359,18 @@ impl Dataset {
             strict: options.strict,
             unreadable: Mutex::default(),
             skipped_at_load: skipped,
+            labelling,
         }
     }
 }
 
 /// A dataset of decoded records, fitted to the requested shape.
-fn from_records(records: Records, description: String, options: &LoadOptions) -> Result<Dataset> {
+fn from_records(
+    records: Records,
+    description: String,
+    labelling: Labelling,
+    options: &LoadOptions,
+) -> Result<Dataset> {
     let shape = options.shape();
     if records.pixels.is_empty() {
         bail!("the dataset {description} holds no images");
@@ -276,17 +392,20 @@ fn from_records(records: Records, description: String, options: &LoadOptions) ->
     Ok(Dataset::new(
         Images::Decoded(pixels),
         description,
+        labelling,
         options,
         0,
     ))
 }
 
-/// The images of a file or folder of IDX files (one split), all of one size.
-fn read_idx(path: &Path, split: Split) -> Result<(Records, String)> {
+/// The images of a file or folder of IDX files (one split), all of one size, and their labels.
+fn read_idx(path: &Path, split: Split) -> Result<(Records, String, Labelling)> {
     let files = formats::idx_files(path, split)?;
     let mut all: Option<Records> = None;
+    let mut counts = Vec::new();
     for file in &files {
         let part = formats::parse_idx_images(formats::read_maybe_gz(file)?, file)?;
+        counts.push(part.len());
         match &mut all {
             None => all = Some(part),
             Some(all) if all.shape == part.shape => all.pixels.extend(part.pixels),
@@ -305,16 +424,24 @@ fn read_idx(path: &Path, split: Split) -> Result<(Records, String)> {
     Ok((
         all.expect("idx_files names at least one file"),
         format!("IDX images {}", names.join(" + ")),
+        classes::read_idx(&files, &counts)?,
     ))
 }
 
-/// The images of a folder of CIFAR binaries (one split).
-fn read_cifar(dir: &Path, variant: Cifar, split: Split) -> Result<(Records, String)> {
+/// The images of a folder of CIFAR binaries (one split), and their classes.
+fn read_cifar(
+    dir: &Path,
+    variant: Cifar,
+    split: Split,
+    which: CifarLabel,
+) -> Result<(Records, String, Classes)> {
     let mut pixels = Vec::new();
+    let mut labels = Vec::new();
     for file in formats::cifar_files(dir, variant, split)? {
         let bytes =
             std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
         formats::parse_cifar(&bytes, &file, variant, &mut pixels)?;
+        labels.extend(classes::cifar_labels(&bytes, &file, variant, which)?);
     }
     let description = format!(
         "{} binaries ({split} split) in {}",
@@ -322,7 +449,8 @@ fn read_cifar(dir: &Path, variant: Cifar, split: Split) -> Result<(Records, Stri
         dir.display()
     );
     let shape = formats::CIFAR_SHAPE;
-    Ok((Records { pixels, shape }, description))
+    let classes = classes::cifar_classes(dir, variant, which, labels);
+    Ok((Records { pixels, shape }, description, classes))
 }
 
 /// A folder of images: decoded now when cached, else as batches are read. Unreadable files are
@@ -334,8 +462,15 @@ fn load_folder(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
     if shape.channels == 1 && formats::any_colour(&files) {
         note_grayscale(&description);
     }
+    let labelling = classes::folder_classes(dir, &files);
     if !should_cache(options.cache, files.len(), shape) {
-        return Ok(Dataset::new(Images::Files(files), description, options, 0));
+        return Ok(Dataset::new(
+            Images::Files(files),
+            description,
+            labelling,
+            options,
+            0,
+        ));
     }
     check_fits_in_memory(files.len(), shape, &description)?;
     let workers = worker_count(options.workers);
@@ -366,10 +501,13 @@ fn load_folder(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
             dir.display()
         );
     }
-    let pixels = substitute_failed(pixels, shape.bytes(), &failed);
+    let substitutes = substitutes(files.len(), &failed);
+    let pixels = substitute_failed(pixels, shape.bytes(), &substitutes);
+    let labelling = labelling.map(|classes| classes.substituted(&substitutes));
     Ok(Dataset::new(
         Images::Decoded(pixels),
         description,
+        labelling,
         options,
         failed.len(),
     ))
@@ -452,16 +590,24 @@ fn decode_all(
     (pixels, failed)
 }
 
-/// `pixels` with each failed image replaced by the next readable one, as reading on demand
-/// does: a folder has as many images (and the same order) whether it is cached or not.
-fn substitute_failed(mut pixels: Vec<u8>, n: usize, failed: &[(usize, String)]) -> Vec<u8> {
+/// (failed image, the next readable one that takes its place), as reading on demand does: a
+/// folder has as many images (and the same order) whether it is cached or not.
+fn substitutes(count: usize, failed: &[(usize, String)]) -> Vec<(usize, usize)> {
     let bad: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-    let count = pixels.len() / n;
-    for &i in &bad {
-        let good = (i + 1..count)
-            .chain(0..i)
-            .find(|j| !bad.contains(j))
-            .expect("at least one image decoded");
+    bad.iter()
+        .map(|&i| {
+            let good = (i + 1..count)
+                .chain(0..i)
+                .find(|j| !bad.contains(j))
+                .expect("at least one image decoded");
+            (i, good)
+        })
+        .collect()
+}
+
+/// `pixels` (images of `n` bytes) with each failed image replaced by its substitute.
+fn substitute_failed(mut pixels: Vec<u8>, n: usize, substitutes: &[(usize, usize)]) -> Vec<u8> {
+    for &(i, good) in substitutes {
         pixels.copy_within(good * n..(good + 1) * n, i * n);
     }
     pixels
@@ -654,6 +800,7 @@ mod tests {
             split: Split::Train,
             cache: DataCache::Auto,
             workers: 2,
+            cifar100_labels: Default::default(),
         }
     }
 
@@ -1226,7 +1373,7 @@ mod tests {
     ) -> Vec<Vec<i64>> {
         let mut loader = Loader::new(dataset.clone(), position, options);
         (0..n)
-            .map(|_| reds(&loader.next_batch().unwrap()))
+            .map(|_| reds(&loader.next_batch().unwrap().images))
             .collect()
     }
 
@@ -1273,7 +1420,7 @@ mod tests {
             options(2, Shard::WHOLE),
         );
         for _ in 0..2 {
-            assert_eq!(loader.next_batch().unwrap().size(), [4, 3, 4, 4]);
+            assert_eq!(loader.next_batch().unwrap().images.size(), [4, 3, 4, 4]);
         }
         assert_eq!(
             loader.position(),

@@ -33,14 +33,7 @@ impl Jobs {
         let config = &trainer.config;
         let seed = config.train.seed;
         if trainer.step == 0 && run.writes() {
-            let first = data::Sampler::new(dataset.len(), seed, position)
-                .next_indices(config.sample.num.min(dataset.len()));
-            let real = data::to_model_space(&dataset.batch(&first)?, Device::Cpu);
-            run.write_data_grid(&data::augment(
-                &real,
-                config.data.hflip,
-                config.data.color_jitter,
-            ))?;
+            run.write_data_grid(&data_grid(config, dataset, position, run.class_names())?)?;
         }
         let fid = match run.writes() {
             true => TrainingFid::prepare(config, dataset, trainer.device, signals.abandon())?,
@@ -116,10 +109,14 @@ impl Jobs {
                 s.sampler,
                 trainer.step
             );
-            let ema =
-                crate::monitor::grid_image(&trainer.sample(true, s.num, self.grid_seed, stop)?);
-            let raw =
-                crate::monitor::grid_image(&trainer.sample(false, s.num, self.grid_seed, stop)?);
+            let classes = (trainer.num_classes() > 0)
+                .then(|| crate::sampler::grid_classes(trainer.num_classes(), s.num));
+            let n = classes.as_ref().map_or(s.num, |c| c.size()[0] as usize);
+            let grid = |ema: bool| -> Result<image::RgbImage> {
+                let images = trainer.sample(ema, n, classes.as_ref(), self.grid_seed, stop)?;
+                crate::monitor::sample_grid(&images, classes.as_ref(), run.class_names())
+            };
+            let (ema, raw) = (grid(true)?, grid(false)?);
             let pair = crate::monitor::labelled_pair(&ema, &raw, trainer.step)?;
             let path = run.write_grid(trainer.step, &pair)?;
             tracing::info!(
@@ -130,6 +127,45 @@ impl Jobs {
             Ok(path)
         })
     }
+}
+
+/// What the model learns from, augmented as in training: the first `sample.num` images of the
+/// seeded order, or for a class-conditional model a row of each class's first ones, as the
+/// sample grids show classes.
+fn data_grid(
+    config: &RunConfig,
+    dataset: &Dataset,
+    position: Position,
+    names: &[String],
+) -> Result<image::RgbImage> {
+    let mut order = data::Sampler::new(dataset.len(), config.train.seed, position);
+    let (indices, classes) = match dataset.labelling() {
+        Ok(labelled) if !names.is_empty() => {
+            let wanted = crate::sampler::grid_classes(names.len(), config.sample.num);
+            let wanted = Vec::<i64>::try_from(&wanted)?;
+            let mut rows: Vec<Vec<i64>> = vec![Vec::new(); names.len()];
+            for i in order.next_indices(dataset.len()) {
+                let class = labelled.labels[i as usize];
+                let room = wanted.iter().filter(|&&w| w == class).count();
+                if rows[class as usize].len() < room {
+                    rows[class as usize].push(i);
+                }
+            }
+            let indices: Vec<i64> = rows.concat();
+            let classes: Vec<i64> = indices
+                .iter()
+                .map(|&i| labelled.labels[i as usize])
+                .collect();
+            (indices, Some(tch::Tensor::from_slice(&classes)))
+        }
+        _ => (
+            order.next_indices(config.sample.num.min(dataset.len())),
+            None,
+        ),
+    };
+    let real = data::to_model_space(&dataset.batch(&indices)?, Device::Cpu);
+    let real = data::augment(&real, config.data.hflip, config.data.color_jitter);
+    crate::monitor::sample_grid(&real, classes.as_ref(), names)
 }
 
 /// A checkpoint every `checkpoint.every` steps. Weights that overflowed are not saved: the
@@ -196,7 +232,9 @@ impl TrainingFid {
         crate::catch_panics(|| {
             let started = Instant::now();
             let fid = &trainer.config.fid;
-            let samples = trainer.sample(true, fid.num, seed, signals.abandon())?;
+            let classes = crate::sampler::every_class(trainer.num_classes(), fid.num);
+            let samples =
+                trainer.sample(true, fid.num, classes.as_ref(), seed, signals.abandon())?;
             let images = crate::data::from_model_space(&samples);
             let statistics =
                 self.inception

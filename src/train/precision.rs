@@ -167,13 +167,19 @@ impl PrecisionStrategy {
         }
     }
 
-    /// The prediction of `model` (the f32 network) for x_t at t, in f32.
-    pub(super) fn forward(&self, model: &UNet, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
-        let forward = || model.forward(x_t, t, true);
+    /// The prediction of `model` (the f32 network) for x_t at t (and classes), in f32.
+    pub(super) fn forward(
+        &self,
+        model: &UNet,
+        x_t: &Tensor,
+        t: &Tensor,
+        classes: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let forward = || model.forward(x_t, t, classes, true);
         Ok(match (&self.bf16, self.autocast) {
             (Some(net), _) => net
                 .model
-                .forward(&x_t.to_kind(Kind::BFloat16), t, true)
+                .forward(&x_t.to_kind(Kind::BFloat16), t, classes, true)
                 .to_kind(Kind::Float),
             (None, Some(dtype)) => ops::autocast(x_t.device(), dtype, forward)?,
             (None, None) => forward(),

@@ -11,7 +11,7 @@ use super::jobs::Jobs;
 use super::policy::{self, FailureBoundary, Rollbacks, RunSummary, Signals, Stop};
 use super::step::Trainer;
 use crate::checkpoint::Checkpoint;
-use crate::config::RunConfig;
+use crate::config::{ClassCount, RunConfig};
 use crate::data::{self, Dataset, LoadOptions, Loader, LoaderOptions, Position};
 use crate::distributed::{Launch, ProcessGroup};
 use crate::monitor::{MetricsRecord, Monitor};
@@ -54,10 +54,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     if leader {
         run_dir::check_new(&run_dir, resume.as_ref(), config.data_path().as_deref())?;
     }
-    let dataset = Arc::new(data::load(
-        config.data_path().as_deref(),
-        &LoadOptions::of(&config, strict_data),
-    )?);
+    let (dataset, classes) = load_data(&mut config, strict_data, resume.as_ref())?;
     if let Some(epochs) = epochs {
         set_steps_from_epochs(
             &mut config,
@@ -80,11 +77,14 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
             for note in setting_notes(&config, device, dataset.len(), stop_at) {
                 tracing::info!("note: {note}");
             }
-            let opened = RunDir::open(&run_dir, &config, trainer.step)?;
+            let opened = RunDir::open(&run_dir, &config, &classes, trainer.step)?;
             announce(&trainer, &dataset, resume.as_ref(), launch.as_ref());
             opened
         }
-        false => (RunDir::view(&run_dir, &config), History::default()),
+        false => (
+            RunDir::view(&run_dir, &config, &classes),
+            History::default(),
+        ),
     };
     let signals = Signals::new(interrupt.unwrap_or_default(), trainer.group().is_some());
     let mut monitor = Monitor::new(
@@ -129,12 +129,12 @@ fn train_until(
     while trainer.step < stop {
         let waiting = Instant::now();
         let batch = loader.next_batch().map_err(Stop::failed)?;
-        let x0 = data::to_model_space(&batch, trainer.device);
+        let x0 = data::to_model_space(&batch.images, trainer.device);
         window.data_wait += waiting.elapsed().as_secs_f64();
         // A failure before the update (out of device memory, a lost rank) leaves the state of
         // the step before, which the boundary saves; one during the update leaves none to save.
-        let loss =
-            crate::catch_panics(|| trainer.accumulate_gradients(&x0)).map_err(Stop::failed)?;
+        let loss = crate::catch_panics(|| trainer.accumulate_gradients(&x0, batch.labels.as_ref()))
+            .map_err(Stop::failed)?;
         let out = trainer.apply_gradients(loss).map_err(Stop::Abandoned)?;
         *position = loader.position();
         window.images += config.train.batch;
@@ -233,6 +233,33 @@ fn warn_of_skips(dataset: &Dataset, trainer: &Trainer) {
             trainer.skipped_steps()
         );
     }
+}
+
+/// The training data, with the labels of the classes the model is conditioned on (whose names
+/// it returns, and whose number it sets in `config` where it was `auto`).
+fn load_data(
+    config: &mut RunConfig,
+    strict: bool,
+    resume: Option<&Checkpoint>,
+) -> Result<(Arc<Dataset>, Vec<String>)> {
+    let mut dataset = data::load(
+        config.data_path().as_deref(),
+        &LoadOptions::of(config, strict),
+    )?;
+    let classes = dataset.condition_on(config.model.num_classes)?;
+    config.model.num_classes = ClassCount::Count(classes.len());
+    // Guidance was checked against `auto`, which may have come to none.
+    config.validate()?;
+    if let Some(resumed) = resume.filter(|r| !r.sidecar.classes.is_empty()) {
+        if resumed.sidecar.classes != classes {
+            tracing::warn!(
+                "the data's classes ({}) are not the checkpoint's ({}): class ids keep their embedding rows",
+                data::shown_names(&classes),
+                data::shown_names(&resumed.sidecar.classes)
+            );
+        }
+    }
+    Ok((Arc::new(dataset), classes))
 }
 
 /// The trainer, at the resumed checkpoint's state (rank 0) and then rank 0's on every rank,
@@ -483,13 +510,17 @@ mod tests {
     #[test]
     fn resumed_run_is_bit_identical_to_a_straight_run() {
         for precision in [Precision::F32, Precision::Bf16Pure] {
-            resumed_run_is_bit_identical_with(precision);
+            resumed_run_is_bit_identical_with(precision, ClassCount::Count(0));
         }
+        // Class-conditional: labels and the dropped classes continue as they would have.
+        resumed_run_is_bit_identical_with(Precision::F32, ClassCount::Auto);
     }
 
-    fn resumed_run_is_bit_identical_with(precision: Precision) {
+    fn resumed_run_is_bit_identical_with(precision: Precision, classes: ClassCount) {
         let _rng = crate::rng::exclusive();
         let mut c = tiny(8);
+        c.model.num_classes = classes;
+        c.train.class_dropout = 0.3;
         c.train.precision = precision;
         c.train.steps = 6;
         c.train.batch = 4;
@@ -533,17 +564,25 @@ mod tests {
         let sa = newest(&dir.path().join("straight")).sidecar;
         let sb = newest(&dir.path().join("resumed")).sidecar;
         assert_eq!((sa.step, sa.position), (sb.step, sb.position));
+        // auto became the digits' ten classes, recorded with their names.
+        let conditional = classes != ClassCount::Count(0);
+        assert_eq!(a.contains_key("model.class_embedding.weight"), conditional);
+        assert_eq!(
+            sa.config.model.num_classes.resolved(),
+            if conditional { 10 } else { 0 }
+        );
+        assert_eq!(sa.classes.len(), sa.config.model.num_classes.resolved());
     }
 
     #[test]
     fn persistent_non_finite_steps_roll_back_with_a_lower_learning_rate() {
         let c = tiny(8);
         let dir = tempfile::tempdir().unwrap();
-        let (mut run, _) = RunDir::open(dir.path(), &c, 0).unwrap();
+        let (mut run, _) = RunDir::open(dir.path(), &c, &[], 0).unwrap();
         let mut monitor = Monitor::new(0, 10, 0.0, &[], true);
         let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
         let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
-        trainer.step(&clean).unwrap();
+        trainer.step(&clean, None).unwrap();
         let position = Position {
             epoch: 0,
             index: 4,
@@ -554,7 +593,7 @@ mod tests {
         let saved = flat(&trainer.optimizer.params).copy();
         let poisoned = Tensor::full([4, 1, 8, 8], f64::NAN, (Kind::Float, Device::Cpu));
         for _ in 0..3 {
-            trainer.step(&poisoned).unwrap();
+            trainer.step(&poisoned, None).unwrap();
             if trainer.step == 2 {
                 // A checkpoint inside the streak is passed over.
                 run.save_checkpoint(&trainer.state_tensors(), 2, position)
@@ -573,11 +612,11 @@ mod tests {
         assert!(!run.checkpoint_path(2).exists());
         assert_eq!(run.saved_step(), Some(1));
         assert!(flat(&trainer.optimizer.params).equal(&saved));
-        let out = trainer.step(&clean).unwrap();
+        let out = trainer.step(&clean, None).unwrap();
         assert!((out.lr - 0.5 * learning_rate(&c.train, 1)).abs() < 1e-15);
         // Each further rollback lowers the rate again; with no checkpoint from before the
         // streak, the newest one is taken.
-        trainer.step(&poisoned).unwrap();
+        trainer.step(&poisoned, None).unwrap();
         rollbacks
             .roll_back(&mut trainer, &mut run, &mut monitor, Position::default())
             .unwrap();
@@ -585,8 +624,8 @@ mod tests {
         // Without a checkpoint from before the streak there is nothing to return to, and the
         // state is not saved on the way out.
         let empty = tempfile::tempdir().unwrap();
-        let (mut bare, _) = RunDir::open(empty.path(), &c, 0).unwrap();
-        trainer.step(&poisoned).unwrap();
+        let (mut bare, _) = RunDir::open(empty.path(), &c, &[], 0).unwrap();
+        trainer.step(&poisoned, None).unwrap();
         let err = match rollbacks.roll_back(&mut trainer, &mut bare, &mut monitor, position) {
             Err(Stop::Abandoned(e)) => format!("{e:#}"),
             other => panic!("{:?}", other.map(|_| ())),
@@ -661,6 +700,7 @@ mod tests {
                 split: crate::config::Split::Train,
                 cache: crate::config::DataCache::On,
                 workers: 0,
+                cifar100_labels: Default::default(),
             },
         )
         .unwrap();

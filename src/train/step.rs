@@ -61,6 +61,16 @@ impl QuarterErrors {
     }
 }
 
+/// This rank's `classes` (rows `offset`.. of a global batch of `global`) with each replaced by
+/// `null`, "no class", with probability `p`: drawn from libtorch's generator for the whole global
+/// batch, so that the ranks drop what one process would.
+fn drop_classes(classes: &Tensor, p: f64, null: i64, global: i64, offset: i64) -> Tensor {
+    let dropped = Tensor::rand([global], (Kind::Float, classes.device()))
+        .narrow(0, offset, classes.size()[0])
+        .lt(p);
+    classes.masked_fill(&dropped, null)
+}
+
 /// Host-readable results of one optimizer step (tensors stay on the device until read).
 pub struct StepOutput {
     pub loss: Tensor,
@@ -337,10 +347,14 @@ impl Trainer {
 
     /// Accumulates the gradients of the batch x0 ([B, C, H, W] in [−1, 1]; with several ranks,
     /// this rank's share of the global batch) over `grad_accum` micro-batches and returns the
-    /// batch's mean loss. t, ε and augmentation are drawn for the whole global batch from
-    /// (seed, step), so neither the split into micro-batches nor the one into ranks changes
-    /// what is computed.
-    pub fn accumulate_gradients(&mut self, x0: &Tensor) -> Result<Tensor> {
+    /// batch's mean loss. `classes` are x0's class ids (class-conditional models). t, ε, the
+    /// dropped classes and augmentation are drawn for the whole global batch from (seed, step),
+    /// so neither the split into micro-batches nor the one into ranks changes what is computed.
+    pub fn accumulate_gradients(
+        &mut self,
+        x0: &Tensor,
+        classes: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let shard = self.shard();
         tch::manual_seed(crate::rng::mix(c.train.seed, &[self.step]) as i64);
@@ -362,6 +376,16 @@ impl Trainer {
             (x0.kind(), self.device),
         )
         .narrow(0, offset, b);
+        let classes = classes.map(|classes| {
+            let null = self.model.null_class();
+            drop_classes(
+                &classes.to_device(self.device),
+                c.train.class_dropout,
+                null,
+                global,
+                offset,
+            )
+        });
         if shard.world > 1 {
             // Dropout masks: each rank its own.
             tch::manual_seed(
@@ -370,14 +394,19 @@ impl Trainer {
         }
         let total = match self.graphed.take() {
             Some(mut graphed) => {
-                let inputs = [x0, t, noise];
+                let inputs: Vec<Tensor> = [x0, t, noise].into_iter().chain(classes).collect();
                 let result = graphed.run(&inputs, |i| {
-                    Ok(vec![self.compute_gradients(&i[0], &i[1], &i[2])?])
+                    Ok(vec![self.compute_gradients(
+                        &i[0],
+                        &i[1],
+                        &i[2],
+                        i.get(3),
+                    )?])
                 });
                 self.graphed = Some(graphed);
                 result?.remove(0)
             }
-            None => self.compute_gradients(&x0, &t, &noise)?,
+            None => self.compute_gradients(&x0, &t, &noise, classes.as_ref())?,
         };
         if let Some(group) = &self.group {
             if let Some(sums) = self.precision.sums() {
@@ -394,25 +423,32 @@ impl Trainer {
         Ok(total)
     }
 
-    /// Gradients of this rank's share x0 with timesteps t and noise, micro-batch by
+    /// Gradients of this rank's share x0 with timesteps t, noise and classes, micro-batch by
     /// micro-batch, left in the parameters' .grad (bf16-pure: in the f32 sums); returns the
-    /// mean loss. Launches
-    /// the same kernels on the same tensors every call and never waits for the device, so that
-    /// it can run as a CUDA graph.
-    fn compute_gradients(&mut self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    /// mean loss. Launches the same kernels on the same tensors every call and never waits for
+    /// the device, so that it can run as a CUDA graph.
+    fn compute_gradients(
+        &mut self,
+        x0: &Tensor,
+        t: &Tensor,
+        noise: &Tensor,
+        classes: Option<&Tensor>,
+    ) -> Result<Tensor> {
         self.precision.begin_step(&self.optimizer.params)?;
         let c = &self.config;
         let k = c.train.grad_accum as i64;
         let mut total = Tensor::zeros([], (Kind::Float, self.device));
         let (x0s, ts, noises) = (x0.chunk(k, 0), t.chunk(k, 0), noise.chunk(k, 0));
+        let classes = classes.map(|c| c.chunk(k, 0));
         let last = x0s.len() - 1;
         for (i, ((x0, t), noise)) in x0s.iter().zip(ts).zip(noises).enumerate() {
+            let classes = classes.as_ref().map(|c| &c[i]);
             let mut x_t = self.objective.q_sample(x0, &t, &noise);
             if c.train.channels_last {
                 x_t = ops::channels_last(&x_t)?;
             }
             let target = self.objective.target(x0, &noise, &t);
-            let prediction = self.precision.forward(&self.model, &x_t, &t)?;
+            let prediction = self.precision.forward(&self.model, &x_t, &t, classes)?;
             let (loss, errors) = self.objective.loss_and_errors(&prediction, &target, &t);
             self.error_by_quarter
                 .record(&errors, &t, c.diffusion.timesteps);
@@ -443,9 +479,9 @@ impl Trainer {
         Ok(total)
     }
 
-    /// One optimizer step on the batch x0 ([B, C, H, W] in [−1, 1]).
-    pub fn step(&mut self, x0: &Tensor) -> Result<StepOutput> {
-        let loss = self.accumulate_gradients(x0)?;
+    /// One optimizer step on the batch x0 ([B, C, H, W] in [−1, 1]) of class ids `classes`.
+    pub fn step(&mut self, x0: &Tensor, classes: Option<&Tensor>) -> Result<StepOutput> {
+        let loss = self.accumulate_gradients(x0, classes)?;
         self.apply_gradients(loss)
     }
 
@@ -516,11 +552,18 @@ impl Trainer {
         }
     }
 
-    /// Samples with the EMA or raw weights, until `stop` is set.
+    /// The classes the model is conditioned on (0: unconditional).
+    pub fn num_classes(&self) -> usize {
+        self.config.model.num_classes.resolved()
+    }
+
+    /// Samples n images with the EMA or raw weights (of the classes `classes` [n] for a
+    /// class-conditional model), until `stop` is set.
     pub fn sample(
         &self,
         ema: bool,
         n: usize,
+        classes: Option<&Tensor>,
         seed: u64,
         stop: Option<&AtomicBool>,
     ) -> Result<Tensor, crate::Interrupted> {
@@ -529,6 +572,7 @@ impl Trainer {
             &self.denoiser(ema),
             &self.config.sample,
             m.batch_shape(n),
+            classes,
             seed,
             self.device,
             n.min(256),
@@ -567,6 +611,7 @@ pub fn load_for_sampling(
         model,
         schedule: NoiseSchedule::from_config(&config.diffusion),
         prediction: config.diffusion.prediction,
+        class_names: checkpoint.sidecar.class_names(),
     })
 }
 
@@ -578,6 +623,47 @@ mod tests {
     use crate::train::precision::sorted_variables;
     use crate::train::{flat, tiny};
     use std::path::Path;
+
+    #[test]
+    fn classes_are_dropped_at_the_configured_rate_and_alike_across_ranks() {
+        let _rng = crate::rng::exclusive();
+        let n = 200_000;
+        let classes = Tensor::zeros([n], (Kind::Int64, Device::Cpu));
+        tch::manual_seed(5);
+        let dropped = drop_classes(&classes, 0.1, 10, n, 0);
+        let share = dropped
+            .eq(10)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]);
+        // 4 standard deviations of a binomial share: √(0.1 · 0.9 / n) ≈ 6.7e-4.
+        assert!(
+            (share - 0.1).abs() < 4.0 * (0.09 / n as f64).sqrt(),
+            "{share}"
+        );
+        assert!(
+            dropped
+                .eq(0)
+                .logical_or(&dropped.eq(10))
+                .all()
+                .int64_value(&[])
+                == 1
+        );
+        // Two ranks of a global batch of 8 drop what one process does.
+        let labels = Tensor::arange(8, (Kind::Int64, Device::Cpu));
+        tch::manual_seed(6);
+        let whole = drop_classes(&labels, 0.5, 99, 8, 0);
+        let halves: Vec<Tensor> = (0..2)
+            .map(|rank| {
+                tch::manual_seed(6);
+                drop_classes(&labels.narrow(0, rank * 4, 4), 0.5, 99, 8, rank * 4)
+            })
+            .collect();
+        assert!(Tensor::cat(&halves, 0).equal(&whole));
+        assert!(
+            whole.eq(99).any().int64_value(&[]) == 1 && whole.ne(99).any().int64_value(&[]) == 1
+        );
+    }
 
     #[test]
     fn ema_after_n_updates_matches_closed_form() {
@@ -599,7 +685,7 @@ mod tests {
         let n = 5;
         let x = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         for _ in 0..n {
-            trainer.step(&x).unwrap();
+            trainer.step(&x, None).unwrap();
         }
         let expected: Tensor = &p0 + (0.25 - &p0) * 0.9f64.powi(n);
         let got = flat(&trainer.optimizer.ema_params);
@@ -630,7 +716,7 @@ mod tests {
             trainer.vs.double();
             trainer.optimizer.params = sorted_variables(&trainer.vs).1;
             randomise(&trainer);
-            let _ = trainer.accumulate_gradients(&x).unwrap();
+            let _ = trainer.accumulate_gradients(&x, None).unwrap();
             flat(trainer.precision.unscaled_gradients(Device::Cpu).unwrap().0)
         };
         let one = grads_for(1);
@@ -652,7 +738,7 @@ mod tests {
             let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
             randomise(&trainer);
             let losses = (0..6)
-                .map(|_| trainer.step(&x).unwrap().loss.double_value(&[]))
+                .map(|_| trainer.step(&x, None).unwrap().loss.double_value(&[]))
                 .collect();
             (trainer, losses)
         };
@@ -682,7 +768,7 @@ mod tests {
             .iter()
             .all(|p| p.kind() == Kind::Float));
         let before = flat(&pure.optimizer.params);
-        pure.step(&x).unwrap();
+        pure.step(&x, None).unwrap();
         let net = pure.precision.bf16_params().unwrap();
         assert!(net.iter().all(|p| p.kind() == Kind::BFloat16));
         assert!(flat(net).equal(&before.to_kind(Kind::BFloat16).to_kind(Kind::Float)));
@@ -699,7 +785,7 @@ mod tests {
             c.train.precision = Precision::Bf16Pure;
             let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
             randomise(&trainer);
-            let _ = trainer.accumulate_gradients(&x).unwrap();
+            let _ = trainer.accumulate_gradients(&x, None).unwrap();
             let grads = trainer.precision.unscaled_gradients(Device::Cpu).unwrap().0;
             assert!(grads.iter().all(|g| g.kind() == Kind::Float));
             flat(grads)
@@ -772,7 +858,7 @@ mod tests {
                 // Warm-up steps, the recording step, then replays, each on a new batch.
                 let losses = batches
                     .iter()
-                    .map(|x| trainer.step(x).unwrap().loss.double_value(&[]))
+                    .map(|x| trainer.step(x, None).unwrap().loss.double_value(&[]))
                     .collect();
                 (losses, flat(&trainer.optimizer.params))
             };
@@ -838,7 +924,7 @@ mod tests {
             let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
             let mut loss = 0.0;
             for _ in 0..3 {
-                loss = trainer.step(&x).unwrap().loss.double_value(&[]);
+                loss = trainer.step(&x, None).unwrap().loss.double_value(&[]);
             }
             (trainer, loss)
         };
@@ -880,7 +966,7 @@ mod tests {
         assert_eq!(trainer.loss_scale(), Some(65536.0));
         let before = flat(&trainer.optimizer.params).copy();
         let poisoned = Tensor::full([4, 1, 8, 8], f64::INFINITY, (Kind::Float, Device::Cpu));
-        trainer.step(&poisoned).unwrap();
+        trainer.step(&poisoned, None).unwrap();
         assert_eq!(trainer.skipped_steps(), 1);
         assert_eq!(trainer.loss_scale(), Some(32768.0));
         assert!(
@@ -889,7 +975,7 @@ mod tests {
         );
         assert_eq!(trainer.optimizer.adam_steps[0].double_value(&[]), 0.0);
         let clean = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
-        let out = trainer.step(&clean).unwrap();
+        let out = trainer.step(&clean, None).unwrap();
         assert!(out.loss.double_value(&[]).is_finite());
         assert_eq!(trainer.skipped_steps(), 1);
         assert_eq!(trainer.loss_scale(), Some(32768.0));
@@ -904,7 +990,7 @@ mod tests {
         let mut trainer = Trainer::new(&c, Device::Cpu).unwrap();
         let x = Tensor::rand([8, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
         for _ in 0..10 {
-            let out = trainer.step(&x).unwrap();
+            let out = trainer.step(&x, None).unwrap();
             assert!(
                 out.loss.double_value(&[]).is_finite()
                     && out.grad_norm.double_value(&[]).is_finite()
@@ -944,6 +1030,7 @@ mod tests {
                 split: crate::config::Split::Train,
                 cache: crate::config::DataCache::On,
                 workers: 0,
+                cifar100_labels: Default::default(),
             },
         )
         .unwrap();
@@ -953,7 +1040,7 @@ mod tests {
         );
         let mut losses = Vec::new();
         for _ in 0..300 {
-            losses.push(trainer.step(&x).unwrap().loss.double_value(&[]));
+            losses.push(trainer.step(&x, None).unwrap().loss.double_value(&[]));
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let (start, end) = (mean(&losses[..10]), mean(&losses[250..]));
