@@ -74,7 +74,7 @@ impl Sidecar {
     fn check_intact(&self, json: &serde_json::Value, path: &Path) -> Result<()> {
         if let Some(recorded) = &self.sidecar_sha256 {
             if *recorded != contents_sha256(json) {
-                bail!("{} is damaged or was edited: its contents do not match the SHA-256 it records (change a resumed run's settings with flags, e.g. --lr)", path.display());
+                bail!("{} is damaged or was edited: its contents do not match the SHA-256 it records (change a resumed run's settings with its keys' flags, e.g. train.lr)", path.display());
             }
         }
         let p = self.position;
@@ -290,6 +290,44 @@ pub fn step_of(path: &Path) -> Option<u64> {
         .and_then(|s| s.parse::<u64>().ok())
 }
 
+/// The lock a `ddpm watch` process holds in the checkpoints folder while it follows the run;
+/// it holds the watcher's [`WatchMark`].
+pub const WATCH_LOCK: &str = ".watch.lock";
+
+/// What a running `ddpm watch` has still to measure, which pruning leaves alone: the
+/// checkpoints after `measured_through` whose steps are multiples of `every` (0 or 1: all).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WatchMark {
+    pub pid: u32,
+    pub measured_through: Option<u64>,
+    pub every: u64,
+}
+
+impl WatchMark {
+    pub fn wants(&self, step: u64) -> bool {
+        self.measured_through.is_none_or(|done| step > done)
+            && (self.every <= 1 || step.is_multiple_of(self.every))
+    }
+}
+
+/// The mark of the watcher that follows the checkpoints in `dir` now (holds its lock), if one
+/// does. A mark being rewritten (unreadable for a moment) wants every checkpoint. A watcher that
+/// was killed holds nothing: its mark never keeps checkpoints from pruning.
+pub fn running_watcher(dir: &Path) -> Option<WatchMark> {
+    let path = dir.join(WATCH_LOCK);
+    let file = fs::File::open(&path).ok()?;
+    if !matches!(file.try_lock_shared(), Err(fs::TryLockError::WouldBlock)) {
+        return None;
+    }
+    let unread = WatchMark {
+        pid: 0,
+        measured_through: None,
+        every: 0,
+    };
+    let text = fs::read_to_string(&path).unwrap_or_default();
+    Some(serde_json::from_str(&text).unwrap_or(unread))
+}
+
 /// A checkpoint is pinned by `pin_every` or by a `step-N.keep` file beside it.
 fn is_pinned(sidecar: &Path, pin_every: u64) -> bool {
     let by_interval = matches!(step_of(sidecar), Some(s) if pin_every > 0 && s % pin_every == 0);
@@ -313,9 +351,11 @@ fn prune(dir: &Path, step: u64, keep: usize, pin_every: u64) -> Result<()> {
     for weights in unfinished_saves(dir) {
         let _ = fs::remove_file(weights);
     }
+    let watcher = running_watcher(dir);
     let (earlier, later): (Vec<PathBuf>, Vec<PathBuf>) = list(dir)?
         .into_iter()
         .filter(|p| !is_pinned(p, pin_every))
+        .filter(|p| !step_of(p).is_some_and(|s| watcher.is_some_and(|w| w.wants(s))))
         .partition(|p| step_of(p).is_some_and(|s| s <= step));
     for old in &earlier[..earlier.len().saturating_sub(keep)] {
         remove_checkpoint(dir, old)?;
@@ -449,7 +489,8 @@ impl Checkpoint {
         Ok(None)
     }
 
-    fn load_file(sidecar_path: &Path) -> Result<Self> {
+    /// The checkpoint of this sidecar file (its weights checked against it).
+    pub fn load_file(sidecar_path: &Path) -> Result<Self> {
         let sidecar = read_sidecar(sidecar_path)?;
         // The sidecar has no checksum of its own: its step must at least be its name's.
         if let Some(named) = step_of(sidecar_path).filter(|&s| s != sidecar.step) {
@@ -575,6 +616,65 @@ mod tests {
         fs::write(&path, json.to_string()).unwrap();
         let e = format!("{:#}", Checkpoint::load(&path).err().unwrap());
         assert!(e.contains("lies outside the 5000 images it records"), "{e}");
+    }
+
+    #[test]
+    fn a_watcher_keeps_what_it_has_not_measured_only_while_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RunConfig::preset("tiny").unwrap();
+        config.checkpoint.keep = 1;
+        let save_step = |step: u64| {
+            save(
+                dir.path(),
+                &sample_tensors(),
+                step,
+                Position::default(),
+                &config,
+                &[],
+            )
+            .unwrap();
+        };
+        let steps = || -> Vec<u64> {
+            list(dir.path())
+                .unwrap()
+                .iter()
+                .filter_map(|p| step_of(p))
+                .collect()
+        };
+        let mark = |measured_through: Option<u64>, every: u64| {
+            let m = WatchMark {
+                pid: 1,
+                measured_through,
+                every,
+            };
+            fs::write(
+                dir.path().join(WATCH_LOCK),
+                serde_json::to_string(&m).unwrap(),
+            )
+            .unwrap();
+        };
+        // A mark without a live watcher (one that was killed) keeps nothing.
+        mark(None, 0);
+        save_step(1);
+        save_step(2);
+        assert_eq!(steps(), [2]);
+        let lock = fs::File::open(dir.path().join(WATCH_LOCK)).unwrap();
+        lock.lock().unwrap();
+        // Measured through step 2, every 4th step wanted: 3 goes, 4 stays.
+        mark(Some(2), 4);
+        assert_eq!(running_watcher(dir.path()).map(|w| w.every), Some(4));
+        for step in 3..=6 {
+            save_step(step);
+        }
+        assert_eq!(steps(), [4, 6]);
+        // Being rewritten (empty for a moment): everything stays.
+        fs::write(dir.path().join(WATCH_LOCK), b"").unwrap();
+        save_step(7);
+        assert_eq!(steps(), [4, 6, 7]);
+        drop(lock);
+        assert_eq!(running_watcher(dir.path()), None);
+        save_step(8);
+        assert_eq!(steps(), [8]);
     }
 
     #[test]

@@ -607,30 +607,12 @@ pub fn fid(args: FidArgs) -> Result<String> {
     }
     let device = crate::device::resolve(&args.device)?;
     // Before any sampling: a missing network should cost the user nothing.
-    let inception_path = eval::locate_inception(
-        args.inception.as_deref().map(|p| (p, "--inception")),
-        std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
-        &eval::default_inception_path()?,
-    )?;
-    // Published FID numbers use full f32 convolutions; libtorch would let cuDNN use TF32.
-    crate::ops::set_tf32(false)?;
-    let inception = eval::Inception::load(&inception_path, device)?;
+    let inception = load_inception(args.inception.as_deref(), device)?;
     // Every input is read and checked before the generated images are sampled, which can take
     // minutes: the real set is loaded at their size and channels (what a model was trained on).
-    let fake = FakeImages::open(&args)?;
-    let (channels, height, width) = fake.shape();
-    let real_path = (args.real != Path::new("bundled")).then_some(args.real.as_path());
-    let options = crate::data::LoadOptions {
-        format: crate::config::DataFormat::Auto,
-        channels,
-        size: crate::config::ImageSize::Rect([height, width]),
-        strict: false,
-        split: crate::config::Split::Train,
-        cache: crate::config::DataCache::Auto,
-        workers: 0,
-        cifar100_labels: Default::default(),
-    };
-    let real = crate::data::load(real_path, &options).context("--real")?;
+    let fake = FakeImages::open(&args.fake, args.num, args.guidance)?;
+    let (_, height, width) = fake.shape();
+    let real = real_images(&args.real, fake.shape(), "--real")?;
     if real.len() < 2 {
         bail!(
             "--real {} holds {}: FID compares covariances, which takes at least 2 images",
@@ -644,7 +626,7 @@ pub fn fid(args: FidArgs) -> Result<String> {
         real.description
     );
     let stop = stop_on_signals()?;
-    let fake = fake.images(&args, device, &stop)?;
+    let fake = fake.images(args.num, args.batch, args.seed, device, &stop)?;
     let count = fake.size()[0];
     let real_statistics = eval::cached_statistics(
         &inception,
@@ -673,6 +655,163 @@ pub fn fid(args: FidArgs) -> Result<String> {
     ))
 }
 
+#[derive(clap::Args)]
+pub struct WatchArgs {
+    /// The run directory to follow (the --out of ddpm train)
+    pub run: PathBuf,
+    /// Real images [default: the run's own data]: any dataset `train --data` takes, or `bundled`
+    #[arg(long)]
+    pub real: Option<PathBuf>,
+    /// Images sampled per checkpoint, and real images of precision/recall [default: the run's fid.num]
+    #[arg(long, value_parser = crate::config::positive_count::<usize>)]
+    pub num: Option<usize>,
+    /// Measure only checkpoints whose step is a multiple of this [default: each one]
+    #[arg(long, default_value_t = 0)]
+    pub every: u64,
+    /// Measure the checkpoints there are and end (a finished run), instead of following the run
+    #[arg(long)]
+    pub once: bool,
+    /// Images per forward pass (sampling and Inception)
+    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count::<usize>)]
+    pub batch: usize,
+    /// Sampling seed
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// auto, cpu, cuda, cuda:N or mps (the trainer's GPU, another one, or the CPU)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// The Inception-v3 TorchScript file [default: $DDPM_INCEPTION, else
+    /// ~/.cache/ddpm/inception/default_1.pt, where tools/get_inception.sh puts it]
+    #[arg(long)]
+    pub inception: Option<PathBuf>,
+    /// Seconds between looks for new checkpoints
+    #[arg(long, default_value_t = 10.0)]
+    pub poll_seconds: f64,
+}
+
+/// Follows a run and measures its checkpoints (`watch::Watcher`); returns what it did in a line.
+pub fn watch(args: WatchArgs) -> Result<String> {
+    use crate::eval;
+    let mut watcher = crate::watch::Watcher::open(&args.run, args.every)?;
+    let config = RunConfig::from_toml_file(&args.run.join("config.toml"), None)?;
+    let num = args.num.unwrap_or(config.fid.num);
+    if num <= crate::watch::PRECISION_RECALL_K {
+        bail!(
+            "--num must be above {}: precision and recall look for that many neighbours",
+            crate::watch::PRECISION_RECALL_K
+        );
+    }
+    let device = crate::device::resolve(&args.device)?;
+    let inception = load_inception(args.inception.as_deref(), device)?;
+    let real = match &args.real {
+        Some(path) => real_images(path, model_shape(&config), "--real")?,
+        None => run_data(&config)?,
+    };
+    if real.len() <= crate::watch::PRECISION_RECALL_K {
+        bail!(
+            "the real set holds {}: precision and recall need more than {}",
+            crate::monitor::images(real.len()),
+            crate::watch::PRECISION_RECALL_K
+        );
+    }
+    let stop = stop_on_signals()?;
+    let statistics = eval::cached_statistics(
+        &inception,
+        &real,
+        args.batch,
+        &eval::statistics_cache_dir()?,
+        Some(&stop),
+    )?;
+    // The same real images for every checkpoint: a seeded choice of `num` of them.
+    let mut order: Vec<i64> = (0..real.len() as i64).collect();
+    rand::seq::SliceRandom::shuffle(
+        &mut order[..],
+        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed),
+    );
+    order.truncate(num);
+    let subset = real.batch(&order)?;
+    let features = inception.all_features(&subset, args.batch, "real", Some(&stop))?;
+    let options = crate::watch::WatchOptions {
+        every: args.every,
+        once: args.once,
+        num,
+        batch: args.batch,
+        seed: args.seed,
+        device,
+        poll: std::time::Duration::from_secs_f64(args.poll_seconds.max(0.1)),
+    };
+    let real = crate::watch::RealSet {
+        statistics,
+        features,
+    };
+    let summary = watcher.follow(
+        &inception,
+        &real,
+        &options,
+        |checkpoint| SampleSettings::default().resolve(&checkpoint.sidecar.config),
+        &stop,
+    )?;
+    let mut line = format!(
+        "measured {} checkpoint(s) of {}",
+        summary.measured.len(),
+        args.run.display()
+    );
+    if !summary.missed.is_empty() {
+        let steps: Vec<String> = summary.missed.iter().map(|(s, _)| s.to_string()).collect();
+        line.push_str(&format!(
+            "; not measured (named above): steps {}",
+            steps.join(", ")
+        ));
+    }
+    Ok(line)
+}
+
+/// The Inception network of FID: `flag`'s file, else $DDPM_INCEPTION's, else the cache's;
+/// checked before any work. Published FID numbers use full f32 convolutions, so TF32 is off.
+fn load_inception(flag: Option<&Path>, device: Device) -> Result<crate::eval::Inception> {
+    use crate::eval;
+    let path = eval::locate_inception(
+        flag.map(|p| (p, "--inception")),
+        std::env::var_os(eval::INCEPTION_ENV).map(PathBuf::from),
+        &eval::default_inception_path()?,
+    )?;
+    crate::ops::set_tf32(false)?;
+    eval::Inception::load(&path, device)
+}
+
+/// Real images at the generated ones' (channels, height, width): any dataset `train --data`
+/// takes (its training split), or `bundled`; `flag` names them in errors.
+fn real_images(
+    path: &Path,
+    (channels, height, width): (i64, i64, i64),
+    flag: &str,
+) -> Result<crate::data::Dataset> {
+    let path = (path != Path::new("bundled")).then_some(path);
+    let options = crate::data::LoadOptions {
+        format: crate::config::DataFormat::Auto,
+        channels,
+        size: crate::config::ImageSize::Rect([height, width]),
+        strict: false,
+        split: crate::config::Split::Train,
+        cache: crate::config::DataCache::Auto,
+        workers: 0,
+        cifar100_labels: Default::default(),
+    };
+    crate::data::load(path, &options).with_context(|| flag.to_string())
+}
+
+/// A run's own training images, as it read them.
+fn run_data(config: &RunConfig) -> Result<crate::data::Dataset> {
+    let options = crate::data::LoadOptions::of(config, false);
+    crate::data::load(config.data_path().as_deref(), &options).context("the run's data")
+}
+
+/// (channels, height, width) of a model's images.
+fn model_shape(config: &RunConfig) -> (i64, i64, i64) {
+    let m = &config.model;
+    (m.in_channels, m.image_size.height(), m.image_size.width())
+}
+
 /// The generated images of `ddpm fid`: read from a folder, or a checkpoint to sample from.
 enum FakeImages {
     Folder(tch::Tensor),
@@ -681,38 +820,35 @@ enum FakeImages {
 }
 
 impl FakeImages {
-    /// Reads the folder, or loads the checkpoint (which is sampled later).
-    fn open(args: &FidArgs) -> Result<Self> {
-        let is_checkpoint = args.fake.is_file()
-            || args.fake.join("checkpoints").is_dir()
-            || !crate::checkpoint::list(&args.fake)?.is_empty();
+    /// Reads the folder (the first `num` images, or all), or loads the checkpoint (which is
+    /// sampled later, with `guidance` if given).
+    fn open(fake: &Path, num: Option<usize>, guidance: Option<f64>) -> Result<Self> {
+        let is_checkpoint = fake.is_file()
+            || fake.join("checkpoints").is_dir()
+            || !crate::checkpoint::list(fake)?.is_empty();
         if is_checkpoint {
-            let checkpoint = crate::run_dir::load_checkpoint(&args.fake)?;
+            let checkpoint = crate::run_dir::load_checkpoint(fake)?;
             let settings = SampleSettings {
-                guidance: args.guidance,
+                guidance,
                 ..Default::default()
             }
             .resolve(&checkpoint.sidecar.config)?;
             return Ok(FakeImages::Checkpoint(Box::new((checkpoint, settings))));
         }
-        if args.guidance.is_some() {
+        if guidance.is_some() {
             bail!(
                 "--guidance applies to samples of a checkpoint; --fake {} is a folder of images",
-                args.fake.display()
+                fake.display()
             );
         }
-        let images = crate::eval::load_image_folder(&args.fake, args.num)?;
+        let images = crate::eval::load_image_folder(fake, num)?;
         if images.size()[0] < 2 {
             bail!(
                 "--fake {} holds 1 image: FID compares covariances, which takes at least 2 images",
-                args.fake.display()
+                fake.display()
             );
         }
-        tracing::info!(
-            "fake: {} images from {}",
-            images.size()[0],
-            args.fake.display()
-        );
+        tracing::info!("fake: {} images from {}", images.size()[0], fake.display());
         Ok(FakeImages::Folder(images))
     }
 
@@ -723,49 +859,41 @@ impl FakeImages {
                 let size = images.size();
                 (size[1], size[2], size[3])
             }
-            FakeImages::Checkpoint(checkpoint) => {
-                let m = &checkpoint.0.sidecar.config.model;
-                (m.in_channels, m.image_size.height(), m.image_size.width())
-            }
+            FakeImages::Checkpoint(checkpoint) => model_shape(&checkpoint.0.sidecar.config),
         }
     }
 
     /// The images as u8 [N, C, H, W]; a checkpoint's are sampled with its own sampler settings
     /// and EMA weights.
-    fn images(self, args: &FidArgs, device: Device, stop: &AtomicBool) -> Result<tch::Tensor> {
+    fn images(
+        self,
+        num: Option<usize>,
+        batch: usize,
+        seed: u64,
+        device: Device,
+        stop: &AtomicBool,
+    ) -> Result<tch::Tensor> {
         let (checkpoint, settings) = match self {
             FakeImages::Folder(images) => return Ok(images),
             FakeImages::Checkpoint(checkpoint) => *checkpoint,
         };
-        let config = &checkpoint.sidecar.config;
-        let network = train::load_for_sampling(&checkpoint, true, device)?;
-        let (m, num) = (&config.model, args.num.unwrap_or(10_000));
-        let classes = sampler::every_class(network.class_names.len(), num);
-        let started = std::time::Instant::now();
-        let steps = sampler::step_count(&settings, config.diffusion.timesteps);
-        let progress = crate::monitor::ImageProgress::new("fake: sampling", num);
-        let images = sampler::sample(
-            &network.denoiser(),
+        let num = num.unwrap_or(10_000);
+        train::sample_checkpoint(
+            &checkpoint,
             &settings,
-            m.batch_shape(num),
-            classes.as_ref(),
-            args.seed,
+            (num, batch),
+            seed,
             device,
-            args.batch,
             Some(stop),
-            |batch, done, _| {
-                progress.set(sampler::images_done(batch, done, args.batch, steps, num))
-            },
-        )?;
-        drop(progress);
-        tracing::info!(
-            "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
-            started.elapsed().as_secs_f64(),
-            settings.sampler,
-            checkpoint.sidecar.step,
-            checkpoint.path.display()
-        );
-        Ok(crate::data::from_model_space(&images))
+        )
+    }
+
+    /// The checkpoint's configuration (None for a folder of images).
+    fn config(&self) -> Option<&RunConfig> {
+        match self {
+            FakeImages::Folder(_) => None,
+            FakeImages::Checkpoint(checkpoint) => Some(&checkpoint.0.sidecar.config),
+        }
     }
 }
 

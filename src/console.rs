@@ -1,5 +1,6 @@
 //! How the `ddpm` binary shows what the library reports: its `tracing` events as lines on
-//! stderr (warnings start with `warning: `, data-parallel ranks other than 0 with `[rank N] `),
+//! stderr (warnings start with `warning: `, data-parallel ranks other than 0 with `[rank N] `;
+//! the configuration keys that warnings and notes name come with their flags),
 //! and its progress events as bars on a terminal or as plain lines in a log. Lines never break a
 //! bar: they are printed above it.
 use std::io::{IsTerminal, Write};
@@ -102,8 +103,14 @@ impl<S: Subscriber> Layer<S> for Console {
         if event.metadata().target() == PROGRESS {
             return self.progress(&mut state, fields);
         }
+        // Advice names the configuration keys to change: shown with their flags.
         let text = match *event.metadata().level() {
-            Level::WARN | Level::ERROR => format!("warning: {}", fields.message),
+            Level::WARN | Level::ERROR => {
+                format!("warning: {}", ddpm::config::with_flags(&fields.message))
+            }
+            Level::INFO if fields.message.starts_with("note: ") => {
+                ddpm::config::with_flags(&fields.message)
+            }
             Level::INFO => fields.message,
             _ => return,
         };

@@ -21,26 +21,38 @@ thread_local! {
     /// Set while `catch_panics` runs on this thread: the panic hook stays quiet, as the panic
     /// becomes an error that is reported where it is handled.
     static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where the panic that `catch_panics` is catching was raised (file:line, and the stack
+    /// when RUST_BACKTRACE asks for it), kept by the panic hook for its error.
+    static RAISED_AT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 /// Runs `f`, turning a panic (tch reports libtorch errors, out-of-memory among them, by
-/// panicking) into an error with libtorch's message, without its C++ frames.
+/// panicking) into an error: libtorch's message without its C++ frames, or for any other
+/// panic its message and where it was raised.
 pub fn catch_panics<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let was = CATCHING.with(|c| c.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     CATCHING.with(|c| c.set(was));
-    result.unwrap_or_else(|payload| Err(panic_error(payload)))
+    result.unwrap_or_else(|payload| {
+        let raised_at = RAISED_AT.with(|r| r.take());
+        Err(panic_error(payload, &raised_at))
+    })
 }
 
-/// Installs a panic hook that is silent for libtorch errors inside `catch_panics` (they are
-/// reported as errors) and otherwise the default one (a bug shows where it happened).
+/// Installs a panic hook that is silent inside `catch_panics` (the panic becomes an error
+/// there, which says where it was raised) and otherwise the default one.
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let libtorch = payload_text(info.payload()).is_some_and(|p| p.contains("Torch(\""));
-        if !(libtorch && CATCHING.with(|c| c.get())) {
-            default(info)
+        if !CATCHING.with(|c| c.get()) {
+            return default(info);
         }
+        let mut at = info.location().map_or(String::new(), |l| l.to_string());
+        let stack = std::backtrace::Backtrace::capture();
+        if stack.status() == std::backtrace::BacktraceStatus::Captured {
+            at.push_str(&format!("\n{stack}"));
+        }
+        RAISED_AT.with(|r| *r.borrow_mut() = at);
     }));
 }
 
@@ -48,10 +60,14 @@ pub fn install_panic_hook() {
 /// stack of where it was raised ("Exception raised from …" and a frame list), and what it says
 /// comes first and is all the user needs.
 pub fn error_text(error: &anyhow::Error) -> String {
-    let text = format!("{error:#}");
+    without_libtorch_stack(&format!("{error:#}"))
+}
+
+/// `text` up to the C++ stack a libtorch error carries.
+pub fn without_libtorch_stack(text: &str) -> String {
     match text.split_once("\nException raised from") {
         Some((said, _)) => said.to_string(),
-        None => text,
+        None => text.to_string(),
     }
 }
 
@@ -63,8 +79,9 @@ fn payload_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
         .or_else(|| payload.downcast_ref::<&str>().copied())
 }
 
-/// The message of a panic: for a libtorch error unwrapped by tch, libtorch's own words.
-pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
+/// The error of a panic: for a libtorch error unwrapped by tch, libtorch's own words (where
+/// in tch it was unwrapped tells the user nothing); for any other, its message and `raised_at`.
+pub fn panic_error(payload: Box<dyn std::any::Any + Send>, raised_at: &str) -> anyhow::Error {
     let text = payload_text(payload.as_ref()).unwrap_or("unknown panic");
     match text.split_once("Torch(\"") {
         Some((_, torch)) => {
@@ -79,7 +96,8 @@ pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
                 .replace("\\\\", "\\");
             anyhow::anyhow!("libtorch: {said}")
         }
-        None => anyhow::anyhow!("{text}"),
+        None if raised_at.is_empty() => anyhow::anyhow!("{text}"),
+        None => anyhow::anyhow!("{text} (raised at {raised_at})"),
     }
 }
 
@@ -101,7 +119,9 @@ pub mod rng;
 pub mod run_dir;
 pub mod sampler;
 pub mod schedule;
+pub mod tensorboard;
 pub mod train;
+pub mod watch;
 
 #[cfg(test)]
 mod tests {
@@ -120,10 +140,15 @@ mod tests {
             "{e}"
         );
         let debug = r#"called `Result::unwrap()` on an `Err` value: Torch("\"addmm\" not implemented for 'Half'\nException raised from addmm at x.cpp")"#;
-        let e = super::panic_error(Box::new(debug.to_string())).to_string();
+        let e = super::panic_error(Box::new(debug.to_string()), "x.rs:1:1").to_string();
         assert_eq!(e, "libtorch: \"addmm\" not implemented for 'Half'");
         let e = super::catch_panics(|| -> anyhow::Result<()> { panic!("shape mismatch") });
         assert_eq!(e.unwrap_err().to_string(), "shape mismatch");
+        // With the hook installed, a panic that is not libtorch's says where it was raised.
+        super::install_panic_hook();
+        let e = super::catch_panics(|| -> anyhow::Result<()> { panic!("a bug") });
+        let e = e.unwrap_err().to_string();
+        assert!(e.starts_with("a bug (raised at src/lib.rs:"), "{e}");
         // An error returned by libtorch (not raised as a panic) keeps its words, not its stack.
         let e = a.f_matmul(&a).unwrap_err();
         let text = super::error_text(&anyhow::Error::from(e).context("step 3"));

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ddpm::commands::{self, BenchArgs, SampleArgs, SampleSettings, TrainArgs};
 use ddpm::config::{positive_count, unit_interval, Overrides, SamplerKind, PRESETS};
+use ddpm::run_dir::{Refusal, Remedy};
 
 #[derive(Parser)]
 #[command(
@@ -155,6 +156,9 @@ enum Command {
     /// Fréchet Inception Distance of generated images (a folder, or samples of a checkpoint)
     /// against real ones; prints `FID@N = score`
     Fid(commands::FidArgs),
+    /// Follow a run from beside it: FID, precision and recall of each new checkpoint's samples
+    /// into its eval.jsonl, without the trainer waiting
+    Watch(commands::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -171,9 +175,39 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            console::line(&format!("error: {}", ddpm::error_text(&e)));
+            console::line(&format!("error: {}", shown(&e)));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error as the command line shows it: a run directory's remedies and the configuration
+/// keys it names in terms of the flags.
+fn shown(error: &anyhow::Error) -> String {
+    let causes: Vec<String> = error
+        .chain()
+        .map(|cause| match cause.downcast_ref::<Refusal>() {
+            Some(refusal) => refusal.words(remedy_in_flags),
+            None => cause.to_string(),
+        })
+        .collect();
+    ddpm::config::with_flags(&ddpm::without_libtorch_stack(&causes.join(": ")))
+}
+
+fn remedy_in_flags(remedy: &Remedy) -> String {
+    match remedy {
+        Remedy::ChooseAnotherFolder => "choose another --out".into(),
+        Remedy::ChooseEmptyFolder => "choose a new or empty folder for --out".into(),
+        Remedy::Resume(run) => format!("continue it with --resume {}", run.display()),
+        Remedy::ResumeThatRun => "resume that run itself".into(),
+        Remedy::ContinueIntoNewFolder(from) => {
+            format!("continue from {} into a new --out folder", from.display())
+        }
+        Remedy::Restart { config, run } => format!(
+            "start it again from step 0 with `ddpm train --config {} --out {}`",
+            config.display(),
+            run.display()
+        ),
     }
 }
 
@@ -266,6 +300,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => commands::model_summary(preset.as_deref(), config.as_deref(), checkpoint.as_deref())
             .map(|s| print!("{s}")),
         Command::Fid(args) => commands::fid(args).map(|line| println!("{line}")),
+        Command::Watch(args) => commands::watch(args).map(|line| println!("{line}")),
     };
     result.map(|()| ExitCode::SUCCESS)
 }

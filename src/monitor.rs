@@ -403,6 +403,7 @@ pub fn write_report(
     } else {
         format!("<table><tr><th>step</th><th>images</th><th>FID</th></tr>{fid_rows}</table>")
     };
+    let watched = watch_table(run_dir);
     // Written at step 0: a run resumed into a new directory has none.
     let data = match run_dir.join("samples").join("data.png").is_file() {
         true => "\n<h2>What the model learns from (after augmentation)</h2><img src=\"samples/data.png\" alt=\"training images\">",
@@ -417,7 +418,7 @@ pub fn write_report(
 <h2>Loss</h2><img src="loss.png" alt="loss curve">
 <h2>Latest samples (EMA | raw)</h2><img src="{latest}" alt="latest samples">
 <h2>Training so far</h2><img src="samples/training.gif" alt="sample grids over training">{data}
-<h2>FID</h2>{fid}
+<h2>FID</h2>{fid}{watched}
 <h2>Configuration</h2><pre>{config}</pre>
 </body></html>
 "#,
@@ -425,6 +426,34 @@ pub fn write_report(
         config = html_escape(&config.to_toml()),
     );
     crate::checkpoint::write_atomic(&run_dir.join("report.html"), page.as_bytes())
+}
+
+/// The measurements of `ddpm watch` (`eval.jsonl`) as a table, oldest first; empty without any.
+fn watch_table(run_dir: &Path) -> String {
+    let text = fs::read_to_string(run_dir.join("eval.jsonl")).unwrap_or_default();
+    let mut records: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if records.is_empty() {
+        return String::new();
+    }
+    records.sort_by_key(|r| r["step"].as_u64());
+    let number = |r: &serde_json::Value, key: &str| r[key].as_f64().unwrap_or(f64::NAN);
+    let rows: String = records
+        .iter()
+        .map(|r| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>",
+                r["step"],
+                r["images"],
+                number(r, "fid"),
+                number(r, "precision"),
+                number(r, "recall")
+            )
+        })
+        .collect();
+    format!("\n<h2>Measured beside training (ddpm watch)</h2><table><tr><th>step</th><th>images</th><th>FID</th><th>precision</th><th>recall</th></tr>{rows}</table>")
 }
 
 /// "1 image", "64 images".

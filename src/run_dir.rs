@@ -1,5 +1,5 @@
 //! The run directory: everything a run writes and reads back. Opening a run (new, resumed,
-//! `--resume auto`, the checks on `--out`), the lock, `config.toml`, checkpoints (save, prune,
+//! resumed from the newest checkpoint, the checks on a new run's folder), the lock, `config.toml`, checkpoints (save, prune,
 //! the newest valid one, the rollback target), `metrics.jsonl` (append, rewind), the sample
 //! grids and the views built from them (animation, loss plot, report).
 //!
@@ -16,6 +16,7 @@ use tch::Tensor;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::RunConfig;
 use crate::data::Position;
+use crate::tensorboard::{self, EventFile};
 
 /// The file a trainer holds locked in its run directory, holding its process id.
 pub const LOCK_FILE: &str = ".lock";
@@ -34,6 +35,75 @@ const RUN_FILES: [&str; 6] = [
     "checkpoints",
 ];
 
+/// Why a folder cannot be opened as asked, and what would do instead; the program that
+/// embeds the library words the remedies in its own terms (the `ddpm` command line: its flags).
+#[derive(Debug)]
+pub struct Refusal {
+    pub problem: String,
+    /// The ways out, the likelier first.
+    pub remedies: Vec<Remedy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Remedy {
+    /// Write the run into another folder.
+    ChooseAnotherFolder,
+    /// Write the run into a new or empty folder.
+    ChooseEmptyFolder,
+    /// Resume the run in this directory.
+    Resume(PathBuf),
+    /// Resume the run that owns the checkpoints in the way.
+    ResumeThatRun,
+    /// Continue from this checkpoint into a new folder.
+    ContinueIntoNewFolder(PathBuf),
+    /// Start the run again from step 0 with its configuration file.
+    Restart { config: PathBuf, run: PathBuf },
+}
+
+impl std::fmt::Display for Remedy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Remedy::ChooseAnotherFolder => write!(f, "choose another run directory"),
+            Remedy::ChooseEmptyFolder => write!(f, "choose a new or empty folder"),
+            Remedy::Resume(run) => write!(f, "resume {}", run.display()),
+            Remedy::ResumeThatRun => write!(f, "resume that run itself"),
+            Remedy::ContinueIntoNewFolder(from) => {
+                write!(
+                    f,
+                    "continue from {} into a new run directory",
+                    from.display()
+                )
+            }
+            Remedy::Restart { config, run } => write!(
+                f,
+                "start it again from step 0 with {} into {}",
+                config.display(),
+                run.display()
+            ),
+        }
+    }
+}
+
+impl Refusal {
+    fn new(problem: String, remedies: Vec<Remedy>) -> anyhow::Error {
+        anyhow::Error::new(Refusal { problem, remedies })
+    }
+
+    /// The problem and its remedies, each remedy worded by `word`.
+    pub fn words(&self, word: impl Fn(&Remedy) -> String) -> String {
+        let remedies: Vec<String> = self.remedies.iter().map(word).collect();
+        format!("{}: {}", self.problem, remedies.join(", or "))
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.words(Remedy::to_string))
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 /// A run directory opened by this process.
 pub struct RunDir {
     root: PathBuf,
@@ -49,6 +119,7 @@ pub struct RunDir {
 struct Writer {
     _lock: fs::File,
     metrics: fs::File,
+    events: EventFile,
 }
 
 /// What the run's records say of the steps before this process took it up.
@@ -79,6 +150,7 @@ impl RunDir {
         checkpoint::write_atomic(&root.join("config.toml"), config.to_toml().as_bytes())?;
         let (metrics, history) = continue_metrics(&root.join("metrics.jsonl"), step)?;
         drop_grids_after(root, step)?;
+        let events = EventFile::create(root, Some(step))?;
         let saved = checkpoint::sidecar_path(&root.join("checkpoints"), step).is_file();
         CHECKPOINT_ON_DISK.store(has_checkpoints(root)?, Ordering::SeqCst);
         let dir = RunDir {
@@ -86,6 +158,7 @@ impl RunDir {
             writer: Some(Writer {
                 _lock: lock,
                 metrics,
+                events,
             }),
             config: config.clone(),
             classes: classes.to_vec(),
@@ -167,7 +240,7 @@ impl RunDir {
             Some(before) => before,
             None => match Checkpoint::newest_up_to(&dir, step)? {
                 Some(during) => during,
-                None => bail!("{bad} steps in a row had non-finite gradients (steps {} to {step}) and there is no checkpoint to roll back to; lower --lr or check the data", last_good + 1),
+                None => bail!("{bad} steps in a row had non-finite gradients (steps {} to {step}) and there is no checkpoint to roll back to; lower train.lr or check the data", last_good + 1),
             },
         };
         checkpoint::remove_after(&dir, checkpoint.sidecar.step)?;
@@ -183,25 +256,41 @@ impl RunDir {
         };
         let (metrics, history) = continue_metrics(&self.root.join("metrics.jsonl"), step)?;
         writer.metrics = metrics;
+        writer.events.start_at(step)?;
         drop_grids_after(&self.root, step)?;
         Ok(history)
     }
 
-    /// Appends one line to `metrics.jsonl`.
+    /// Appends one line to `metrics.jsonl`, and its numbers (at its `step`) to the TensorBoard
+    /// events.
     pub fn append_metrics(&mut self, record: &impl Serialize) -> Result<()> {
         let Some(writer) = &mut self.writer else {
             return Ok(());
         };
         writeln!(writer.metrics, "{}", serde_json::to_string(record)?)
-            .context("cannot append to metrics.jsonl")
+            .context("cannot append to metrics.jsonl")?;
+        let record = serde_json::to_value(record)?;
+        let step = record["step"]
+            .as_u64()
+            .context("a metrics record without its step")?;
+        writer
+            .events
+            .scalars(step, &tensorboard::scalars_of(&record))
     }
 
-    /// Writes the grid of `step` as `samples/step-N.png` and `samples/latest.png`, then
-    /// refreshes the views.
-    pub fn write_grid(&self, step: u64, grid: &image::RgbImage) -> Result<PathBuf> {
+    /// Writes the grid of `step` as `samples/step-N.png`, `samples/latest.png` and an image
+    /// of the TensorBoard events, then refreshes the views.
+    pub fn write_grid(&mut self, step: u64, grid: &image::RgbImage) -> Result<PathBuf> {
         let samples = self.root.join("samples");
         let path = samples.join(format!("step-{step:08}.png"));
         crate::monitor::save_png(grid, &path)?;
+        if let Some(writer) = &mut self.writer {
+            let png = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let (width, height) = grid.dimensions();
+            writer
+                .events
+                .image("samples", step, png, (width, height, 3))?;
+        }
         let latest = samples.join("latest.png");
         fs::copy(&path, &latest).with_context(|| format!("cannot write {}", latest.display()))?;
         self.refresh_views()?;
@@ -243,13 +332,24 @@ impl RunDir {
     }
 }
 
+/// Rewrites `report.html` of the run in `root` from its files, for a process beside the
+/// trainer (`ddpm watch`) that has new measurements to show.
+pub fn refresh_report(root: &Path) -> Result<()> {
+    let config = RunConfig::from_toml_file(&root.join("config.toml"), None)?;
+    let grids = grids(&root.join("samples")).unwrap_or_default();
+    crate::monitor::write_report(root, &config, grids.last().map(|(_, p)| p))
+}
+
 /// Refuses a folder that a new run must not take (`resume`: a run continued into `dir`): one
 /// that holds checkpoints, files of a run's names that are not a run's, its own data, or images
-/// or subfolders (a mistyped --out: its grids would mix with them). Other files (a job's log,
+/// or subfolders (a mistyped folder: its grids would mix with them). Other files (a job's log,
 /// say) may share the folder.
 pub fn check_new(dir: &Path, resume: Option<&Checkpoint>, data: Option<&Path>) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
-        bail!("--out {} is a file, not a run directory", dir.display());
+        return Err(Refusal::new(
+            format!("{} is a file, not a run directory", dir.display()),
+            vec![Remedy::ChooseAnotherFolder],
+        ));
     }
     // A resume in the checkpoint's own run directory continues it; into another folder, that
     // folder is checked as a new run's (its checkpoints, if any, are that resume's own).
@@ -262,10 +362,22 @@ pub fn check_new(dir: &Path, resume: Option<&Checkpoint>, data: Option<&Path>) -
         return Ok(());
     }
     if resume.is_none() && !checkpoint::list(&dir.join("checkpoints"))?.is_empty() {
-        bail!("run directory {} already holds checkpoints: continue it with --resume {}, or choose another --out", dir.display(), dir.display());
+        return Err(Refusal::new(
+            format!("run directory {} already holds checkpoints", dir.display()),
+            vec![
+                Remedy::Resume(dir.to_path_buf()),
+                Remedy::ChooseAnotherFolder,
+            ],
+        ));
     }
     if data.is_some_and(|data| checkpoint::same_place(dir, data)) {
-        bail!("--out {} is the data folder: the run's grids and plots would become training data; choose another --out", dir.display());
+        return Err(Refusal::new(
+            format!(
+                "{} is the data folder: the run's grids and plots would become training data",
+                dir.display()
+            ),
+            vec![Remedy::ChooseAnotherFolder],
+        ));
     }
     // Every run takes its directory's lock file first: without one, these files are not a run's.
     if dir.join(LOCK_FILE).exists() {
@@ -276,11 +388,14 @@ pub fn check_new(dir: &Path, resume: Option<&Checkpoint>, data: Option<&Path>) -
         .filter(|name| dir.join(name).exists())
         .collect();
     if !taken.is_empty() {
-        bail!(
-            "--out {} already holds {} that a run would overwrite, and is not a ddpm run directory: choose a new or empty folder",
-            dir.display(),
-            taken.join(", ")
-        );
+        return Err(Refusal::new(
+            format!(
+                "{} already holds {} that a run would overwrite, and is not a ddpm run directory",
+                dir.display(),
+                taken.join(", ")
+            ),
+            vec![Remedy::ChooseEmptyFolder],
+        ));
     }
     let mut others: Vec<String> = fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
@@ -298,12 +413,15 @@ pub fn check_new(dir: &Path, resume: Option<&Checkpoint>, data: Option<&Path>) -
     if !others.is_empty() {
         others.sort();
         let shown = others.len().min(3);
-        bail!(
-            "--out {} holds images or folders ({}{}) and is not a ddpm run directory: choose a new or empty folder (other files, such as a job's log, may share it)",
-            dir.display(),
-            others[..shown].join(", "),
-            if others.len() > shown { ", …" } else { "" }
-        );
+        return Err(Refusal::new(
+            format!(
+                "{} holds images or folders ({}{}) and is not a ddpm run directory (other files, such as a job's log, may share it)",
+                dir.display(),
+                others[..shown].join(", "),
+                if others.len() > shown { ", …" } else { "" }
+            ),
+            vec![Remedy::ChooseEmptyFolder],
+        ));
     }
     Ok(())
 }
@@ -315,11 +433,16 @@ pub fn check_resume_target(checkpoint: &Checkpoint, dir: &Path, named_file: bool
     let same_run = checkpoint::same_place(&of_checkpoint(&checkpoint.path), dir);
     let existing = checkpoint::list(&dir.join("checkpoints"))?;
     if !same_run && !existing.is_empty() {
-        bail!(
-            "{} already holds the checkpoints of another run: continue from {} into a new --out folder, or resume that run itself",
-            dir.display(),
-            checkpoint.path.display()
-        );
+        return Err(Refusal::new(
+            format!(
+                "{} already holds the checkpoints of another run",
+                dir.display()
+            ),
+            vec![
+                Remedy::ContinueIntoNewFolder(checkpoint.path.clone()),
+                Remedy::ResumeThatRun,
+            ],
+        ));
     }
     let later: Vec<u64> = existing
         .iter()
@@ -329,12 +452,17 @@ pub fn check_resume_target(checkpoint: &Checkpoint, dir: &Path, named_file: bool
         .filter(|&s| s > step)
         .collect();
     if !later.is_empty() {
-        bail!(
-            "{} holds checkpoints after step {step} (steps {later:?}) that resuming from {} would overwrite: resume from the newest (--resume {}), or continue from this one into a new --out folder",
-            dir.display(),
-            checkpoint.path.display(),
-            dir.display()
-        );
+        return Err(Refusal::new(
+            format!(
+                "{} holds checkpoints after step {step} (steps {later:?}) that resuming from {} would overwrite",
+                dir.display(),
+                checkpoint.path.display(),
+            ),
+            vec![
+                Remedy::Resume(dir.to_path_buf()),
+                Remedy::ContinueIntoNewFolder(checkpoint.path.clone()),
+            ],
+        ));
     }
     Ok(())
 }
@@ -368,11 +496,15 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
     match run.join("config.toml").is_file() {
         // A run stopped before its first checkpoint (or whose checkpoints were removed): its
         // configuration restarts it.
-        true => bail!(
-            "{error}: none was written (the run stopped before its first) or they were removed; start it again from step 0 with `ddpm train --config {} --out {}`",
-            run.join("config.toml").display(),
-            run.display()
-        ),
+        true => Err(Refusal::new(
+            format!(
+                "{error}: none was written (the run stopped before its first) or they were removed"
+            ),
+            vec![Remedy::Restart {
+                config: run.join("config.toml"),
+                run,
+            }],
+        )),
         false => Err(error),
     }
 }
@@ -463,7 +595,7 @@ pub fn unread_config_note(dir: &Path, checkpoint_config: &RunConfig) -> Option<S
         }
     };
     Some(format!(
-        "{} {edited}: a resume reads the checkpoint's settings and flags, not that file, which it rewrites (change settings with flags, e.g. --lr)",
+        "{} {edited}: a resume reads the checkpoint's settings and flags, not that file, which it rewrites (change a resumed run's settings with its keys' flags, e.g. train.lr)",
         file.display()
     ))
 }

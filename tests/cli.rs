@@ -80,7 +80,7 @@ fn config_errors_name_the_key_before_any_work() {
     );
     assert!(
         stderr(&out).contains("in config file graph.toml")
-            && stderr(&out).contains("train.cuda_graph needs a CUDA device"),
+            && stderr(&out).contains("train.cuda_graph (--cuda-graph) needs a CUDA device"),
         "{}",
         stderr(&out)
     );
@@ -464,7 +464,7 @@ fn streamed_folder_trains_past_a_corrupt_file_or_stops_on_it_when_strict() {
         let log = stderr(&out);
         assert!(!out.status.success());
         assert!(
-            log.contains("5-corrupt.png") && log.contains("--strict-data"),
+            log.contains("5-corrupt.png") && log.contains("reading strictly"),
             "{log}"
         );
         let checkpoints = dir.path().join(&out_dir).join("checkpoints");
@@ -931,7 +931,8 @@ fn bench_prints_one_machine_readable_line_per_run() {
     assert_eq!(field(&off, "cuda_graph"), "0");
     let on = ddpm(&[&tiny_step[..], &["--cuda-graph"]].concat(), dir.path());
     assert!(
-        !on.status.success() && stderr(&on).contains("train.cuda_graph needs a CUDA device"),
+        !on.status.success()
+            && stderr(&on).contains("train.cuda_graph (--cuda-graph) needs a CUDA device"),
         "{}",
         stderr(&on)
     );

@@ -245,6 +245,46 @@ pub fn key(name: &str) -> Option<&'static Key> {
     keys().find(|key| key.name == name)
 }
 
+/// `text` with each configuration key it names followed by the key's `ddpm train` flag, for a
+/// message shown on the command line: "lower train.lr" becomes "lower train.lr (--lr)". The
+/// first mention of a key gets its flag, unless it states a value or the text already names
+/// that flag.
+pub fn with_flags(text: &str) -> String {
+    let mut text = text.to_string();
+    for key in keys() {
+        let Some(flag) = key.flag else { continue };
+        let flag = format!("--{flag}");
+        if text.contains(&flag) {
+            continue;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        let mut named = false;
+        while let Some(at) = rest.find(key.name) {
+            let (before, after) = rest.split_at(at);
+            let after = &after[key.name.len()..];
+            out.push_str(before);
+            out.push_str(key.name);
+            let word = |c: char| c.is_alphanumeric() || c == '_';
+            // A mention that states a value ("train.lr = 0.1") reads best as it is.
+            let whole = !before.ends_with(|c: char| word(c) || c == '.' || c == '-')
+                && !after.starts_with(word)
+                && !after.starts_with(" = ");
+            // After a name in backticks, not inside them.
+            let closing = usize::from(after.starts_with('`'));
+            out.push_str(&after[..closing]);
+            if whole && !named {
+                out.push_str(&format!(" ({flag})"));
+                named = true;
+            }
+            rest = &after[closing..];
+        }
+        out.push_str(rest);
+        text = out;
+    }
+    text
+}
+
 /// The reference of every key as a Markdown table: key, flag, value in each preset, what is
 /// allowed, and what it does.
 pub fn reference() -> String {

@@ -17,7 +17,7 @@ mod keys;
 mod flags;
 
 pub use flags::{Flag, FlagSet, FlagValues, KeyFlags, Overrides};
-pub use keys::{key, keys, reference, ConfigError, Key};
+pub use keys::{key, keys, reference, with_flags, ConfigError, Key};
 
 /// A type error in the merged configuration as `section.key = value: what was expected`: its
 /// line numbers would point into the merged text, not the user's file.
@@ -1233,6 +1233,26 @@ fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_sees_the_flag_of_each_key_a_message_names() {
+        assert_eq!(
+            with_flags("lower train.lr or check the data"),
+            "lower train.lr (--lr) or check the data"
+        );
+        // After backticks; once per key; not inside a longer name or a stated value.
+        assert_eq!(
+            with_flags("invalid value for `train.ema_decay`: 1.5; train.ema_decay again"),
+            "invalid value for `train.ema_decay` (--ema-decay): 1.5; train.ema_decay again"
+        );
+        assert_eq!(
+            with_flags("train.lr_schedule and train.lr = 0.1"),
+            "train.lr_schedule (--lr-schedule) and train.lr = 0.1"
+        );
+        // A key without a flag, and a text that names the flag already, are left alone.
+        assert_eq!(with_flags("fid.batch is 50"), "fid.batch is 50");
+        assert_eq!(with_flags("train.lr (--lr) twice"), "train.lr (--lr) twice");
+    }
 
     #[test]
     fn a_relative_data_path_is_made_absolute_from_the_working_directory() {

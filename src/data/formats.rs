@@ -80,7 +80,7 @@ pub fn detect_format(path: &Path) -> Result<DataFormat> {
         if name.contains("idx3-ubyte") {
             return Ok(DataFormat::Idx);
         }
-        bail!("data path {} is a file whose name is not an IDX image file's (*idx3-ubyte or *idx3-ubyte.gz): give an image folder, a CIFAR-10/100 folder or an IDX file (--data-format idx reads an IDX file of another name)", path.display());
+        bail!("data path {} is a file whose name is not an IDX image file's (*idx3-ubyte or *idx3-ubyte.gz): give an image folder, a CIFAR-10/100 folder or an IDX file (data.format = \"idx\" reads an IDX file of another name)", path.display());
     }
     let has = |name: &str| path.join(name).exists();
     let has_idx = fs::read_dir(path)
@@ -104,7 +104,7 @@ pub fn detect_format(path: &Path) -> Result<DataFormat> {
         _ => {
             let names: Vec<String> = found.iter().map(crate::config::value_name).collect();
             bail!(
-                "data folder {} holds the files of several datasets ({}): point at one dataset's own file or folder, or choose one with --data-format (data.format)",
+                "data folder {} holds the files of several datasets ({}): point at one dataset's own file or folder, or choose one with data.format",
                 path.display(),
                 names.join(", ")
             )
@@ -174,7 +174,7 @@ pub fn idx_files(path: &Path, split: Split) -> Result<Vec<PathBuf>> {
         };
         if !fits {
             bail!(
-                "{} is one IDX file, not the {split} split (t10k-… or test-… files are the test split): name the folder holding the split's files, or drop --split",
+                "{} is one IDX file, not the {split} split (t10k-… or test-… files are the test split): name the folder holding the split's files, or set data.split = \"train\"",
                 path.display()
             );
         }
@@ -205,7 +205,7 @@ pub fn idx_files(path: &Path, split: Split) -> Result<Vec<PathBuf>> {
                 Split::All => "one train-… and one t10k-… (or test-…) file",
             };
             bail!(
-                "{} holds the IDX image files {}, and the {split} split needs {wanted}: name the file to train on with --data",
+                "{} holds the IDX image files {}, and the {split} split needs {wanted}: name the file to train on as data.path",
                 path.display(),
                 files
                     .iter()

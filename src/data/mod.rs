@@ -269,7 +269,7 @@ impl Dataset {
                 Ok(()) => return Ok(i),
                 Err(why) if self.strict => {
                     bail!(
-                        "cannot decode {}: {why} (--strict-data)",
+                        "cannot decode {}: {why} (reading strictly: an unreadable image is an error)",
                         files[i].display()
                     )
                 }
@@ -324,7 +324,7 @@ fn resolve_format(path: Option<&Path>, options: &LoadOptions) -> Result<DataForm
     let format = match (path, options.format) {
         (None, DataFormat::Auto | DataFormat::Bundled) => DataFormat::Bundled,
         (None, format) => bail!(
-            "data.format = \"{}\" needs data.path (--data); for the bundled digits, data.format = \"bundled\" (--data-format bundled)",
+            "data.format = \"{}\" needs data.path; for the bundled digits, data.format = \"bundled\"",
             crate::config::value_name(&format)
         ),
         (Some(p), DataFormat::Bundled) => bail!(
@@ -479,7 +479,7 @@ fn load_folder(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
     });
     if let Some((i, why)) = failed.first().filter(|_| options.strict) {
         bail!(
-            "cannot decode {}: {why} (--strict-data)",
+            "cannot decode {}: {why} (reading strictly: an unreadable image is an error)",
             files[*i].display()
         );
     }
@@ -515,7 +515,7 @@ fn load_folder(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
 
 fn note_grayscale(description: &str) {
     // Said the same way to training and to FID (whose fake images set the channels).
-    tracing::info!("note: {description} is in colour and is read in grayscale, at the model's 1 channel (a model trained with --channels 3 keeps the colour)");
+    tracing::info!("note: {description} is in colour and is read in grayscale, at the model's 1 channel (a model with model.in_channels = 3 keeps the colour)");
 }
 
 /// Whether `count` images of `shape` are decoded once into memory.
@@ -922,7 +922,7 @@ mod tests {
             load(Some(dir.path()), &options(1, 2)).err().unwrap()
         );
         assert!(
-            e.contains("cifar10, idx") && e.contains("--data-format"),
+            e.contains("cifar10, idx") && e.contains("data.format"),
             "{e}"
         );
         let idx_only = LoadOptions {
@@ -1360,7 +1360,7 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", strict.batch(&[0, 2]).err().unwrap());
         assert!(
-            e.contains("img1b.png") && e.contains("--strict-data"),
+            e.contains("img1b.png") && e.contains("reading strictly"),
             "{e}"
         );
     }

@@ -84,7 +84,7 @@ impl Jobs {
     pub fn final_grid(
         &self,
         trainer: &Trainer,
-        run: &RunDir,
+        run: &mut RunDir,
         signals: &Signals,
     ) -> Result<Option<PathBuf>, Stop> {
         if !run.writes() {
@@ -98,7 +98,12 @@ impl Jobs {
 
     /// Samples the run's fixed noise with the EMA and the raw weights and writes them side by
     /// side; abandoned, writing nothing, once `stop` is set.
-    fn grid(&self, trainer: &Trainer, run: &RunDir, stop: Option<&AtomicBool>) -> Result<PathBuf> {
+    fn grid(
+        &self,
+        trainer: &Trainer,
+        run: &mut RunDir,
+        stop: Option<&AtomicBool>,
+    ) -> Result<PathBuf> {
         crate::catch_panics(|| {
             let started = Instant::now();
             let s = &trainer.config.sample;

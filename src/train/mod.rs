@@ -11,7 +11,7 @@ mod step;
 
 pub use policy::RunSummary;
 pub use run::{run, RunOptions};
-pub use step::{check_levers, load_for_sampling, StepOutput, Trainer};
+pub use step::{check_levers, load_for_sampling, sample_checkpoint, StepOutput, Trainer};
 
 use crate::config::{LrSchedule, TrainConfig};
 

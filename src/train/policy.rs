@@ -138,7 +138,7 @@ impl Rollbacks {
         let step = trainer.step;
         let bad = trainer.consecutive_skipped_steps();
         if self.done > MAX_ROLLBACKS {
-            bail!("gradients are still non-finite after {MAX_ROLLBACKS} rollbacks (step {step}); lower --lr or check the data");
+            bail!("gradients are still non-finite after {MAX_ROLLBACKS} rollbacks (step {step}); lower train.lr or check the data");
         }
         let checkpoint = run.rollback_target(step, bad)?;
         // The scale goes on falling with each rollback (the checkpoint holds the one of its step).
@@ -156,7 +156,7 @@ impl Rollbacks {
 pub fn save(trainer: &Trainer, run: &mut RunDir, position: Position) -> Result<Option<PathBuf>> {
     if !trainer.weights_are_finite() {
         bail!(
-            "the weights are not finite at step {}: not saved as a checkpoint (lower --lr)",
+            "the weights are not finite at step {}: not saved as a checkpoint (lower train.lr)",
             trainer.step
         );
     }

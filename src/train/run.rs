@@ -68,7 +68,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary> {
     let stop = stop_at.unwrap_or(u64::MAX).min(config.train.steps);
     if trainer.step >= stop {
         if leader {
-            tracing::info!("{} is at step {} and this run stops at step {stop}: nothing to train (raise --steps or --epochs, and --stop-at if given, to continue)", run_dir.display(), trainer.step);
+            tracing::info!("{} is at step {} and this run stops at step {stop}: nothing to train (raise train.steps, and the step to stop at if one was given, to continue)", run_dir.display(), trainer.step);
         }
         return Ok(RunSummary::untrained(trainer.step, config.train.steps));
     }
@@ -353,7 +353,7 @@ fn set_steps_from_epochs(
         .filter(|&n| n <= i64::MAX as u64)
         .with_context(|| {
             format!(
-                "--epochs {epochs} of {} images is more images than a run can count",
+                "{epochs} epochs of {} images is more images than a run can count",
                 dataset.len()
             )
         })?;
@@ -452,7 +452,7 @@ fn setting_notes(
     let bundled = config.data.path.is_empty()
         && matches!(config.data.format, DataFormat::Auto | DataFormat::Bundled);
     if bundled && config.model.in_channels == 3 {
-        notes.push("a 3-channel model trains on the bundled digits, which are grayscale: give --data for your own images".to_string());
+        notes.push("a 3-channel model trains on the bundled digits, which are grayscale: set data.path to your own images".to_string());
     }
     if images < tc.batch {
         notes.push(format!("the batch ({}) is larger than the dataset ({images} images): every batch repeats images", tc.batch));
@@ -468,7 +468,7 @@ fn setting_notes(
     }
     if let Some(stop_at) = stop_at.filter(|&s| s > tc.steps) {
         notes.push(format!(
-            "--stop-at {stop_at} is beyond the run's {} steps: it ends at step {}",
+            "the step to stop at ({stop_at}) is beyond the run's {} steps: it ends at step {}",
             tc.steps, tc.steps
         ));
     }
@@ -631,7 +631,7 @@ mod tests {
             other => panic!("{:?}", other.map(|_| ())),
         };
         assert!(
-            err.contains("no checkpoint to roll back to; lower --lr or check the data")
+            err.contains("no checkpoint to roll back to; lower train.lr or check the data")
                 && !err.contains("no such"),
             "{err}"
         );
@@ -651,7 +651,7 @@ mod tests {
             "larger than the dataset",
             "warm-up",
             "min_lr",
-            "--stop-at",
+            "step to stop at",
         ] {
             assert!(
                 notes.iter().any(|n| n.contains(expected)),

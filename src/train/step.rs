@@ -615,6 +615,47 @@ pub fn load_for_sampling(
     })
 }
 
+/// `num` images (u8 [N, C, H, W]) of a checkpoint's EMA weights with `settings`, every class
+/// in equal shares for a class-conditional model, as FID scores them: `ddpm fid` and
+/// `ddpm watch` sample here. Ends with [`crate::Interrupted`] once `stop` is set.
+pub fn sample_checkpoint(
+    checkpoint: &Checkpoint,
+    settings: &crate::config::SampleConfig,
+    (num, batch): (usize, usize),
+    seed: u64,
+    device: Device,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Tensor> {
+    let config = &checkpoint.sidecar.config;
+    let network = load_for_sampling(checkpoint, true, device)?;
+    let classes = sampler::every_class(network.class_names.len(), num);
+    let started = std::time::Instant::now();
+    let steps = sampler::step_count(settings, config.diffusion.timesteps);
+    let progress = crate::monitor::ImageProgress::new("fake: sampling", num);
+    let images = sampler::sample(
+        &network.denoiser(),
+        settings,
+        config.model.batch_shape(num),
+        classes.as_ref(),
+        seed,
+        device,
+        batch,
+        stop,
+        |done_batch, done, _| {
+            progress.set(sampler::images_done(done_batch, done, batch, steps, num))
+        },
+    )?;
+    drop(progress);
+    tracing::info!(
+        "fake: sampled {num} images in {:.1} s ({}, EMA weights, step {} of {})",
+        started.elapsed().as_secs_f64(),
+        settings.sampler,
+        checkpoint.sidecar.step,
+        checkpoint.path.display()
+    );
+    Ok(crate::data::from_model_space(&images))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

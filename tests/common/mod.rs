@@ -66,3 +66,36 @@ pub fn ddpm_within(args: &[&str], cwd: &Path, seconds: u64) -> Output {
     }
     child.wait_with_output().expect("ended")
 }
+
+/// A file a test needs that the test command does not fetch, where `usable`: else None (the
+/// test is skipped, saying so), except under CI, which installs it and where one missing fails.
+pub fn installed(
+    path: std::path::PathBuf,
+    usable: bool,
+    install: &str,
+) -> Option<std::path::PathBuf> {
+    match (usable, std::env::var_os("CI")) {
+        (true, _) => Some(path),
+        (false, Some(_)) => panic!(
+            "CI runs this test for real, and {} is missing or unusable: {install}",
+            path.display()
+        ),
+        (false, None) => {
+            eprintln!(
+                "skipped: {} is missing ({install} to run this test)",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// The Inception network of the FID tests ($DDPM_INCEPTION, else where tools/get_inception.sh
+/// puts it).
+pub fn inception() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("DDPM_INCEPTION")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| ddpm::eval::default_inception_path().unwrap());
+    let usable = path.is_file();
+    installed(path, usable, "run tools/get_inception.sh")
+}
