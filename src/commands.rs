@@ -1,4 +1,5 @@
 //! The subcommands, as library functions: `main.rs` parses the command line and calls these.
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -798,6 +799,158 @@ fn real_images(
         cifar100_labels: Default::default(),
     };
     crate::data::load(path, &options).with_context(|| flag.to_string())
+}
+
+#[derive(clap::Args)]
+pub struct NearestArgs {
+    /// Generated images: a folder of images, or a checkpoint or run directory to sample from
+    /// (with its sampler settings and EMA weights)
+    #[arg(long)]
+    pub fake: PathBuf,
+    /// The training images [default: the run's own data, when --fake is a checkpoint]: any
+    /// dataset `train --data` takes, or `bundled`
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// Real images the model never trained on (a test split, images held out), to set how near
+    /// an image the model never saw comes to the training set
+    #[arg(long)]
+    pub held_out: PathBuf,
+    /// Images to sample from a checkpoint [default: 1000] or to take from a folder [default: all]
+    #[arg(long, value_parser = crate::config::positive_count::<usize>)]
+    pub num: Option<usize>,
+    /// Images per forward pass (sampling and Inception)
+    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count::<usize>)]
+    pub batch: usize,
+    /// Sampling seed (checkpoints)
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// auto, cpu, cuda, cuda:N or mps
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// The Inception-v3 TorchScript file [default: as for ddpm fid]
+    #[arg(long)]
+    pub inception: Option<PathBuf>,
+    /// The folder for nearest.png and nearest.json [default: RUN/nearest for a run directory,
+    /// else ./nearest]
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Generated images (rows, nearest first) beside their nearest training images in Inception
+/// features and in pixels.
+const SHOWN_PAIRS: usize = 16;
+
+/// The memorisation check: each generated image's nearest training images, against how near
+/// held-out images come; writes nearest.png and nearest.json and returns a summary line.
+pub fn nearest(args: NearestArgs) -> Result<String> {
+    use crate::nearest::{quantiles, Memorisation, Vectors};
+    if !args.fake.exists() {
+        bail!(
+            "--fake {} does not exist: give a folder of images, a checkpoint or a run directory",
+            args.fake.display()
+        );
+    }
+    let device = crate::device::resolve(&args.device)?;
+    let inception = load_inception(args.inception.as_deref(), device)?;
+    let fake = FakeImages::open(&args.fake, args.num, None)?;
+    let train = match (&args.train, fake.config()) {
+        (Some(path), _) => real_images(path, fake.shape(), "--train")?,
+        (None, Some(config)) => run_data(config)?,
+        (None, None) => bail!(
+            "--fake {} is a folder of images: name the training images with --train",
+            args.fake.display()
+        ),
+    };
+    let held_out = real_images(&args.held_out, fake.shape(), "--held-out")?;
+    let out = match &args.out {
+        Some(out) => out.clone(),
+        None if args.fake.join("config.toml").is_file() => args.fake.join("nearest"),
+        None => PathBuf::from("nearest"),
+    };
+    fs::create_dir_all(&out)
+        .with_context(|| format!("--out {}: cannot create this folder", out.display()))?;
+    check_writable(&out).with_context(|| format!("--out {}", out.display()))?;
+    let stop = stop_on_signals()?;
+    let generated = fake.images(
+        args.num.or(Some(1000)),
+        args.batch,
+        args.seed,
+        device,
+        &stop,
+    )?;
+    let all = |set: &crate::data::Dataset| set.batch(&(0..set.len() as i64).collect::<Vec<_>>());
+    let (train_images, held_out_images) = (all(&train)?, all(&held_out)?);
+    let features = |images: &tch::Tensor, what: &str| {
+        inception.all_features(images, args.batch, what, Some(&stop))
+    };
+    let pixels = |images: &tch::Tensor| images.flatten(1, -1).to_kind(tch::Kind::Float) / 255.0;
+    let vectors = [&train_images, &generated, &held_out_images];
+    let features = [
+        features(vectors[0], "training")?,
+        features(vectors[1], "generated")?,
+        features(vectors[2], "held-out")?,
+    ];
+    let pixels = vectors.map(pixels);
+    let [train_v, generated_v, held_v] = [0, 1, 2].map(|i| Vectors {
+        features: &features[i],
+        pixels: &pixels[i],
+    });
+    let m = Memorisation::measure(&train_v, &generated_v, &held_v)?;
+    let flagged = m.flagged();
+    let (threshold_features, threshold_pixels) = m.thresholds();
+    let distances = |set: &[(crate::nearest::Nearest, crate::nearest::Nearest)], pixel: bool| {
+        quantiles(
+            set.iter()
+                .map(|p| if pixel { p.1.distance } else { p.0.distance }),
+        )
+    };
+    let summary = serde_json::json!({
+        "generated": m.generated.len(),
+        "training": train.len(),
+        "held_out": held_out.len(),
+        "thresholds": {"features": threshold_features, "pixels": threshold_pixels},
+        "quantiles_at": [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0],
+        "generated_features": distances(&m.generated, false),
+        "held_out_features": distances(&m.held_out, false),
+        "generated_pixels": distances(&m.generated, true),
+        "held_out_pixels": distances(&m.held_out, true),
+        "flagged": flagged.iter().map(|&i| serde_json::json!({"generated": i, "nearest_in_features": m.generated[i].0, "nearest_in_pixels": m.generated[i].1})).collect::<Vec<_>>(),
+    });
+    fs::write(
+        out.join("nearest.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )
+    .with_context(|| format!("cannot write {}", out.join("nearest.json").display()))?;
+    // Rows of (generated, nearest in features, nearest in pixels), the nearest first.
+    let shown: Vec<usize> = m.nearest_first().into_iter().take(SHOWN_PAIRS).collect();
+    let mut rows = Vec::new();
+    for &i in &shown {
+        let (f, p) = m.generated[i];
+        rows.push(generated.get(i as i64));
+        rows.push(train_images.get(f.index as i64));
+        rows.push(train_images.get(p.index as i64));
+    }
+    let grid = crate::monitor::grid_with_columns(
+        &crate::data::to_model_space(&tch::Tensor::stack(&rows, 0), tch::Device::Cpu),
+        3,
+    );
+    crate::monitor::save_png(&grid, &out.join("nearest.png"))?;
+    if out
+        .parent()
+        .is_some_and(|run| run.join("config.toml").is_file() && out.ends_with("nearest"))
+    {
+        crate::run_dir::refresh_report(out.parent().unwrap_or(&out))?;
+    }
+    Ok(format!(
+        "{} of {} generated images are nearer a training image than any of {} held-out images comes ({} in Inception features, {} in pixels); {} and {}",
+        flagged.len(),
+        m.generated.len(),
+        held_out.len(),
+        flagged.iter().filter(|&&i| m.generated[i].0.distance < threshold_features).count(),
+        flagged.iter().filter(|&&i| m.generated[i].1.distance < threshold_pixels).count(),
+        out.join("nearest.png").display(),
+        out.join("nearest.json").display()
+    ))
 }
 
 /// A run's own training images, as it read them.

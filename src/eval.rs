@@ -238,10 +238,10 @@ pub fn precision_recall(real: &Tensor, fake: &Tensor, k: usize) -> Result<(f64, 
 }
 
 /// Rows of [N, M] squared distances at a time: 1024 × 10k f64 is 80 MB.
-const DISTANCE_ROWS: i64 = 1024;
+pub(crate) const DISTANCE_ROWS: i64 = 1024;
 
 /// Squared Euclidean distances [n, M] between rows of `a` [n, D] and `b` [M, D].
-fn squared_distances(a: &Tensor, b: &Tensor) -> Tensor {
+pub(crate) fn squared_distances(a: &Tensor, b: &Tensor) -> Tensor {
     let a2 = a.square().sum_dim_intlist(1, true, Kind::Double);
     let b2 = b.square().sum_dim_intlist(1, false, Kind::Double);
     (a2 + b2.unsqueeze(0) - a.matmul(&b.tr()) * 2.0).clamp_min(0.0)

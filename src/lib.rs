@@ -113,6 +113,7 @@ pub mod eval;
 pub mod interop;
 pub mod model;
 pub mod monitor;
+pub mod nearest;
 pub mod objective;
 pub mod ops;
 pub mod rng;

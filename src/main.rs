@@ -159,6 +159,9 @@ enum Command {
     /// Follow a run from beside it: FID, precision and recall of each new checkpoint's samples
     /// into its eval.jsonl, without the trainer waiting
     Watch(commands::WatchArgs),
+    /// The memorisation check: each generated image's nearest training images (Inception
+    /// features, pixels), flagging those nearer than any held-out real image comes
+    Nearest(commands::NearestArgs),
 }
 
 fn main() -> ExitCode {
@@ -301,6 +304,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             .map(|s| print!("{s}")),
         Command::Fid(args) => commands::fid(args).map(|line| println!("{line}")),
         Command::Watch(args) => commands::watch(args).map(|line| println!("{line}")),
+        Command::Nearest(args) => commands::nearest(args).map(|line| println!("{line}")),
     };
     result.map(|()| ExitCode::SUCCESS)
 }

@@ -124,7 +124,7 @@ pub fn class_grid(images: &Tensor, classes: &Tensor, names: &[String]) -> Result
 }
 
 /// `grid_image` with `cols` images per row.
-fn grid_with_columns(images: &Tensor, cols: usize) -> image::RgbImage {
+pub fn grid_with_columns(images: &Tensor, cols: usize) -> image::RgbImage {
     const PAD: usize = 2;
     let (n, c, h, w) = images.size4().expect("NCHW images");
     let (n, h, w) = (n as usize, h as usize, w as usize);
@@ -403,7 +403,7 @@ pub fn write_report(
     } else {
         format!("<table><tr><th>step</th><th>images</th><th>FID</th></tr>{fid_rows}</table>")
     };
-    let watched = watch_table(run_dir);
+    let watched = watch_table(run_dir) + &nearest_section(run_dir);
     // Written at step 0: a run resumed into a new directory has none.
     let data = match run_dir.join("samples").join("data.png").is_file() {
         true => "\n<h2>What the model learns from (after augmentation)</h2><img src=\"samples/data.png\" alt=\"training images\">",
@@ -454,6 +454,19 @@ fn watch_table(run_dir: &Path) -> String {
         })
         .collect();
     format!("\n<h2>Measured beside training (ddpm watch)</h2><table><tr><th>step</th><th>images</th><th>FID</th><th>precision</th><th>recall</th></tr>{rows}</table>")
+}
+
+/// The memorisation check of `ddpm nearest` (`nearest/`), when there is one.
+fn nearest_section(run_dir: &Path) -> String {
+    let text = fs::read_to_string(run_dir.join("nearest").join("nearest.json")).unwrap_or_default();
+    let Ok(summary) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return String::new();
+    };
+    let flagged = summary["flagged"].as_array().map_or(0, Vec::len);
+    format!(
+        "\n<h2>Memorisation check (ddpm nearest)</h2><p>{flagged} of {} generated images are nearer a training image than any of {} held-out images comes. Each row: a generated image, its nearest training image in Inception features, and in pixels (nearest first).</p><img src=\"nearest/nearest.png\" alt=\"generated images beside their nearest training images\">",
+        summary["generated"], summary["held_out"]
+    )
 }
 
 /// "1 image", "64 images".
