@@ -563,18 +563,9 @@ pub fn model_summary(
     ))
 }
 
+/// What the sampling and Inception passes of `fid`, `watch` and `nearest` take.
 #[derive(clap::Args)]
-pub struct FidArgs {
-    /// Real images: any dataset `train --data` takes (its training split), or `bundled`
-    #[arg(long)]
-    pub real: PathBuf,
-    /// Generated images: a folder of images, or a checkpoint or run directory to sample from
-    /// (with its sampler settings and EMA weights)
-    #[arg(long)]
-    pub fake: PathBuf,
-    /// Images to sample from a checkpoint [default: 10000] or to take from a folder [default: all]
-    #[arg(long, value_parser = crate::config::positive_count::<usize>)]
-    pub num: Option<usize>,
+pub struct Scoring {
     /// Images per forward pass (sampling and Inception)
     #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count::<usize>)]
     pub batch: usize,
@@ -588,6 +579,31 @@ pub struct FidArgs {
     /// ~/.cache/ddpm/inception/default_1.pt, where tools/get_inception.sh puts it]
     #[arg(long)]
     pub inception: Option<PathBuf>,
+}
+
+impl Scoring {
+    /// The device, and the Inception network on it (checked before any work: a missing
+    /// network should cost the user nothing).
+    fn open(&self) -> Result<(Device, crate::eval::Inception)> {
+        let device = crate::device::resolve(&self.device)?;
+        Ok((device, load_inception(self.inception.as_deref(), device)?))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct FidArgs {
+    /// Real images: any dataset `train --data` takes (its training split), or `bundled`
+    #[arg(long)]
+    pub real: PathBuf,
+    /// Generated images: a folder of images, or a checkpoint or run directory to sample from
+    /// (with its sampler settings and EMA weights)
+    #[arg(long)]
+    pub fake: PathBuf,
+    /// Images to sample from a checkpoint [default: 10000] or to take from a folder [default: all]
+    #[arg(long, value_parser = crate::config::positive_count::<usize>)]
+    pub num: Option<usize>,
+    #[command(flatten)]
+    pub scoring: Scoring,
     /// Class-conditional checkpoints: the guidance scale of the samples (an equal share of
     /// each class) [default: the checkpoint's sample.guidance]
     #[arg(long)]
@@ -606,9 +622,7 @@ pub fn fid(args: FidArgs) -> Result<String> {
             args.fake.display()
         );
     }
-    let device = crate::device::resolve(&args.device)?;
-    // Before any sampling: a missing network should cost the user nothing.
-    let inception = load_inception(args.inception.as_deref(), device)?;
+    let (device, inception) = args.scoring.open()?;
     // Every input is read and checked before the generated images are sampled, which can take
     // minutes: the real set is loaded at their size and channels (what a model was trained on).
     let fake = FakeImages::open(&args.fake, args.num, args.guidance)?;
@@ -627,16 +641,16 @@ pub fn fid(args: FidArgs) -> Result<String> {
         real.description
     );
     let stop = stop_on_signals()?;
-    let fake = fake.images(args.num, args.batch, args.seed, device, &stop)?;
+    let fake = fake.images(args.num, &args.scoring, device, &stop)?;
     let count = fake.size()[0];
     let real_statistics = eval::cached_statistics(
         &inception,
         &real,
-        args.batch,
+        args.scoring.batch,
         &eval::statistics_cache_dir()?,
         Some(&stop),
     )?;
-    let fake_statistics = inception.statistics(&fake, args.batch, "fake", Some(&stop))?;
+    let fake_statistics = inception.statistics(&fake, args.scoring.batch, "fake", Some(&stop))?;
     let score = eval::frechet_distance(&real_statistics, &fake_statistics)?;
     tracing::info!(
         "FID of {count} generated images against {} real ones: {score}",
@@ -672,19 +686,8 @@ pub struct WatchArgs {
     /// Measure the checkpoints there are and end (a finished run), instead of following the run
     #[arg(long)]
     pub once: bool,
-    /// Images per forward pass (sampling and Inception)
-    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count::<usize>)]
-    pub batch: usize,
-    /// Sampling seed
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// auto, cpu, cuda, cuda:N or mps (the trainer's GPU, another one, or the CPU)
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// The Inception-v3 TorchScript file [default: $DDPM_INCEPTION, else
-    /// ~/.cache/ddpm/inception/default_1.pt, where tools/get_inception.sh puts it]
-    #[arg(long)]
-    pub inception: Option<PathBuf>,
+    #[command(flatten)]
+    pub scoring: Scoring,
     /// Seconds between looks for new checkpoints
     #[arg(long, default_value_t = 10.0)]
     pub poll_seconds: f64,
@@ -702,8 +705,7 @@ pub fn watch(args: WatchArgs) -> Result<String> {
             crate::watch::PRECISION_RECALL_K
         );
     }
-    let device = crate::device::resolve(&args.device)?;
-    let inception = load_inception(args.inception.as_deref(), device)?;
+    let (device, inception) = args.scoring.open()?;
     let real = match &args.real {
         Some(path) => real_images(path, model_shape(&config), "--real")?,
         None => run_data(&config)?,
@@ -719,7 +721,7 @@ pub fn watch(args: WatchArgs) -> Result<String> {
     let statistics = eval::cached_statistics(
         &inception,
         &real,
-        args.batch,
+        args.scoring.batch,
         &eval::statistics_cache_dir()?,
         Some(&stop),
     )?;
@@ -727,17 +729,17 @@ pub fn watch(args: WatchArgs) -> Result<String> {
     let mut order: Vec<i64> = (0..real.len() as i64).collect();
     rand::seq::SliceRandom::shuffle(
         &mut order[..],
-        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed),
+        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.scoring.seed),
     );
     order.truncate(num);
     let subset = real.batch(&order)?;
-    let features = inception.all_features(&subset, args.batch, "real", Some(&stop))?;
+    let features = inception.all_features(&subset, args.scoring.batch, "real", Some(&stop))?;
     let options = crate::watch::WatchOptions {
         every: args.every,
         once: args.once,
         num,
-        batch: args.batch,
-        seed: args.seed,
+        batch: args.scoring.batch,
+        seed: args.scoring.seed,
         device,
         poll: std::time::Duration::from_secs_f64(args.poll_seconds.max(0.1)),
     };
@@ -818,40 +820,28 @@ pub struct NearestArgs {
     /// Images to sample from a checkpoint [default: 1000] or to take from a folder [default: all]
     #[arg(long, value_parser = crate::config::positive_count::<usize>)]
     pub num: Option<usize>,
-    /// Images per forward pass (sampling and Inception)
-    #[arg(long, default_value_t = 50, value_parser = crate::config::positive_count::<usize>)]
-    pub batch: usize,
-    /// Sampling seed (checkpoints)
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// auto, cpu, cuda, cuda:N or mps
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// The Inception-v3 TorchScript file [default: as for ddpm fid]
-    #[arg(long)]
-    pub inception: Option<PathBuf>,
+    #[command(flatten)]
+    pub scoring: Scoring,
     /// The folder for nearest.png and nearest.json [default: RUN/nearest for a run directory,
     /// else ./nearest]
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
-/// Generated images (rows, nearest first) beside their nearest training images in Inception
-/// features and in pixels.
+/// Generated images shown (rows, nearest first) beside their nearest training images.
 const SHOWN_PAIRS: usize = 16;
 
 /// The memorisation check: each generated image's nearest training images, against how near
 /// held-out images come; writes nearest.png and nearest.json and returns a summary line.
 pub fn nearest(args: NearestArgs) -> Result<String> {
-    use crate::nearest::{quantiles, Memorisation, Vectors};
+    use crate::nearest::{Memorisation, Vectors};
     if !args.fake.exists() {
         bail!(
             "--fake {} does not exist: give a folder of images, a checkpoint or a run directory",
             args.fake.display()
         );
     }
-    let device = crate::device::resolve(&args.device)?;
-    let inception = load_inception(args.inception.as_deref(), device)?;
+    let (device, inception) = args.scoring.open()?;
     let fake = FakeImages::open(&args.fake, args.num, None)?;
     let train = match (&args.train, fake.config()) {
         (Some(path), _) => real_images(path, fake.shape(), "--train")?,
@@ -871,17 +861,11 @@ pub fn nearest(args: NearestArgs) -> Result<String> {
         .with_context(|| format!("--out {}: cannot create this folder", out.display()))?;
     check_writable(&out).with_context(|| format!("--out {}", out.display()))?;
     let stop = stop_on_signals()?;
-    let generated = fake.images(
-        args.num.or(Some(1000)),
-        args.batch,
-        args.seed,
-        device,
-        &stop,
-    )?;
+    let generated = fake.images(args.num.or(Some(1000)), &args.scoring, device, &stop)?;
     let all = |set: &crate::data::Dataset| set.batch(&(0..set.len() as i64).collect::<Vec<_>>());
     let (train_images, held_out_images) = (all(&train)?, all(&held_out)?);
     let features = |images: &tch::Tensor, what: &str| {
-        inception.all_features(images, args.batch, what, Some(&stop))
+        inception.all_features(images, args.scoring.batch, what, Some(&stop))
     };
     let pixels = |images: &tch::Tensor| images.flatten(1, -1).to_kind(tch::Kind::Float) / 255.0;
     let vectors = [&train_images, &generated, &held_out_images];
@@ -896,44 +880,13 @@ pub fn nearest(args: NearestArgs) -> Result<String> {
         pixels: &pixels[i],
     });
     let m = Memorisation::measure(&train_v, &generated_v, &held_v)?;
-    let flagged = m.flagged();
-    let (threshold_features, threshold_pixels) = m.thresholds();
-    let distances = |set: &[(crate::nearest::Nearest, crate::nearest::Nearest)], pixel: bool| {
-        quantiles(
-            set.iter()
-                .map(|p| if pixel { p.1.distance } else { p.0.distance }),
-        )
-    };
-    let summary = serde_json::json!({
-        "generated": m.generated.len(),
-        "training": train.len(),
-        "held_out": held_out.len(),
-        "thresholds": {"features": threshold_features, "pixels": threshold_pixels},
-        "quantiles_at": [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0],
-        "generated_features": distances(&m.generated, false),
-        "held_out_features": distances(&m.held_out, false),
-        "generated_pixels": distances(&m.generated, true),
-        "held_out_pixels": distances(&m.held_out, true),
-        "flagged": flagged.iter().map(|&i| serde_json::json!({"generated": i, "nearest_in_features": m.generated[i].0, "nearest_in_pixels": m.generated[i].1})).collect::<Vec<_>>(),
-    });
+    let json = out.join("nearest.json");
     fs::write(
-        out.join("nearest.json"),
-        serde_json::to_string_pretty(&summary)?,
+        &json,
+        serde_json::to_string_pretty(&m.summary(train.len()))?,
     )
-    .with_context(|| format!("cannot write {}", out.join("nearest.json").display()))?;
-    // Rows of (generated, nearest in features, nearest in pixels), the nearest first.
-    let shown: Vec<usize> = m.nearest_first().into_iter().take(SHOWN_PAIRS).collect();
-    let mut rows = Vec::new();
-    for &i in &shown {
-        let (f, p) = m.generated[i];
-        rows.push(generated.get(i as i64));
-        rows.push(train_images.get(f.index as i64));
-        rows.push(train_images.get(p.index as i64));
-    }
-    let grid = crate::monitor::grid_with_columns(
-        &crate::data::to_model_space(&tch::Tensor::stack(&rows, 0), tch::Device::Cpu),
-        3,
-    );
+    .with_context(|| format!("cannot write {}", json.display()))?;
+    let grid = m.nearest_pairs(&generated, &train_images, SHOWN_PAIRS);
     crate::monitor::save_png(&grid, &out.join("nearest.png"))?;
     if out
         .parent()
@@ -941,15 +894,14 @@ pub fn nearest(args: NearestArgs) -> Result<String> {
     {
         crate::run_dir::refresh_report(out.parent().unwrap_or(&out))?;
     }
+    let (in_features, in_pixels) = m.flagged_in_each_space();
     Ok(format!(
-        "{} of {} generated images are nearer a training image than any of {} held-out images comes ({} in Inception features, {} in pixels); {} and {}",
-        flagged.len(),
+        "{} of {} generated images are nearer a training image than any of {} held-out images comes ({in_features} in Inception features, {in_pixels} in pixels); {} and {}",
+        m.flagged().len(),
         m.generated.len(),
-        held_out.len(),
-        flagged.iter().filter(|&&i| m.generated[i].0.distance < threshold_features).count(),
-        flagged.iter().filter(|&&i| m.generated[i].1.distance < threshold_pixels).count(),
+        m.held_out.len(),
         out.join("nearest.png").display(),
-        out.join("nearest.json").display()
+        json.display()
     ))
 }
 
@@ -1021,8 +973,7 @@ impl FakeImages {
     fn images(
         self,
         num: Option<usize>,
-        batch: usize,
-        seed: u64,
+        scoring: &Scoring,
         device: Device,
         stop: &AtomicBool,
     ) -> Result<tch::Tensor> {
@@ -1030,12 +981,12 @@ impl FakeImages {
             FakeImages::Folder(images) => return Ok(images),
             FakeImages::Checkpoint(checkpoint) => *checkpoint,
         };
-        let num = num.unwrap_or(10_000);
+        let num = (num.unwrap_or(10_000), scoring.batch);
         train::sample_checkpoint(
             &checkpoint,
             &settings,
-            (num, batch),
-            seed,
+            num,
+            scoring.seed,
             device,
             Some(stop),
         )

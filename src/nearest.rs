@@ -73,6 +73,64 @@ impl Memorisation {
         flagged
     }
 
+    /// How many generated images are flagged in feature space, and in pixels.
+    pub fn flagged_in_each_space(&self) -> (usize, usize) {
+        let (in_features, in_pixels) = self.thresholds();
+        let count = |near: fn(&(Nearest, Nearest), f64) -> bool, threshold: f64| {
+            self.generated.iter().filter(|p| near(p, threshold)).count()
+        };
+        (
+            count(|p, t| p.0.distance < t, in_features),
+            count(|p, t| p.1.distance < t, in_pixels),
+        )
+    }
+
+    /// What `nearest.json` holds: the counts, the thresholds, the quantiles of the distances
+    /// of generated and held-out images in each space, and every flagged image.
+    pub fn summary(&self, training: usize) -> serde_json::Value {
+        let (in_features, in_pixels) = self.thresholds();
+        let distances = |set: &[(Nearest, Nearest)], pixel: bool| {
+            quantiles(
+                set.iter()
+                    .map(|p| if pixel { p.1.distance } else { p.0.distance }),
+            )
+        };
+        let flagged: Vec<serde_json::Value> = self
+            .flagged()
+            .into_iter()
+            .map(|i| {
+                let (f, p) = self.generated[i];
+                serde_json::json!({"generated": i, "nearest_in_features": f, "nearest_in_pixels": p})
+            })
+            .collect();
+        serde_json::json!({
+            "generated": self.generated.len(),
+            "training": training,
+            "held_out": self.held_out.len(),
+            "thresholds": {"features": in_features, "pixels": in_pixels},
+            "quantiles_at": QUANTILES,
+            "generated_features": distances(&self.generated, false),
+            "held_out_features": distances(&self.held_out, false),
+            "generated_pixels": distances(&self.generated, true),
+            "held_out_pixels": distances(&self.held_out, true),
+            "flagged": flagged,
+        })
+    }
+
+    /// A grid with a row for each of the `n` generated images nearest the training set: the
+    /// generated image, its nearest training image in features, and in pixels (u8 images).
+    pub fn nearest_pairs(&self, generated: &Tensor, train: &Tensor, n: usize) -> image::RgbImage {
+        let mut rows = Vec::new();
+        for i in self.nearest_first().into_iter().take(n) {
+            let (f, p) = self.generated[i];
+            rows.push(generated.get(i as i64));
+            rows.push(train.get(f.index as i64));
+            rows.push(train.get(p.index as i64));
+        }
+        let images = crate::data::to_model_space(&Tensor::stack(&rows, 0), tch::Device::Cpu);
+        crate::monitor::grid_with_columns(&images, 3)
+    }
+
     /// The generated images in order of their feature distance to the training set, nearest
     /// first.
     pub fn nearest_first(&self) -> Vec<usize> {
@@ -87,14 +145,17 @@ impl Memorisation {
     }
 }
 
-/// Quantiles (0, 5, 25, 50, 75, 95, 100 %) of distances, for the summary.
+/// The quantiles of the summary's distances.
+const QUANTILES: [f64; 7] = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0];
+
+/// The `QUANTILES` of distances (nearest rank).
 pub fn quantiles(distances: impl Iterator<Item = f64>) -> Vec<f64> {
     let mut sorted: Vec<f64> = distances.collect();
     sorted.sort_by(f64::total_cmp);
     if sorted.is_empty() {
         return Vec::new();
     }
-    [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
+    QUANTILES
         .iter()
         .map(|q| sorted[((sorted.len() - 1) as f64 * q).round() as usize])
         .collect()

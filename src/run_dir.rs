@@ -645,13 +645,7 @@ fn shown(value: Option<&toml::Value>) -> String {
 /// still runs) would interleave its checkpoints and metrics with the first's.
 fn lock(dir: &Path) -> Result<fs::File> {
     let path = dir.join(LOCK_FILE);
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file = open_lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => {
             file.set_len(0)?;
@@ -672,6 +666,18 @@ fn lock(dir: &Path) -> Result<fs::File> {
 }
 
 /// The process id a lock file holds.
+/// A lock file opened for reading and writing, created if missing and never truncated (its
+/// holder's words stay until a new holder writes its own).
+pub fn open_lock_file(path: &Path) -> Result<fs::File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
 fn lock_holder(lock: &Path) -> String {
     fs::read_to_string(lock)
         .unwrap_or_default()

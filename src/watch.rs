@@ -293,13 +293,7 @@ pub fn read_records(path: &Path) -> Result<Vec<EvalRecord>> {
 
 fn take_watch_lock(checkpoints: &Path) -> Result<fs::File> {
     let path = checkpoints.join(checkpoint::WATCH_LOCK);
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let file = crate::run_dir::open_lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => bail!(
