@@ -959,7 +959,18 @@ fn base_config(model: &ModelConfig) -> RunConfig {
 /// Reads diffusers' weights file into our names and shapes (as f32), and its SHA-256.
 fn read_weights(path: &Path, model: &ModelConfig) -> Result<(BTreeMap<String, Tensor>, String)> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {} (diffusers' safetensors weights; a folder with only a .bin file must first be re-saved with save_pretrained(..., safe_serialization=True))", path.display()))?;
-    let mut theirs = checkpoint::from_safetensors(&bytes, path)?;
+    let theirs = checkpoint::from_safetensors(&bytes, path)?;
+    let weights = in_our_names(theirs, model, &path.display().to_string())?;
+    Ok((weights, checkpoint::sha256_hex(&bytes)))
+}
+
+/// A diffusers UNet's tensors (all of them, nothing else) under our names and shapes, as f32;
+/// `origin` names where they came from in errors.
+pub(crate) fn in_our_names(
+    mut theirs: BTreeMap<String, Tensor>,
+    model: &ModelConfig,
+    origin: &str,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut weights = BTreeMap::new();
     let mut missing = Vec::new();
     for p in parameters(model)? {
@@ -970,23 +981,21 @@ fn read_weights(path: &Path, model: &ModelConfig) -> Result<(BTreeMap<String, Te
         let expected = p.diffusers.shape(&p.shape);
         ensure!(
             t.size() == expected,
-            "{}: tensor {} has shape {:?}, but unet/config.json makes it {expected:?}",
-            path.display(),
+            "{origin}: tensor {} has shape {:?}, but unet/config.json makes it {expected:?}",
             p.diffusers.name,
             t.size()
         );
         ensure!(
             t.is_floating_point(),
-            "{}: tensor {} is {:?}, expected floating point",
-            path.display(),
+            "{origin}: tensor {} is {:?}, expected floating point",
             p.diffusers.name,
             t.kind()
         );
         weights.insert(p.name, t.to_kind(Kind::Float).reshape(&p.shape));
     }
     let unexpected: Vec<String> = theirs.into_keys().collect();
-    check_complete(&path.display().to_string(), &missing, &unexpected)?;
-    Ok((weights, checkpoint::sha256_hex(&bytes)))
+    check_complete(origin, &missing, &unexpected)?;
+    Ok(weights)
 }
 
 #[cfg(test)]
