@@ -1260,3 +1260,204 @@ mod tests {
         assert!(!named(&e) && e.contains("`diffusion.timesteps`: 1"), "{e}");
     }
 }
+
+#[derive(clap::Args)]
+pub struct EmaArgs {
+    /// The run directory (the --out of ddpm train), trained with ema.snapshot_every above 0
+    pub run: PathBuf,
+    /// The EMA to make: its σ_rel, the width of the averaging window relative to the run's age
+    /// (0.05 to 0.10 are typical); writes a checkpoint to sample from
+    #[arg(long, required_unless_present = "sweep", conflicts_with = "sweep")]
+    pub sigma_rel: Option<f64>,
+    /// Score a range of σ_rel with FID (and the run's classic EMA beside them), plot it
+    #[arg(long)]
+    pub sweep: bool,
+    /// The σ_rel values of --sweep (comma-separated; those the snapshots do not reach are
+    /// passed over)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.02,0.03,0.04,0.05,0.065,0.08,0.1,0.13,0.17,0.22"
+    )]
+    pub sigma_rels: Vec<f64>,
+    /// The step to make it at [default: the newest snapshot's]
+    #[arg(long)]
+    pub step: Option<u64>,
+    /// Real images of --sweep [default: the run's own data]: any dataset `train --data` takes,
+    /// or `bundled`
+    #[arg(long)]
+    pub real: Option<PathBuf>,
+    /// Images sampled for each σ_rel of --sweep [default: the run's fid.num]
+    #[arg(long, value_parser = crate::config::positive_count::<usize>)]
+    pub num: Option<usize>,
+    #[command(flatten)]
+    pub scoring: Scoring,
+}
+
+/// Post-hoc EMA: the EMA of any width made from a run's snapshots, written as a checkpoint
+/// (`--sigma-rel`) or scored over a range (`--sweep`); returns what it did in a line.
+pub fn ema(args: EmaArgs) -> Result<String> {
+    use crate::posthoc_ema::{self, Snapshots};
+    crate::run_dir::require_run(&args.run)?;
+    let dir = args.run.join(posthoc_ema::SNAPSHOT_DIR);
+    let all = Snapshots::read(&dir, u64::MAX)?;
+    for damaged in &all.damaged {
+        tracing::warn!("passing over a damaged snapshot: {damaged}");
+    }
+    let steps = all.steps();
+    let Some(&newest) = steps.last() else {
+        bail!(
+            "{} has no post-hoc EMA snapshots (in {}): it was trained with ema.snapshot_every = 0 (--ema-snapshot-every); train with it above 0 to choose the EMA after training",
+            args.run.display(),
+            dir.display()
+        );
+    };
+    let step = args.step.unwrap_or(newest);
+    if !steps.contains(&step) {
+        let listed: Vec<String> = steps.iter().map(u64::to_string).collect();
+        bail!(
+            "--step {step}: {} has no snapshot of that step (it has {})",
+            args.run.display(),
+            listed.join(", ")
+        );
+    }
+    let snapshots = Snapshots::read(&dir, step)?;
+    let checkpoints = args.run.join("checkpoints");
+    let base = match Checkpoint::newest_up_to(&checkpoints, step)? {
+        Some(base) => base,
+        None => crate::run_dir::load_checkpoint(&args.run)?,
+    };
+    let out = args.run.join("posthoc-ema");
+    let Some(sigma_rel) = args.sigma_rel else {
+        return ema_sweep(&args, &snapshots, &base, step, &out);
+    };
+    let plan = snapshots.plan(sigma_rel, step)?;
+    let weights = snapshots.combine(&plan)?;
+    let made = posthoc_ema::as_checkpoint(&base, &weights, step);
+    let tensors: Vec<(String, tch::Tensor)> = made
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    let folder = out.join(format!("sigma_rel-{sigma_rel:.3}"));
+    let sidecar = &base.sidecar;
+    let path = crate::checkpoint::save(
+        &folder,
+        &tensors,
+        step,
+        sidecar.position,
+        &sidecar.config,
+        &sidecar.classes,
+    )?;
+    Ok(format!(
+        "wrote {}: the EMA of σ_rel {sigma_rel} at step {step}, from {} snapshots (its averaging profile within {:.1}% of the exact one); sample it with ddpm sample --checkpoint {}",
+        path.display(),
+        snapshots.profiles.len(),
+        100.0 * plan.profile_error,
+        path.display()
+    ))
+}
+
+/// `ddpm ema --sweep`: FID of each reachable σ_rel and of the classic EMA, into
+/// `posthoc-ema/sweep.json` and `sweep.png`.
+fn ema_sweep(
+    args: &EmaArgs,
+    snapshots: &crate::posthoc_ema::Snapshots,
+    base: &Checkpoint,
+    step: u64,
+    out: &Path,
+) -> Result<String> {
+    use crate::posthoc_ema::{self, ClassicEma, Sweep, SweepPoint};
+    let config = &base.sidecar.config;
+    let num = args.num.unwrap_or(config.fid.num);
+    if num < 2 {
+        bail!("--num must be at least 2: FID compares covariances");
+    }
+    let (reachable, beyond): (Vec<f64>, Vec<f64>) = args
+        .sigma_rels
+        .iter()
+        .partition(|&&s| snapshots.plan(s, step).is_ok());
+    if reachable.is_empty() {
+        let reach = snapshots
+            .reach(step)
+            .map_or("none".into(), |(lo, hi)| format!("{lo:.3} to {hi:.3}"));
+        bail!("none of --sigma-rels is within what the snapshots reach at step {step} (σ_rel {reach})");
+    }
+    if !beyond.is_empty() {
+        tracing::info!(
+            "note: passing over σ_rel {beyond:?}, beyond what the snapshots reach at step {step}"
+        );
+    }
+    let (device, inception) = args.scoring.open()?;
+    let real = match &args.real {
+        Some(path) => real_images(path, model_shape(config), "--real")?,
+        None => run_data(config)?,
+    };
+    let stop = stop_on_signals()?;
+    let real = crate::eval::cached_statistics(
+        &inception,
+        &real,
+        args.scoring.batch,
+        &crate::eval::statistics_cache_dir()?,
+        Some(&stop),
+    )?;
+    let settings = SampleSettings::default().resolve(config)?;
+    let score = |checkpoint: &Checkpoint| -> Result<f64> {
+        let images = train::sample_checkpoint(
+            checkpoint,
+            &settings,
+            (num, args.scoring.batch),
+            args.scoring.seed,
+            device,
+            Some(&stop),
+        )?;
+        let fake = inception.statistics(&images, args.scoring.batch, "fake", Some(&stop))?;
+        crate::eval::frechet_distance(&real, &fake)
+    };
+    let mut points = Vec::new();
+    for sigma_rel in reachable {
+        let plan = snapshots.plan(sigma_rel, step)?;
+        let weights = snapshots.combine(&plan)?;
+        let fid = score(&posthoc_ema::as_checkpoint(base, &weights, step))?;
+        tracing::info!(
+            "σ_rel {sigma_rel}: FID@{} = {fid:.2}",
+            crate::monitor::count_label(num)
+        );
+        points.push(SweepPoint {
+            sigma_rel,
+            fid,
+            profile_error: plan.profile_error,
+        });
+    }
+    let classic = match base.sidecar.step == step {
+        true => Some(ClassicEma {
+            decay: config.train.ema_decay,
+            fid: score(base)?,
+        }),
+        false => None,
+    };
+    let sweep = Sweep {
+        step,
+        images: num,
+        points,
+        classic,
+    };
+    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let json = out.join("sweep.json");
+    crate::checkpoint::write_atomic(&json, serde_json::to_string_pretty(&sweep)?.as_bytes())?;
+    crate::monitor::save_sweep_plot(&sweep, &out.join("sweep.png"))?;
+    crate::run_dir::refresh_report(&args.run)?;
+    let best = sweep.best().expect("at least one point");
+    let classic = sweep.classic.as_ref().map_or(
+        format!("(no checkpoint of step {step} for the classic EMA)"),
+        |c| format!("(the classic EMA, decay {}: {:.2})", c.decay, c.fid),
+    );
+    Ok(format!(
+        "best σ_rel {}: FID@{} = {:.2} {classic}; {} and {}",
+        best.sigma_rel,
+        crate::monitor::count_label(num),
+        best.fid,
+        json.display(),
+        out.join("sweep.png").display()
+    ))
+}

@@ -116,6 +116,7 @@ pub mod monitor;
 pub mod nearest;
 pub mod objective;
 pub mod ops;
+pub mod posthoc_ema;
 pub mod rng;
 pub mod run_dir;
 pub mod sampler;

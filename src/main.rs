@@ -162,6 +162,9 @@ enum Command {
     /// The memorisation check: each generated image's nearest training images (Inception
     /// features, pixels), flagging those nearer than any held-out real image comes
     Nearest(commands::NearestArgs),
+    /// Post-hoc EMA: make the EMA of any width σ_rel from a run's snapshots (a checkpoint to
+    /// sample from), or score a range of widths with FID (--sweep)
+    Ema(commands::EmaArgs),
 }
 
 fn main() -> ExitCode {
@@ -305,6 +308,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Fid(args) => commands::fid(args).map(|line| println!("{line}")),
         Command::Watch(args) => commands::watch(args).map(|line| println!("{line}")),
         Command::Nearest(args) => commands::nearest(args).map(|line| println!("{line}")),
+        Command::Ema(args) => commands::ema(args).map(|line| println!("{line}")),
     };
     result.map(|()| ExitCode::SUCCESS)
 }

@@ -403,7 +403,7 @@ pub fn write_report(
     } else {
         format!("<table><tr><th>step</th><th>images</th><th>FID</th></tr>{fid_rows}</table>")
     };
-    let watched = watch_table(run_dir) + &nearest_section(run_dir);
+    let watched = watch_table(run_dir) + &nearest_section(run_dir) + &sweep_section(run_dir);
     // Written at step 0: a run resumed into a new directory has none.
     let data = match run_dir.join("samples").join("data.png").is_file() {
         true => "\n<h2>What the model learns from (after augmentation)</h2><img src=\"samples/data.png\" alt=\"training images\">",
@@ -466,6 +466,106 @@ fn nearest_section(run_dir: &Path) -> String {
     format!(
         "\n<h2>Memorisation check (ddpm nearest)</h2><p>{flagged} of {} generated images are nearer a training image than any of {} held-out images comes. Each row: a generated image, its nearest training image in Inception features, and in pixels (nearest first).</p><img src=\"nearest/nearest.png\" alt=\"generated images beside their nearest training images\">",
         summary["generated"], summary["held_out"]
+    )
+}
+
+/// The post-hoc EMA sweep of `ddpm ema --sweep` (`posthoc-ema/sweep.json`), when there is one.
+fn sweep_section(run_dir: &Path) -> String {
+    let text =
+        fs::read_to_string(run_dir.join("posthoc-ema").join("sweep.json")).unwrap_or_default();
+    let Ok(sweep) = serde_json::from_str::<crate::posthoc_ema::Sweep>(&text) else {
+        return String::new();
+    };
+    let rows: String = sweep
+        .points
+        .iter()
+        .map(|p| format!("<tr><td>{:.3}</td><td>{:.2}</td></tr>", p.sigma_rel, p.fid))
+        .collect();
+    let classic = sweep.classic.as_ref().map_or(String::new(), |c| {
+        format!(
+            "<tr><td>classic EMA, decay {}</td><td>{:.2}</td></tr>",
+            c.decay, c.fid
+        )
+    });
+    format!(
+        "\n<h2>Post-hoc EMA (ddpm ema --sweep)</h2><p>FID@{} of the EMA of each width σ_rel at step {}, made after training from the snapshots.</p><table><tr><th>σ_rel</th><th>FID</th></tr>{rows}{classic}</table><img src=\"posthoc-ema/sweep.png\" alt=\"FID against the EMA width\">",
+        count_label(sweep.images),
+        sweep.step
+    )
+}
+
+/// FID against σ_rel (log scale) of a post-hoc EMA sweep, the classic EMA's FID as a dashed
+/// line, as a PNG.
+pub fn save_sweep_plot(sweep: &crate::posthoc_ema::Sweep, path: &Path) -> Result<()> {
+    let points: Vec<(f64, f64)> = sweep.points.iter().map(|p| (p.sigma_rel, p.fid)).collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    let (w, h) = (720u32, 400u32);
+    let mut buffer = vec![255u8; (w * h * 3) as usize];
+    {
+        ensure_font();
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        let fids = points
+            .iter()
+            .map(|p| p.1)
+            .chain(sweep.classic.as_ref().map(|c| c.fid));
+        let (lo, hi) = fids.fold((f64::MAX, f64::MIN), |(lo, hi), f| (lo.min(f), hi.max(f)));
+        let (left, right) = (points[0].0, points[points.len() - 1].0);
+        let margin = (hi - lo).max(0.1) * 0.1;
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
+            let mut chart = ChartBuilder::on(&root)
+                .caption(
+                    format!(
+                        "post-hoc EMA at step {}: FID@{}",
+                        sweep.step,
+                        count_label(sweep.images)
+                    ),
+                    ("sans-serif", 18),
+                )
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(60)
+                .build_cartesian_2d(
+                    (left * 0.9..right * 1.1).log_scale(),
+                    lo - margin..hi + margin,
+                )?;
+            chart
+                .configure_mesh()
+                .x_desc("σ_rel")
+                .y_desc("FID")
+                .x_label_formatter(&|v| axis_number(*v))
+                .draw()?;
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), &BLUE))?
+                .label("post-hoc EMA")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))?;
+            if let Some(classic) = &sweep.classic {
+                let dashes = DashedLineSeries::new(
+                    [(left * 0.9, classic.fid), (right * 1.1, classic.fid)],
+                    6,
+                    4,
+                    RED.into(),
+                );
+                chart
+                    .draw_series(dashes)?
+                    .label(format!("classic EMA, decay {}", classic.decay))
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE)
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| anyhow!("drawing the sweep plot: {e}"))?;
+    }
+    save_png(
+        &image::RgbImage::from_raw(w, h, buffer).expect("buffer of the right size"),
+        path,
     )
 }
 

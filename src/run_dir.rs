@@ -16,6 +16,7 @@ use tch::Tensor;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::RunConfig;
 use crate::data::Position;
+use crate::posthoc_ema;
 use crate::tensorboard::{self, EventFile};
 
 /// The file a trainer holds locked in its run directory, holding its process id.
@@ -150,6 +151,7 @@ impl RunDir {
         checkpoint::write_atomic(&root.join("config.toml"), config.to_toml().as_bytes())?;
         let (metrics, history) = continue_metrics(&root.join("metrics.jsonl"), step)?;
         drop_grids_after(root, step)?;
+        posthoc_ema::remove_after(&root.join(posthoc_ema::SNAPSHOT_DIR), step)?;
         let events = EventFile::create(root, Some(step))?;
         let saved = checkpoint::sidecar_path(&root.join("checkpoints"), step).is_file();
         CHECKPOINT_ON_DISK.store(has_checkpoints(root)?, Ordering::SeqCst);
@@ -229,6 +231,18 @@ impl RunDir {
         Ok(Some(path))
     }
 
+    /// Writes the post-hoc EMA snapshot of `step` into `ema-snapshots/`; nothing on a view.
+    pub fn write_ema_snapshot(&self, step: u64, tensors: &[(String, Tensor)]) -> Result<()> {
+        match self.writes() {
+            true => posthoc_ema::write_snapshot(
+                &self.root.join(posthoc_ema::SNAPSHOT_DIR),
+                step,
+                tensors,
+            ),
+            false => Ok(()),
+        }
+    }
+
     /// The checkpoint to go back to after `bad` non-finite steps ending at `step`: the newest
     /// from before the streak, else one written during it (the same weights: skipped steps
     /// change nothing and non-finite weights are never saved). The checkpoints after it belong
@@ -258,6 +272,7 @@ impl RunDir {
         writer.metrics = metrics;
         writer.events.start_at(step)?;
         drop_grids_after(&self.root, step)?;
+        posthoc_ema::remove_after(&self.root.join(posthoc_ema::SNAPSHOT_DIR), step)?;
         Ok(history)
     }
 
@@ -463,6 +478,23 @@ pub fn check_resume_target(checkpoint: &Checkpoint, dir: &Path, named_file: bool
                 Remedy::ContinueIntoNewFolder(checkpoint.path.clone()),
             ],
         ));
+    }
+    Ok(())
+}
+
+/// Refuses a path that is not a run directory (a folder with the `config.toml` a run writes).
+pub fn require_run(run: &Path) -> Result<()> {
+    if !run.is_dir() {
+        bail!(
+            "{} does not exist or is not a folder: give a run directory (the --out of ddpm train)",
+            run.display()
+        );
+    }
+    if !run.join("config.toml").is_file() {
+        bail!(
+            "{} is not a ddpm run directory (it has no config.toml)",
+            run.display()
+        );
     }
     Ok(())
 }

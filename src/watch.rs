@@ -85,15 +85,7 @@ impl Watcher {
     /// From here on, the checkpoints it has not measured (of steps that are multiples of
     /// `every`) stay until it has.
     pub fn open(run: &Path, every: u64) -> Result<Self> {
-        if !run.is_dir() {
-            bail!("{} does not exist or is not a folder: give a run directory (the --out of ddpm train)", run.display());
-        }
-        if !run.join("config.toml").is_file() {
-            bail!(
-                "{} is not a ddpm run directory (it has no config.toml)",
-                run.display()
-            );
-        }
+        crate::run_dir::require_run(run)?;
         let checkpoints = run.join("checkpoints");
         fs::create_dir_all(&checkpoints)
             .with_context(|| format!("cannot create {}", checkpoints.display()))?;

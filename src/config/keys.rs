@@ -235,6 +235,7 @@ pub fn keys() -> impl Iterator<Item = &'static Key> {
         SampleConfig::KEYS,
         CheckpointConfig::KEYS,
         FidConfig::KEYS,
+        PosthocEmaConfig::KEYS,
     ]
     .into_iter()
     .flatten()
@@ -540,6 +541,22 @@ impl KeyValue for Vec<i64> {
     }
     fn parser() -> ValueParser {
         ValueParser::new(|text: &str| text.parse::<IntList>().map(|list| list.0))
+    }
+    fn show(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+impl KeyValue for Vec<f64> {
+    fn kind() -> String {
+        "a list of numbers (flag: comma-separated)".into()
+    }
+    fn parser() -> ValueParser {
+        ValueParser::new(|text: &str| {
+            text.split(',')
+                .map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}")))
+                .collect::<std::result::Result<Vec<f64>, String>>()
+        })
     }
     fn show(&self) -> String {
         format!("{self:?}")

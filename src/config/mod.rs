@@ -859,6 +859,37 @@ section! {
     }
 }
 
+section! {
+    /// Post-hoc EMA (Karras et al. 2024): power-function EMA profiles tracked during training
+    /// and their snapshots, from which `ddpm ema` makes the EMA of any length afterwards.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct PosthocEmaConfig in ema {
+        sigma_rels: Vec<f64> {
+            help: "Relative widths σ_rel of the power-function EMA profiles tracked during training (width of the averaging window over the run's age)",
+            tiny: vec![0.05, 0.10],
+            allowed: "a non-empty list of numbers in (0, 0.2887] (1/√12, the plain average of the run)"
+                if |s| !s.is_empty() && s.iter().all(|&x| x > 0.0 && x <= crate::posthoc_ema::MAX_SIGMA_REL),
+        }
+        snapshot_every: u64 {
+            flag: "ema-snapshot-every",
+            help: "Store the profiles (as float16) every this many steps and at the run's end, for `ddpm ema`; 0: track no profiles",
+            tiny: 250, mnist: 2500, cifar10: 25_000,
+        }
+    }
+}
+
+impl Default for PosthocEmaConfig {
+    /// What a configuration without an `[ema]` section (written before it existed) tracks:
+    /// nothing, as that run did.
+    fn default() -> Self {
+        PosthocEmaConfig {
+            snapshot_every: 0,
+            ..PosthocEmaConfig::preset(Preset::Tiny)
+        }
+    }
+}
+
 impl ModelConfig {
     /// The shape [n, C, H, W] of n images for this model.
     pub fn batch_shape(&self, n: usize) -> [i64; 4] {
@@ -903,6 +934,8 @@ pub struct RunConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub fid: FidConfig,
+    #[serde(default)]
+    pub ema: PosthocEmaConfig,
 }
 
 pub const PRESETS: [&str; 3] = ["cifar10", "mnist", "tiny"];
@@ -1063,6 +1096,7 @@ impl RunConfig {
             sample: SampleConfig::preset(preset),
             checkpoint: CheckpointConfig::preset(preset),
             fid: FidConfig::preset(preset),
+            ema: PosthocEmaConfig::preset(preset),
         }
     }
 

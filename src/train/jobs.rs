@@ -1,4 +1,5 @@
-//! The periodic jobs of the loop, each a small function: checkpoint, sample grid, FID.
+//! The periodic jobs of the loop, each a small function: checkpoint, post-hoc EMA snapshot,
+//! sample grid, FID.
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -46,7 +47,7 @@ impl Jobs {
         })
     }
 
-    /// Runs the jobs due after the step just done (checkpoints and grids before `stop`, whose
+    /// Runs the jobs due after the step just done (checkpoints, snapshots and grids before `stop`, whose
     /// own are the run's end; FID at every multiple of `fid.every`). The checkpoint first: a grid or FID may fail (out of device memory, a
     /// full disk), and the run then stops with its state saved. Returns whether any ran (their
     /// time is not the step's).
@@ -67,6 +68,12 @@ impl Jobs {
         if before_stop(config.checkpoint.every) {
             periodic_checkpoint(trainer, run, position)?;
             ran = true;
+        }
+        if before_stop(config.ema.snapshot_every) {
+            if let Some(snapshot) = trainer.ema_snapshot() {
+                run.write_ema_snapshot(step, &snapshot)?;
+                ran = true;
+            }
         }
         signals.check()?;
         if before_stop(config.sample.every) {

@@ -9,6 +9,7 @@ mod precision;
 mod run;
 mod step;
 
+pub(crate) use optimizer::copy_from;
 pub use policy::RunSummary;
 pub use run::{run, RunOptions};
 pub use step::{check_levers, load_for_sampling, sample_checkpoint, StepOutput, Trainer};

@@ -189,7 +189,7 @@ impl Optimizer {
 }
 
 /// Copies the checkpoint's tensor `key` into `dst`, checking its shape.
-pub(super) fn copy_from(checkpoint: &Checkpoint, key: &str, dst: &mut Tensor) -> Result<()> {
+pub(crate) fn copy_from(checkpoint: &Checkpoint, key: &str, dst: &mut Tensor) -> Result<()> {
     let src = checkpoint.tensor(key)?;
     if dst.size() != src.size() {
         bail!(

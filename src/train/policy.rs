@@ -150,7 +150,7 @@ impl Rollbacks {
     }
 }
 
-/// Writes a checkpoint of the trainer's state at `position`. Gradients are checked at every
+/// Writes a checkpoint of the trainer's state at `position` (and the post-hoc EMA snapshot). Gradients are checked at every
 /// step, but an update can still overflow: a checkpoint must hold usable weights, as resumes and
 /// rollbacks trust it.
 pub fn save(trainer: &Trainer, run: &mut RunDir, position: Position) -> Result<Option<PathBuf>> {
@@ -159,6 +159,10 @@ pub fn save(trainer: &Trainer, run: &mut RunDir, position: Position) -> Result<O
             "the weights are not finite at step {}: not saved as a checkpoint (lower train.lr)",
             trainer.step
         );
+    }
+    // The snapshot first: a checkpoint of step N then implies one of N.
+    if let Some(snapshot) = trainer.ema_snapshot() {
+        run.write_ema_snapshot(trainer.step, &snapshot)?;
     }
     run.save_checkpoint(&trainer.state_tensors(), trainer.step, position)
 }

@@ -20,6 +20,7 @@ use crate::distributed::{GradientReducer, ProcessGroup};
 use crate::model::UNet;
 use crate::objective::Objective;
 use crate::ops;
+use crate::posthoc_ema::PowerEmas;
 use crate::sampler::{self, Denoiser};
 use crate::schedule::NoiseSchedule;
 
@@ -153,6 +154,8 @@ pub struct Trainer {
     objective: Objective,
     /// AdamW moments, EMA weights, skipped steps; the update.
     pub(super) optimizer: Optimizer,
+    /// The power-function EMA profiles of post-hoc EMA (when ema.snapshot_every is set).
+    power_emas: Option<PowerEmas>,
     /// How forward and backward compute, and where the f32 gradients are.
     pub(super) precision: PrecisionStrategy,
     /// Factor on the scheduled learning rate, lowered by each rollback.
@@ -185,6 +188,9 @@ impl Trainer {
         ema_vs.copy(&vs)?;
         ema_vs.freeze();
         let optimizer = Optimizer::new(&vs, &ema_vs, config.train.channels_last)?;
+        let power_emas = (config.ema.snapshot_every > 0)
+            .then(|| PowerEmas::new(&config.ema.sigma_rels, &optimizer.params))
+            .transpose()?;
         let schedule = NoiseSchedule::from_config(&config.diffusion);
         let objective = Objective::new(&config.diffusion, &schedule, device);
         if device.is_cuda() {
@@ -210,6 +216,7 @@ impl Trainer {
             schedule,
             objective,
             optimizer,
+            power_emas,
             precision,
             lr_scale: 1.0,
             error_by_quarter: QuarterErrors::new(device),
@@ -329,6 +336,7 @@ impl Trainer {
         let mut tensors: Vec<Tensor> = self
             .optimizer
             .shared_tensors()
+            .chain(self.power_emas.iter().flat_map(PowerEmas::shared_tensors))
             .chain([&counters, &lr_scale])
             .map(|t| t.shallow_clone())
             .collect();
@@ -507,6 +515,9 @@ impl Trainer {
             .update(gradients, &mut found_inf, tc, self.step, lr)?;
         self.precision.update_scale(&found_inf);
         self.step += 1;
+        if let Some(power_emas) = &self.power_emas {
+            power_emas.update(&self.optimizer.params, self.step)?;
+        }
         Ok(StepOutput {
             loss,
             grad_norm,
@@ -532,6 +543,12 @@ impl Trainer {
         self.precision.loss_scale()
     }
 
+    /// The snapshot of the post-hoc EMA profiles now, if they are tracked.
+    pub fn ema_snapshot(&self) -> Option<Vec<(String, Tensor)>> {
+        let power_emas = self.power_emas.as_ref()?;
+        Some(power_emas.snapshot(&self.optimizer.names, self.step))
+    }
+
     /// Whether every weight, raw and EMA, is finite (one read from the device).
     pub fn weights_are_finite(&self) -> bool {
         self.optimizer.weights_are_finite()
@@ -540,6 +557,9 @@ impl Trainer {
     /// Every tensor of the training state, named for the checkpoint.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = self.optimizer.state_tensors();
+        if let Some(power_emas) = &self.power_emas {
+            out.extend(power_emas.state_tensors(&self.optimizer.names));
+        }
         out.push(("lr_scale".into(), Tensor::from(self.lr_scale)));
         out.extend(self.precision.state_tensors());
         out
@@ -548,6 +568,9 @@ impl Trainer {
     /// Restores the state saved by `state_tensors`.
     pub fn load_state(&mut self, checkpoint: &Checkpoint) -> Result<()> {
         self.optimizer.load_state(checkpoint)?;
+        if let Some(power_emas) = &mut self.power_emas {
+            power_emas.load(checkpoint, &self.optimizer.names)?;
+        }
         self.lr_scale = checkpoint.tensor("lr_scale")?.double_value(&[]);
         self.precision.load_state(checkpoint);
         self.step = checkpoint.sidecar.step;
