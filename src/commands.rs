@@ -1108,6 +1108,7 @@ impl FlagSet for BenchKeys {
             "train.channels_last",
             "train.cuda_graph",
             "train.fused_norm_silu",
+            "ema.snapshot_every",
         ];
         keys.into_iter()
             .map(|key| match key {

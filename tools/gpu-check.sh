@@ -59,6 +59,8 @@ if [[ $part == 2 || $part == all ]]; then
     sample
     run python3 "$ddim" --unet-script "$base" --device cuda --batch 256 --num 1024 --sample-steps 50 --precision f32 --tf32
     train --precision fp16
+    # Without the post-hoc EMA profiles (two more EMA updates per step by default).
+    train --precision bf16-pure --ema-snapshot-every 0
     train --precision bf16-pure "${eager[@]}"
     train --precision bf16-pure --cuda-graph false
     train --precision bf16-pure --fused-norm-silu false
