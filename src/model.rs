@@ -1,6 +1,9 @@
 //! The DDPM UNet (Ho et al. 2020): sinusoidal time embedding → MLP, residual blocks with
 //! GroupNorm/SiLU/dropout and a time projection, self-attention at chosen resolutions,
-//! strided-conv downsampling, nearest ×2 + conv upsampling and skip concatenation.
+//! strided-conv downsampling, nearest ×2 + conv upsampling and skip concatenation. Options
+//! from Dhariwal & Nichol 2021 (ADM) make the network for large images: several attention
+//! heads, the embedding as a scale and shift of the second GroupNorm, and residual blocks that
+//! resample.
 //!
 //! Parameter names follow the reference implementation's layout (`down.0.block.1.conv1.weight`,
 //! `mid.attn_1.q.bias`, …) and are stable across versions: checkpoints depend on them.
@@ -78,6 +81,39 @@ pub fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
     Tensor::cat(&[args.sin(), args.cos()], 1)
 }
 
+/// What a residual block does to the feature-map size (BigGAN-style resampling blocks).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Resize {
+    Keep,
+    /// 2×2 average pooling.
+    Halve,
+    /// Nearest-neighbour ×2.
+    Double,
+}
+
+impl Resize {
+    fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Resize::Keep => x.shallow_clone(),
+            Resize::Halve => x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>),
+            Resize::Double => {
+                let (_, _, height, width) = x.size4().expect("NCHW input");
+                x.upsample_nearest2d([height * 2, width * 2], None, None)
+            }
+        }
+    }
+}
+
+/// How a residual block is built, beyond its widths.
+#[derive(Clone, Copy, Debug)]
+struct ResBlockKind {
+    temb_ch: i64,
+    dropout: f64,
+    /// The embedding scales and shifts the second GroupNorm's output (AdaGN).
+    scale_shift: bool,
+    resize: Resize,
+}
+
 #[derive(Debug)]
 struct ResBlock {
     norm1: nn::GroupNorm,
@@ -86,30 +122,45 @@ struct ResBlock {
     norm2: nn::GroupNorm,
     conv2: nn::Conv2D,
     nin_shortcut: Option<nn::Conv2D>,
-    dropout: f64,
+    kind: ResBlockKind,
 }
 
 impl ResBlock {
-    fn new(vs: nn::Path, cin: i64, cout: i64, temb_ch: i64, dropout: f64) -> Self {
+    fn new(vs: nn::Path, cin: i64, cout: i64, kind: ResBlockKind) -> Self {
+        // A scale and a shift per channel, or one added value.
+        let temb_out = if kind.scale_shift { 2 * cout } else { cout };
         ResBlock {
             norm1: group_norm(&vs / "norm1", cin),
             conv1: conv(&vs / "conv1", cin, cout, 3, 1),
-            temb_proj: nn::linear(&vs / "temb_proj", temb_ch, cout, Default::default()),
+            temb_proj: nn::linear(
+                &vs / "temb_proj",
+                kind.temb_ch,
+                temb_out,
+                Default::default(),
+            ),
             norm2: group_norm(&vs / "norm2", cout),
             conv2: zero_conv(&vs / "conv2", cout, cout, 3),
             nin_shortcut: (cin != cout).then(|| conv(&vs / "nin_shortcut", cin, cout, 1, 1)),
-            dropout,
+            kind,
         }
     }
 
     /// `temb_act` is SiLU(time embedding), shared by every block.
     fn forward(&self, x: &Tensor, temb_act: &Tensor, train: bool, fused: bool) -> Tensor {
-        let h = self.conv1.forward(&norm_silu(&self.norm1, x, fused));
-        let h = h + self.temb_proj.forward(temb_act).unsqueeze(-1).unsqueeze(-1);
-        let h = norm_silu(&self.norm2, &h, fused).dropout(self.dropout, train);
-        let h = self.conv2.forward(&h);
+        let resize = self.kind.resize;
+        let h = resize.apply(&norm_silu(&self.norm1, x, fused));
+        let x = resize.apply(x);
+        let h = self.conv1.forward(&h);
+        let emb = self.temb_proj.forward(temb_act).unsqueeze(-1).unsqueeze(-1);
+        let h = if self.kind.scale_shift {
+            let [scale, shift] = emb.chunk(2, 1).try_into().expect("two halves");
+            (self.norm2.forward(&h) * (scale + 1.0) + shift).silu()
+        } else {
+            norm_silu(&self.norm2, &(h + emb), fused)
+        };
+        let h = self.conv2.forward(&h.dropout(self.kind.dropout, train));
         match &self.nin_shortcut {
-            Some(shortcut) => shortcut.forward(x) + h,
+            Some(shortcut) => shortcut.forward(&x) + h,
             None => x + h,
         }
     }
@@ -122,24 +173,34 @@ struct AttnBlock {
     k: nn::Conv2D,
     v: nn::Conv2D,
     proj_out: nn::Conv2D,
+    heads: i64,
 }
 
 impl AttnBlock {
-    fn new(vs: nn::Path, ch: i64) -> Self {
+    /// `head_channels`: channels per head; 0: one head over all `ch`.
+    fn new(vs: nn::Path, ch: i64, head_channels: i64) -> Self {
         AttnBlock {
             norm: group_norm(&vs / "norm", ch),
             q: conv(&vs / "q", ch, ch, 1, 1),
             k: conv(&vs / "k", ch, ch, 1, 1),
             v: conv(&vs / "v", ch, ch, 1, 1),
             proj_out: zero_conv(&vs / "proj_out", ch, ch, 1),
+            heads: if head_channels > 0 {
+                ch / head_channels
+            } else {
+                1
+            },
         }
     }
 
-    /// Single-head self-attention over all positions, through libtorch's fused SDPA kernels.
+    /// Self-attention over all positions, each head over its own consecutive channels, through
+    /// libtorch's fused SDPA kernels (scaled by 1/√(channels per head)).
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, c, h, w) = x.size4().expect("NCHW input");
         let hn = self.norm.forward(x);
-        let tokens = |t: Tensor| t.view([b, 1, c, h * w]).transpose(2, 3); // [B, 1, HW, C]
+        let heads = self.heads;
+        // [B, heads, HW, C / heads]
+        let tokens = |t: Tensor| t.view([b, heads, c / heads, h * w]).transpose(2, 3);
         let (q, k, v) = (
             tokens(self.q.forward(&hn)),
             tokens(self.k.forward(&hn)),
@@ -160,12 +221,21 @@ impl AttnBlock {
     }
 }
 
+/// How a level changes the feature-map size at its end.
+#[derive(Debug)]
+enum Resample {
+    /// A stride-2 conv (down path) or nearest ×2 and a conv (up path).
+    Conv(nn::Conv2D),
+    /// A residual block that halves or doubles (`model.resblock_updown`).
+    Block(ResBlock),
+}
+
 #[derive(Debug)]
 struct Level {
     blocks: Vec<ResBlock>,
     attns: Vec<AttnBlock>,
-    /// Downsampling conv (down path) or the conv after nearest ×2 (up path); none at the end.
-    resample: Option<nn::Conv2D>,
+    /// None at the lowest resolution.
+    resample: Option<Resample>,
 }
 
 /// The UNet ε_θ(x_t, t) (or x₀/v, depending on the objective).
@@ -192,7 +262,16 @@ impl UNet {
         let levels = config.channel_mult.len();
         let min_side = config.image_size.height().min(config.image_size.width());
         let attends = |level: usize| config.attention_resolutions.contains(&(min_side >> level));
-        let dropout = config.dropout;
+        let heads = config.head_channels;
+        let block = ResBlockKind {
+            temb_ch,
+            dropout: config.dropout,
+            scale_shift: config.scale_shift_norm,
+            resize: Resize::Keep,
+        };
+        let resampler = |vs: nn::Path, ch: i64, resize: Resize| {
+            ResBlock::new(vs, ch, ch, ResBlockKind { resize, ..block })
+        };
 
         let temb = vs / "temb" / "dense";
         let temb_dense = [
@@ -223,26 +302,23 @@ impl UNet {
             let mut blocks = Vec::new();
             let mut attns = Vec::new();
             for i in 0..config.num_res_blocks {
-                blocks.push(ResBlock::new(
-                    &p / "block" / i,
-                    block_in,
-                    block_out,
-                    temb_ch,
-                    dropout,
-                ));
+                blocks.push(ResBlock::new(&p / "block" / i, block_in, block_out, block));
                 block_in = block_out;
                 if attends(level) {
-                    attns.push(AttnBlock::new(&p / "attn" / i, block_in));
+                    attns.push(AttnBlock::new(&p / "attn" / i, block_in, heads));
                 }
                 skips.push(block_in);
             }
             let resample = (level + 1 < levels).then(|| {
                 skips.push(block_in);
+                if config.resblock_updown {
+                    return Resample::Block(resampler(&p / "downsample", block_in, Resize::Halve));
+                }
                 let padding = match config.downsample_padding {
                     DownsamplePadding::Symmetric => 1,
                     DownsamplePadding::BottomRight => 0, // padded in `forward`
                 };
-                nn::conv2d(
+                Resample::Conv(nn::conv2d(
                     &p / "downsample" / "conv",
                     block_in,
                     block_in,
@@ -252,7 +328,7 @@ impl UNet {
                         padding,
                         ..Default::default()
                     },
-                )
+                ))
             });
             down.push(Level {
                 blocks,
@@ -263,9 +339,9 @@ impl UNet {
 
         let m = vs / "mid";
         let mid = (
-            ResBlock::new(&m / "block_1", block_in, block_in, temb_ch, dropout),
-            AttnBlock::new(&m / "attn_1", block_in),
-            ResBlock::new(&m / "block_2", block_in, block_in, temb_ch, dropout),
+            ResBlock::new(&m / "block_1", block_in, block_in, block),
+            AttnBlock::new(&m / "attn_1", block_in, heads),
+            ResBlock::new(&m / "block_2", block_in, block_in, block),
         );
 
         let mut up: Vec<Level> = Vec::new();
@@ -276,20 +352,17 @@ impl UNet {
             let mut attns = Vec::new();
             for i in 0..=config.num_res_blocks {
                 let skip = skips.pop().expect("one skip per up block");
-                blocks.push(ResBlock::new(
-                    &p / "block" / i,
-                    block_in + skip,
-                    block_out,
-                    temb_ch,
-                    dropout,
-                ));
+                let cin = block_in + skip;
+                blocks.push(ResBlock::new(&p / "block" / i, cin, block_out, block));
                 block_in = block_out;
                 if attends(level) {
-                    attns.push(AttnBlock::new(&p / "attn" / i, block_in));
+                    attns.push(AttnBlock::new(&p / "attn" / i, block_in, heads));
                 }
             }
-            let resample =
-                (level > 0).then(|| conv(&p / "upsample" / "conv", block_in, block_in, 3, 1));
+            let resample = (level > 0).then(|| match config.resblock_updown {
+                true => Resample::Block(resampler(&p / "upsample", block_in, Resize::Double)),
+                false => Resample::Conv(conv(&p / "upsample" / "conv", block_in, block_in, 3, 1)),
+            });
             up.push(Level {
                 blocks,
                 attns,
@@ -356,10 +429,11 @@ impl UNet {
             }
             if let Some(downsample) = &level.resample {
                 let x = hs.last().unwrap();
-                let h = match self.config.downsample_padding {
-                    DownsamplePadding::Symmetric => downsample.forward(x),
-                    DownsamplePadding::BottomRight => {
-                        downsample.forward(&x.constant_pad_nd([0, 1, 0, 1]))
+                let h = match (downsample, self.config.downsample_padding) {
+                    (Resample::Block(block), _) => block.forward(x, &temb_act, train, fused),
+                    (Resample::Conv(conv), DownsamplePadding::Symmetric) => conv.forward(x),
+                    (Resample::Conv(conv), DownsamplePadding::BottomRight) => {
+                        conv.forward(&x.constant_pad_nd([0, 1, 0, 1]))
                     }
                 };
                 hs.push(h);
@@ -382,10 +456,11 @@ impl UNet {
                     h = attn.forward(&h);
                 }
             }
-            if let Some(upsample) = &level.resample {
-                let (_, _, height, width) = h.size4().unwrap();
-                h = upsample.forward(&h.upsample_nearest2d([height * 2, width * 2], None, None));
-            }
+            h = match &level.resample {
+                Some(Resample::Block(block)) => block.forward(&h, &temb_act, train, fused),
+                Some(Resample::Conv(conv)) => conv.forward(&Resize::Double.apply(&h)),
+                None => h,
+            };
         }
         self.conv_out.forward(&norm_silu(&self.norm_out, &h, fused))
     }
@@ -430,7 +505,7 @@ pub fn parameter_count(vs: &nn::VarStore) -> i64 {
 /// A human-readable summary: the configuration, the tensors per module and the exact total.
 pub fn summary(config: &ModelConfig, vs: &nn::VarStore) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "UNet  channels={} channel_mult={:?} num_res_blocks={} attention_resolutions={:?} dropout={} in_channels={} image_size={} num_classes={}", config.channels, config.channel_mult, config.num_res_blocks, config.attention_resolutions, config.dropout, config.in_channels, config.image_size, config.num_classes);
+    let _ = writeln!(out, "UNet  channels={} channel_mult={:?} num_res_blocks={} attention_resolutions={:?} head_channels={} scale_shift_norm={} resblock_updown={} dropout={} in_channels={} image_size={} num_classes={}", config.channels, config.channel_mult, config.num_res_blocks, config.attention_resolutions, config.head_channels, config.scale_shift_norm, config.resblock_updown, config.dropout, config.in_channels, config.image_size, config.num_classes);
     let mut groups: std::collections::BTreeMap<String, i64> = Default::default();
     for (name, tensor) in vs.variables() {
         let parts: Vec<&str> = name.split('.').collect();
@@ -495,6 +570,32 @@ mod tests {
         );
     }
     const MNIST_PARAMS: i64 = 6_469_889;
+
+    #[test]
+    fn scale_shift_norms_double_each_time_projection() {
+        let mut config = RunConfig::preset("tiny").unwrap().model;
+        let plain = count(&config);
+        config.scale_shift_norm = true;
+        // tiny's residual blocks put out 32, 64, 64 (down), 64, 64 (middle) and 64, 64, 64,
+        // 64, 32, 32 channels (up, two per level): each projection from the 128-wide
+        // embedding gains as many rows again, with their biases.
+        let outputs: i64 = [32, 64, 64, 64, 64, 64, 64, 64, 64, 32, 32].iter().sum();
+        assert_eq!(count(&config) - plain, outputs * (128 + 1));
+    }
+
+    #[test]
+    fn residual_resampling_replaces_each_resampling_conv_with_a_block() {
+        let mut config = RunConfig::preset("tiny").unwrap().model;
+        let plain = count(&config);
+        config.resblock_updown = true;
+        // Two downsampling convs (32 and 64 channels) and two upsampling ones (64, 64) become
+        // blocks of two 3×3 convs, two GroupNorms and an embedding projection.
+        let conv = |c: i64| 9 * c * c + c;
+        let block = |c: i64| 2 * conv(c) + 2 * (2 * c) + (128 * c + c);
+        let convs: i64 = [32, 64, 64, 64].map(conv).iter().sum();
+        let blocks: i64 = [32, 64, 64, 64].map(block).iter().sum();
+        assert_eq!(count(&config) - plain, blocks - convs);
+    }
     const TINY_PARAMS: i64 = 1_062_497;
 
     #[test]
@@ -511,6 +612,11 @@ mod tests {
             (ImageSize::Square(256), vec![1, 1, 2, 2, 2, 2], 1),
             (ImageSize::Rect([32, 64]), vec![1, 2, 2], 3),
         ] {
+            // Every other network also has the options for large images.
+            let adm = channels == 3;
+            config.head_channels = if adm { 8 } else { 0 };
+            config.scale_shift_norm = adm;
+            config.resblock_updown = adm;
             config.image_size = size;
             config.channel_mult = mult;
             config.in_channels = channels;

@@ -16,6 +16,16 @@ What it writes:
   class-parity.safetensors
                         `sample`, `timestep`, `class_labels` (each class and "no class") and
                         diffusers' float32 CPU output `output` for the class-conditional UNet.
+  tiny-adm-pipeline/    a class-conditional UNet with every option of the ADM network (Dhariwal &
+                        Nichol 2021) that diffusers expresses: attention at 16x16 and 4x4 with
+                        16-channel heads, the time embedding as a scale and shift of the norm
+                        (resnet_time_scale_shift = "scale_shift") and residual blocks that
+                        resample (downsample_type = upsample_type = "resnet").
+  adm-parity.safetensors
+                        its `sample`, `timestep`, `class_labels` and float32 CPU `output`.
+  adm_presets.json      the UNet2DModel arguments equivalent to ADM's published ImageNet 64 and
+                        256 networks (ddpm's imagenet64 and imagenet256 presets) and the
+                        parameter count diffusers gives each.
   cifar10_tensor_shapes.json
                         every tensor name and shape of the UNet2DModel that matches our cifar10
                         preset (the google/ddpm-cifar10-32 layout), so that the name mapping is
@@ -72,6 +82,50 @@ CIFAR10_UNET = dict(
 )
 
 
+ADM_OPTIONS = dict(
+    block_out_channels=(32, 64, 64),
+    down_block_types=("AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnUpBlock2D"),
+    attention_head_dim=16,
+    resnet_time_scale_shift="scale_shift",
+    attn_norm_num_groups=32,  # else a scale-shift UNet's middle attention has no norm
+    downsample_type="resnet",
+    upsample_type="resnet",
+    num_class_embeds=4,
+)
+
+
+def adm_imagenet(size, channels, mult, blocks):
+    """ADM's class-conditional ImageNet network (attention at 32, 16 and 8 with 64-channel
+    heads, scale-shift norms, residual resampling), in UNet2DModel's arguments; ddpm's
+    "no class" adds a row to the 1,000 class embeddings."""
+    sides = [size >> level for level in range(len(mult))]
+    attends = [side in (32, 16, 8) for side in sides]
+    down = ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attends]
+    return dict(
+        DDPM_COMPATIBLE,
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[channels * m for m in mult],
+        layers_per_block=blocks,
+        down_block_types=down,
+        up_block_types=[t.replace("Down", "Up") for t in reversed(down)],
+        attention_head_dim=64,
+        resnet_time_scale_shift="scale_shift",
+        attn_norm_num_groups=32,
+        downsample_type="resnet",
+        upsample_type="resnet",
+        num_class_embeds=1001,
+    )
+
+
+ADM_PRESETS = {
+    "imagenet64": adm_imagenet(64, 192, (1, 2, 3, 4), 3),
+    "imagenet256": adm_imagenet(256, 256, (1, 1, 2, 2, 4, 4), 2),
+}
+
+
 def tiny_unet(**extra) -> UNet2DModel:
     torch.manual_seed(0)
     unet = UNet2DModel(**{**TINY_UNET, **extra})
@@ -116,6 +170,20 @@ def main() -> None:
     with torch.no_grad():
         class_output = conditional(sample, timestep, class_labels=class_labels).sample
     save_file({"sample": sample, "timestep": timestep, "class_labels": class_labels, "output": class_output.contiguous()}, str(out / "class-parity.safetensors"))
+
+    adm = tiny_unet(**ADM_OPTIONS)
+    DDPMPipeline(unet=adm.half(), scheduler=scheduler).save_pretrained(out / "tiny-adm-pipeline", safe_serialization=True)
+    adm.float()
+    with torch.no_grad():
+        adm_output = adm(sample, timestep, class_labels=class_labels).sample
+    save_file({"sample": sample, "timestep": timestep, "class_labels": class_labels, "output": adm_output.contiguous()}, str(out / "adm-parity.safetensors"))
+
+    presets = {}
+    for name, arguments in ADM_PRESETS.items():
+        with torch.device("meta"):
+            network = UNet2DModel(**arguments)
+        presets[name] = dict(arguments=arguments, parameters=sum(p.numel() for p in network.parameters()))
+    (out / "adm_presets.json").write_text(json.dumps(presets, indent=1, sort_keys=True) + "\n")
 
     with torch.device("meta"):
         cifar10 = UNet2DModel(**CIFAR10_UNET)

@@ -22,6 +22,7 @@ use super::{
 ///     flag: "flag-name",                 // optional: the `ddpm train` flag
 ///     help: "What the key does",
 ///     tiny: value, mnist: value, cifar10: value,  // tiny is the base; the others optional
+///     imagenet64: value, imagenet256: value,      // these inherit cifar10's, then imagenet64's
 ///     allowed: "text" if |v| predicate,  // optional; without `if`, a cross-key check tests it
 ///     limit: "text" if |v| predicate,    // optional: what a training run takes
 /// }
@@ -40,6 +41,8 @@ macro_rules! section {
                     tiny: $tiny:expr
                     $(, mnist: $mnist:expr)?
                     $(, cifar10: $cifar10:expr)?
+                    $(, imagenet64: $imagenet64:expr)?
+                    $(, imagenet256: $imagenet256:expr)?
                     $(, allowed: $allowed:literal $(if $ok:expr)?)?
                     $(, limit: $limit:literal if $limit_ok:expr)?
                     $(,)?
@@ -65,6 +68,10 @@ macro_rules! section {
                         Preset::Tiny => $tiny,
                         Preset::Mnist => key_pick!($tiny $(, $mnist)?),
                         Preset::Cifar10 => key_pick!($tiny $(, $cifar10)?),
+                        Preset::Imagenet64 => key_pick!($tiny $(, $cifar10)? $(, $imagenet64)?),
+                        Preset::Imagenet256 => {
+                            key_pick!($tiny $(, $cifar10)? $(, $imagenet64)? $(, $imagenet256)?)
+                        }
                     },)*
                 }
             }
@@ -94,13 +101,13 @@ macro_rules! section {
     };
 }
 
-/// The base value, or the preset's own when it has one.
+/// The last value given: the preset's own when it has one, else the one it inherits.
 macro_rules! key_pick {
-    ($base:expr) => {
-        $base
+    ($last:expr) => {
+        $last
     };
-    ($base:expr, $own:expr) => {
-        $own
+    ($first:expr, $($rest:expr),+) => {
+        key_pick!($($rest),+)
     };
 }
 
@@ -290,21 +297,23 @@ pub fn with_flags(text: &str) -> String {
 /// allowed, and what it does.
 pub fn reference() -> String {
     let cell = |text: &str| text.replace('|', "\\|");
-    let mut table = String::from("| key | flag | tiny | mnist | cifar10 | allowed | meaning |\n");
-    table.push_str("|---|---|---|---|---|---|---|\n");
+    let presets = Preset::ALL.map(|p| format!(" {} |", p.name())).concat();
+    let mut table = format!("| key | flag |{presets} allowed | meaning |\n");
+    table.push_str(&format!(
+        "|---|---|{}---|---|\n",
+        "---|".repeat(Preset::ALL.len())
+    ));
     for key in keys() {
         let flag = key.flag.map_or(String::new(), |f| format!("`--{f}`"));
-        let values = Preset::ALL.map(|p| format!("`{}`", cell(&key.preset_value(p))));
+        let values = Preset::ALL.map(|p| format!(" `{}` |", cell(&key.preset_value(p))));
         let limit = key
             .limit()
             .map_or(String::new(), |l| format!("; in a training run: {l}"));
         let _ = writeln!(
             table,
-            "| `{}` | {flag} | {} | {} | {} | {}{} | {} |",
+            "| `{}` | {flag} |{} {}{} | {} |",
             key.name,
-            values[0],
-            values[1],
-            values[2],
+            values.concat(),
             cell(&key.allowed()),
             cell(&limit),
             cell(key.help)

@@ -431,33 +431,34 @@ section! {
         channels: i64 {
             flag: "ch",
             help: "Base channels; level i has channels × channel_mult[i]",
-            tiny: 32, mnist: 64, cifar10: 128,
+            tiny: 32, mnist: 64, cifar10: 128, imagenet64: 192, imagenet256: 256,
             allowed: "an even number ≥ 4 (the time embedding is half sines, half cosines, of at least two frequencies)"
                 if |c| *c >= 4 && c % 2 == 0,
         }
         channel_mult: Vec<i64> {
             flag: "ch-mult",
             help: "Channel multiplier per level, e.g. 1,2,2,2",
-            tiny: vec![1, 2, 2], cifar10: vec![1, 2, 2, 2],
+            tiny: vec![1, 2, 2], cifar10: vec![1, 2, 2, 2], imagenet64: vec![1, 2, 3, 4],
+            imagenet256: vec![1, 1, 2, 2, 4, 4],
             allowed: "a non-empty list of integers ≥ 1"
                 if |m| !m.is_empty() && m.iter().all(|&c| c >= 1),
         }
         num_res_blocks: i64 {
             flag: "num-res-blocks",
             help: "Residual blocks per level on the way down (the way up has one more)",
-            tiny: 1, mnist: 2, cifar10: 2,
+            tiny: 1, mnist: 2, cifar10: 2, imagenet64: 3, imagenet256: 2,
             allowed: "≥ 1" if |n| *n >= 1,
         }
         attention_resolutions: Vec<i64> {
             flag: "attn-res",
             help: "Feature-map sizes (the shorter side) at which self-attention follows each residual block, e.g. 16 or 16,8 (\"\": none)",
-            tiny: vec![], mnist: vec![14], cifar10: vec![16],
+            tiny: vec![], mnist: vec![14], cifar10: vec![16], imagenet64: vec![32, 16, 8],
             allowed: "feature-map sizes of the model: the shorter image side, halved at each level",
         }
         dropout: f64 {
             flag: "dropout",
             help: "Dropout in the residual blocks",
-            tiny: 0.0, mnist: 0.1, cifar10: 0.1,
+            tiny: 0.0, mnist: 0.1, cifar10: 0.1, imagenet256: 0.0,
             allowed: "in [0, 1)" if |p| (0.0..1.0).contains(p),
         }
         in_channels: i64 {
@@ -470,6 +471,7 @@ section! {
             flag: "image-size",
             help: "Training image size: N (square) or [H, W] (flag: N or HxW)",
             tiny: ImageSize::Square(16), mnist: ImageSize::Square(28), cifar10: ImageSize::Square(32),
+            imagenet64: ImageSize::Square(64), imagenet256: ImageSize::Square(256),
             allowed: "positive sides divisible by 2^(levels-1)"
                 if |s| s.height() >= 1 && s.width() >= 1,
         }
@@ -483,8 +485,27 @@ section! {
         num_classes: ClassCount {
             flag: "num-classes",
             help: "Classes the model is conditioned on (a class embedding added to the time embedding, plus a \"no class\" row for classifier-free guidance): 0 unconditional, N, or auto (the data's classes: IDX label files, CIFAR labels, one subfolder per class; none: unconditional)",
-            tiny: ClassCount::Count(0),
+            tiny: ClassCount::Count(0), imagenet64: ClassCount::Count(1000),
             limit: "auto or ≤ 100000" if |c| *c == ClassCount::Auto || *c <= ClassCount::Count(100_000),
+        }
+        #[serde(default)]
+        head_channels: i64 {
+            flag: "head-channels",
+            help: "Channels per attention head: the attention over C channels has C / head_channels heads; 0: one head",
+            tiny: 0, imagenet64: 64,
+            allowed: "0 or a divisor of the width of every level with attention and of the middle block",
+        }
+        #[serde(default)]
+        scale_shift_norm: bool {
+            flag: "scale-shift-norm",
+            help: "The time (and class) embedding scales and shifts each residual block's second GroupNorm (AdaGN, Dhariwal & Nichol 2021) instead of being added before it",
+            tiny: false, imagenet64: true,
+        }
+        #[serde(default)]
+        resblock_updown: bool {
+            flag: "resblock-updown",
+            help: "Down- and upsample with a residual block that average-pools or repeats its input (BigGAN-style) instead of a strided or a nearest ×2 conv",
+            tiny: false, imagenet64: true,
         }
     }
 }
@@ -498,13 +519,14 @@ section! {
         timesteps: usize {
             flag: "timesteps",
             help: "Number of diffusion steps T",
-            tiny: 1000,
+            tiny: 1000, imagenet64: 4000, imagenet256: 1000,
             allowed: "in [2, 100000]" if |t| (2..=100_000).contains(t),
         }
         schedule: ScheduleKind {
             flag: "schedule",
             help: "Noise schedule: linear (β from beta_start to beta_end), cosine (Nichol & Dhariwal, s = cosine_s, β ≤ 0.999) or sigmoid (β = start + (end−start)·σ(x), x ∈ [−6, 6])",
-            tiny: ScheduleKind::Linear,
+            tiny: ScheduleKind::Linear, imagenet64: ScheduleKind::Cosine,
+            imagenet256: ScheduleKind::Linear,
         }
         beta_start: f64 {
             help: "β at t = 0 (linear and sigmoid schedules)",
@@ -548,13 +570,13 @@ section! {
         steps: u64 {
             flag: "steps",
             help: "Optimizer steps in the run (--epochs sets them from the data's size instead)",
-            tiny: 3000, mnist: 50_000, cifar10: 500_000,
+            tiny: 3000, mnist: 50_000, cifar10: 500_000, imagenet64: 540_000, imagenet256: 1_980_000,
             allowed: "≥ 1" if |s| *s >= 1,
         }
         batch: usize {
             flag: "batch",
             help: "Images per optimizer step (split into grad_accum micro-batches)",
-            tiny: 64, mnist: 128, cifar10: 128,
+            tiny: 64, mnist: 128, cifar10: 128, imagenet64: 2048, imagenet256: 256,
             allowed: "≥ 1" if |b| *b >= 1,
         }
         grad_accum: usize {
@@ -566,7 +588,7 @@ section! {
         lr: f64 {
             flag: "lr",
             help: "Peak learning rate (AdamW)",
-            tiny: 1e-3, mnist: 2e-4, cifar10: 2e-4,
+            tiny: 1e-3, mnist: 2e-4, cifar10: 2e-4, imagenet64: 3e-4, imagenet256: 1e-4,
             allowed: "in (0, 1)" if |lr| *lr > 0.0 && *lr < 1.0,
         }
         lr_schedule: LrSchedule {
@@ -938,29 +960,43 @@ pub struct RunConfig {
     pub ema: PosthocEmaConfig,
 }
 
-pub const PRESETS: [&str; 3] = ["cifar10", "mnist", "tiny"];
+pub const PRESETS: [&str; 5] = ["cifar10", "imagenet256", "imagenet64", "mnist", "tiny"];
 
 /// A named configuration to start from. `tiny` is the base, a 1.06M-parameter UNet for digits
 /// at 16×16, tuned so that the bundled demo learns legible digits in minutes on a 2-core CPU: at
 /// 16×16 a step costs a third of one at 28×28, so the same minutes buy 2.5× the steps; a high
 /// learning rate; min-SNR-5 loss weighting (faster convergence); and stochastic DDIM (η = 1, 100
 /// steps), which forgives an undertrained model more than deterministic DDIM. The other presets
-/// keep the DDPM recipe (unweighted ε loss) and inherit the rest from tiny.
+/// keep the DDPM recipe (unweighted ε loss) and inherit the rest from tiny. `imagenet64` and
+/// `imagenet256` are the class-conditional ImageNet networks of Dhariwal & Nichol 2021 (ADM:
+/// 64-channel attention heads at 32, 16 and 8, scale-shift norms, residual up- and
+/// downsampling) with their schedules and optimiser settings; they inherit the rest from
+/// cifar10, and imagenet256 from imagenet64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
     Tiny,
     Mnist,
     Cifar10,
+    Imagenet64,
+    Imagenet256,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 3] = [Preset::Tiny, Preset::Mnist, Preset::Cifar10];
+    pub const ALL: [Preset; 5] = [
+        Preset::Tiny,
+        Preset::Mnist,
+        Preset::Cifar10,
+        Preset::Imagenet64,
+        Preset::Imagenet256,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Preset::Tiny => "tiny",
             Preset::Mnist => "mnist",
             Preset::Cifar10 => "cifar10",
+            Preset::Imagenet64 => "imagenet64",
+            Preset::Imagenet256 => "imagenet256",
         }
     }
 
@@ -990,6 +1026,18 @@ fn feature_map_sizes(m: &ModelConfig) -> Vec<i64> {
     (0..m.channel_mult.len())
         .map(|level| side.checked_shr(level as u32).unwrap_or(0))
         .collect()
+}
+
+/// The channel widths the model attends over: each level with attention, and the middle.
+pub fn attention_widths(m: &ModelConfig) -> Vec<i64> {
+    let sizes = feature_map_sizes(m);
+    let mut widths: Vec<i64> = (m.channel_mult.iter().zip(&sizes))
+        .filter(|(_, size)| m.attention_resolutions.contains(size))
+        .map(|(mult, _)| m.channels * mult)
+        .collect();
+    widths.extend(m.channel_mult.last().map(|mult| m.channels * mult));
+    widths.dedup();
+    widths
 }
 
 const CROSS_CHECKS: &[CrossCheck] = &[
@@ -1023,6 +1071,25 @@ const CROSS_CHECKS: &[CrossCheck] = &[
             let allowed =
                 format!("feature-map sizes of this model: {sizes:?}; --attn-res sets them");
             Some((r.to_string(), allowed))
+        },
+    },
+    // Each attention splits its channels into whole heads.
+    CrossCheck {
+        key: "model.head_channels",
+        reads: &[
+            "model.channels",
+            "model.channel_mult",
+            "model.attention_resolutions",
+        ],
+        refuses: |c| {
+            let m = &c.model;
+            let widths = attention_widths(m);
+            let fits = |h: i64| h == 0 || (h > 0 && widths.iter().all(|w| w % h == 0));
+            (!fits(m.head_channels)).then(|| {
+                let allowed =
+                    format!("0 (one head) or a divisor of every attention's width {widths:?}");
+                (m.head_channels.to_string(), allowed)
+            })
         },
     },
     // Guidance mixes the class-conditional and unconditional predictions.
@@ -1305,24 +1372,19 @@ mod tests {
     /// Each preset as it was written before the keys were declared in one place.
     #[test]
     fn presets_keep_their_values() {
-        for (name, written) in [
-            (
-                "tiny",
-                include_str!("../../tests/fixtures/presets/tiny.toml"),
-            ),
-            (
-                "mnist",
-                include_str!("../../tests/fixtures/presets/mnist.toml"),
-            ),
-            (
-                "cifar10",
-                include_str!("../../tests/fixtures/presets/cifar10.toml"),
-            ),
-        ] {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/presets");
+        for preset in Preset::ALL {
+            let path = fixtures.join(format!("{}.toml", preset.name()));
+            let generated = RunConfig::of(preset).to_toml();
+            if std::env::var("DDPM_BLESS").is_ok_and(|v| v == "1") {
+                std::fs::write(&path, &generated).unwrap();
+            }
+            let written = std::fs::read_to_string(&path).unwrap_or_default();
             assert_eq!(
-                RunConfig::preset(name).unwrap().to_toml(),
+                generated,
                 written,
-                "{name}"
+                "{} (a deliberate change: `DDPM_BLESS=1 cargo test --release --lib config::tests::presets_keep`)",
+                path.display()
             );
         }
         assert!(RunConfig::preset("huge").is_err());
@@ -1535,7 +1597,7 @@ mod tests {
         assert!(
             help.contains("Peak learning rate (AdamW) [train.lr]")
                 && help.contains(
-                    "Allowed: in (0, 1). Default: 0.001 (tiny), 0.0002 (mnist), 0.0002 (cifar10)."
+                    "Allowed: in (0, 1). Default: 0.001 (tiny), 0.0002 (mnist), 0.0002 (cifar10), 0.0003 (imagenet64), 0.0001 (imagenet256)."
                 ),
             "{help}"
         );
