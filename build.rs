@@ -54,6 +54,7 @@ fn main() {
         .file("csrc/distributed.cpp")
         .file("csrc/cuda_graph.cpp")
         .file("csrc/fused_ops.cpp")
+        .file("csrc/recompute.cpp")
         .compile("ddpm_ops");
 }
 

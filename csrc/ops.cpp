@@ -145,4 +145,9 @@ char *ddpm_cuda_reset_peak_memory(int device) {
   DDPM_TRY({ c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(device); })
 }
 
+// Returns the caching allocator's unused blocks to the driver (after an out-of-memory try).
+char *ddpm_cuda_empty_cache() {
+  DDPM_TRY({ c10::getDeviceAllocator(c10::DeviceType::CUDA)->emptyCache(); })
+}
+
 } // extern "C"

@@ -19,6 +19,8 @@ pub struct BenchResult {
     pub final_loss: Option<f64>,
     /// Peak (allocated, reserved) GiB on CUDA.
     pub peak_memory_gib: Option<(f64, f64)>,
+    /// On a CPU: the process's peak resident GiB from the network's creation on.
+    pub host_peak_gib: Option<f64>,
     pub parameters: i64,
     /// The levers as they ran (`auto` resolved).
     pub cuda_graph: bool,
@@ -34,6 +36,7 @@ pub fn train_step(
     warmup: usize,
     steps: usize,
 ) -> Result<BenchResult> {
+    crate::device::reset_host_peak_memory();
     let mut trainer = Trainer::new(config, device)?;
     // Not sooner: libtorch refuses to reset the statistics of a device it has not used yet.
     crate::device::reset_peak_memory(device)?;
@@ -57,10 +60,162 @@ pub fn train_step(
         ms_per_step: seconds * 1000.0 / steps as f64,
         final_loss,
         peak_memory_gib: crate::device::peak_memory_gib(device)?,
+        host_peak_gib: host_peak_gib(device),
         parameters: parameter_count(&trainer.vs),
         cuda_graph: trainer.uses_cuda_graph(),
         fused_norm_silu: trainer.uses_fused_norm_silu(),
     })
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn host_peak_gib(device: Device) -> Option<f64> {
+    (device == Device::Cpu)
+        .then(crate::device::host_peak_memory)
+        .flatten()
+        .map(|bytes| bytes as f64 / GIB)
+}
+
+/// What `find_batch` tried, and what it found.
+#[derive(Debug)]
+pub struct BatchSearch {
+    /// The largest batch that fit; None when even the first did not.
+    pub largest: Option<usize>,
+    /// The smallest batch that did not fit (tried, or on a CPU predicted); None when the
+    /// search reached its ceiling.
+    pub refused: Option<usize>,
+    /// Each batch tried and its peak memory in GiB (None: it ran out of memory).
+    pub tries: Vec<(usize, Option<f64>)>,
+    /// The memory the batches had to fit in, GiB (infinite: a GPU's own).
+    pub limit_gib: f64,
+}
+
+/// Finds the largest training batch that fits in `limit_gib` (default: the device's memory),
+/// by trying: batches double from `start` until one does not fit, then the gap is halved
+/// until it is within an eighth of the largest that fit, or `ceiling` is reached. On CUDA a
+/// batch fits when two steps run without running out of memory and peak under the limit; on a
+/// CPU, when a step's peak resident memory stays under it. A CPU batch whose peak, extrapolated
+/// from the batches before, would pass the limit is not tried (the system would kill the
+/// process) and counts as not fitting.
+pub fn find_batch(
+    config: &RunConfig,
+    device: Device,
+    start: usize,
+    ceiling: usize,
+    limit_gib: Option<f64>,
+) -> Result<BatchSearch> {
+    let limit_gib = match limit_gib {
+        Some(limit) => limit,
+        None => device_memory_gib(device)?,
+    };
+    let mut search = BatchSearch {
+        largest: None,
+        refused: None,
+        tries: Vec::new(),
+        limit_gib,
+    };
+    let mut batch = start.clamp(1, ceiling);
+    loop {
+        let fits = match predicted_gib(&search.tries, batch) {
+            Some(predicted) if device == Device::Cpu && predicted > limit_gib => false,
+            _ => {
+                let peak = try_batch(config, device, batch)?;
+                search.tries.push((batch, peak));
+                peak.is_some_and(|p| p <= limit_gib)
+            }
+        };
+        if fits {
+            search.largest = Some(batch);
+        } else {
+            search.refused = Some(batch);
+        }
+        batch = match (search.largest, search.refused) {
+            (Some(fit), None) if fit < ceiling => (fit * 2).min(ceiling),
+            (Some(fit), Some(refused)) if refused - fit > (fit / 8).max(1) => (fit + refused) / 2,
+            (None, Some(refused)) if refused > 1 => refused / 2,
+            _ => return Ok(search),
+        };
+    }
+}
+
+/// The memory a batch has to fit in when no limit is given: on a GPU, all of it (running out
+/// decides), on a CPU the memory resident now plus what the system has available.
+fn device_memory_gib(device: Device) -> Result<f64> {
+    match device {
+        Device::Cuda(_) => Ok(f64::INFINITY),
+        _ => {
+            crate::device::reset_host_peak_memory();
+            let resident = crate::device::host_peak_memory().unwrap_or(0);
+            let available = crate::device::available_host_memory().ok_or_else(|| {
+                anyhow::anyhow!("the available memory is unknown here: give --memory-limit")
+            })?;
+            Ok((resident + available) as f64 / GIB)
+        }
+    }
+}
+
+/// A batch's peak memory, extrapolated linearly from the two largest batches tried that ran
+/// (from the one, through zero, when only one ran).
+fn predicted_gib(tries: &[(usize, Option<f64>)], batch: usize) -> Option<f64> {
+    let mut ran: Vec<(f64, f64)> = tries
+        .iter()
+        .filter_map(|&(b, peak)| Some((b as f64, peak?)))
+        .collect();
+    ran.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let batch = batch as f64;
+    match ran.as_slice() {
+        [] => None,
+        [(b, peak)] => Some(peak * batch / b),
+        [.., (b1, p1), (b2, p2)] => Some(p2 + (p2 - p1) / (b2 - b1) * (batch - b2)),
+    }
+}
+
+/// The peak memory (GiB) of two training steps at `batch`, or None when they ran out of it.
+fn try_batch(config: &RunConfig, device: Device, batch: usize) -> Result<Option<f64>> {
+    let mut config = config.clone();
+    config.train.batch = batch;
+    config.train.grad_accum = 1;
+    let run = || -> Result<()> {
+        let mut trainer = Trainer::new(&config, device)?;
+        let x0 = Tensor::zeros(config.model.batch_shape(batch), (Kind::Float, device));
+        for _ in 0..2 {
+            trainer.step(&x0, None)?.loss.double_value(&[]);
+        }
+        Ok(())
+    };
+    crate::device::reset_host_peak_memory();
+    if device.is_cuda() {
+        crate::device::reset_peak_memory(device)?;
+    }
+    // libtorch's ops panic on failure; an out-of-memory panic is an answer, not a crash.
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+    std::panic::set_hook(quiet);
+    if device.is_cuda() {
+        crate::ops::cuda_empty_cache()?;
+    }
+    let failure = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(format!("{error:#}")),
+        Err(panic) => Some(
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
+        ),
+    };
+    match failure {
+        Some(text) if text.contains("out of memory") => Ok(None),
+        Some(text) => Err(anyhow::anyhow!("batch {batch}: {text}")),
+        None => Ok(Some(match device {
+            Device::Cuda(_) => {
+                crate::device::peak_memory_gib(device)?.map_or(0.0, |(_, reserved)| reserved)
+            }
+            _ => crate::device::host_peak_memory().unwrap_or(0) as f64 / GIB,
+        })),
+    }
 }
 
 /// Times DDIM sampling of `num` images in batches of `batch` with `ddim_steps` steps.
@@ -117,6 +272,7 @@ pub fn sampling(
         ms_per_step: seconds * 1000.0 / (batches * ddim_steps) as f64,
         final_loss: None,
         peak_memory_gib: crate::device::peak_memory_gib(device)?,
+        host_peak_gib: None,
         parameters: parameter_count(&trainer.vs),
         // Sampling runs eagerly.
         cuda_graph: false,
@@ -197,14 +353,47 @@ pub fn result_line(what: &str, config: &RunConfig, device: Device, result: &Benc
     if let Some((allocated, reserved)) = result.peak_memory_gib {
         line += &format!(" mem_peak_alloc_gib={allocated:.2} mem_peak_reserved_gib={reserved:.2}");
     }
+    if let Some(peak) = result.host_peak_gib {
+        line += &format!(" host_peak_gib={peak:.3}");
+    }
     line += &format!(
-        " channels_last={} cuda_graph={} fused_norm_silu={} threads={}",
+        " channels_last={} cuda_graph={} fused_norm_silu={} activation_checkpointing={} threads={}",
         config.train.channels_last as u8,
         result.cuda_graph as u8,
         result.fused_norm_silu as u8,
+        config.train.activation_checkpointing as u8,
         tch::get_num_threads()
     );
     line
+}
+
+/// The `RESULT` line of a batch search.
+pub fn batch_search_line(config: &RunConfig, device: Device, search: &BatchSearch) -> String {
+    let m = &config.model;
+    let show = |b: Option<usize>| b.map_or("none".into(), |b| b.to_string());
+    let tries: Vec<String> = search
+        .tries
+        .iter()
+        .map(|(b, peak)| match peak {
+            Some(gib) => format!("{b}:{gib:.3}"),
+            None => format!("{b}:oom"),
+        })
+        .collect();
+    let limit = match search.limit_gib.is_finite() {
+        true => format!("{:.3}", search.limit_gib),
+        false => "device".into(),
+    };
+    format!(
+        "RESULT framework=ddpm bench=find-batch device={} precision={} size={} ch={} activation_checkpointing={} limit_gib={limit} largest_batch={} refused_batch={} tries={}",
+        device_name(device),
+        config.train.precision.name(),
+        m.image_size,
+        m.channels,
+        config.train.activation_checkpointing as u8,
+        show(search.largest),
+        show(search.refused),
+        tries.join(","),
+    )
 }
 
 fn device_name(device: Device) -> String {

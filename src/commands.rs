@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::nn::VarStore;
 use tch::Device;
 
@@ -1109,11 +1109,18 @@ impl FlagSet for BenchKeys {
             "train.cuda_graph",
             "train.fused_norm_silu",
             "ema.snapshot_every",
+            "train.activation_checkpointing",
+            "model.head_channels",
+            "model.scale_shift_norm",
+            "model.resblock_updown",
         ];
         keys.into_iter()
             .map(|key| match key {
                 "model.image_size" => Flag::of(key).named("size"),
-                "train.channels_last" => Flag::of(key).switch(),
+                "train.channels_last"
+                | "train.activation_checkpointing"
+                | "model.scale_shift_norm"
+                | "model.resblock_updown" => Flag::of(key).switch(),
                 _ => Flag::of(key),
             })
             .collect()
@@ -1144,6 +1151,17 @@ pub struct BenchArgs {
     /// Timed training steps
     #[arg(long, default_value_t = 30, value_parser = crate::config::positive_count::<usize>)]
     pub steps: usize,
+    /// With `train`: instead of timing, find the largest batch whose step fits in memory by
+    /// trying (doubling from --batch, then halving the gap)
+    #[arg(long)]
+    pub find_batch: bool,
+    /// The largest batch --find-batch tries
+    #[arg(long, default_value_t = 1 << 16, value_parser = crate::config::positive_count::<usize>)]
+    pub max_batch: usize,
+    /// The memory in GiB a batch must fit in for --find-batch [default: a GPU's own; on a CPU,
+    /// what is resident plus what the system has available]
+    #[arg(long, value_parser = crate::config::positive_finite)]
+    pub memory_limit: Option<f64>,
     /// Images to sample
     #[arg(long, default_value_t = 1024, value_parser = crate::config::positive_count::<usize>)]
     pub num: usize,
@@ -1216,6 +1234,13 @@ pub fn bench(args: BenchArgs) -> Result<String> {
     if args.what == "sample" {
         // Fewer images than a batch are one smaller batch: report what ran.
         config.train.batch = config.train.batch.min(args.num);
+    }
+    if args.find_batch {
+        ensure!(args.what == "train", "--find-batch goes with `bench train`");
+        let start = args.batch.unwrap_or(1);
+        let search =
+            crate::bench::find_batch(&config, device, start, args.max_batch, args.memory_limit)?;
+        return Ok(crate::bench::batch_search_line(&config, device, &search));
     }
     let result = match args.what.as_str() {
         "train" => crate::bench::train_step(&config, device, args.warmup, args.steps)?,

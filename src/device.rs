@@ -79,6 +79,21 @@ pub fn local_processes() -> u64 {
         .max(1)
 }
 
+/// The most resident memory this process has had (VmHWM, Linux) since it started or since
+/// `reset_host_peak_memory`, in bytes; None elsewhere.
+pub fn host_peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Starts the peak of `host_peak_memory` over from the memory resident now (Linux ≥ 4.0; a
+/// no-op elsewhere).
+pub fn reset_host_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// MemAvailable from /proc/meminfo (Linux), else the physical memory (other Unix systems);
 /// None where neither is known, and then nothing is checked.
 pub fn available_host_memory() -> Option<u64> {

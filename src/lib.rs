@@ -117,6 +117,7 @@ pub mod nearest;
 pub mod objective;
 pub mod ops;
 pub mod posthoc_ema;
+pub mod recompute;
 pub mod rng;
 pub mod run_dir;
 pub mod sampler;

@@ -8,6 +8,7 @@
 //! Parameter names follow the reference implementation's layout (`down.0.block.1.conv1.weight`,
 //! `mid.attn_1.q.bias`, …) and are stable across versions: checkpoints depend on them.
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -145,11 +146,19 @@ impl ResBlock {
         }
     }
 
-    /// `temb_act` is SiLU(time embedding), shared by every block.
-    fn forward(&self, x: &Tensor, temb_act: &Tensor, train: bool, fused: bool) -> Tensor {
+    /// `temb_act` is SiLU(time embedding), shared by every block. The skip connection reads
+    /// `x_skip`, the branch `x`: the same tensor, given twice when the block is recomputed.
+    fn forward(
+        &self,
+        x_skip: &Tensor,
+        x: &Tensor,
+        temb_act: &Tensor,
+        train: bool,
+        fused: bool,
+    ) -> Tensor {
         let resize = self.kind.resize;
         let h = resize.apply(&norm_silu(&self.norm1, x, fused));
-        let x = resize.apply(x);
+        let x = resize.apply(x_skip);
         let h = self.conv1.forward(&h);
         let emb = self.temb_proj.forward(temb_act).unsqueeze(-1).unsqueeze(-1);
         let h = if self.kind.scale_shift {
@@ -164,6 +173,34 @@ impl ResBlock {
             None => x + h,
         }
     }
+
+    fn parameters(&self) -> Vec<Tensor> {
+        let mut params = [&self.norm1, &self.norm2]
+            .into_iter()
+            .flat_map(norm_parameters)
+            .collect::<Vec<_>>();
+        params.extend(conv_parameters(&self.conv1));
+        params.extend(conv_parameters(&self.conv2));
+        params.extend(self.nin_shortcut.iter().flat_map(conv_parameters));
+        params.push(self.temb_proj.ws.shallow_clone());
+        params.extend(self.temb_proj.bs.iter().map(Tensor::shallow_clone));
+        params
+    }
+}
+
+fn norm_parameters(norm: &nn::GroupNorm) -> Vec<Tensor> {
+    norm.ws
+        .iter()
+        .chain(&norm.bs)
+        .map(Tensor::shallow_clone)
+        .collect()
+}
+
+fn conv_parameters(conv: &nn::Conv2D) -> Vec<Tensor> {
+    std::iter::once(&conv.ws)
+        .chain(&conv.bs)
+        .map(Tensor::shallow_clone)
+        .collect()
 }
 
 #[derive(Debug)]
@@ -193,9 +230,18 @@ impl AttnBlock {
         }
     }
 
+    fn parameters(&self) -> Vec<Tensor> {
+        let mut params = norm_parameters(&self.norm);
+        for conv in [&self.q, &self.k, &self.v, &self.proj_out] {
+            params.extend(conv_parameters(conv));
+        }
+        params
+    }
+
     /// Self-attention over all positions, each head over its own consecutive channels, through
-    /// libtorch's fused SDPA kernels (scaled by 1/√(channels per head)).
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// libtorch's fused SDPA kernels (scaled by 1/√(channels per head)). The residual reads
+    /// `x_skip`, the attention `x`: the same tensor, given twice when the block is recomputed.
+    fn forward(&self, x_skip: &Tensor, x: &Tensor) -> Tensor {
         let (b, c, h, w) = x.size4().expect("NCHW input");
         let hn = self.norm.forward(x);
         let heads = self.heads;
@@ -217,7 +263,7 @@ impl AttnBlock {
             false,
         );
         let out = out.transpose(2, 3).reshape([b, c, h, w]);
-        x + self.proj_out.forward(&out)
+        x_skip + self.proj_out.forward(&out)
     }
 }
 
@@ -227,13 +273,14 @@ enum Resample {
     /// A stride-2 conv (down path) or nearest ×2 and a conv (up path).
     Conv(nn::Conv2D),
     /// A residual block that halves or doubles (`model.resblock_updown`).
-    Block(ResBlock),
+    Block(Arc<ResBlock>),
 }
 
+/// Blocks are shared (`Arc`) so that a recomputed block's autograd node can hold on to them.
 #[derive(Debug)]
 struct Level {
-    blocks: Vec<ResBlock>,
-    attns: Vec<AttnBlock>,
+    blocks: Vec<Arc<ResBlock>>,
+    attns: Vec<Arc<AttnBlock>>,
     /// None at the lowest resolution.
     resample: Option<Resample>,
 }
@@ -247,12 +294,14 @@ pub struct UNet {
     class_embedding: Option<nn::Embedding>,
     conv_in: nn::Conv2D,
     down: Vec<Level>,
-    mid: (ResBlock, AttnBlock, ResBlock),
+    mid: (Arc<ResBlock>, Arc<AttnBlock>, Arc<ResBlock>),
     up: Vec<Level>,
     norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
     /// GroupNorm+SiLU through the fused CUDA kernels.
     fused_norm_silu: bool,
+    /// Training recomputes each block's activations in backward instead of keeping them.
+    activation_checkpointing: bool,
 }
 
 impl UNet {
@@ -270,7 +319,7 @@ impl UNet {
             resize: Resize::Keep,
         };
         let resampler = |vs: nn::Path, ch: i64, resize: Resize| {
-            ResBlock::new(vs, ch, ch, ResBlockKind { resize, ..block })
+            Arc::new(ResBlock::new(vs, ch, ch, ResBlockKind { resize, ..block }))
         };
 
         let temb = vs / "temb" / "dense";
@@ -302,10 +351,11 @@ impl UNet {
             let mut blocks = Vec::new();
             let mut attns = Vec::new();
             for i in 0..config.num_res_blocks {
-                blocks.push(ResBlock::new(&p / "block" / i, block_in, block_out, block));
+                let res_block = ResBlock::new(&p / "block" / i, block_in, block_out, block);
+                blocks.push(Arc::new(res_block));
                 block_in = block_out;
                 if attends(level) {
-                    attns.push(AttnBlock::new(&p / "attn" / i, block_in, heads));
+                    attns.push(Arc::new(AttnBlock::new(&p / "attn" / i, block_in, heads)));
                 }
                 skips.push(block_in);
             }
@@ -339,9 +389,9 @@ impl UNet {
 
         let m = vs / "mid";
         let mid = (
-            ResBlock::new(&m / "block_1", block_in, block_in, block),
-            AttnBlock::new(&m / "attn_1", block_in, heads),
-            ResBlock::new(&m / "block_2", block_in, block_in, block),
+            Arc::new(ResBlock::new(&m / "block_1", block_in, block_in, block)),
+            Arc::new(AttnBlock::new(&m / "attn_1", block_in, heads)),
+            Arc::new(ResBlock::new(&m / "block_2", block_in, block_in, block)),
         );
 
         let mut up: Vec<Level> = Vec::new();
@@ -353,10 +403,15 @@ impl UNet {
             for i in 0..=config.num_res_blocks {
                 let skip = skips.pop().expect("one skip per up block");
                 let cin = block_in + skip;
-                blocks.push(ResBlock::new(&p / "block" / i, cin, block_out, block));
+                blocks.push(Arc::new(ResBlock::new(
+                    &p / "block" / i,
+                    cin,
+                    block_out,
+                    block,
+                )));
                 block_in = block_out;
                 if attends(level) {
-                    attns.push(AttnBlock::new(&p / "attn" / i, block_in, heads));
+                    attns.push(Arc::new(AttnBlock::new(&p / "attn" / i, block_in, heads)));
                 }
             }
             let resample = (level > 0).then(|| match config.resblock_updown {
@@ -383,7 +438,56 @@ impl UNet {
             norm_out,
             conv_out,
             fused_norm_silu: false,
+            activation_checkpointing: false,
         }
+    }
+
+    /// Recompute each residual and attention block's activations in backward instead of
+    /// keeping them (training only): less memory, one more forward pass per step.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.activation_checkpointing = on;
+    }
+
+    /// A residual block, recomputed in backward where checkpointing applies.
+    fn res_block(
+        &self,
+        block: &Arc<ResBlock>,
+        x: &Tensor,
+        temb_act: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let fused = self.fused_norm_silu;
+        if !(train && self.activation_checkpointing) {
+            return block.forward(x, x, temb_act, train, fused);
+        }
+        let held = Arc::clone(block);
+        let random = block.kind.dropout > 0.0;
+        let args = [
+            x.shallow_clone(),
+            x.shallow_clone(),
+            temb_act.shallow_clone(),
+        ];
+        crate::recompute::recomputed(
+            &args,
+            &block.parameters(),
+            random,
+            Box::new(move |a| held.forward(&a[0], &a[1], &a[2], true, fused)),
+        )
+    }
+
+    /// An attention block, recomputed in backward where checkpointing applies.
+    fn attn_block(&self, block: &Arc<AttnBlock>, x: &Tensor, train: bool) -> Tensor {
+        if !(train && self.activation_checkpointing) {
+            return block.forward(x, x);
+        }
+        let held = Arc::clone(block);
+        let args = [x.shallow_clone(), x.shallow_clone()];
+        crate::recompute::recomputed(
+            &args,
+            &block.parameters(),
+            false,
+            Box::new(move |a| held.forward(&a[0], &a[1])),
+        )
     }
 
     /// Runs each GroupNorm+SiLU pair as one fused CUDA kernel (where the input is a contiguous
@@ -421,16 +525,16 @@ impl UNet {
         let mut hs = vec![self.conv_in.forward(x)];
         for level in &self.down {
             for (i, block) in level.blocks.iter().enumerate() {
-                let mut h = block.forward(hs.last().unwrap(), &temb_act, train, fused);
+                let mut h = self.res_block(block, hs.last().unwrap(), &temb_act, train);
                 if let Some(attn) = level.attns.get(i) {
-                    h = attn.forward(&h);
+                    h = self.attn_block(attn, &h, train);
                 }
                 hs.push(h);
             }
             if let Some(downsample) = &level.resample {
                 let x = hs.last().unwrap();
                 let h = match (downsample, self.config.downsample_padding) {
-                    (Resample::Block(block), _) => block.forward(x, &temb_act, train, fused),
+                    (Resample::Block(block), _) => self.res_block(block, x, &temb_act, train),
                     (Resample::Conv(conv), DownsamplePadding::Symmetric) => conv.forward(x),
                     (Resample::Conv(conv), DownsamplePadding::BottomRight) => {
                         conv.forward(&x.constant_pad_nd([0, 1, 0, 1]))
@@ -441,23 +545,20 @@ impl UNet {
         }
 
         let (block_1, attn, block_2) = &self.mid;
-        let mut h = block_2.forward(
-            &attn.forward(&block_1.forward(hs.last().unwrap(), &temb_act, train, fused)),
-            &temb_act,
-            train,
-            fused,
-        );
+        let h = self.res_block(block_1, hs.last().unwrap(), &temb_act, train);
+        let h = self.attn_block(attn, &h, train);
+        let mut h = self.res_block(block_2, &h, &temb_act, train);
 
         for level in &self.up {
             for (i, block) in level.blocks.iter().enumerate() {
                 let skip = hs.pop().expect("one skip per up block");
-                h = block.forward(&Tensor::cat(&[h, skip], 1), &temb_act, train, fused);
+                h = self.res_block(block, &Tensor::cat(&[h, skip], 1), &temb_act, train);
                 if let Some(attn) = level.attns.get(i) {
-                    h = attn.forward(&h);
+                    h = self.attn_block(attn, &h, train);
                 }
             }
             h = match &level.resample {
-                Some(Resample::Block(block)) => block.forward(&h, &temb_act, train, fused),
+                Some(Resample::Block(block)) => self.res_block(block, &h, &temb_act, train),
                 Some(Resample::Conv(conv)) => conv.forward(&Resize::Double.apply(&h)),
                 None => h,
             };
@@ -570,6 +671,78 @@ mod tests {
         );
     }
     const MNIST_PARAMS: i64 = 6_469_889;
+
+    /// The gradients of every parameter, and the next random draw, after one training step's
+    /// forward and backward pass of `config`'s network (dropout on), with or without
+    /// activation checkpointing.
+    fn step_gradients(
+        config: &ModelConfig,
+        checkpointing: bool,
+    ) -> (Vec<(String, Tensor)>, Tensor) {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut net = UNet::new(&vs.root(), config);
+        net.set_activation_checkpointing(checkpointing);
+        // Non-zero last layers, so that every gradient is non-zero.
+        let mut variables: Vec<_> = vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (_, p) in &mut variables {
+                let _ = p.g_add_(&(Tensor::randn_like(p) * 0.05));
+            }
+        });
+        let side = config.image_size.height();
+        let x = Tensor::randn(
+            [3, config.in_channels, side, side],
+            (Kind::Float, Device::Cpu),
+        );
+        let t = Tensor::from_slice(&[3i64, 500, 999]);
+        let classes = Tensor::from_slice(&[0i64, 1, 2]);
+        let y = net.forward(&x, &t, Some(&classes), true);
+        let weights = Tensor::randn_like(&y);
+        (y * weights).sum(Kind::Float).backward();
+        let next_draw = Tensor::randn([4], (Kind::Float, Device::Cpu));
+        let mut grads: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(name, p)| (name, p.grad()))
+            .collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        (grads, next_draw)
+    }
+
+    #[test]
+    fn activation_checkpointing_gives_bit_identical_gradients() {
+        let _rng = crate::rng::exclusive();
+        let mut config = RunConfig::preset("tiny").unwrap().model;
+        config.in_channels = 3;
+        config.channel_mult = vec![1, 2, 2];
+        config.attention_resolutions = vec![16, 4];
+        config.head_channels = 16;
+        config.dropout = 0.3;
+        config.num_classes = crate::config::ClassCount::Count(2);
+        for (scale_shift, updown) in [(false, false), (true, true)] {
+            config.scale_shift_norm = scale_shift;
+            config.resblock_updown = updown;
+            let (plain, plain_draw) = step_gradients(&config, false);
+            let (recomputed, recomputed_draw) = step_gradients(&config, true);
+            assert_eq!(plain.len(), recomputed.len());
+            for ((name, a), (_, b)) in plain.iter().zip(&recomputed) {
+                assert!(a.defined() && b.defined(), "{name}: no gradient");
+                assert!(
+                    a.abs().max().double_value(&[]) > 0.0,
+                    "{name}: zero gradient"
+                );
+                assert!(
+                    a.equal(b),
+                    "{name}: {:e}",
+                    (a - b).abs().max().double_value(&[])
+                );
+            }
+            // The recomputation replays dropout's draws and leaves the stream where it was.
+            assert!(plain_draw.equal(&recomputed_draw));
+        }
+    }
 
     #[test]
     fn scale_shift_norms_double_each_time_projection() {

@@ -15,6 +15,7 @@ extern "C" {
     fn ddpm_cuda_peak_memory(device: c_int, allocated: *mut i64, reserved: *mut i64)
         -> *mut c_char;
     fn ddpm_cuda_reset_peak_memory(device: c_int) -> *mut c_char;
+    fn ddpm_cuda_empty_cache() -> *mut c_char;
     fn ddpm_autocast_enter(cuda: c_int, dtype: c_int) -> *mut c_char;
     fn ddpm_autocast_exit(cuda: c_int) -> *mut c_char;
     fn ddpm_fused_adamw(
@@ -113,6 +114,11 @@ pub fn cuda_peak_memory(device: usize) -> Result<(i64, i64)> {
 
 pub fn reset_cuda_peak_memory(device: usize) -> Result<()> {
     check(unsafe { ddpm_cuda_reset_peak_memory(device as c_int) })
+}
+
+/// Hands the CUDA caching allocator's free blocks back to the driver.
+pub fn cuda_empty_cache() -> Result<()> {
+    check(unsafe { ddpm_cuda_empty_cache() })
 }
 
 /// The reduced-precision type of an autocast region.

@@ -936,6 +936,74 @@ fn bench_prints_one_machine_readable_line_per_run() {
         "{}",
         stderr(&on)
     );
+    // The host's peak memory is measured on a CPU.
+    assert!(field(&train, "host_peak_gib").parse::<f64>().unwrap() > 0.0);
+    // Two updates later the loss is the same: the gradients were.
+    let three_steps = [
+        "bench",
+        "train",
+        "--preset",
+        "tiny",
+        "--ch",
+        "16",
+        "--size",
+        "8",
+        "--batch",
+        "4",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--dropout",
+        "0.2",
+    ];
+    let recomputed = result(&[&three_steps[..], &["--activation-checkpointing"]].concat());
+    let plain = result(&three_steps);
+    assert_eq!(field(&recomputed, "activation_checkpointing"), "1");
+    assert_eq!(
+        field(&recomputed, "final_loss"),
+        field(&plain, "final_loss")
+    );
+    // The largest batch under a memory limit, found by trying: every batch tried up to it
+    // peaked under the limit, the one refused above it (tried or extrapolated) would not.
+    let found = result(&[
+        "bench",
+        "train",
+        "--preset",
+        "tiny",
+        "--ch",
+        "16",
+        "--size",
+        "8",
+        "--device",
+        "cpu",
+        "--find-batch",
+        "--batch",
+        "16",
+        "--memory-limit",
+        "0.7",
+    ]);
+    let largest: usize = field(&found, "largest_batch").parse().unwrap();
+    let refused: usize = field(&found, "refused_batch").parse().unwrap();
+    assert!(largest >= 16 && refused > largest, "{found}");
+    let tries = field(&found, "tries");
+    let peaks: Vec<(usize, f64)> = tries
+        .split(',')
+        .map(|t| {
+            let (batch, peak) = t.split_once(':').unwrap();
+            (batch.parse().unwrap(), peak.parse().unwrap())
+        })
+        .collect();
+    assert!(
+        peaks.iter().any(|&(b, p)| b == largest && p <= 0.7),
+        "{found}"
+    );
+    assert!(
+        peaks.iter().all(|&(b, p)| b > largest || p <= 0.7),
+        "{found}"
+    );
     // The data benchmark builds no network, so any image size goes, even one the preset's
     // network could not take (cifar10 attends at 16×16).
     let data = result(&["bench", "data", "--size", "8", "--batch", "64"]);

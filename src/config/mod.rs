@@ -713,6 +713,12 @@ section! {
             help: "Run each GroupNorm+SiLU pair as one fused kernel, forward and backward (CUDA; f32 and bf16 activations in NCHW order); auto: where they run; the flag alone: true",
             tiny: Lever::Auto,
         }
+        #[serde(default)]
+        activation_checkpointing: bool {
+            flag: "activation-checkpointing",
+            help: "Keep only each residual and attention block's input for backward and recompute the rest there: less activation memory for one more forward pass per step, with the same gradients (bit for bit on a CPU)",
+            tiny: false,
+        }
     }
 }
 
@@ -1092,6 +1098,19 @@ const CROSS_CHECKS: &[CrossCheck] = &[
             })
         },
     },
+    // A recomputed block replays the random state, which a CUDA graph being recorded forbids.
+    CrossCheck {
+        key: "train.cuda_graph",
+        reads: &["train.activation_checkpointing"],
+        refuses: |c| {
+            (c.train.cuda_graph == Lever::On && c.train.activation_checkpointing).then(|| {
+                (
+                    "true".into(),
+                    "auto or false with train.activation_checkpointing (backward recomputes blocks outside a graph)".into(),
+                )
+            })
+        },
+    },
     // Guidance mixes the class-conditional and unconditional predictions.
     CrossCheck {
         key: "sample.guidance",
@@ -1265,6 +1284,14 @@ pub fn milliseconds(text: &str) -> std::result::Result<f64, String> {
         _ => Err(format!(
             "expected milliseconds from 0 to 600000, got {text:?}"
         )),
+    }
+}
+
+/// A command-line number above 0 (and finite).
+pub fn positive_finite(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a number above 0, got {text:?}")),
     }
 }
 
@@ -1739,6 +1766,20 @@ mod tests {
             let back = RunConfig::from_toml_str(&c.to_toml(), None).unwrap();
             assert_eq!(back.train.fused_norm_silu, lever);
         }
+    }
+
+    #[test]
+    fn a_cuda_graph_is_refused_with_activation_checkpointing() {
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.train.activation_checkpointing = true;
+        c.train.cuda_graph = Lever::Auto;
+        c.validate().unwrap();
+        c.train.cuda_graph = Lever::On;
+        let error = format!("{:#}", c.validate().unwrap_err());
+        assert!(
+            error.contains("train.cuda_graph") && error.contains("train.activation_checkpointing"),
+            "{error}"
+        );
     }
 
     #[test]

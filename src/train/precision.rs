@@ -72,6 +72,7 @@ impl Bf16Network {
         let mut vs = VarStore::new(device);
         let mut model = UNet::new(&vs.root(), &config.model);
         model.set_fused_norm_silu(fused_norm_silu);
+        model.set_activation_checkpointing(config.train.activation_checkpointing);
         vs.bfloat16();
         let (_, params) = sorted_variables(&vs);
         if config.train.channels_last {

@@ -184,6 +184,7 @@ impl Trainer {
         let mut ema_vs = VarStore::new(device);
         let mut ema_model = UNet::new(&ema_vs.root(), &config.model);
         model.set_fused_norm_silu(fused_norm_silu);
+        model.set_activation_checkpointing(config.train.activation_checkpointing);
         ema_model.set_fused_norm_silu(fused_norm_silu);
         ema_vs.copy(&vs)?;
         ema_vs.freeze();
@@ -201,7 +202,11 @@ impl Trainer {
         let graphed = match config.train.cuda_graph {
             Lever::On => Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?),
             // A build without the CUDA headers has no graphs (and says so when they are asked for).
-            Lever::Auto if device.is_cuda() && ops::built_with_cuda() => {
+            Lever::Auto
+                if device.is_cuda()
+                    && ops::built_with_cuda()
+                    && !config.train.activation_checkpointing =>
+            {
                 Some(GraphedComputation::new(device, GRAPH_WARMUP_STEPS)?)
             }
             Lever::Auto | Lever::Off => None,
