@@ -69,6 +69,17 @@ if [[ $part == 2 || $part == all ]]; then
     train --precision bf16 --channels-last --cuda-graph false
     torch_train --precision bf16 --channels-last
 fi
+if [[ $part == 4 || $part == all ]]; then
+    # The networks for large images, bf16, one card: img/s and peak memory with and without
+    # activation checkpointing, and the largest batch that fits.
+    large() { run "$ddpm" bench train --device cuda --precision bf16 --warmup 3 --steps 10 --ema-snapshot-every 0 "$@"; }
+    large --preset imagenet64 --batch 64
+    large --preset imagenet64 --batch 64 --activation-checkpointing
+    large --preset imagenet256 --batch 8
+    large --preset imagenet256 --batch 8 --activation-checkpointing
+    run "$ddpm" bench train --device cuda --precision bf16 --ema-snapshot-every 0 --preset imagenet256 --find-batch --batch 8
+    run "$ddpm" bench train --device cuda --precision bf16 --ema-snapshot-every 0 --preset imagenet256 --find-batch --batch 8 --activation-checkpointing
+fi
 if [[ $part == 3 || $part == all ]]; then
     # End to end on the GPU: a short run on the bundled digits (the levers on by default), a
     # grid, then a resume that must continue from the checkpoint.
