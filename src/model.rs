@@ -285,6 +285,121 @@ struct Level {
     resample: Option<Resample>,
 }
 
+/// Builds the levels of the down and up paths of one configuration.
+struct LevelBuilder<'a> {
+    config: &'a ModelConfig,
+    /// The residual blocks' kind (that keep the size).
+    block: ResBlockKind,
+}
+
+impl LevelBuilder<'_> {
+    fn attends(&self, level: usize) -> bool {
+        let size = self.config.image_size;
+        let min_side = size.height().min(size.width());
+        self.config
+            .attention_resolutions
+            .contains(&(min_side >> level))
+    }
+
+    /// Block `i` of a level: a residual block from `cin` to the level's width, and its
+    /// attention where the level attends.
+    fn block(
+        &self,
+        p: &nn::Path,
+        level: usize,
+        i: i64,
+        cin: i64,
+    ) -> (Arc<ResBlock>, Option<Arc<AttnBlock>>) {
+        let width = self.config.channels * self.config.channel_mult[level];
+        let block = Arc::new(ResBlock::new(p / "block" / i, cin, width, self.block));
+        let heads = self.config.head_channels;
+        let attn = self
+            .attends(level)
+            .then(|| Arc::new(AttnBlock::new(p / "attn" / i, width, heads)));
+        (block, attn)
+    }
+
+    fn resampler(&self, vs: nn::Path, ch: i64, resize: Resize) -> Resample {
+        let kind = ResBlockKind {
+            resize,
+            ..self.block
+        };
+        Resample::Block(Arc::new(ResBlock::new(vs, ch, ch, kind)))
+    }
+
+    /// A level of the down path from `block_in` channels (updated); pushes the channels of
+    /// the skip connections it makes.
+    fn down_level(
+        &self,
+        p: nn::Path,
+        level: usize,
+        block_in: &mut i64,
+        skips: &mut Vec<i64>,
+    ) -> Level {
+        let config = self.config;
+        let (mut blocks, mut attns) = (Vec::new(), Vec::new());
+        for i in 0..config.num_res_blocks {
+            let (block, attn) = self.block(&p, level, i, *block_in);
+            *block_in = config.channels * config.channel_mult[level];
+            blocks.push(block);
+            attns.extend(attn);
+            skips.push(*block_in);
+        }
+        let ch = *block_in;
+        let resample = (level + 1 < config.channel_mult.len()).then(|| {
+            skips.push(ch);
+            if config.resblock_updown {
+                return self.resampler(&p / "downsample", ch, Resize::Halve);
+            }
+            let padding = match config.downsample_padding {
+                DownsamplePadding::Symmetric => 1,
+                DownsamplePadding::BottomRight => 0, // padded in `forward`
+            };
+            let stride_2 = nn::ConvConfig {
+                stride: 2,
+                padding,
+                ..Default::default()
+            };
+            Resample::Conv(nn::conv2d(&p / "downsample" / "conv", ch, ch, 3, stride_2))
+        });
+        Level {
+            blocks,
+            attns,
+            resample,
+        }
+    }
+
+    /// A level of the up path from `block_in` channels (updated), each block also taking the
+    /// newest skip connection left in `skips`.
+    fn up_level(
+        &self,
+        p: nn::Path,
+        level: usize,
+        block_in: &mut i64,
+        skips: &mut Vec<i64>,
+    ) -> Level {
+        let config = self.config;
+        let (mut blocks, mut attns) = (Vec::new(), Vec::new());
+        for i in 0..=config.num_res_blocks {
+            let skip = skips.pop().expect("one skip per up block");
+            let (block, attn) = self.block(&p, level, i, *block_in + skip);
+            *block_in = config.channels * config.channel_mult[level];
+            blocks.push(block);
+            attns.extend(attn);
+        }
+        let ch = *block_in;
+        let resample = (level > 0).then(|| match config.resblock_updown {
+            true => self.resampler(&p / "upsample", ch, Resize::Double),
+            false => Resample::Conv(conv(&p / "upsample" / "conv", ch, ch, 3, 1)),
+        });
+        Level {
+            blocks,
+            attns,
+            resample,
+        }
+    }
+}
+
 /// The UNet ε_θ(x_t, t) (or x₀/v, depending on the objective).
 #[derive(Debug)]
 pub struct UNet {
@@ -308,18 +423,14 @@ impl UNet {
     pub fn new(vs: &nn::Path, config: &ModelConfig) -> Self {
         let ch = config.channels;
         let temb_ch = ch * 4;
-        let levels = config.channel_mult.len();
-        let min_side = config.image_size.height().min(config.image_size.width());
-        let attends = |level: usize| config.attention_resolutions.contains(&(min_side >> level));
-        let heads = config.head_channels;
-        let block = ResBlockKind {
-            temb_ch,
-            dropout: config.dropout,
-            scale_shift: config.scale_shift_norm,
-            resize: Resize::Keep,
-        };
-        let resampler = |vs: nn::Path, ch: i64, resize: Resize| {
-            Arc::new(ResBlock::new(vs, ch, ch, ResBlockKind { resize, ..block }))
+        let builder = LevelBuilder {
+            config,
+            block: ResBlockKind {
+                temb_ch,
+                dropout: config.dropout,
+                scale_shift: config.scale_shift_norm,
+                resize: Resize::Keep,
+            },
         };
 
         let temb = vs / "temb" / "dense";
@@ -343,87 +454,22 @@ impl UNet {
 
         // Channel counts of the skip connections, in the order the down path produces them.
         let mut skips = vec![ch];
-        let mut down = Vec::new();
         let mut block_in = ch;
-        for (level, &mult) in config.channel_mult.iter().enumerate() {
-            let p = vs / "down" / level;
-            let block_out = ch * mult;
-            let mut blocks = Vec::new();
-            let mut attns = Vec::new();
-            for i in 0..config.num_res_blocks {
-                let res_block = ResBlock::new(&p / "block" / i, block_in, block_out, block);
-                blocks.push(Arc::new(res_block));
-                block_in = block_out;
-                if attends(level) {
-                    attns.push(Arc::new(AttnBlock::new(&p / "attn" / i, block_in, heads)));
-                }
-                skips.push(block_in);
-            }
-            let resample = (level + 1 < levels).then(|| {
-                skips.push(block_in);
-                if config.resblock_updown {
-                    return Resample::Block(resampler(&p / "downsample", block_in, Resize::Halve));
-                }
-                let padding = match config.downsample_padding {
-                    DownsamplePadding::Symmetric => 1,
-                    DownsamplePadding::BottomRight => 0, // padded in `forward`
-                };
-                Resample::Conv(nn::conv2d(
-                    &p / "downsample" / "conv",
-                    block_in,
-                    block_in,
-                    3,
-                    nn::ConvConfig {
-                        stride: 2,
-                        padding,
-                        ..Default::default()
-                    },
-                ))
-            });
-            down.push(Level {
-                blocks,
-                attns,
-                resample,
-            });
-        }
+        let down = (0..config.channel_mult.len())
+            .map(|level| builder.down_level(vs / "down" / level, level, &mut block_in, &mut skips))
+            .collect();
 
-        let m = vs / "mid";
+        let (m, block, heads) = (vs / "mid", builder.block, config.head_channels);
         let mid = (
             Arc::new(ResBlock::new(&m / "block_1", block_in, block_in, block)),
             Arc::new(AttnBlock::new(&m / "attn_1", block_in, heads)),
             Arc::new(ResBlock::new(&m / "block_2", block_in, block_in, block)),
         );
 
-        let mut up: Vec<Level> = Vec::new();
-        for (level, &mult) in config.channel_mult.iter().enumerate().rev() {
-            let p = vs / "up" / level;
-            let block_out = ch * mult;
-            let mut blocks = Vec::new();
-            let mut attns = Vec::new();
-            for i in 0..=config.num_res_blocks {
-                let skip = skips.pop().expect("one skip per up block");
-                let cin = block_in + skip;
-                blocks.push(Arc::new(ResBlock::new(
-                    &p / "block" / i,
-                    cin,
-                    block_out,
-                    block,
-                )));
-                block_in = block_out;
-                if attends(level) {
-                    attns.push(Arc::new(AttnBlock::new(&p / "attn" / i, block_in, heads)));
-                }
-            }
-            let resample = (level > 0).then(|| match config.resblock_updown {
-                true => Resample::Block(resampler(&p / "upsample", block_in, Resize::Double)),
-                false => Resample::Conv(conv(&p / "upsample" / "conv", block_in, block_in, 3, 1)),
-            });
-            up.push(Level {
-                blocks,
-                attns,
-                resample,
-            });
-        }
+        let up = (0..config.channel_mult.len())
+            .rev()
+            .map(|level| builder.up_level(vs / "up" / level, level, &mut block_in, &mut skips))
+            .collect();
 
         let norm_out = group_norm(vs / "norm_out", block_in);
         let conv_out = zero_conv(vs / "conv_out", block_in, config.in_channels, 3);

@@ -939,26 +939,23 @@ fn bench_prints_one_machine_readable_line_per_run() {
     // The host's peak memory is measured on a CPU.
     assert!(field(&train, "host_peak_gib").parse::<f64>().unwrap() > 0.0);
     // Two updates later the loss is the same: the gradients were.
-    let three_steps = [
-        "bench",
-        "train",
-        "--preset",
-        "tiny",
-        "--ch",
-        "16",
-        "--size",
-        "8",
-        "--batch",
-        "4",
-        "--warmup",
-        "1",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--dropout",
-        "0.2",
+    let tiny_bench = [
+        "bench", "train", "--preset", "tiny", "--ch", "16", "--size", "8", "--device", "cpu",
     ];
+    let three_steps = [
+        &tiny_bench[..],
+        &[
+            "--batch",
+            "4",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--dropout",
+            "0.2",
+        ],
+    ]
+    .concat();
     let recomputed = result(&[&three_steps[..], &["--activation-checkpointing"]].concat());
     let plain = result(&three_steps);
     assert_eq!(field(&recomputed, "activation_checkpointing"), "1");
@@ -968,23 +965,13 @@ fn bench_prints_one_machine_readable_line_per_run() {
     );
     // The largest batch under a memory limit, found by trying: every batch tried up to it
     // peaked under the limit, the one refused above it (tried or extrapolated) would not.
-    let found = result(&[
-        "bench",
-        "train",
-        "--preset",
-        "tiny",
-        "--ch",
-        "16",
-        "--size",
-        "8",
-        "--device",
-        "cpu",
-        "--find-batch",
-        "--batch",
-        "16",
-        "--memory-limit",
-        "0.7",
-    ]);
+    let found = result(
+        &[
+            &tiny_bench[..],
+            &["--find-batch", "--batch", "16", "--memory-limit", "0.7"],
+        ]
+        .concat(),
+    );
     let largest: usize = field(&found, "largest_batch").parse().unwrap();
     let refused: usize = field(&found, "refused_batch").parse().unwrap();
     assert!(largest >= 16 && refused > largest, "{found}");
