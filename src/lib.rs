@@ -102,6 +102,7 @@ pub fn panic_error(payload: Box<dyn std::any::Any + Send>, raised_at: &str) -> a
 }
 
 pub mod bench;
+pub mod cache;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;

@@ -28,7 +28,8 @@ enum Command {
     /// Train a model; everything the run writes goes into one run directory (--out)
     #[command(allow_negative_numbers = true)]
     Train {
-        /// Preset: cifar10, mnist or tiny [default: tiny, or the config file's `preset`]
+        /// Preset: tiny, mnist, cifar10, imagenet64 or imagenet256 [default: tiny, or the config
+        /// file's `preset`]
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
         preset: Option<String>,
         /// TOML configuration file (keys documented in docs/configuration.md); flags override it
@@ -165,6 +166,9 @@ enum Command {
     /// Post-hoc EMA: make the EMA of any width σ_rel from a run's snapshots (a checkpoint to
     /// sample from), or score a range of widths with FID (--sweep)
     Ema(commands::EmaArgs),
+    /// Write an image folder as WebDataset tar shards (the samples shuffled, with their class
+    /// ids), the format `train --data` streams large sets from
+    Shards(commands::ShardsArgs),
 }
 
 fn main() -> ExitCode {
@@ -309,6 +313,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => commands::watch(args).map(|line| println!("{line}")),
         Command::Nearest(args) => commands::nearest(args).map(|line| println!("{line}")),
         Command::Ema(args) => commands::ema(args).map(|line| println!("{line}")),
+        Command::Shards(args) => commands::shards(args).map(|line| println!("{line}")),
     };
     result.map(|()| ExitCode::SUCCESS)
 }

@@ -110,7 +110,7 @@ proptest! {
         for ext in ["png", "jpg", "webp", "bmp", "gif"] {
             std::fs::write(dir.path().join(format!("garbage.{ext}")), &garbage).unwrap();
         }
-        let options = LoadOptions { format: DataFormat::Folder, channels: 3, size: ImageSize::Square(4), strict: false, split: ddpm::config::Split::Train, cache: DataCache::On, workers: 2, cifar100_labels: Default::default() };
+        let options = LoadOptions { cache: DataCache::On, workers: 2, ..LoadOptions::at(DataFormat::Folder, 3, ImageSize::Square(4)) };
         let dataset = load(Some(dir.path()), &options).unwrap();
         // Every file keeps its place (an unreadable one shows the next readable image).
         prop_assert_eq!(dataset.len(), 7);

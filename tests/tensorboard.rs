@@ -8,9 +8,7 @@ use common::ddpm_ok;
 
 /// The tool scripts' Python (tools/python_env.sh), when it has `tensorboard`.
 fn tools_python() -> Option<PathBuf> {
-    let python = ddpm::eval::cache_dir()
-        .unwrap()
-        .join("tools-venv/bin/python");
+    let python = ddpm::cache::dir().unwrap().join("tools-venv/bin/python");
     let usable = Command::new(&python)
         .args(["-c", "import tensorboard"])
         .output()

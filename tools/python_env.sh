@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Python for the tool scripts (tools/*.py): a venv beside the project's torch 2.11 (which it
-# sees, not copies) with numpy, pillow, safetensors, matplotlib, diffusers and tensorboard. Made once per machine and
+# sees, not copies) with numpy, pillow, safetensors, matplotlib, diffusers, tensorboard and webdataset. Made once per machine and
 # user, like tools/setup.sh; prints the interpreter's path.
 #   py=$(bash tools/python_env.sh) && $py tools/class_agreement.py runs/demo
 set -euo pipefail
@@ -10,7 +10,7 @@ cache=${DDPM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ddpm}
 venv=$cache/tools-venv
 exec 9>"$cache/.tools-venv.lock"
 flock 9
-packages="diffusers==0.42.1 numpy pillow safetensors matplotlib tensorboard"
+packages="diffusers==0.42.1 numpy pillow safetensors matplotlib tensorboard webdataset"
 if [ ! -x "$venv/bin/python" ]; then
   echo "Making the tool scripts' Python in $venv (once per machine)..." >&2
   python3 -m venv "$venv"

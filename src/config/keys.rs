@@ -9,9 +9,9 @@ use clap::{Arg, ArgMatches};
 use serde::Serialize;
 
 use super::{
-    value_name, CifarLabel, ClassCount, DataCache, DataFormat, DdpmVariance, DownsamplePadding,
-    ImageSize, IntList, Lever, LossWeighting, LrSchedule, Precision, Prediction, Preset, RunConfig,
-    SamplerKind, ScheduleKind, Split,
+    value_name, CifarLabel, ClassCount, CropMode, DataCache, DataFormat, DdpmVariance,
+    DownsamplePadding, ImageSize, IntList, Lever, LossWeighting, LrSchedule, Precision, Prediction,
+    Preset, RunConfig, SamplerKind, ScheduleKind, Split,
 };
 
 /// Declares a section of the configuration: its struct, one field per key, the section of each
@@ -632,6 +632,7 @@ value_enums!(
     DataFormat,
     Split,
     DataCache,
+    CropMode,
     CifarLabel,
     SamplerKind,
     DdpmVariance

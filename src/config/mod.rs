@@ -277,6 +277,9 @@ pub enum DataFormat {
     /// train.bin, test.bin (CIFAR-100 binary version)
     Cifar100,
     Idx,
+    /// WebDataset tar shards: a pattern with brace ranges, a .tar file, a folder of them, or a
+    /// list file.
+    Shards,
 }
 
 /// Which part of a dataset with a fixed train/test split to use (CIFAR, MNIST's IDX files).
@@ -383,6 +386,17 @@ pub enum CifarLabel {
     Fine,
     /// The 20 superclasses.
     Coarse,
+}
+
+/// Where the training square is cut from an image resized on its shorter side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CropMode {
+    #[default]
+    Center,
+    /// Resized to cover by a random factor of 1 to 1.25, cut at a random place, anew at every
+    /// epoch.
+    Random,
 }
 
 /// Whether decoded images are kept in memory between epochs.
@@ -729,7 +743,7 @@ section! {
     pub struct DataConfig in data {
         path: String {
             flag: "data",
-            help: "Images: a folder, a CIFAR-10/100 binaries folder or an IDX file; empty: the bundled MNIST subset; a relative path is taken from the working directory",
+            help: "Images: a folder, a CIFAR-10/100 binaries folder, an IDX file, or WebDataset tar shards ('shards/train-{000000..000146}.tar', a .tar, a folder of them or a .txt list); empty: the bundled MNIST subset; a relative path is taken from the working directory",
             tiny: String::new(),
         }
         format: DataFormat {
@@ -779,8 +793,22 @@ section! {
         #[serde(default)]
         cache: DataCache {
             flag: "data-cache",
-            help: "Keep decoded images in memory: auto (when they take at most half of the available memory), on, or off (decode every epoch)",
+            help: "Keep decoded images in memory: auto (when they take at most half of the available memory), on, or off (decode every epoch); shards are always read as they are used",
             tiny: DataCache::Auto,
+        }
+        #[serde(default)]
+        crop: CropMode {
+            flag: "crop",
+            help: "Where the training square is cut from an image file or shard sample resized on its shorter side: center, or random (scale jitter of up to 1.25 and a random place, anew at every epoch)",
+            tiny: CropMode::Center,
+        }
+        // Each place in the buffer holds a sample's index, not its pixels.
+        #[serde(default = "default_shuffle_buffer")]
+        shuffle_buffer: usize {
+            flag: "shuffle-buffer",
+            help: "Samples in each process's shuffle buffer when reading tar shards (shards are shuffled whole, then their samples through this buffer)",
+            tiny: default_shuffle_buffer(),
+            allowed: "≥ 1" if |b| *b >= 1,
         }
     }
 }
@@ -935,6 +963,10 @@ impl Default for FidConfig {
     fn default() -> Self {
         FidConfig::preset(Preset::Tiny)
     }
+}
+
+fn default_shuffle_buffer() -> usize {
+    10_000
 }
 
 fn default_prefetch() -> usize {

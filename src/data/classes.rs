@@ -40,7 +40,7 @@ impl Classes {
     }
 
     /// Labels whose names are the ids themselves (digits, or datasets that name no classes).
-    fn numbered(labels: Vec<i64>) -> Classes {
+    pub(super) fn numbered(labels: Vec<i64>) -> Classes {
         let count = labels.iter().max().map_or(0, |m| m + 1);
         Classes {
             labels,
@@ -273,25 +273,19 @@ pub fn shown_names(names: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::{load, Dataset, LoadOptions};
-    use crate::config::{CifarLabel, ClassCount, DataCache, DataFormat, ImageSize, Split};
+    use crate::config::{CifarLabel, ClassCount, DataCache, DataFormat, ImageSize};
     use std::path::Path;
 
     fn options(channels: i64, size: i64) -> LoadOptions {
         LoadOptions {
-            format: DataFormat::Auto,
-            channels,
-            size: ImageSize::Square(size),
-            strict: false,
-            split: Split::Train,
-            cache: DataCache::Auto,
             workers: 2,
-            cifar100_labels: CifarLabel::Fine,
+            ..LoadOptions::at(DataFormat::Auto, channels, ImageSize::Square(size))
         }
     }
 
     fn labels_of(d: &Dataset) -> Vec<i64> {
         let all: Vec<i64> = (0..d.len() as i64).collect();
-        Vec::<i64>::try_from(d.examples(&all).unwrap().labels.unwrap()).unwrap()
+        Vec::<i64>::try_from(d.examples(&all, 0).unwrap().labels.unwrap()).unwrap()
     }
 
     fn idx(magic: u32, dims: &[u32], body: &[u8]) -> Vec<u8> {
@@ -341,7 +335,7 @@ mod tests {
         // Unconditional: the labels are dropped, batches carry none.
         let mut d = load(Some(&images), &options(1, 2)).unwrap();
         assert!(d.condition_on(ClassCount::Count(0)).unwrap().is_empty());
-        assert!(d.examples(&[0]).unwrap().labels.is_none());
+        assert!(d.examples(&[0], 0).unwrap().labels.is_none());
         // A label file of another length.
         std::fs::write(&labels, idx(0x0801, &[2], &[1, 2])).unwrap();
         let e = format!("{:#}", load(Some(&images), &options(1, 2)).err().unwrap());
@@ -455,7 +449,7 @@ mod tests {
             assert_eq!(d.condition_on(ClassCount::Auto).unwrap(), ["cats", "dogs"]);
             // cats/b, cats/broken (→ cats/c), cats/c, cats/kittens/d, dogs/a
             let all: Vec<i64> = (0..5).collect();
-            let examples = d.examples(&all).unwrap();
+            let examples = d.examples(&all, 0).unwrap();
             let reds: Vec<i64> = (0..5)
                 .map(|i| examples.images.int64_value(&[i, 0, 0, 0]))
                 .collect();

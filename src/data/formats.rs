@@ -7,13 +7,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use image::imageops::FilterType;
 use image::DynamicImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
+use super::Crop;
 use crate::config::{DataFormat, Split};
 
 pub(super) static BUNDLED_IMAGES: &[u8] = include_bytes!("../../data/mnist5k-images-idx3-ubyte.gz");
 pub(super) static BUNDLED_LABELS: &[u8] = include_bytes!("../../data/mnist5k-labels-idx1-ubyte.gz");
 
-const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
+pub(super) const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
 
 /// Channels and size of one image, stored CHW as u8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +65,7 @@ impl Records {
                 .collect();
             DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, rgb).unwrap())
         };
-        fit(&image, shape, dst);
+        fit(&image, shape, Crop::Centre, dst);
     }
 }
 
@@ -112,16 +115,21 @@ pub fn detect_format(path: &Path) -> Result<DataFormat> {
     }
 }
 
-/// Resizes on the shorter side and centre-crops (Catmull-Rom filter) to `shape`, converts to
-/// its channel count, and writes CHW u8 into `dst`.
-pub fn fit(image: &DynamicImage, shape: Shape, dst: &mut [u8]) {
+/// Resizes on the shorter side (Catmull-Rom filter) and cuts out `shape` (centred, or as `crop`
+/// draws), converts to its channel count, and writes CHW u8 into `dst`.
+pub fn fit(image: &DynamicImage, shape: Shape, crop: Crop, dst: &mut [u8]) {
     let (w, h) = (shape.width as u32, shape.height as u32);
     let resized;
-    let image = if image.width() == w && image.height() == h {
-        image
-    } else {
-        resized = image.resize_to_fill(w, h, FilterType::CatmullRom);
-        &resized
+    let image = match crop {
+        _ if image.width() == w && image.height() == h => image,
+        Crop::Centre => {
+            resized = image.resize_to_fill(w, h, FilterType::CatmullRom);
+            &resized
+        }
+        Crop::Random(seed) => {
+            resized = random_crop(image, w, h, seed);
+            &resized
+        }
     };
     let plane = shape.height * shape.width;
     if shape.channels == 1 {
@@ -133,6 +141,22 @@ pub fn fit(image: &DynamicImage, shape: Shape, dst: &mut [u8]) {
             }
         }
     }
+}
+
+/// A `w`×`h` cut at a random place of `image` resized to cover it by a random factor of 1 to
+/// 1.25 (scale jitter, as the ImageNet diffusion recipes' random crop does it).
+fn random_crop(image: &DynamicImage, w: u32, h: u32, seed: u64) -> DynamicImage {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let cover = (w as f64 / image.width() as f64).max(h as f64 / image.height() as f64);
+    let scale = cover * rng.gen_range(1.0..=1.25);
+    let (rw, rh) = (
+        ((image.width() as f64 * scale).round() as u32).max(w),
+        ((image.height() as f64 * scale).round() as u32).max(h),
+    );
+    let (x, y) = (rng.gen_range(0..=rw - w), rng.gen_range(0..=rh - h));
+    image
+        .resize_exact(rw, rh, FilterType::CatmullRom)
+        .crop_imm(x, y, w, h)
 }
 
 pub fn gunzip(bytes: &[u8], name: &Path) -> Result<Vec<u8>> {
@@ -341,86 +365,6 @@ pub fn is_image_file(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
 }
 
-/// Every image file under `dir`, recursively, in sorted order. Folders reached through
-/// symbolic links are read after all real ones, so a folder that is also linked is listed
-/// under its real path, whatever order the file system lists entries in.
-pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut stack = vec![dir.to_path_buf()];
-    let mut links = Vec::new();
-    let real_root = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    loop {
-        let Some(d) = stack.pop() else {
-            if links.is_empty() {
-                break;
-            }
-            links.sort_by(|a: &PathBuf, b| b.cmp(a));
-            stack.append(&mut links);
-            continue;
-        };
-        let root = d == dir;
-        // A folder reached twice (a symbolic link to a parent, or two links to one place)
-        // would repeat its images; a link to a folder above the data folder would bring in
-        // everything beside it.
-        let real = fs::canonicalize(&d).unwrap_or_else(|_| d.clone());
-        if !root && real_root.starts_with(&real) {
-            let target = match real == real_root {
-                true => "the data folder itself".to_string(),
-                false => format!("{}, which holds the data folder", real.display()),
-            };
-            tracing::warn!("skipping {}: a link to {target}", d.display());
-            continue;
-        }
-        if !seen.insert(real) {
-            tracing::warn!("skipping {}: a link to a folder already read", d.display());
-            continue;
-        }
-        if !root && is_run_directory(&d) {
-            tracing::warn!(
-                "skipping {}: a ddpm run directory (its grids and plots are not training data)",
-                d.display()
-            );
-            continue;
-        }
-        let entries = match fs::read_dir(&d) {
-            Ok(entries) => entries,
-            Err(e) if root => {
-                return Err(e).with_context(|| format!("cannot list {}", d.display()))
-            }
-            Err(e) => {
-                tracing::warn!("skipping {}: cannot list it: {e}", d.display());
-                continue;
-            }
-        };
-        for entry in entries {
-            let entry = entry?;
-            let path = entry.path();
-            if path.is_dir() {
-                match entry.file_type().is_ok_and(|t| t.is_symlink()) {
-                    true => links.push(path),
-                    false => stack.push(path),
-                }
-            } else if is_image_file(&path) {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    if files.is_empty() {
-        bail!(
-            "image folder {} holds no PNG, JPEG, WebP, BMP or GIF files",
-            dir.display()
-        );
-    }
-    Ok(files)
-}
-
-/// What `ddpm train` writes into its run directory.
-fn is_run_directory(dir: &Path) -> bool {
-    dir.join("config.toml").is_file() && dir.join("samples").is_dir()
-}
-
 /// Whether a folder's images are in colour, from the headers of its first few files (a set is
 /// read as one, so a few decide; the first alone may be a grayscale one among colour photos).
 pub fn any_colour(files: &[std::path::PathBuf]) -> bool {
@@ -436,9 +380,19 @@ pub fn is_colour(path: &Path) -> bool {
 }
 
 /// Decodes an image file (the first frame of a GIF) and fits it to `shape` into `dst`.
-pub fn decode_into(path: &Path, shape: Shape, dst: &mut [u8]) -> std::result::Result<(), String> {
+pub fn decode_into(
+    path: &Path,
+    shape: Shape,
+    crop: Crop,
+    dst: &mut [u8],
+) -> std::result::Result<(), String> {
     let reader = open_image(path)?;
-    fit(&reader.decode().map_err(|e| e.to_string())?, shape, dst);
+    fit(
+        &reader.decode().map_err(|e| e.to_string())?,
+        shape,
+        crop,
+        dst,
+    );
     Ok(())
 }
 

@@ -84,13 +84,18 @@ struct Batch {
 
 impl Loader {
     /// Starts reading at `position` of the order seeded by `options.seed`.
-    pub fn new(dataset: Arc<Dataset>, position: Position, mut options: LoaderOptions) -> Self {
+    pub fn new(
+        dataset: Arc<Dataset>,
+        position: Position,
+        mut options: LoaderOptions,
+    ) -> Result<Self> {
+        let order = dataset.order(options.batch, options.shard.world)?;
         options.workers = options.workers.max(1);
         options.prefetch = options.prefetch.max(options.workers);
         let shared = Arc::new(Shared {
             options,
             dispatch: Mutex::new(Dispatch {
-                order: Sampler::new(dataset.len(), options.seed, position),
+                order: Sampler::new(order, options.seed, position),
                 issued: 0,
                 consumed: 0,
                 stopping: false,
@@ -106,14 +111,14 @@ impl Loader {
                 std::thread::spawn(move || shared.work(sender))
             })
             .collect();
-        Loader {
+        Ok(Loader {
             shared,
             results,
             early: BTreeMap::new(),
             next: 0,
             position,
             threads,
-        }
+        })
     }
 
     /// The next batch (this shard's part of it).
@@ -152,7 +157,7 @@ impl Shared {
 
     fn work(&self, sender: mpsc::Sender<(u64, Result<Batch>)>) {
         loop {
-            let (k, indices, position) = {
+            let (k, indices, draw, position) = {
                 let mut d = self.dispatch();
                 while !d.stopping && d.issued - d.consumed >= self.options.prefetch as u64 {
                     d = self.room.wait(d).unwrap_or_else(PoisonError::into_inner);
@@ -160,15 +165,26 @@ impl Shared {
                 if d.stopping {
                     return;
                 }
+                // The batch's random crops follow from where it is in the order.
+                let at = d.order.position();
+                let draw = crate::rng::mix(
+                    self.options.seed,
+                    &[
+                        0xC409,
+                        at.epoch,
+                        at.index as u64,
+                        self.options.shard.rank as u64,
+                    ],
+                );
                 let global = d.order.next_indices(self.options.batch);
                 let indices = self.options.shard.of(&global).to_vec();
                 d.issued += 1;
-                (d.issued - 1, indices, d.order.position())
+                (d.issued - 1, indices, draw, d.order.position())
             };
             // A decoder that panics fails this batch, not the whole loader (whose other batches
             // would then wait for it forever).
             let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.dataset.examples(&indices)
+                self.dataset.examples(&indices, draw)
             }));
             let batch = match read {
                 Ok(read) => read.map(|examples| Batch { examples, position }),

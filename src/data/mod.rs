@@ -2,8 +2,10 @@
 //! binaries, MNIST-style IDX files), the optional in-memory cache of decoded images, the seeded
 //! resumable batch order, the threaded prefetching loader, and on-device augmentation.
 mod classes;
+mod folder_index;
 mod formats;
 mod loader;
+mod shards;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -16,13 +18,17 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{CifarLabel, ClassCount, DataCache, DataFormat, ImageSize, RunConfig, Split};
+use crate::config::{
+    CifarLabel, ClassCount, CropMode, DataCache, DataFormat, ImageSize, RunConfig, Split,
+};
 pub use classes::{parse_idx_labels, shown_names, Classes, Labelling, Unlabelled};
+pub use folder_index::{image_files, image_files_kept_in};
 pub use formats::{
-    any_colour, image_files, is_image_file, open_image, parse_cifar, parse_idx_images, Cifar,
-    Records, Shape, MAX_IMAGE_FILE_BYTES,
+    any_colour, is_image_file, open_image, parse_cifar, parse_idx_images, Cifar, Records, Shape,
+    MAX_IMAGE_FILE_BYTES,
 };
 pub use loader::{Loader, LoaderOptions, Shard};
+pub use shards::{expand_braces, shard_paths, write_shards, ShardSet, Streams, CLASS_NAMES};
 
 /// What to load and how.
 #[derive(Clone, Debug)]
@@ -40,6 +46,10 @@ pub struct LoadOptions {
     pub workers: usize,
     /// Which CIFAR-100 label is the class.
     pub cifar100_labels: CifarLabel,
+    /// Where the training square is cut from images read as files or from shards.
+    pub crop: CropMode,
+    /// Samples in each process's shuffle buffer when reading shards.
+    pub shuffle_buffer: usize,
 }
 
 impl LoadOptions {
@@ -54,6 +64,24 @@ impl LoadOptions {
             cache: config.data.cache,
             workers: config.data.workers,
             cifar100_labels: config.data.cifar100_labels,
+            crop: config.data.crop,
+            shuffle_buffer: config.data.shuffle_buffer,
+        }
+    }
+
+    /// Reading `format` at `channels` and `size`, the rest as a run's defaults.
+    pub fn at(format: DataFormat, channels: i64, size: ImageSize) -> Self {
+        LoadOptions {
+            format,
+            channels,
+            size,
+            strict: false,
+            split: Split::Train,
+            cache: DataCache::Auto,
+            workers: 0,
+            cifar100_labels: CifarLabel::default(),
+            crop: CropMode::Center,
+            shuffle_buffer: 1,
         }
     }
 
@@ -88,6 +116,48 @@ pub struct Dataset {
     /// ... and how many were dropped while decoding into memory.
     skipped_at_load: usize,
     labelling: Labelling,
+    crop: CropMode,
+    shuffle_buffer: usize,
+}
+
+/// Where the training square is cut from an image resized to cover it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crop {
+    Centre,
+    /// With scale jitter at a random place, drawn from this seed.
+    Random(u64),
+}
+
+/// The order of an epoch's images.
+#[derive(Clone, Debug)]
+pub enum Order {
+    /// A seeded permutation of the dataset's images.
+    Shuffled(usize),
+    /// Shards read as streams, split across processes.
+    Streams { images: usize, streams: Streams },
+}
+
+impl Order {
+    /// The images of the dataset ordered.
+    fn images(&self) -> usize {
+        match self {
+            Order::Shuffled(images) | Order::Streams { images, .. } => *images,
+        }
+    }
+
+    fn epoch(&self, seed: u64, epoch: u64) -> Vec<usize> {
+        match self {
+            Order::Shuffled(len) => {
+                let mut order: Vec<usize> = (0..*len).collect();
+                order.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::rng::mix(
+                    seed,
+                    &[0xDA7A, epoch],
+                )));
+                order
+            }
+            Order::Streams { streams, .. } => streams.epoch(seed, epoch),
+        }
+    }
 }
 
 /// Images [B, C, H, W] (u8, CPU) with their class ids [B] (i64, CPU) when the data has classes.
@@ -101,6 +171,34 @@ enum Images {
     Decoded(Vec<u8>),
     /// Image files decoded when a batch needs them.
     Files(Vec<PathBuf>),
+    /// Samples of tar shards decoded when a batch needs them.
+    Shards(ShardSet),
+}
+
+impl Images {
+    /// Decodes image `i` of a set read on demand into `dst`.
+    fn decode(
+        &self,
+        i: usize,
+        shape: Shape,
+        crop: Crop,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        match self {
+            Images::Decoded(_) => unreachable!("decoded images are copied, not decoded"),
+            Images::Files(files) => formats::decode_into(&files[i], shape, crop, dst),
+            Images::Shards(set) => set.decode_into(i, shape, crop, dst),
+        }
+    }
+
+    /// Image `i`, as a warning names it.
+    fn describe(&self, i: usize) -> String {
+        match self {
+            Images::Decoded(_) => format!("image {i}"),
+            Images::Files(files) => files[i].display().to_string(),
+            Images::Shards(set) => set.describe(i),
+        }
+    }
 }
 
 impl Dataset {
@@ -108,7 +206,20 @@ impl Dataset {
         match &self.images {
             Images::Decoded(pixels) => pixels.len() / self.shape.bytes(),
             Images::Files(files) => files.len(),
+            Images::Shards(set) => set.len(),
         }
+    }
+
+    /// The order of epochs read `batch` images at a time (a global batch) by `world`
+    /// processes.
+    pub fn order(&self, batch: usize, world: usize) -> Result<Order> {
+        Ok(match &self.images {
+            Images::Shards(set) => Order::Streams {
+                images: set.len(),
+                streams: set.streams(batch, world, self.shuffle_buffer)?,
+            },
+            _ => Order::Shuffled(self.len()),
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -192,9 +303,9 @@ impl Dataset {
     }
 
     /// Images `indices` with their labels (the labels of the images that took the places of
-    /// unreadable ones).
-    pub fn examples(&self, indices: &[i64]) -> Result<Examples> {
-        let (images, read) = self.read(indices)?;
+    /// unreadable ones); random crops (`data.crop = random`) are drawn from `draw`.
+    pub fn examples(&self, indices: &[i64], draw: u64) -> Result<Examples> {
+        let (images, read) = self.read(indices, Some(draw))?;
         let labels = self.labelling.as_ref().ok().map(|classes| {
             Tensor::from_slice(
                 &read
@@ -208,11 +319,12 @@ impl Dataset {
 
     /// Images `indices` as u8 [B, C, H, W] on the CPU.
     pub fn batch(&self, indices: &[i64]) -> Result<Tensor> {
-        Ok(self.read(indices)?.0)
+        Ok(self.read(indices, None)?.0)
     }
 
-    /// Images `indices`, and the index of the image read for each.
-    fn read(&self, indices: &[i64]) -> Result<(Tensor, Vec<usize>)> {
+    /// Images `indices`, and the index of the image read for each; centre crops without
+    /// `draw`.
+    fn read(&self, indices: &[i64], draw: Option<u64>) -> Result<(Tensor, Vec<usize>)> {
         let n = self.shape.bytes();
         // An allocation that fails is an error in words, not an abort.
         let bytes = n.saturating_mul(indices.len());
@@ -227,7 +339,16 @@ impl Dataset {
         let read = indices
             .iter()
             .zip(out.chunks_mut(n))
-            .map(|(&index, dst)| self.read_into(index as usize, dst))
+            .enumerate()
+            .map(|(row, (&index, dst))| {
+                let crop = match (self.crop, draw) {
+                    (CropMode::Random, Some(draw)) => {
+                        Crop::Random(crate::rng::mix(draw, &[row as u64]))
+                    }
+                    _ => Crop::Centre,
+                };
+                self.read_into(index as usize, crop, dst)
+            })
             .collect::<Result<Vec<usize>>>()?;
         Ok((self.to_tensor(&out), read))
     }
@@ -236,7 +357,7 @@ impl Dataset {
     pub fn all(&self) -> Result<Tensor> {
         match &self.images {
             Images::Decoded(pixels) => Ok(self.to_tensor(pixels)),
-            Images::Files(_) => self.batch(&(0..self.len() as i64).collect::<Vec<_>>()),
+            _ => self.batch(&(0..self.len() as i64).collect::<Vec<_>>()),
         }
     }
 
@@ -253,34 +374,32 @@ impl Dataset {
     /// Writes image `index` into `dst` and returns the index of the image written. An
     /// unreadable file is reported once and replaced by the next readable one (so the order
     /// stays a function of the seed), or is an error when strict.
-    fn read_into(&self, index: usize, dst: &mut [u8]) -> Result<usize> {
-        let files = match &self.images {
-            Images::Decoded(pixels) => {
-                dst.copy_from_slice(&pixels[index * dst.len()..(index + 1) * dst.len()]);
-                return Ok(index);
-            }
-            Images::Files(files) => files,
-        };
-        for i in (index..files.len()).chain(0..index) {
+    fn read_into(&self, index: usize, crop: Crop, dst: &mut [u8]) -> Result<usize> {
+        if let Images::Decoded(pixels) = &self.images {
+            dst.copy_from_slice(&pixels[index * dst.len()..(index + 1) * dst.len()]);
+            return Ok(index);
+        }
+        let count = self.len();
+        for i in (index..count).chain(0..index) {
             if self.unreadable.lock().unwrap().contains(&i) {
                 continue;
             }
-            match formats::decode_into(&files[i], self.shape, dst) {
+            match self.images.decode(i, self.shape, crop, dst) {
                 Ok(()) => return Ok(i),
                 Err(why) if self.strict => {
                     bail!(
                         "cannot decode {}: {why} (reading strictly: an unreadable image is an error)",
-                        files[i].display()
+                        self.images.describe(i)
                     )
                 }
                 Err(why) => {
                     if self.unreadable.lock().unwrap().insert(i) {
-                        tracing::warn!("skipping {}: {why}", files[i].display());
+                        tracing::warn!("skipping {}: {why}", self.images.describe(i));
                     }
                 }
             }
         }
-        bail!("none of the {} image files could be decoded", files.len())
+        bail!("none of the {count} images could be decoded")
     }
 }
 
@@ -315,6 +434,7 @@ pub fn load(path: Option<&Path>, options: &LoadOptions) -> Result<Dataset> {
             from_records(records, description, Ok(classes), options)
         }
         (DataFormat::Folder, Some(dir)) => load_folder(dir, options),
+        (DataFormat::Shards, Some(spec)) => load_shards(spec, options),
         _ => unreachable!("resolve_format gives a path to every format but the bundled one"),
     }
 }
@@ -331,10 +451,20 @@ fn resolve_format(path: Option<&Path>, options: &LoadOptions) -> Result<DataForm
             "data.format = \"bundled\" trains on the bundled digits and would ignore data.path ({}): drop one of the two",
             p.display()
         ),
+        (Some(p), DataFormat::Auto) if p.to_str().is_some_and(shards::names_shards) => {
+            DataFormat::Shards
+        }
         (Some(p), DataFormat::Auto) => formats::detect_format(p)?,
         (_, format) => format,
     };
-    if options.split != Split::Train && matches!(format, DataFormat::Bundled | DataFormat::Folder) {
+    let read_as_files = matches!(format, DataFormat::Folder | DataFormat::Shards);
+    if options.crop == CropMode::Random && !read_as_files {
+        bail!(
+            "data.crop = random cuts from image files and shards; {} is decoded once at the training size",
+            path.map_or("the bundled set".into(), |p| p.display().to_string())
+        );
+    }
+    if options.split != Split::Train && (read_as_files || format == DataFormat::Bundled) {
         bail!(
             "data.split = {} applies to CIFAR binaries and MNIST IDX files; {} has no split",
             options.split,
@@ -360,6 +490,8 @@ impl Dataset {
             unreadable: Mutex::default(),
             skipped_at_load: skipped,
             labelling,
+            crop: options.crop,
+            shuffle_buffer: options.shuffle_buffer,
         }
     }
 }
@@ -457,13 +589,13 @@ fn read_cifar(
 /// skipped with a warning (their places show others), or stop the load when strict.
 fn load_folder(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
     let shape = options.shape();
-    let files = formats::image_files(dir)?;
+    let files = image_files(dir)?;
     let description = format!("image folder {}", dir.display());
     if shape.channels == 1 && formats::any_colour(&files) {
         note_grayscale(&description);
     }
     let labelling = classes::folder_classes(dir, &files);
-    if !should_cache(options.cache, files.len(), shape) {
+    if !should_cache(options, files.len())? {
         return Ok(Dataset::new(
             Images::Files(files),
             description,
@@ -475,7 +607,7 @@ fn load_folder(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
     check_fits_in_memory(files.len(), shape, &description)?;
     let workers = worker_count(options.workers);
     let (pixels, failed) = decode_all(files.len(), shape, workers, |i, dst| {
-        formats::decode_into(&files[i], shape, dst)
+        formats::decode_into(&files[i], shape, Crop::Centre, dst)
     });
     if let Some((i, why)) = failed.first().filter(|_| options.strict) {
         bail!(
@@ -518,17 +650,82 @@ fn note_grayscale(description: &str) {
     tracing::info!("note: {description} is in colour and is read in grayscale, at the model's 1 channel (a model with model.in_channels = 3 keeps the colour)");
 }
 
-/// Whether `count` images of `shape` are decoded once into memory.
-fn should_cache(cache: DataCache, count: usize, shape: Shape) -> bool {
-    match cache {
+/// Whether `count` images are decoded once into memory.
+fn should_cache(options: &LoadOptions, count: usize) -> Result<bool> {
+    let random_crop = options.crop == CropMode::Random;
+    Ok(match options.cache {
+        DataCache::On if random_crop => bail!(
+            "data.cache = on keeps images decoded once, and data.crop = random cuts them anew at every epoch: set data.cache = auto or off"
+        ),
         DataCache::On => true,
         DataCache::Off => false,
+        DataCache::Auto if random_crop => false,
         DataCache::Auto => {
             // Unknown memory: a cache of up to 4 GiB, which most machines hold.
             let memory = crate::device::available_host_memory().unwrap_or(8 << 30);
-            (count * shape.bytes()) as u64 <= memory / 2 / crate::device::local_processes()
+            (count * options.shape().bytes()) as u64
+                <= memory / 2 / crate::device::local_processes()
         }
-    }
+    })
+}
+
+/// Indexed WebDataset shards, decoded as batches are read. Class names come from a
+/// `classes.txt` beside the first shard (line i names class i), as `ddpm shards` writes it.
+fn load_shards(spec: &Path, options: &LoadOptions) -> Result<Dataset> {
+    let text = spec
+        .to_str()
+        .with_context(|| format!("the shard path {} is not UTF-8", spec.display()))?;
+    let set = ShardSet::index(shards::shard_paths(text)?, options.strict)?;
+    let labelling = match set.labels() {
+        Ok(labels) => {
+            let mut classes = Classes::numbered(labels);
+            let named = set
+                .class_names()
+                .filter(|names| names.len() >= classes.count());
+            classes.names = named.unwrap_or(classes.names);
+            Ok(classes)
+        }
+        Err(why) => classes::unlabelled(why),
+    };
+    let description = format!(
+        "{} WebDataset shard(s) {}",
+        set.shard_count(),
+        spec.display()
+    );
+    let skipped = set.skipped;
+    Ok(Dataset::new(
+        Images::Shards(set),
+        description,
+        labelling,
+        options,
+        skipped,
+    ))
+}
+
+/// An image folder's files, with their classes when it has one subfolder per class, in a
+/// seeded shuffled order; and the classes' names. What `ddpm shards` writes.
+pub fn shuffled_folder(
+    dir: &Path,
+    seed: u64,
+) -> Result<(Vec<(PathBuf, Option<i64>)>, Vec<String>)> {
+    let files = image_files(dir)?;
+    let (labels, names) = match classes::folder_classes(dir, &files) {
+        Ok(classes) => (
+            classes.labels.into_iter().map(Some).collect(),
+            classes.names,
+        ),
+        Err(Unlabelled {
+            why,
+            ambiguous: true,
+        }) => bail!(why),
+        Err(_) => (vec![None; files.len()], Vec::new()),
+    };
+    let mut samples: Vec<(PathBuf, Option<i64>)> = files.into_iter().zip(labels).collect();
+    samples.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::rng::mix(
+        seed,
+        &[0x5A4D],
+    )));
+    Ok((samples, names))
 }
 
 /// Fails, before allocating, when `count` decoded images of `shape` would not fit in the
@@ -624,24 +821,24 @@ pub struct Position {
     pub images: Option<usize>,
 }
 
-/// Draws batches in a shuffled order that depends only on the seed and the epoch, so a run
-/// resumed from a `Position` continues the same order.
+/// Draws batches in an order that depends only on the seed and the epoch, so a run resumed
+/// from a `Position` continues the same order.
 #[derive(Clone)]
 pub struct Sampler {
-    len: usize,
+    plan: Order,
     seed: u64,
     position: Position,
     order: Vec<usize>,
 }
 
 impl Sampler {
-    /// Continues from `position`; one past the end of a (smaller) dataset starts the next epoch.
-    pub fn new(len: usize, seed: u64, mut position: Position) -> Self {
-        position.index = position.index.min(len);
-        position.images = Some(len);
-        let order = epoch_order(len, seed, position.epoch);
+    /// Continues from `position`; one past the end of a (smaller) epoch starts the next one.
+    pub fn new(plan: Order, seed: u64, mut position: Position) -> Self {
+        let order = plan.epoch(seed, position.epoch);
+        position.index = position.index.min(order.len());
+        position.images = Some(plan.images());
         Sampler {
-            len,
+            plan,
             seed,
             position,
             order,
@@ -656,28 +853,19 @@ impl Sampler {
     pub fn next_indices(&mut self, batch: usize) -> Vec<i64> {
         let mut out = Vec::with_capacity(batch);
         while out.len() < batch {
-            if self.position.index == self.len {
+            if self.position.index == self.order.len() {
                 self.position = Position {
                     epoch: self.position.epoch + 1,
                     index: 0,
-                    images: Some(self.len),
+                    images: Some(self.plan.images()),
                 };
-                self.order = epoch_order(self.len, self.seed, self.position.epoch);
+                self.order = self.plan.epoch(self.seed, self.position.epoch);
             }
             out.push(self.order[self.position.index] as i64);
             self.position.index += 1;
         }
         out
     }
-}
-
-fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..len).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::rng::mix(
-        seed,
-        &[0xDA7A, epoch],
-    )));
-    order
 }
 
 /// u8 images → f32 in [−1, 1] on `device`.
@@ -793,14 +981,8 @@ mod tests {
 
     fn options(channels: i64, size: i64) -> LoadOptions {
         LoadOptions {
-            format: DataFormat::Auto,
-            channels,
-            size: ImageSize::Square(size),
-            strict: false,
-            split: Split::Train,
-            cache: DataCache::Auto,
             workers: 2,
-            cifar100_labels: Default::default(),
+            ..LoadOptions::at(DataFormat::Auto, channels, ImageSize::Square(size))
         }
     }
 
@@ -1220,7 +1402,7 @@ mod tests {
 
     #[test]
     fn order_is_seeded_and_resumes_mid_epoch() {
-        let mut a = Sampler::new(10, 42, Position::default());
+        let mut a = Sampler::new(Order::Shuffled(10), 42, Position::default());
         let first: Vec<i64> = (0..5).flat_map(|_| a.next_indices(3)).collect();
         let mut sorted = first[..10].to_vec();
         sorted.sort();
@@ -1229,13 +1411,13 @@ mod tests {
             (0..10).collect::<Vec<i64>>(),
             "an epoch visits every image once"
         );
-        let mut b = Sampler::new(10, 42, Position::default());
+        let mut b = Sampler::new(Order::Shuffled(10), 42, Position::default());
         b.next_indices(3);
         b.next_indices(3);
-        let mut resumed = Sampler::new(10, 42, b.position());
+        let mut resumed = Sampler::new(Order::Shuffled(10), 42, b.position());
         assert_eq!(resumed.next_indices(9), first[6..15].to_vec());
         assert_ne!(
-            Sampler::new(10, 43, Position::default()).next_indices(10),
+            Sampler::new(Order::Shuffled(10), 43, Position::default()).next_indices(10),
             first[..10].to_vec()
         );
     }
@@ -1371,7 +1553,7 @@ mod tests {
         options: LoaderOptions,
         n: usize,
     ) -> Vec<Vec<i64>> {
-        let mut loader = Loader::new(dataset.clone(), position, options);
+        let mut loader = Loader::new(dataset.clone(), position, options).unwrap();
         (0..n)
             .map(|_| reds(&loader.next_batch().unwrap().images))
             .collect()
@@ -1399,7 +1581,7 @@ mod tests {
             prefetch: 2,
             shard,
         };
-        let mut sampler = Sampler::new(6, 7, Position::default());
+        let mut sampler = Sampler::new(Order::Shuffled(6), 7, Position::default());
         let expected: Vec<Vec<i64>> = (0..5).map(|_| sampler.next_indices(4)).collect();
         for workers in [1, 3] {
             assert_eq!(
@@ -1418,7 +1600,8 @@ mod tests {
             dataset.clone(),
             Position::default(),
             options(2, Shard::WHOLE),
-        );
+        )
+        .unwrap();
         for _ in 0..2 {
             assert_eq!(loader.next_batch().unwrap().images.size(), [4, 3, 4, 4]);
         }

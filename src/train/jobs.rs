@@ -150,7 +150,8 @@ fn data_grid(
     position: Position,
     names: &[String],
 ) -> Result<image::RgbImage> {
-    let mut order = data::Sampler::new(dataset.len(), config.train.seed, position);
+    let plan = dataset.order(config.train.batch, 1)?;
+    let mut order = data::Sampler::new(plan, config.train.seed, position);
     let (indices, classes) = match dataset.labelling() {
         Ok(labelled) if !names.is_empty() => {
             let wanted = crate::sampler::grid_classes(names.len(), config.sample.num);

@@ -122,7 +122,8 @@ fn train_until(
 ) -> Result<Option<PathBuf>, Stop> {
     let config = trainer.config.clone();
     let loader_options = LoaderOptions::of(&config, trainer.shard());
-    let mut loader = Loader::new(dataset.clone(), *position, loader_options);
+    let mut loader =
+        Loader::new(dataset.clone(), *position, loader_options).map_err(Stop::failed)?;
     let jobs = Jobs::prepare(trainer, run, dataset, *position, signals)?;
     let mut rollbacks = Rollbacks::new();
     let mut window = Window::new();
@@ -155,7 +156,8 @@ fn train_until(
         }
         if logged && rollbacks.due(trainer) {
             *position = rollbacks.roll_back(trainer, run, monitor, *position)?;
-            loader = Loader::new(dataset.clone(), *position, loader_options);
+            loader =
+                Loader::new(dataset.clone(), *position, loader_options).map_err(Stop::failed)?;
             continue;
         }
         if run.writes() && jobs.run_due(trainer, run, monitor, *position, stop, signals)? {
@@ -693,14 +695,13 @@ mod tests {
         let digits = crate::data::load(
             None,
             &LoadOptions {
-                format: crate::config::DataFormat::Bundled,
-                channels: 1,
-                size: crate::config::ImageSize::Square(28),
                 strict: true,
-                split: crate::config::Split::Train,
                 cache: crate::config::DataCache::On,
-                workers: 0,
-                cifar100_labels: Default::default(),
+                ..LoadOptions::at(
+                    crate::config::DataFormat::Bundled,
+                    1,
+                    crate::config::ImageSize::Square(28),
+                )
             },
         )
         .unwrap();

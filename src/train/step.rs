@@ -1202,14 +1202,9 @@ mod tests {
         let data = crate::data::load(
             None,
             &LoadOptions {
-                format: crate::config::DataFormat::Bundled,
-                channels: 1,
-                size: c.model.image_size,
                 strict: true,
-                split: crate::config::Split::Train,
                 cache: crate::config::DataCache::On,
-                workers: 0,
-                cifar100_labels: Default::default(),
+                ..LoadOptions::at(crate::config::DataFormat::Bundled, 1, c.model.image_size)
             },
         )
         .unwrap();
