@@ -62,6 +62,7 @@ fn measure(
     size: i64,
     threshold: f64,
     step_seconds: f64,
+    augment: bool,
 ) {
     let workers = worker_count(0);
     let options = LoadOptions {
@@ -76,7 +77,8 @@ fn measure(
         prefetch: 4,
         shard: Shard::WHOLE,
     };
-    let r = ddpm::bench::data(Some(path), &options, loader, true, 0.1, step_seconds).unwrap();
+    let jitter = if augment { 0.1 } else { 0.0 };
+    let r = ddpm::bench::data(Some(path), &options, loader, augment, jitter, step_seconds).unwrap();
     if step_seconds > 0.0 {
         let steps = r.images / loader.batch;
         println!(
@@ -88,7 +90,7 @@ fn measure(
         return;
     }
     println!(
-        "RESULT bench=data set={what} images={} workers={workers} load_s={:.2} img_per_s={:.0} target_img_per_s={threshold:.0} {}",
+        "RESULT bench=data set={what} images={} workers={workers} cpu_augmentation={augment} load_s={:.2} img_per_s={:.0} target_img_per_s={threshold:.0} {}",
         r.images,
         r.load_seconds,
         r.images_per_second,
@@ -108,7 +110,13 @@ fn measure_folder_scan(root: &Path) {
     }
     // Folder times must settle before an index of them is kept.
     std::thread::sleep(std::time::Duration::from_secs(3));
+    // With DDPM_BENCH_DROP_CACHES=1 (root), each listing starts from a cold page cache too.
+    let drop_caches = std::env::var("DDPM_BENCH_DROP_CACHES").is_ok_and(|v| v == "1");
     let timed = || {
+        if drop_caches {
+            std::process::Command::new("sync").status().unwrap();
+            std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping the page cache");
+        }
         let start = std::time::Instant::now();
         let files = ddpm::data::image_files_kept_in(&dir, Some(&store), 10_000).unwrap();
         (files.len(), start.elapsed().as_secs_f64())
@@ -116,7 +124,7 @@ fn measure_folder_scan(root: &Path) {
     let (files, walked) = timed();
     let (_, kept) = timed();
     println!(
-        "RESULT bench=folder-scan files={files} folders=1000 walk_s={walked:.3} kept_index_s={kept:.3} threads={}",
+        "RESULT bench=folder-scan files={files} folders=1000 cold_page_cache={drop_caches} walk_s={walked:.3} kept_index_s={kept:.3} threads={}",
         worker_count(0)
     );
 }
@@ -134,6 +142,9 @@ fn main() {
     write_cifar(&cifar, 10_000);
     write_folder(&png, 10_000, 32, "png");
     write_folder(&jpeg, 2_000, 256, "jpg");
+    let (samples, _) = ddpm::data::shuffled_folder(&jpeg, 0).unwrap();
+    let shards = root.path().join("shards");
+    ddpm::data::write_shards(&samples, &shards, "train", 500).unwrap();
     measure(
         "cifar10-binary-32",
         &cifar,
@@ -141,9 +152,19 @@ fn main() {
         32,
         50_000.0,
         0.0,
+        true,
     );
-    measure("png-folder-32", &png, DataFormat::Folder, 32, 5_000.0, 0.0);
-    // 800 images/s per core at 256×256 keeps a 256×256 model fed from 16 cores.
+    measure(
+        "png-folder-32",
+        &png,
+        DataFormat::Folder,
+        32,
+        5_000.0,
+        0.0,
+        true,
+    );
+    // 800 images/s per core at 256×256 keeps a 256×256 model fed from 16 cores. Flips and
+    // jitter run on the GPU there, so the loader's decoding is measured without them.
     let per_core_256 = 800.0 * worker_count(0) as f64;
     measure(
         "jpeg-folder-256",
@@ -152,10 +173,8 @@ fn main() {
         256,
         per_core_256,
         0.0,
+        false,
     );
-    let (samples, _) = ddpm::data::shuffled_folder(&jpeg, 0).unwrap();
-    let shards = root.path().join("shards");
-    ddpm::data::write_shards(&samples, &shards, "train", 500).unwrap();
     measure(
         "jpeg-shards-256",
         &shards,
@@ -163,6 +182,7 @@ fn main() {
         256,
         per_core_256,
         0.0,
+        false,
     );
     measure(
         "jpeg-folder-256-to-64",
@@ -171,6 +191,7 @@ fn main() {
         64,
         500.0,
         0.0,
+        true,
     );
     // The cifar10 preset trains at about 3,000 images/s on a GPU: batches of 128 every 42.7 ms.
     let step = 128.0 / 3000.0;
@@ -181,7 +202,16 @@ fn main() {
         32,
         0.0,
         step,
+        true,
     );
-    measure("png-folder-32", &png, DataFormat::Folder, 32, 0.0, step);
+    measure(
+        "png-folder-32",
+        &png,
+        DataFormat::Folder,
+        32,
+        0.0,
+        step,
+        true,
+    );
     measure_folder_scan(root.path());
 }

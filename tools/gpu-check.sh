@@ -9,6 +9,7 @@
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 1   # CUDA tests, the targets: ddpm vs PyTorch
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 2   # the levers one by one, channels-last, sampling
 #   OUT=/tmp/out bash .gpu/gpu-check.sh 3   # a short `ddpm train` with a resume
+#   OUT=/tmp/out bash .gpu/gpu-check.sh 4   # imagenet64/256: ddpm vs PyTorch, checkpointing, batch
 # or all three at once (about ten minutes): OUT=/tmp/out bash .gpu/gpu-check.sh
 # Back here, the tables of docs/results.md: python3 tools/gpu_table.py /tmp/out/summary.txt
 set -uo pipefail
@@ -77,6 +78,12 @@ if [[ $part == 4 || $part == all ]]; then
     large --preset imagenet64 --batch 64 --activation-checkpointing
     large --preset imagenet256 --batch 8
     large --preset imagenet256 --batch 8 --activation-checkpointing
+    # The same networks in PyTorch (the parameter counts agree), bf16 autocast, eager.
+    adm() { run python3 "$here/torch_adm_bench.py" --device cuda --precision bf16 --warmup 3 --steps 10 "$@"; }
+    adm --preset imagenet64 --batch 64
+    adm --preset imagenet64 --batch 64 --checkpointing
+    adm --preset imagenet256 --batch 8
+    adm --preset imagenet256 --batch 8 --checkpointing
     run "$ddpm" bench train --device cuda --precision bf16 --ema-snapshot-every 0 --preset imagenet256 --find-batch --batch 8
     run "$ddpm" bench train --device cuda --precision bf16 --ema-snapshot-every 0 --preset imagenet256 --find-batch --batch 8 --activation-checkpointing
 fi

@@ -13,6 +13,6 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
         print(m["executable"])')
 mkdir -p .gpu
-cp target/release/ddpm tools/gpu-check.sh tools/torch_ddim_bench.py "$baseline" .gpu/
+cp target/release/ddpm tools/gpu-check.sh tools/torch_ddim_bench.py tools/torch_adm_bench.py "$baseline" .gpu/
 cp "$tests" .gpu/ddpm-tests
 ls -la .gpu

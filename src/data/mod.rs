@@ -24,8 +24,8 @@ use crate::config::{
 pub use classes::{parse_idx_labels, shown_names, Classes, Labelling, Unlabelled};
 pub use folder_index::{image_files, image_files_kept_in};
 pub use formats::{
-    any_colour, is_image_file, open_image, parse_cifar, parse_idx_images, Cifar, Records, Shape,
-    MAX_IMAGE_FILE_BYTES,
+    any_colour, fit, is_image_file, open_image, parse_cifar, parse_idx_images, Cifar, Records,
+    Shape, MAX_IMAGE_FILE_BYTES,
 };
 pub use loader::{Loader, LoaderOptions, Shard};
 pub use shards::{expand_braces, shard_paths, write_shards, ShardSet, Streams, CLASS_NAMES};

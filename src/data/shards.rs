@@ -197,7 +197,7 @@ impl ShardSet {
         }
         if set.samples.is_empty() {
             bail!(
-                "the {} shard(s) from {} on hold no sample with an image (.jpg, .jpeg, .png, .webp)",
+                "the {} shard(s) from {} on hold no sample with an image (.jpg, .jpeg, .png, .webp, .bmp, .gif)",
                 set.shards.len(),
                 set.shards[0].display()
             );
