@@ -248,11 +248,33 @@ pub(super) fn folder_classes(dir: &Path, files: &[PathBuf]) -> Labelling {
             ambiguous: true,
         });
     }
+    warn_of_empty_class_folders(dir, &names);
     let labels = classes
         .iter()
         .map(|c| names.binary_search(c.as_ref().unwrap()).unwrap() as i64)
         .collect();
     Ok(Classes { labels, names })
+}
+
+/// A subfolder without images is not a class: said, since the user may have meant one.
+fn warn_of_empty_class_folders(dir: &Path, names: &[String]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut empty: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| names.binary_search(name).is_err())
+        .collect();
+    empty.sort();
+    for name in empty {
+        tracing::warn!(
+            "{} holds no images, so it is not one of the {} classes",
+            dir.join(name).display(),
+            names.len()
+        );
+    }
 }
 
 /// Class names as a message lists them: all of a few, the first ones of many.
