@@ -853,6 +853,45 @@ mod tests {
     }
 
     #[test]
+    fn two_processes_read_disjoint_shards_that_make_up_each_global_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        for shard in 0..4 {
+            write_tar(
+                &dir.path().join(format!("s-{shard}.tar")),
+                &samples(shard * 6, 6),
+            );
+        }
+        let set = Arc::new(load(Some(&dir.path().join("s-{0..3}.tar")), &options()).unwrap());
+        let rank_reads = |rank| {
+            let options = LoaderOptions {
+                batch: 4,
+                seed: 5,
+                workers: 2,
+                prefetch: 2,
+                shard: Shard { rank, world: 2 },
+            };
+            let mut loader = Loader::new(set.clone(), Position::default(), options).unwrap();
+            (0..6)
+                .map(|_| reds(&loader.next_batch().unwrap().images))
+                .collect::<Vec<_>>()
+        };
+        let (zero, one) = (rank_reads(0), rank_reads(1));
+        // One epoch is 6 global batches of 2 + 2: each process reads two whole shards.
+        let shards_of = |batches: &[Vec<u8>]| {
+            let mut shards: Vec<u8> = batches.concat().iter().map(|red| red / 6).collect();
+            shards.sort();
+            shards.dedup();
+            shards
+        };
+        let (of_zero, of_one) = (shards_of(&zero), shards_of(&one));
+        assert_eq!((of_zero.len(), of_one.len()), (2, 2));
+        assert!(of_zero.iter().all(|s| !of_one.contains(s)));
+        let mut epoch: Vec<u8> = [zero.concat(), one.concat()].concat();
+        epoch.sort();
+        assert_eq!(epoch, (0..24).collect::<Vec<u8>>());
+    }
+
+    #[test]
     fn random_crops_follow_the_order_and_differ_between_epochs() {
         let dir = tempfile::tempdir().unwrap();
         // A 16×8 image, red growing left to right: where a 4×4 crop is cut shows in its red.
