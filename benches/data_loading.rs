@@ -145,73 +145,25 @@ fn main() {
     let (samples, _) = ddpm::data::shuffled_folder(&jpeg, 0).unwrap();
     let shards = root.path().join("shards");
     ddpm::data::write_shards(&samples, &shards, "train", 500).unwrap();
-    measure(
-        "cifar10-binary-32",
-        &cifar,
-        DataFormat::Cifar10,
-        32,
-        50_000.0,
-        0.0,
-        true,
-    );
-    measure(
-        "png-folder-32",
-        &png,
-        DataFormat::Folder,
-        32,
-        5_000.0,
-        0.0,
-        true,
-    );
     // 800 images/s per core at 256×256 keeps a 256×256 model fed from 16 cores. Flips and
     // jitter run on the GPU there, so the loader's decoding is measured without them.
     let per_core_256 = 800.0 * worker_count(0) as f64;
-    measure(
-        "jpeg-folder-256",
-        &jpeg,
-        DataFormat::Folder,
-        256,
-        per_core_256,
-        0.0,
-        false,
-    );
-    measure(
-        "jpeg-shards-256",
-        &shards,
-        DataFormat::Shards,
-        256,
-        per_core_256,
-        0.0,
-        false,
-    );
-    measure(
-        "jpeg-folder-256-to-64",
-        &jpeg,
-        DataFormat::Folder,
-        64,
-        500.0,
-        0.0,
-        true,
-    );
     // The cifar10 preset trains at about 3,000 images/s on a GPU: batches of 128 every 42.7 ms.
     let step = 128.0 / 3000.0;
-    measure(
-        "cifar10-binary-32",
-        &cifar,
-        DataFormat::Cifar10,
-        32,
-        0.0,
-        step,
-        true,
-    );
-    measure(
-        "png-folder-32",
-        &png,
-        DataFormat::Folder,
-        32,
-        0.0,
-        step,
-        true,
-    );
+    use DataFormat::{Cifar10, Folder, Shards};
+    // (set, where, format, size, target img/s, step s, flips and jitter on the CPU)
+    #[rustfmt::skip]
+    let cases = [
+        ("cifar10-binary-32", &cifar, Cifar10, 32, 50_000.0, 0.0, true),
+        ("png-folder-32", &png, Folder, 32, 5_000.0, 0.0, true),
+        ("jpeg-folder-256", &jpeg, Folder, 256, per_core_256, 0.0, false),
+        ("jpeg-shards-256", &shards, Shards, 256, per_core_256, 0.0, false),
+        ("jpeg-folder-256-to-64", &jpeg, Folder, 64, 500.0, 0.0, true),
+        ("cifar10-binary-32", &cifar, Cifar10, 32, 0.0, step, true),
+        ("png-folder-32", &png, Folder, 32, 0.0, step, true),
+    ];
+    for (what, path, format, size, target, step_seconds, augment) in cases {
+        measure(what, path, format, size, target, step_seconds, augment);
+    }
     measure_folder_scan(root.path());
 }

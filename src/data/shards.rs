@@ -309,6 +309,12 @@ fn index_shard(shard: &Path, number: u32) -> Result<ShardIndex> {
     let file =
         File::open(shard).with_context(|| format!("cannot open the shard {}", shard.display()))?;
     let size = file.metadata()?.len();
+    if size == 0 {
+        return Ok(ShardIndex {
+            samples: Vec::new(),
+            skipped: vec!["the file is empty".into()],
+        });
+    }
     let mut archive = tar::Archive::new(file);
     let mut entries = archive
         .entries_with_seek()
@@ -799,6 +805,11 @@ mod tests {
         std::fs::write(spec("cut.tar"), &bytes[..third + 512 + 100]).unwrap();
         let set = load(Some(&spec("cut.tar")), &options()).unwrap();
         assert_eq!((set.len(), set.skipped()), (2, 1));
+        // An empty shard beside it counts as one more.
+        std::fs::write(spec("empty.tar"), b"").unwrap();
+        fs_write(&spec("two.txt"), "cut.tar\nempty.tar\n");
+        let set = load(Some(&spec("two.txt")), &options()).unwrap();
+        assert_eq!((set.len(), set.skipped()), (2, 2));
         let e = format!(
             "{:#}",
             load(
@@ -814,26 +825,36 @@ mod tests {
         assert!(e.contains("cut.tar") && e.contains("truncated"), "{e}");
     }
 
+    /// Four shards of 6 samples each, numbered 0 to 23, loaded from `dir`.
+    fn four_shards(dir: &Path) -> Arc<super::super::Dataset> {
+        for shard in 0..4 {
+            write_tar(&dir.join(format!("s-{shard}.tar")), &samples(shard * 6, 6));
+        }
+        Arc::new(load(Some(&dir.join("s-{0..3}.tar")), &options()).unwrap())
+    }
+
+    /// A loader of `set` in global batches of 4, seeded with 3.
+    fn loader(
+        set: &Arc<super::super::Dataset>,
+        shard: Shard,
+        workers: usize,
+        position: Position,
+    ) -> Loader {
+        let options = LoaderOptions {
+            batch: 4,
+            seed: 3,
+            workers,
+            prefetch: 2,
+            shard,
+        };
+        Loader::new(set.clone(), position, options).unwrap()
+    }
+
     #[test]
     fn a_resumed_loader_reads_the_same_samples_whatever_its_workers() {
         let dir = tempfile::tempdir().unwrap();
-        for shard in 0..4 {
-            write_tar(
-                &dir.path().join(format!("s-{shard}.tar")),
-                &samples(shard * 6, 6),
-            );
-        }
-        let set = Arc::new(load(Some(&dir.path().join("s-{0..3}.tar")), &options()).unwrap());
-        let loader = |workers, position| {
-            let options = LoaderOptions {
-                batch: 4,
-                seed: 3,
-                workers,
-                prefetch: 2,
-                shard: Shard::WHOLE,
-            };
-            Loader::new(set.clone(), position, options).unwrap()
-        };
+        let set = four_shards(dir.path());
+        let loader = |workers, position| loader(&set, Shard::WHOLE, workers, position);
         // Ten batches run across the end of the first epoch (24 samples).
         let mut straight = loader(1, Position::default());
         let whole: Vec<Vec<u8>> = (0..10)
@@ -855,22 +876,9 @@ mod tests {
     #[test]
     fn two_processes_read_disjoint_shards_that_make_up_each_global_batch() {
         let dir = tempfile::tempdir().unwrap();
-        for shard in 0..4 {
-            write_tar(
-                &dir.path().join(format!("s-{shard}.tar")),
-                &samples(shard * 6, 6),
-            );
-        }
-        let set = Arc::new(load(Some(&dir.path().join("s-{0..3}.tar")), &options()).unwrap());
+        let set = four_shards(dir.path());
         let rank_reads = |rank| {
-            let options = LoaderOptions {
-                batch: 4,
-                seed: 5,
-                workers: 2,
-                prefetch: 2,
-                shard: Shard { rank, world: 2 },
-            };
-            let mut loader = Loader::new(set.clone(), Position::default(), options).unwrap();
+            let mut loader = loader(&set, Shard { rank, world: 2 }, 2, Position::default());
             (0..6)
                 .map(|_| reds(&loader.next_batch().unwrap().images))
                 .collect::<Vec<_>>()
