@@ -17,7 +17,10 @@ real set of every FID). Both sides work at the tiny preset's 16x16.
 Per recipe point and seed: the peer's UNet is built with torch.manual_seed(seed) and saved as a
 diffusers folder; `ddpm import` turns it into ddpm's step-0 run, which trains with the tiny
 preset's settings; the peer trains from the same folder. Each side then samples --num images
-(EMA weights) and `ddpm fid` scores them against the held-out digits.
+(EMA weights) and `ddpm fid` scores them against the held-out digits. Each side's EMA network is
+also scored by its held-out loss (`heldout_loss`: the same fixed noise and t for both), which
+moves far less with the seeds than a 2,000-sample FID. The peer's network is kept in
+work/peer-<point>-seed<seed>, ddpm's in work/ddpm-<point>-seed<seed>.
 
 Usage:
     py=$(bash tools/python_env.sh)
@@ -45,6 +48,21 @@ DDPM = ROOT / "target/release/ddpm"
 SIZE = 16
 # The tiny preset's recipe (what `ddpm import` gives this network), which the peer copies.
 BATCH, LR, WARMUP, GAMMA, EMA_DECAY, ETA = 64, 1e-3, 200, 5.0, 0.999, 1.0
+
+
+def ddpm_step_seed(seed, step):
+    """The seed ddpm gives libtorch's generator before drawing a training step's t and noise
+    (src/rng.rs: SplitMix64 over the run seed and the step)."""
+    mask = (1 << 64) - 1
+
+    def splitmix(z):
+        z = (z + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    h = splitmix(seed ^ 0x9E3779B97F4A7C15 ^ splitmix((step + 0x632BE59BD9B4E019) & mask))
+    return splitmix(h) >> 1
 
 
 def log(*a):
@@ -75,7 +93,7 @@ def split_digits(work):
     (work / "heldout").mkdir(exist_ok=True)
     for i, k in enumerate(held):
         Image.fromarray(images[k]).save(work / f"heldout/{i:04}.png")
-    return images[train]
+    return images[train], images[held]
 
 
 def unet_config():
@@ -108,7 +126,7 @@ def peer_images(train_u8):
     return torch.tensor(small, dtype=torch.float32).unsqueeze(1) / 127.5 - 1.0
 
 
-def train_peer(init, images, steps, seed, point, like_ddpm=False):
+def train_peer(init, images, steps, seed, point, like_ddpm=False, ddpm_draws=False):
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
@@ -134,8 +152,14 @@ def train_peer(init, images, steps, seed, point, like_ddpm=False):
             order, at = torch.randperm(len(images), generator=generator), 0
         x0 = images[order[at:at + BATCH]]
         at += BATCH
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (BATCH,))
+        if ddpm_draws:
+            # The t and noise ddpm draws at this step of a run with this seed, bit for bit.
+            torch.manual_seed(ddpm_step_seed(seed, step - 1))
+            t = torch.randint(0, 1000, (BATCH,))
+            noise = torch.randn_like(x0)
+        else:
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (BATCH,))
         prediction = unet(scheduler.add_noise(x0, noise, t), t).sample
         loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weight[t]).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -179,6 +203,30 @@ def sample_peer(unet, train_scheduler, num, steps, folder, seed):
         done += b
 
 
+@torch.no_grad()
+def heldout_loss(unet, scheduler, held):
+    """The EMA network's unweighted epsilon MSE on the held-out digits at 20 evenly spaced t,
+    with fixed noise: a quality number with far less sampling noise than a 2,000-sample FID."""
+    generator = torch.Generator().manual_seed(1234)
+    errors = []
+    for t in range(25, 1000, 50):
+        noise = torch.randn(held.shape, generator=generator)
+        ts = torch.full((len(held),), t)
+        prediction = unet(scheduler.add_noise(held, noise, ts), ts).sample
+        errors.append(F.mse_loss(prediction, noise).item())
+    return float(np.mean(errors))
+
+
+def ddpm_network(work, run_dir):
+    """A ddpm run's EMA network, as diffusers loads it."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = work / f"{run_dir.name}-diffusers"
+    shutil.rmtree(folder, ignore_errors=True)
+    run("export", "--checkpoint", run_dir, "--out", folder)
+    return UNet2DModel.from_pretrained(folder, subfolder="unet").eval(), DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+
 def fid(work, folder):
     out, _ = run("fid", "--fake", folder, "--real", work / "heldout")
     return float(re.search(r"FID@\S+ = ([0-9.]+)", out).group(1))
@@ -195,15 +243,17 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the peer (0: one per core)")
     parser.add_argument("--sides", default="ddpm,diffusers", help="ddpm alone makes the quick quality check")
     parser.add_argument("--peer-like-ddpm", action="store_true", help="the peer takes ddpm's two conventions: the first step at lr / warmup (not 0), the first EMA update at decay 0.1 (not 0)")
+    parser.add_argument("--peer-draws", choices=["own", "ddpm"], default="own", help="the t and noise of the peer's steps: its own generator's, or exactly those ddpm draws (a paired comparison: the trainers then differ in their data order alone)")
     parser.add_argument("--max-fid", type=float, help="fail (exit 1) when a ddpm FID is above this")
+    parser.add_argument("--max-heldout-loss", type=float, help="fail (exit 1) when a ddpm network's held-out loss is above this")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    train_u8 = split_digits(work)
-    images = peer_images(train_u8)
+    train_u8, held_u8 = split_digits(work)
+    images, held = peer_images(train_u8), peer_images(held_u8)
     results = []
     for point in args.points.split(","):
         for seed in map(int, args.seeds.split(",")):
@@ -216,33 +266,39 @@ def main():
                 run_dir, seconds, losses = train_ddpm(work, init, f"ddpm-{name}", args.steps, seed, point)
                 run("sample", "--checkpoint", run_dir, "--num", args.num, "--steps", args.ddim_steps, "--eta", ETA, "--seed", seed, "--out-dir", work / f"ddpm-{name}-samples")
                 score = fid(work, work / f"ddpm-{name}-samples")
-                results.append(dict(side="ddpm", point=point, seed=seed, steps=args.steps, fid=score, seconds=seconds, img_per_s=args.steps * BATCH / seconds, losses=losses))
-                log(f"  ddpm: FID {score:.2f}, {seconds:.0f} s")
+                loss = heldout_loss(*ddpm_network(work, run_dir), held)
+                results.append(dict(side="ddpm", point=point, seed=seed, steps=args.steps, fid=score, heldout_loss=loss, seconds=seconds, img_per_s=args.steps * BATCH / seconds, losses=losses))
+                log(f"  ddpm: FID {score:.2f}, held-out loss {loss:.5f}, {seconds:.0f} s")
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
                 if args.max_fid is not None and score > args.max_fid:
                     sys.exit(f"ddpm's FID {score:.2f} is above --max-fid {args.max_fid}")
+                if args.max_heldout_loss is not None and loss > args.max_heldout_loss:
+                    sys.exit(f"ddpm's held-out loss {loss:.5f} is above --max-heldout-loss {args.max_heldout_loss}")
             if "diffusers" not in args.sides:
                 continue
             log(f"{name}: diffusers peer training…")
-            unet, scheduler, seconds, losses = train_peer(init, images, args.steps, seed, point, args.peer_like_ddpm)
+            unet, scheduler, seconds, losses = train_peer(init, images, args.steps, seed, point, args.peer_like_ddpm, args.peer_draws == "ddpm")
+            unet.save_pretrained(work / f"peer-{name}", safe_serialization=True)
+            loss = heldout_loss(unet, scheduler, held)
             sample_peer(unet, scheduler, args.num, args.ddim_steps, work / f"peer-{name}-samples", seed)
             score = fid(work, work / f"peer-{name}-samples")
-            side = "diffusers, ddpm's conventions" if args.peer_like_ddpm else "diffusers"
-            results.append(dict(side=side, point=point, seed=seed, steps=args.steps, fid=score, seconds=seconds, img_per_s=args.steps * BATCH / seconds, losses=losses))
-            log(f"  {side}: FID {score:.2f}, {seconds:.0f} s")
+            side = "diffusers" + (", ddpm's conventions" if args.peer_like_ddpm else "") + (", ddpm's t and noise" if args.peer_draws == "ddpm" else "")
+            results.append(dict(side=side, point=point, seed=seed, steps=args.steps, fid=score, heldout_loss=loss, seconds=seconds, img_per_s=args.steps * BATCH / seconds, losses=losses))
+            log(f"  {side}: FID {score:.2f}, held-out loss {loss:.5f}, {seconds:.0f} s")
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(args, results)
 
 
 def write_report(args, results):
-    rows = [f"{args.steps} steps of {BATCH}, DDIM-{args.ddim_steps} (eta {ETA:g}), FID of {args.num} samples against the 1,000 held-out digits", "", "| recipe point | side | seeds | FID (mean ± half-range: each seed) | img/s | minutes (training) |", "|---|---|---|---|---|---|"]
+    rows = [f"{args.steps} steps of {BATCH}, DDIM-{args.ddim_steps} (eta {ETA:g}), FID of {args.num} samples against the 1,000 held-out digits", "", "| recipe point | side | seeds | FID (mean ± half-range: each seed) | held-out loss (each seed) | img/s | minutes (training) |", "|---|---|---|---|---|---|---|"]
     groups = {}
     for r in results:
         groups.setdefault((r["point"], r["side"]), []).append(r)
     for (point, side), rs in sorted(groups.items()):
         fids = [r["fid"] for r in rs]
         spread = (max(fids) - min(fids)) / 2
-        rows.append(f"| {point} | {side} | {len(rs)} | {np.mean(fids):.2f} ± {spread:.2f} ({', '.join(f'{f:.2f}' for f in fids)}) | {np.mean([r['img_per_s'] for r in rs]):.0f} | {np.mean([r['seconds'] for r in rs]) / 60:.1f} |")
+        losses = ", ".join(f"{r['heldout_loss']:.5f}" for r in rs)
+        rows.append(f"| {point} | {side} | {len(rs)} | {np.mean(fids):.2f} ± {spread:.2f} ({', '.join(f'{f:.2f}' for f in fids)}) | {losses} | {np.mean([r['img_per_s'] for r in rs]):.0f} | {np.mean([r['seconds'] for r in rs]) / 60:.1f} |")
     (args.out / "results.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     import matplotlib
